@@ -1,0 +1,264 @@
+"""The `claude-monitor` command line (SPEC §5): JSON on stdout for scripts, progress and errors on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import cast
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from monitor import report as report_mod
+from monitor.clock import system_clock
+from monitor.config import ConfigError, LoadedSettings, load_settings
+from monitor.explain import explain
+from monitor.ingest.files import ingest_files
+from monitor.service import build_price_table, open_store
+from monitor.windows import Calendar, calendar_window
+
+log = logging.getLogger("monitor")
+
+
+class UsageError(Exception):
+    """A command-line argument that cannot be used."""
+
+
+def _settings(args: argparse.Namespace) -> LoadedSettings:
+    return load_settings(Path(args.config) if args.config else None)
+
+
+def _parse_when(text: str, zone: ZoneInfo, flag: str) -> datetime:
+    """RFC 3339, or a bare date meaning its midnight in the configured timezone."""
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=zone).astimezone(UTC)
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: not a date (2026-11-01) or RFC 3339 time (2026-11-01T00:00:00Z)") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config and explain it."""
+    loaded = _settings(args)
+    prices = build_price_table(loaded)
+    if args.format == "json":
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "path": str(loaded.path) if loaded.path else None,
+                    "env_overrides": list(loaded.env_overrides),
+                    "settings": loaded.settings.model_dump(mode="json"),
+                },
+                indent=2,
+            )
+        )
+    else:
+        sys.stdout.write(explain(loaded, prices))
+        print("config OK")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the schema to head."""
+    store = open_store(_settings(args))
+    store.close()
+    print(f"schema at head: {store.settings.database_url}", file=sys.stderr)
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """One-shot backfill of JSONL files."""
+    store = open_store(_settings(args))
+    try:
+        result, failed = ingest_files(
+            [Path(p) for p in args.files],
+            store.parser,
+            store.writer,
+            batch_size=args.batch_size,
+            on_error=lambda message: print(f"error: {message}", file=sys.stderr),
+        )
+    finally:
+        store.close()
+    summary = {**result.as_dict(), "attributes_dropped": result.attributes_dropped}
+    if args.format == "json":
+        print(json.dumps(summary))
+    else:
+        print(
+            f"accepted {result.accepted:,}  duplicates {result.duplicates:,}  rejected {result.rejected:,}  "
+            f"unpriced {result.unpriced:,}  (attribute values dropped: {result.attributes_dropped:,})"
+        )
+        if result.rejected:
+            print("rejected lines are in the dead_letters table with their reason and raw text")
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The spend table."""
+    loaded = _settings(args)
+    settings = loaded.settings
+    allowed = ["model", *settings.dimensions]
+    by = [key.strip() for key in args.by.split(",") if key.strip()] if args.by else []
+    for key in by:
+        if key not in allowed:
+            raise UsageError(f"--by {key!r}: not a dimension; choose from {', '.join(allowed)}")
+    zone = settings.zone
+    window = args.window or ("all" if args.since or args.until else "month")
+    since = until = None
+    if window != "all":
+        since, until = calendar_window(cast(Calendar, window), system_clock(), zone)
+    if args.since:
+        since = _parse_when(args.since, zone, "--since")
+    if args.until:
+        until = _parse_when(args.until, zone, "--until")
+    if since and until and since >= until:
+        raise UsageError(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
+    store = open_store(loaded)
+    try:
+        built = report_mod.build_report(store.engine, since=since, until=until, by=by)
+    finally:
+        store.close()
+    if args.format == "json":
+        print(report_mod.to_json(built))
+    elif args.format == "csv":
+        sys.stdout.write(report_mod.to_csv(built))
+    else:
+        sys.stdout.write(report_mod.to_table(built, settings.timezone))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Synthetic traffic of a language-learning app, to files."""
+    from monitor import simulate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.live:
+        import time
+
+        count = simulate.run_live(
+            rate=args.rate,
+            duration_s=args.duration,
+            out_path=out / "usage-live.jsonl",
+            seed=args.seed,
+            clock=system_clock,
+            sleep=time.sleep,
+            users=args.users,
+        )
+        print(json.dumps({"events": count, "files": [str(out / "usage-live.jsonl")]}))
+        return 0
+    count = args.count if args.count is not None else int(args.rate * args.duration)
+    end = _parse_when(args.end, ZoneInfo("UTC"), "--end") if args.end else system_clock()
+    start = end - timedelta(seconds=args.duration)
+    lines = simulate.generate_events(
+        count=count,
+        start=start,
+        end=end,
+        seed=args.seed,
+        users=args.users,
+        duplicate_fraction=args.duplicates,
+        bad_fraction=args.bad,
+    )
+    paths = simulate.write_files(lines, out, lines_per_file=args.lines_per_file)
+    print(json.dumps({"events": count, "files": [str(p) for p in paths]}))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default ./claude-monitor.yaml if present, else built-in defaults)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    parser = argparse.ArgumentParser(
+        prog="claude-monitor",
+        parents=[common],
+        description="Watches what Claude API traffic costs and keeps it inside budgets.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", parents=[common], help="validate and explain the config")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("migrate", parents=[common], help="bring the database schema to head")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("ingest", parents=[common], help="one-shot backfill of JSONL usage files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--batch-size", type=int, default=5000, help="events per transaction (default 5000)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("report", parents=[common], help="spend by dimension and model")
+    p.add_argument(
+        "--window",
+        choices=["day", "week", "month", "all"],
+        help="calendar window containing now, in the configured timezone (default month, "
+        "or all when --since/--until are given)",
+    )
+    p.add_argument("--since", help="start, inclusive: RFC 3339 or YYYY-MM-DD (midnight in the configured timezone)")
+    p.add_argument("--until", help="end, exclusive: RFC 3339 or YYYY-MM-DD")
+    p.add_argument("--by", default="", help="comma-separated dimensions and/or model, e.g. project,model")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("simulate", parents=[common], help="write realistic synthetic usage to JSONL files")
+    p.add_argument("--rate", type=float, default=1.0, help="events per second of simulated time (default 1)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=86400.0,
+        help="seconds of simulated traffic, ending now (default 86400: one day)",
+    )
+    p.add_argument("--out", default="./usage", help="directory for the files (default ./usage)")
+    p.add_argument("--count", type=int, help="exact number of events (instead of rate x duration)")
+    p.add_argument("--end", help="end of the simulated period (RFC 3339; default now)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--users", type=int, default=20_000, help="distinct learners (default 20000)")
+    p.add_argument("--duplicates", type=float, default=0.0, help="fraction of events sent twice")
+    p.add_argument("--bad", type=float, default=0.0, help="fraction of bad lines")
+    p.add_argument("--lines-per-file", type=int, default=0, help="split output files (default one file)")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="append events stamped now to OUT/usage-live.jsonl at --rate for --duration seconds",
+    )
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `claude-monitor` and `python -m monitor`."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"claude-monitor: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"claude-monitor: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(
+            f"claude-monitor: database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}",
+            file=sys.stderr,
+        )
+        return 3
+    except KeyboardInterrupt:
+        print("claude-monitor: interrupted; every committed batch is kept", file=sys.stderr)
+        return 130

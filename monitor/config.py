@@ -1,0 +1,445 @@
+"""Configuration: a strict schema for `claude-monitor.yaml`, loaded into frozen settings with clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import zoneinfo
+from dataclasses import dataclass
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from monitor.yamlio import key_lines, load_yaml
+
+DEFAULT_CONFIG_PATH = Path("claude-monitor.yaml")
+ENV_PREFIX = "CLAUDE_MONITOR_"
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+WINDOW_HELP = "use day, week, month or rolling:<N>m|h|d (e.g. rolling:1h)"
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+    "d": Decimal(86400),
+}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, the key and the reason."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse '15s', '500ms', '5m', '1h', '7d' into a timedelta."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration; write a whole number and a unit: ms, s, m, h or d (e.g. 15s)")
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return timedelta(seconds=float(seconds))
+
+
+@dataclass(frozen=True)
+class Window:
+    """A budget window: a calendar period in the configured timezone, or a rolling span."""
+
+    kind: Literal["day", "week", "month", "rolling"]
+    span: timedelta | None = None
+
+    def __str__(self) -> str:
+        if self.kind != "rolling":
+            return self.kind
+        assert self.span is not None
+        return f"rolling:{_format_span(self.span)}"
+
+
+def _format_span(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def parse_window(text: str) -> Window:
+    """Parse 'day', 'week', 'month' or 'rolling:<N>m|h|d'."""
+    text = text.strip()
+    if text in ("day", "week", "month"):
+        return Window(text)  # type: ignore[arg-type]
+    if text.startswith("rolling:"):
+        match = re.match(r"^(\d+)(m|h|d)$", text.removeprefix("rolling:"))
+        if match and int(match.group(1)) > 0:
+            return Window("rolling", timedelta(seconds=int(match.group(1)) * int(_UNIT_SECONDS[match.group(2)])))
+    raise ValueError(f"{text!r} is not a window; {WINDOW_HELP}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+NonNegative = Annotated[Decimal, Field(ge=0)]
+
+
+class SourceConfig(_Strict):
+    """One tailed source."""
+
+    type: Literal["jsonl"] = "jsonl"
+    path: str = Field(min_length=1)
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The source's name in metrics and the dead-letter table."""
+        return self.name or f"jsonl:{self.path}"
+
+
+class HttpConfig(_Strict):
+    """The HTTP API."""
+
+    listen: str = "127.0.0.1:9464"
+    ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+        return value
+
+
+class MetricsConfig(_Strict):
+    """Which dimensions may become Prometheus labels."""
+
+    labels: list[str] = ["project", "environment"]
+
+
+class ScheduleConfig(_Strict):
+    """Scheduled jobs."""
+
+    evaluate_every: str = "15s"
+    retention_days: int = Field(default=90, ge=1)
+
+    @field_validator("evaluate_every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class ThrottleConfig(_Strict):
+    """Throttle outputs."""
+
+    snapshot_file: str = "./throttle.json"
+
+
+class WebhookConfig(_Strict):
+    """One receiver of the daemon's own notices."""
+
+    url: str
+    kind: Literal["slack", "generic", "alertmanager"] = "generic"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        return value
+
+
+class AlertsConfig(_Strict):
+    """The daemon's own notifier."""
+
+    webhooks: list[WebhookConfig] = []
+
+
+class LongPromptRates(_Strict):
+    """Rates billed on every token of a request whose prompt exceeds the threshold."""
+
+    threshold_tokens: int = Field(gt=0)
+    input: NonNegative
+    output: NonNegative
+    cache_write_5m: NonNegative
+    cache_write_1h: NonNegative
+    cache_read: NonNegative
+
+
+class RateConfig(_Strict):
+    """A model's rates from a date on (USD per million tokens)."""
+
+    since: date
+    input: NonNegative
+    output: NonNegative
+    cache_write_5m: NonNegative
+    cache_write_1h: NonNegative
+    cache_read: NonNegative
+    web_search_per_1k: NonNegative = Decimal(10)
+    fast_multiplier: Annotated[Decimal, Field(gt=0)] = Decimal(1)
+    geo_multipliers: dict[str, Annotated[Decimal, Field(gt=0)]] = {}
+    long_prompt: LongPromptRates | None = None
+
+
+class ModelPricing(_Strict):
+    """One model of the price table."""
+
+    aliases: list[str] = []
+    rates: list[RateConfig] = Field(min_length=1)
+
+    @field_validator("rates")
+    @classmethod
+    def _dates_unique(cls, rates: list[RateConfig]) -> list[RateConfig]:
+        seen = [rate.since for rate in rates]
+        if len(set(seen)) != len(seen):
+            raise ValueError("two rates take effect on the same `since` date")
+        return rates
+
+
+class PricingConfig(_Strict):
+    """Entries added to, or replacing, the shipped price table."""
+
+    models: dict[str, ModelPricing] = {}
+
+
+class BudgetConfig(_Strict):
+    """A billing limit over a window."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    match: dict[str, str] = {}
+    per: str | None = None
+    window: str = "month"
+    limit_usd: Annotated[Decimal, Field(gt=0)] | None = None
+    limit_tokens: (
+        dict[
+            Literal["input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "total"],
+            Annotated[int, Field(gt=0)],
+        ]
+        | None
+    ) = None
+    limit_requests: Annotated[int, Field(gt=0)] | None = None
+    alert_at: list[Annotated[Decimal, Field(gt=0)]] = []
+    throttle_at: Annotated[Decimal, Field(gt=0)] | None = None
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        parse_window(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> BudgetConfig:
+        limits = [x for x in (self.limit_usd, self.limit_tokens, self.limit_requests) if x is not None]
+        if len(limits) != 1:
+            raise ValueError("give exactly one of limit_usd, limit_tokens, limit_requests")
+        if self.limit_tokens is not None and len(self.limit_tokens) != 1:
+            raise ValueError(
+                "limit_tokens takes one token type (input, output, cache_read, cache_write_5m, cache_write_1h or total)"
+            )
+        return self
+
+    @property
+    def parsed_window(self) -> Window:
+        """The window as a value."""
+        return parse_window(self.window)
+
+
+class IdentityConfig(_Strict):
+    """Which request headers name the caller's dimensions."""
+
+    headers: dict[str, str] = {"X-App-User": "user", "X-App-Project": "project", "X-App-Feature": "feature"}
+
+
+class ProxyConfig(_Strict):
+    """The reference Claude proxy."""
+
+    listen: str = "127.0.0.1:8088"
+    upstream: str = "https://api.anthropic.com"
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    identity: IdentityConfig = IdentityConfig()
+    monitor_url: str = "http://127.0.0.1:9464"
+    ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
+    fail_mode: Literal["open", "closed"] = "open"
+
+
+class Settings(_Strict):
+    """Everything the daemon and the commands read from configuration."""
+
+    database_url: str = "sqlite:///./claude-monitor.db"
+    timezone: str = "UTC"
+    dimensions: list[str] = ["api_key", "project", "user", "feature", "environment"]
+    sources: list[SourceConfig] = [SourceConfig(path="./usage/*.jsonl")]
+    http: HttpConfig = HttpConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    throttle: ThrottleConfig = ThrottleConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    pricing: PricingConfig = PricingConfig()
+    budgets: list[BudgetConfig] = []
+    proxy: ProxyConfig = ProxyConfig()
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA timezone (e.g. UTC, Europe/Berlin)") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError(f"{value!r} is not a sqlite:/// or postgresql+psycopg:// URL")
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.match(r"^[a-z][a-z0-9_]{0,62}$", name):
+                raise ValueError(f"{name!r} is not a dimension name (lowercase letters, digits, _)")
+            if name == "model":
+                raise ValueError("'model' is built in; do not list it as a dimension")
+        if len(set(value)) != len(value):
+            raise ValueError("a dimension is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        dims = set(self.dimensions)
+        problems: list[str] = []
+        for label in self.metrics.labels:
+            if label not in dims:
+                problems.append(f"metrics.labels: {label!r} is not one of dimensions {self.dimensions}")
+        names: set[str] = set()
+        for i, budget in enumerate(self.budgets):
+            where = f"budgets[{i}] ({budget.name})"
+            if budget.name in names:
+                problems.append(f"{where}: the name is used by another budget")
+            names.add(budget.name)
+            for key in budget.match:
+                if key not in dims and key != "model":
+                    problems.append(f"{where}.match: {key!r} is not 'model' or one of dimensions {self.dimensions}")
+            if budget.per is not None and budget.per not in dims and budget.per != "model":
+                problems.append(f"{where}.per: {budget.per!r} is not 'model' or one of dimensions {self.dimensions}")
+            if budget.per is not None and budget.per in budget.match:
+                problems.append(f"{where}.per: {budget.per!r} is also fixed by match")
+        aliases: dict[str, str] = {}
+        for model, entry in self.pricing.models.items():
+            for alias in entry.aliases:
+                if alias in aliases and aliases[alias] != model:
+                    problems.append(f"pricing.models.{model}.aliases: {alias!r} is also an alias of {aliases[alias]}")
+                aliases[alias] = model
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        """The configured timezone."""
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    """Settings with where they came from, for `check-config` and error messages."""
+
+    settings: Settings
+    path: Path | None
+    env_overrides: tuple[str, ...]
+
+
+def _env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    overrides = {}
+    for name, field in Settings.model_fields.items():
+        if field.annotation is str:  # top-level scalars only
+            env_name = ENV_PREFIX + name.upper()
+            if env_name in environ:
+                overrides[name] = environ[env_name]
+    return overrides
+
+
+def _format_loc(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], where: str) -> list[str]:
+    messages = []
+    for error in exc.errors():
+        loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+        # Pydantic adds the union member or literal tag to loc; keep only keys present in the file.
+        loc = tuple(part for part in loc if not (isinstance(part, str) and part in ("decimal", "constrained-decimal")))
+        line = None
+        probe = loc
+        while probe and line is None:
+            line = lines.get(probe)
+            probe = probe[:-1]
+        key = _format_loc(loc) or "(top level)"
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            reason = "unknown key (check its spelling and SPEC §4)"
+        elif error["type"] == "missing":
+            reason = "required key is missing"
+        position = f"{where}:{line}" if line else where
+        messages.append(f"{position}: {key}: {reason}")
+    return messages
+
+
+def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> LoadedSettings:
+    """Load the config file (`path`, else ./claude-monitor.yaml if present, else defaults) and env overrides."""
+    env = dict(os.environ if environ is None else environ)
+    explicit = path is not None
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path, explicit = Path(env[ENV_PREFIX + "CONFIG"]), True
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    data: Any = {}
+    text = ""
+    where = "built-in defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if explicit:
+                raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
+        try:
+            data = load_yaml(text) if text.strip() else {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys (see SPEC §4)")
+    overrides = _env_overrides(env)
+    data = {**data, **overrides}
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = key_lines(text)
+        for name in overrides:
+            lines.pop((name,), None)
+        messages = _error_lines(exc, lines, where)
+        for name in overrides:
+            messages = [m.replace(f": {name}:", f": {name} (from {ENV_PREFIX}{name.upper()}):", 1) for m in messages]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages)) from None
+    return LoadedSettings(
+        settings,
+        path if path is not None and path.exists() else None,
+        tuple(ENV_PREFIX + name.upper() for name in overrides),
+    )

@@ -1,0 +1,264 @@
+"""Parse and validate one usage event (SPEC §2); every rejection carries a reason that says what and where."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+MAX_TOKENS = 10_000_000
+MAX_FUTURE = timedelta(hours=24)
+MAX_ATTRIBUTE_CHARS = 128
+MAX_ID_CHARS = 255
+_KEY = re.compile(r"sk-ant-[A-Za-z0-9_\-]+")
+_KEY_PREFIX = "sk-ant-"
+
+
+def _fingerprint(match: re.Match[str]) -> str:
+    return "sk-ant-…" + hashlib.sha256(match.group(0).encode()).hexdigest()[:8]
+
+
+def redact(text: str) -> str:
+    """Replace anything that looks like an Anthropic key by a fingerprint (`sk-ant-…` + short hash)."""
+    if _KEY_PREFIX not in text:
+        return text
+    return _KEY.sub(_fingerprint, text)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One accepted request's usage, normalized: absent token counts are 0, timestamps UTC-aware."""
+
+    request_id: str
+    timestamp: datetime
+    model_id: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    web_search_requests: int = 0
+    web_fetch_requests: int = 0
+    batch: bool = False
+    service_tier: str | None = None
+    speed: str | None = None
+    inference_geo: str | None = None
+    status: int | None = None
+    latency_ms: float | None = None
+    attributes: dict[str, str] | None = None
+    attributes_dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A line or object that cannot be an event: why, and its raw text (keys redacted)."""
+
+    reason: str
+    raw: str
+    request_id: str | None = None
+
+
+class _Bad(Exception):
+    pass
+
+
+def _count(container: dict[str, Any], key: str, where: str) -> int:
+    value = container.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad(f"{where}{key}: {json.dumps(value)[:40]} is not a whole number")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise _Bad(f"{where}{key}: {value!r} is fractional; token counts are whole numbers")
+        value = int(value)
+    if value < 0:
+        raise _Bad(f"{where}{key}: {value} is negative")
+    if value > MAX_TOKENS:
+        raise _Bad(f"{where}{key}: {value} is over the limit of {MAX_TOKENS:,}")
+    return value
+
+
+def _optional_str(container: dict[str, Any], key: str, where: str) -> str | None:
+    value = container.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise _Bad(f"{where}{key}: must be a string or null, not {type(value).__name__}")
+
+
+def _required_str(obj: dict[str, Any], key: str) -> str:
+    if key not in obj or obj[key] is None:
+        raise _Bad(f"{key}: required field is missing")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Bad(f"{key}: must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise _Bad(f"{key}: is empty")
+    if len(value) > MAX_ID_CHARS:
+        raise _Bad(f"{key}: is {len(value)} characters long; the limit is {MAX_ID_CHARS}")
+    return redact(value)
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """An RFC 3339 timestamp as UTC-aware datetime; a naive one is taken as UTC."""
+    if not isinstance(value, str):
+        raise _Bad(f"timestamp: must be an RFC 3339 string, not {type(value).__name__}")
+    if len(value) < 16 or value[10] not in "Tt ":
+        raise _Bad(f"timestamp: {value[:40]!r} is not an RFC 3339 date-time (e.g. 2026-11-24T10:15:02Z)")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _Bad(f"timestamp: {value[:40]!r} is not an RFC 3339 date-time (e.g. 2026-11-24T10:15:02Z)") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+class EventParser:
+    """Turns raw lines or decoded objects into `Event` or `Rejected`, against the configured dimensions."""
+
+    def __init__(self, dimensions: Sequence[str], clock: Callable[[], datetime]) -> None:
+        self._dimensions = frozenset(dimensions)
+        self._clock = clock
+
+    def parse_line(self, line: str) -> Event | Rejected:
+        """Parse one JSONL line (without its newline)."""
+        raw = redact(line)
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            return Rejected(f"not JSON: {exc}", raw)
+        return self.parse_object(obj, raw)
+
+    def parse_object(self, obj: Any, raw: str | None = None) -> Event | Rejected:
+        """Validate one decoded JSON value; `raw` is the text it came from, if any."""
+        if raw is None:
+            raw = redact(json.dumps(obj, ensure_ascii=False, default=str))
+        if not isinstance(obj, dict):
+            return Rejected(f"not a JSON object but {_json_type(obj)}", raw)
+        request_id: str | None = None
+        try:
+            request_id = _required_str(obj, "request_id")
+            return self._build(obj, request_id)
+        except _Bad as bad:
+            return Rejected(str(bad), raw, request_id)
+
+    def _build(self, obj: dict[str, Any], request_id: str) -> Event:
+        if obj.get("timestamp") is None:
+            raise _Bad("timestamp: required field is missing")
+        timestamp = parse_timestamp(obj["timestamp"])
+        now = self._clock()
+        if timestamp > now + MAX_FUTURE:
+            raise _Bad(f"timestamp: {obj['timestamp']} is more than 24 h in the future (now {now.isoformat()})")
+        model_id = _required_str(obj, "model")
+        usage = obj.get("usage")
+        if usage is None:
+            raise _Bad("usage: required field is missing")
+        if not isinstance(usage, dict):
+            raise _Bad(f"usage: must be an object, not {_json_type(usage)}")
+        input_tokens = _count(usage, "input_tokens", "usage.")
+        output_tokens = _count(usage, "output_tokens", "usage.")
+        cache_read = _count(usage, "cache_read_input_tokens", "usage.")
+        cache_total = _count(usage, "cache_creation_input_tokens", "usage.")
+        detail = usage.get("cache_creation")
+        if detail is None:
+            write_5m, write_1h = cache_total, 0  # no detail: every write is a 5-minute write
+        elif isinstance(detail, dict):
+            write_1h = _count(detail, "ephemeral_1h_input_tokens", "usage.cache_creation.")
+            write_5m = _count(detail, "ephemeral_5m_input_tokens", "usage.cache_creation.")
+            # The total is the sum of the detail; where they disagree, bill the larger (extra as 5-minute writes).
+            write_5m = max(write_5m, cache_total - write_1h)
+        else:
+            raise _Bad(f"usage.cache_creation: must be an object or null, not {_json_type(detail)}")
+        tools = usage.get("server_tool_use")
+        if tools is None:
+            searches = fetches = 0
+        elif isinstance(tools, dict):
+            searches = _count(tools, "web_search_requests", "usage.server_tool_use.")
+            fetches = _count(tools, "web_fetch_requests", "usage.server_tool_use.")
+        else:
+            raise _Bad(f"usage.server_tool_use: must be an object or null, not {_json_type(tools)}")
+        service_tier = _optional_str(usage, "service_tier", "usage.")
+        speed = _optional_str(usage, "speed", "usage.")
+        geo = _optional_str(usage, "inference_geo", "usage.")
+        batch = obj.get("batch")
+        if batch is None:
+            batch = False
+        elif not isinstance(batch, bool):
+            raise _Bad(f"batch: must be true, false or null, not {json.dumps(batch)[:40]}")
+        status = obj.get("status")
+        if status is not None and (isinstance(status, bool) or not isinstance(status, int) or not 0 <= status <= 999):
+            raise _Bad(f"status: {json.dumps(status)[:40]} is not an HTTP status code")
+        latency = obj.get("latency_ms")
+        if latency is not None:
+            if (
+                isinstance(latency, bool)
+                or not isinstance(latency, int | float)
+                or not math.isfinite(latency)
+                or latency < 0
+            ):
+                raise _Bad(f"latency_ms: {json.dumps(latency)[:40]} is not a non-negative number")
+            latency = float(latency)
+        attributes, dropped = self._attributes(obj.get("attributes"))
+        return Event(
+            request_id,
+            timestamp,
+            model_id,
+            input_tokens,
+            output_tokens,
+            cache_read,
+            write_5m,
+            write_1h,
+            searches,
+            fetches,
+            batch,
+            service_tier,
+            speed,
+            geo,
+            status,
+            latency,
+            attributes,
+            dropped,
+        )
+
+    def _attributes(self, value: Any) -> tuple[dict[str, str], int]:
+        if value is None:
+            return {}, 0
+        if not isinstance(value, dict):
+            raise _Bad(f"attributes: must be an object of strings, not {_json_type(value)}")
+        kept: dict[str, str] = {}
+        dropped = 0
+        for key, item in value.items():
+            if key not in self._dimensions:
+                dropped += 1
+                continue
+            if isinstance(item, str):
+                text = item
+            elif isinstance(item, bool):
+                text = "true" if item else "false"
+            elif isinstance(item, int | float) and not (isinstance(item, float) and not math.isfinite(item)):
+                text = str(item)
+            else:
+                dropped += 1
+                continue
+            kept[key] = redact(text)[:MAX_ATTRIBUTE_CHARS]
+        return kept, dropped
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "null"
+    return "an object"

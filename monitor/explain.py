@@ -1,0 +1,65 @@
+"""`check-config`: the loaded configuration told back in words, so a reader can see what will happen."""
+
+from __future__ import annotations
+
+from monitor.config import BudgetConfig, LoadedSettings
+from monitor.pricing import PriceTable
+
+
+def _limit(budget: BudgetConfig) -> str:
+    if budget.limit_usd is not None:
+        return f"${budget.limit_usd}"
+    if budget.limit_tokens:
+        kind, amount = next(iter(budget.limit_tokens.items()))
+        return f"{amount:,} {kind} tokens"
+    return f"{budget.limit_requests:,} requests"
+
+
+def explain(loaded: LoadedSettings, prices: PriceTable) -> str:
+    """A plain-text account of every setting that matters."""
+    s = loaded.settings
+    lines = [f"config: {loaded.path or 'none found; built-in defaults'}"]
+    if loaded.env_overrides:
+        lines.append(f"environment overrides: {', '.join(loaded.env_overrides)}")
+    lines += [
+        f"database: {s.database_url}",
+        f"timezone: {s.timezone} (calendar windows: day, Monday-first week, month)",
+        f"dimensions kept from event attributes: {', '.join(s.dimensions)}; other keys are dropped and counted",
+        f"metric labels: model, {', '.join(s.metrics.labels)}" if s.metrics.labels else "metric labels: model",
+        "sources:" if s.sources else "sources: none (HTTP ingest only)",
+    ]
+    lines += [f"  - tail {src.path} (as {src.label})" for src in s.sources]
+    lines += [
+        f"http: listen {s.http.listen}; ingest token from ${s.http.ingest_token_env}; "
+        f"bodies up to {s.http.max_body_bytes:,} bytes",
+        f"schedule: evaluate every {s.schedule.evaluate_every}; keep raw events {s.schedule.retention_days} days",
+        f"throttle snapshot: {s.throttle.snapshot_file}",
+    ]
+    if s.alerts.webhooks:
+        lines.append("notifier webhooks:")
+        lines += [f"  - {hook.kind}: {hook.url}" for hook in s.alerts.webhooks]
+    else:
+        lines.append("notifier webhooks: none (use the shipped Prometheus alert rules)")
+    overridden = sorted(s.pricing.models)
+    lines.append(
+        f"price table: version {prices.version}, {len(prices.models)} models"
+        + (f"; from config: {', '.join(overridden)}" if overridden else "")
+    )
+    if not s.budgets:
+        lines.append("budgets: none")
+    else:
+        lines.append("budgets:")
+    for b in s.budgets:
+        scope = ", ".join(f"{k}={v}" for k, v in b.match.items()) or "all traffic"
+        who = f"each {b.per} of {scope}" if b.per else scope
+        limit = _limit(b)
+        window = b.parsed_window
+        period = f"per {window.kind} ({s.timezone})"
+        if window.kind == "rolling":
+            period = f"over a {str(window).removeprefix('rolling:')} rolling window"
+        parts = [f"  - {b.name}: {who}, {limit} {period}"]
+        if b.alert_at:
+            parts.append("alert at " + ", ".join(f"{fraction * 100:g}%" for fraction in b.alert_at))
+        parts.append(f"throttle at {b.throttle_at * 100:g}%" if b.throttle_at is not None else "alert only")
+        lines.append("; ".join(parts))
+    return "\n".join(lines) + "\n"

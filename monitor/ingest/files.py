@@ -1,0 +1,129 @@
+"""One-shot ingest of JSONL files: streamed in bounded memory, committed in batches, bad lines dead-lettered."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from monitor.events import EventParser, Rejected, redact
+from monitor.ingest.writer import BatchResult, Item, Writer
+
+MAX_LINE_BYTES = 1024 * 1024
+RAW_KEEP_BYTES = 64 * 1024
+
+
+def read_lines(stream: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str | Rejected]]:
+    """Yield (line number, text) of each non-blank line; a line over max_bytes or not UTF-8 comes as Rejected."""
+    number = 0
+    while True:
+        chunk = stream.readline(max_bytes + 1)
+        if not chunk:
+            return
+        number += 1
+        if len(chunk) > max_bytes and not chunk.endswith(b"\n"):
+            size = len(chunk)
+            while True:  # skip the rest of the over-long line without holding it
+                more = stream.readline(max_bytes)
+                size += len(more)
+                if not more or more.endswith(b"\n"):
+                    break
+            raw = redact(chunk[:RAW_KEEP_BYTES].decode("utf-8", errors="replace"))
+            yield (
+                number,
+                Rejected(
+                    f"line is {size:,} bytes long; the limit is {max_bytes:,} "
+                    f"(raw text kept: the first {RAW_KEEP_BYTES:,} bytes)",
+                    raw,
+                ),
+            )
+            continue
+        chunk = chunk.rstrip(b"\r\n")
+        if not chunk.strip():
+            continue
+        try:
+            yield number, chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield (
+                number,
+                Rejected(f"not valid UTF-8 at byte {exc.start}", redact(chunk.decode("utf-8", "replace"))),
+            )
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent when stderr is not one."""
+
+    def __init__(self, total_bytes: int, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._enabled = self._stream.isatty()
+        self._total = max(total_bytes, 1)
+        self._started = time.monotonic()
+        self._last = 0.0
+
+    def update(self, done_bytes: int, events: int, force: bool = False) -> None:
+        """Redraw at most ten times a second."""
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        fraction = min(done_bytes / self._total, 1.0)
+        bar = "#" * int(fraction * 30)
+        rate = events / max(now - self._started, 1e-9)
+        self._stream.write(f"\r[{bar:<30}] {fraction:6.1%}  {events:,} lines  {rate:,.0f}/s ")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        """End the bar's line."""
+        if self._enabled:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def ingest_files(
+    paths: list[Path],
+    parser: EventParser,
+    writer: Writer,
+    *,
+    batch_size: int = 5000,
+    progress: Callable[[int], Progress] = Progress,
+    on_error: Callable[[str], None] = lambda message: None,
+) -> tuple[BatchResult, list[str]]:
+    """Ingest every file; return the summed result and the files that could not be read."""
+    total = BatchResult()
+    failed: list[str] = []
+    sizes = {}
+    for path in paths:
+        try:
+            sizes[path] = path.stat().st_size
+        except OSError as exc:
+            on_error(f"{path}: cannot read: {exc.strerror}")
+            failed.append(str(path))
+    bar = progress(sum(sizes.values()))
+    done_before = 0
+    lines_seen = 0
+    for path in sizes:
+        source = f"file:{path}"
+        batch: list[Item] = []
+        try:
+            with path.open("rb") as stream:
+                for number, text in read_lines(stream):
+                    item = text if isinstance(text, Rejected) else parser.parse_line(text)
+                    batch.append((f"{path}:{number}", item))
+                    lines_seen += 1
+                    if len(batch) >= batch_size:
+                        total.add(writer.write(batch, source))
+                        batch = []
+                        bar.update(done_before + stream.tell(), lines_seen)
+                if batch:
+                    total.add(writer.write(batch, source))
+        except OSError as exc:
+            on_error(f"{path}: read failed after {lines_seen:,} lines: {exc}")
+            failed.append(str(path))
+        done_before += sizes[path]
+        bar.update(done_before, lines_seen, force=True)
+    bar.finish()
+    return total, failed
