@@ -155,7 +155,7 @@ def builtin_models() -> tuple[str, dict[str, ModelPricing]]:
 
 
 def load_price_table(overrides: Mapping[str, ModelPricing] | None = None) -> PriceTable:
-    """The shipped table with config entries added or replacing shipped ones (a whole model at a time)."""
+    """The shipped table with config entries added, or replacing the rates of shipped ones (aliases are kept)."""
     version, models = builtin_models()
     versions = dict.fromkeys(models, f"builtin-{version}")
     for name, entry in (overrides or {}).items():
@@ -172,6 +172,11 @@ def load_price_table(overrides: Mapping[str, ModelPricing] | None = None) -> Pri
                 models[other] = other_entry.model_copy(
                     update={"aliases": [a for a in other_entry.aliases if a not in taken]}
                 )
+        shipped = models.get(name)
+        if shipped is not None:
+            # Overriding a shipped model's rates keeps the ids it is known by (its dated snapshots).
+            merged = list(dict.fromkeys([*shipped.aliases, *entry.aliases]))
+            entry = entry.model_copy(update={"aliases": merged})
         models[name] = entry
         versions[name] = f"config-{_digest(entry)}"
     table_version = f"{version}+config" if overrides else version

@@ -1,0 +1,143 @@
+"""Benchmark: `claude-monitor ingest` of N simulated events into SQLite, next to a plain sqlite3 baseline.
+
+The baseline reads the same JSONL file, decodes each line and `executemany`s the same columns into a table of
+the same shape (same unique key and indexes, WAL, same batch size) with plain `sqlite3`: no validation, no
+pricing, no ORM. Both run in fresh processes, one after the other, in the same run of this script, and print
+events/s and peak resident memory (from the kernel's rusage of each process). Usage:
+
+    .venv/bin/python bench/ingest_sqlite.py [--events 1000000] [--workdir .bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+BASELINE = r'''
+import json, sqlite3, sys
+path, db, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+con = sqlite3.connect(db, isolation_level=None)
+con.execute("PRAGMA journal_mode=WAL"); con.execute("PRAGMA synchronous=NORMAL")
+con.execute("""CREATE TABLE events (id INTEGER PRIMARY KEY, request_id VARCHAR(255) NOT NULL UNIQUE,
+  ts DATETIME NOT NULL, received_at DATETIME NOT NULL, source VARCHAR(255) NOT NULL, model_id VARCHAR(255) NOT NULL,
+  model VARCHAR(255) NOT NULL, input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL,
+  cache_read_tokens BIGINT NOT NULL, cache_write_5m_tokens BIGINT NOT NULL, cache_write_1h_tokens BIGINT NOT NULL,
+  web_search_requests INTEGER NOT NULL, web_fetch_requests INTEGER NOT NULL, batch BOOLEAN NOT NULL,
+  long_prompt BOOLEAN NOT NULL, service_tier VARCHAR(32), speed VARCHAR(32), inference_geo VARCHAR(32),
+  status INTEGER, latency_ms FLOAT, attributes JSON NOT NULL, cost_pico BIGINT, price_version VARCHAR(128))""")
+con.execute("CREATE INDEX ix_events_ts ON events (ts)")
+con.execute("CREATE INDEX ix_events_model_ts ON events (model, ts)")
+sql = ("INSERT INTO events (request_id, ts, received_at, source, model_id, model, input_tokens, output_tokens, "
+       "cache_read_tokens, cache_write_5m_tokens, cache_write_1h_tokens, web_search_requests, web_fetch_requests, "
+       "batch, long_prompt, service_tier, speed, inference_geo, status, latency_ms, attributes, cost_pico, "
+       "price_version) VALUES (" + ",".join("?" * 23) + ") ON CONFLICT (request_id) DO NOTHING")
+rows, n = [], 0
+def flush():
+    con.execute("BEGIN IMMEDIATE"); con.executemany(sql, rows); con.execute("COMMIT"); rows.clear()
+with open(path, encoding="utf-8") as f:
+    for line in f:
+        e = json.loads(line); u = e["usage"]; cc = u.get("cache_creation") or {}; st = u.get("server_tool_use") or {}
+        rows.append((e["request_id"], e["timestamp"], e["timestamp"], "bench", e["model"], e["model"],
+                     u.get("input_tokens") or 0, u.get("output_tokens") or 0, u.get("cache_read_input_tokens") or 0,
+                     cc.get("ephemeral_5m_input_tokens") or 0, cc.get("ephemeral_1h_input_tokens") or 0,
+                     st.get("web_search_requests") or 0, st.get("web_fetch_requests") or 0, bool(e.get("batch")),
+                     False, u.get("service_tier"), u.get("speed"), u.get("inference_geo"), e.get("status"),
+                     e.get("latency_ms"), json.dumps(e.get("attributes") or {}), 0, "bench"))
+        n += 1
+        if len(rows) >= batch_size:
+            flush()
+if rows:
+    flush()
+print(n)
+'''
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Run a process; return wall seconds, its own peak RSS in bytes (from wait4) and its stdout."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[:4]} failed with exit code {proc.returncode}")
+    return elapsed, usage.ru_maxrss * 1024, out
+
+
+def main() -> None:
+    """Generate the file, run baseline then claude-monitor, print both figures and their ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--workdir", default=".bench")
+    parser.add_argument("--batch-size", type=int, default=5000)
+    args = parser.parse_args()
+    work = Path(args.workdir).resolve() / "ingest_sqlite"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from monitor import simulate
+
+    usage = work / "usage.jsonl"
+    t0 = time.perf_counter()
+    lines = simulate.generate_events(
+        count=args.events, start=datetime(2026, 10, 1, tzinfo=UTC), end=datetime(2026, 11, 1, tzinfo=UTC), seed=11
+    )
+    with usage.open("w", encoding="utf-8") as out:
+        for line in lines:
+            out.write(line + "\n")
+    print(
+        f"generated {args.events:,} events ({usage.stat().st_size / 2**20:,.0f} MiB) in "
+        f"{time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+
+    base_s, base_rss, base_out = run_measured(
+        [sys.executable, "-c", BASELINE, str(usage), str(work / "baseline.db"), str(args.batch_size)]
+    )
+    assert int(base_out) == args.events
+
+    config = work / "claude-monitor.yaml"
+    config.write_text(f"database_url: sqlite:///{work / 'monitor.db'}\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_MONITOR_")}
+    ours_s, ours_rss, ours_out = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "monitor",
+            "ingest",
+            str(usage),
+            "--format",
+            "json",
+            "--config",
+            str(config),
+            "--batch-size",
+            str(args.batch_size),
+        ],
+        env=env,
+    )
+    summary = json.loads(ours_out)
+    assert summary["accepted"] == args.events, summary
+
+    rows = [
+        ("plain sqlite3 executemany (baseline)", args.events / base_s, base_s, base_rss),
+        ("claude-monitor ingest", args.events / ours_s, ours_s, ours_rss),
+    ]
+    print(f"ingest of {args.events:,} simulated events into SQLite (batches of {args.batch_size:,})")
+    print(f"{'':40} {'events/s':>10} {'seconds':>9} {'peak RSS MiB':>13}")
+    for name, rate, seconds, rss in rows:
+        print(f"{name:40} {rate:10,.0f} {seconds:9.1f} {rss / 2**20:13.1f}")
+    print(f"claude-monitor / baseline: {ours_s / base_s:.2f}x the time, {ours_rss / base_rss:.2f}x the peak memory")
+
+
+if __name__ == "__main__":
+    main()
