@@ -17,6 +17,8 @@ MAX_ATTRIBUTE_CHARS = 128
 MAX_ID_CHARS = 255
 _KEY = re.compile(r"sk-ant-[A-Za-z0-9_\-]+")
 _KEY_PREFIX = "sk-ant-"
+MAX_LABEL_CHARS = 32
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}:?\d{2})?$")
 
 
 def _fingerprint(match: re.Match[str]) -> str:
@@ -74,7 +76,9 @@ def _count(container: dict[str, Any], key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Bad(f"{where}{key}: {json.dumps(value)[:40]} is not a whole number")
     if isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
+        if not math.isfinite(value):
+            raise _Bad(f"{where}{key}: {value!r} is not a finite number")
+        if not value.is_integer():
             raise _Bad(f"{where}{key}: {value!r} is fractional; token counts are whole numbers")
         value = int(value)
     if value < 0:
@@ -84,11 +88,24 @@ def _count(container: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _text(value: str, where: str) -> str:
+    """A string fit to store: valid Unicode (no lone surrogate from a JSON escape), keys redacted."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Bad(f"{where}: contains an unpaired surrogate escape; not valid Unicode") from None
+    return redact(value)
+
+
 def _optional_str(container: dict[str, Any], key: str, where: str) -> str | None:
     value = container.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise _Bad(f"{where}{key}: must be a string or null, not {type(value).__name__}")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Bad(f"{where}{key}: must be a string or null, not {type(value).__name__}")
+    if len(value) > MAX_LABEL_CHARS:
+        raise _Bad(f"{where}{key}: is {len(value)} characters long; the limit is {MAX_LABEL_CHARS}")
+    return _text(value, f"{where}{key}")
 
 
 def _required_str(obj: dict[str, Any], key: str) -> str:
@@ -101,14 +118,14 @@ def _required_str(obj: dict[str, Any], key: str) -> str:
         raise _Bad(f"{key}: is empty")
     if len(value) > MAX_ID_CHARS:
         raise _Bad(f"{key}: is {len(value)} characters long; the limit is {MAX_ID_CHARS}")
-    return redact(value)
+    return _text(value, key)
 
 
 def parse_timestamp(value: Any) -> datetime:
     """An RFC 3339 timestamp as UTC-aware datetime; a naive one is taken as UTC."""
     if not isinstance(value, str):
         raise _Bad(f"timestamp: must be an RFC 3339 string, not {type(value).__name__}")
-    if len(value) < 16 or value[10] not in "Tt ":
+    if not _RFC3339.match(value):
         raise _Bad(f"timestamp: {value[:40]!r} is not an RFC 3339 date-time (e.g. 2026-11-24T10:15:02Z)")
     try:
         parsed = datetime.fromisoformat(value)
@@ -133,6 +150,11 @@ class EventParser:
             obj = json.loads(raw)
         except ValueError as exc:
             return Rejected(f"not JSON: {exc}", raw)
+        except RecursionError:
+            return Rejected("not JSON this daemon accepts: nested too deeply", raw)
+        if "\\u" in raw and _KEY_PREFIX in json.dumps(obj, ensure_ascii=False):
+            # A key spelled with JSON escapes: keep the decoded text, redacted, instead of the raw line.
+            raw = redact(json.dumps(obj, ensure_ascii=False))
         return self.parse_object(obj, raw)
 
     def parse_object(self, obj: Any, raw: str | None = None) -> Event | Rejected:
@@ -146,7 +168,7 @@ class EventParser:
             request_id = _required_str(obj, "request_id")
             return self._build(obj, request_id)
         except _Bad as bad:
-            return Rejected(str(bad), raw, request_id)
+            return Rejected(redact(str(bad)), raw, request_id)
 
     def _build(self, obj: dict[str, Any], request_id: str) -> Event:
         if obj.get("timestamp") is None:
@@ -238,7 +260,11 @@ class EventParser:
                 dropped += 1
                 continue
             if isinstance(item, str):
-                text = item
+                try:
+                    text = _text(item, key)
+                except _Bad:
+                    dropped += 1
+                    continue
             elif isinstance(item, bool):
                 text = "true" if item else "false"
             elif isinstance(item, int | float) and not (isinstance(item, float) and not math.isfinite(item)):

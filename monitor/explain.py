@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from monitor.config import BudgetConfig, LoadedSettings
 from monitor.pricing import PriceTable
 
@@ -13,6 +15,10 @@ def _limit(budget: BudgetConfig) -> str:
         kind, amount = next(iter(budget.limit_tokens.items()))
         return f"{amount:,} {kind} tokens"
     return f"{budget.limit_requests:,} requests"
+
+
+def _percent(fraction: Decimal) -> str:
+    return f"{(fraction * 100).normalize():f}%"
 
 
 def explain(loaded: LoadedSettings, prices: PriceTable) -> str:
@@ -59,7 +65,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable) -> str:
             period = f"over a {str(window).removeprefix('rolling:')} rolling window"
         parts = [f"  - {b.name}: {who}, {limit} {period}"]
         if b.alert_at:
-            parts.append("alert at " + ", ".join(f"{fraction * 100:g}%" for fraction in b.alert_at))
-        parts.append(f"throttle at {b.throttle_at * 100:g}%" if b.throttle_at is not None else "alert only")
+            parts.append("alert at " + ", ".join(_percent(fraction) for fraction in b.alert_at))
+        parts.append(f"throttle at {_percent(b.throttle_at)}" if b.throttle_at is not None else "alert only")
         lines.append("; ".join(parts))
     return "\n".join(lines) + "\n"

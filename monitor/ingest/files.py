@@ -19,18 +19,18 @@ def read_lines(stream: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tu
     """Yield (line number, text) of each non-blank line; a line over max_bytes or not UTF-8 comes as Rejected."""
     number = 0
     while True:
-        chunk = stream.readline(max_bytes + 1)
+        chunk = stream.readline(max_bytes + 2)  # room for the line ending
         if not chunk:
             return
         number += 1
-        if len(chunk) > max_bytes and not chunk.endswith(b"\n"):
-            size = len(chunk)
-            while True:  # skip the rest of the over-long line without holding it
-                more = stream.readline(max_bytes)
-                size += len(more)
-                if not more or more.endswith(b"\n"):
+        if len(chunk.rstrip(b"\r\n")) > max_bytes:
+            head, size = chunk[:RAW_KEEP_BYTES], len(chunk.rstrip(b"\r\n"))
+            while not chunk.endswith(b"\n"):  # skip the rest of the over-long line without holding it
+                chunk = stream.readline(max_bytes)
+                if not chunk:
                     break
-            raw = redact(chunk[:RAW_KEEP_BYTES].decode("utf-8", errors="replace"))
+                size += len(chunk.rstrip(b"\r\n"))
+            raw = redact(head.decode("utf-8", errors="replace"))
             yield (
                 number,
                 Rejected(
@@ -106,13 +106,15 @@ def ingest_files(
     done_before = 0
     lines_seen = 0
     for path in sizes:
-        source = f"file:{path}"
+        # The absolute path names the source, so the same file under another spelling is recognised.
+        absolute = path.resolve()
+        source = f"file:{absolute}"
         batch: list[Item] = []
         try:
             with path.open("rb") as stream:
                 for number, text in read_lines(stream):
                     item = text if isinstance(text, Rejected) else parser.parse_line(text)
-                    batch.append((f"{path}:{number}", item))
+                    batch.append((f"{absolute}:{number}", item))
                     lines_seen += 1
                     if len(batch) >= batch_size:
                         total.add(writer.write(batch, source))
