@@ -1,19 +1,55 @@
-"""The one write path every source shares: price, dedup on request_id, dead-letter, commit per batch."""
+"""The one write path every source shares: price, dedup on request_id, dead-letter, count toward budgets and
+metrics, and remember how far a file was read — all in one transaction per batch."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import json
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
+from monitor.budgets import Budget, BudgetIndex, scope_key
 from monitor.events import Event, Rejected
-from monitor.pricing import PriceTable
-from monitor.store.models import dead_letters, events
-from monitor.store.queries import insert_ignoring_conflicts
+from monitor.pricing import Price, PriceTable
+from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets
+from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
+from monitor.usage import USAGE_FIELDS, Usage
+
+# claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_TYPES = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cache_read", "cache_read_tokens"),
+    ("cache_write_5m", "cache_write_5m_tokens"),
+    ("cache_write_1h", "cache_write_1h_tokens"),
+)
+
+
+def labels_key(labels: dict[str, str]) -> str:
+    """Canonical JSON of a label set."""
+    return json.dumps(dict(sorted(labels.items())), separators=(",", ":"), ensure_ascii=False)
+
+
+def _le_index(seconds: float) -> int:
+    return bisect.bisect_left(LATENCY_BUCKETS, seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class _LabelKeys:
+    """The counter label keys of one (model, metric label values): computed once, not per event."""
+
+    base: str
+    model: str
+    tokens: tuple[str, ...]
+    latency: tuple[str, ...]
 
 
 @dataclass
@@ -26,6 +62,8 @@ class BatchResult:
     unpriced: int = 0
     attributes_dropped: int = 0
     rejections: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
+    # Budget scopes the batch added to, with their window totals after it: (budget, scope key) -> usage.
+    touched: dict[tuple[str, str], Usage] = field(default_factory=dict)
 
     def add(self, other: BatchResult, keep_rejections: bool = False) -> None:
         """Add another result's counts to this one."""
@@ -36,6 +74,7 @@ class BatchResult:
         self.attributes_dropped += other.attributes_dropped
         if keep_rejections:
             self.rejections.extend(other.rejections)
+        self.touched.update(other.touched)
 
     def as_dict(self) -> dict[str, int]:
         """The SPEC §5 summary."""
@@ -50,25 +89,71 @@ class BatchResult:
 Item = tuple[str, Event | Rejected]  # (location, parsed)
 
 
+@dataclass(frozen=True)
+class Offset:
+    """How far a tailed file has been read: stored with the events read up to there."""
+
+    file_id: str
+    path: str
+    offset: int
+
+
 class Writer:
     """Writes parsed batches to the store in one transaction each."""
 
-    def __init__(self, engine: Engine, prices: PriceTable, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prices: PriceTable,
+        clock: Callable[[], datetime],
+        *,
+        budgets: BudgetIndex | None = None,
+        zone: ZoneInfo | None = None,
+        metric_labels: Sequence[str] = (),
+    ) -> None:
         self._engine = engine
         self._prices = prices
         self._clock = clock
-        self._insert = insert_ignoring_conflicts(events, engine.dialect, "request_id").returning(events.c.request_id)
-        self._insert_letter = insert_ignoring_conflicts(dead_letters, engine.dialect, "fingerprint")
+        self._budgets = budgets or BudgetIndex([])
+        self._zone = zone or ZoneInfo("UTC")
+        self._metric_labels = tuple(metric_labels)
+        self._label_cache: dict[tuple[str, tuple[str, ...]], _LabelKeys] = {}
+        dialect = engine.dialect
+        self._insert = insert_ignoring_conflicts(events, dialect, "request_id").returning(events.c.request_id)
+        self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
+        self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
+        self._add_counter = upsert_adding(counters, dialect, ("name", "labels"), ("value",))
+        self._set_offset = upsert_replacing(
+            source_offsets, dialect, ("source", "file_id"), ("path", "offset", "updated_at")
+        )
 
-    def write(self, items: Sequence[Item], source: str) -> BatchResult:
+    def _label_keys(self, model: str, label_values: tuple[str, ...]) -> _LabelKeys:
+        cached = self._label_cache.get((model, label_values))
+        if cached is None:
+            if len(self._label_cache) > 100_000:
+                self._label_cache.clear()
+            labels = {"model": model, **dict(zip(self._metric_labels, label_values, strict=True))}
+            cached = _LabelKeys(
+                labels_key(labels),
+                labels_key({"model": model}),
+                tuple(labels_key({**labels, "type": kind}) for kind, _ in TOKEN_TYPES),
+                tuple(labels_key({"model": model, "le": le}) for le in [*map(repr, LATENCY_BUCKETS), "+Inf"]),
+            )
+            self._label_cache[model, label_values] = cached
+        return cached
+
+    def set_budgets(self, budgets: BudgetIndex) -> None:
+        """Count toward these budgets from the next batch on."""
+        self._budgets = budgets
+
+    def write(self, items: Sequence[Item], source: str, offsets: Sequence[Offset] = ()) -> BatchResult:
         """Store a batch: new events priced, duplicates skipped, rejections dead-lettered; all or nothing."""
         result = BatchResult()
         now = self._clock()
         rows: list[dict[str, Any]] = []
         letters: list[dict[str, Any]] = []
+        fresh: list[tuple[Event, Price]] = []
         seen: set[str] = set()
-        unpriced: set[str] = set()
-        dropped: dict[str, int] = {}
         for location, item in items:
             if isinstance(item, Rejected):
                 letters.append(
@@ -88,49 +173,125 @@ class Writer:
                 result.duplicates += 1
                 continue
             seen.add(item.request_id)
-            if item.attributes_dropped:
-                dropped[item.request_id] = item.attributes_dropped
             price = self._prices.price(item)
-            if price.cost_pico is None:
-                unpriced.add(item.request_id)
-            rows.append(_row(item, price.model, price.cost_pico, price.price_version, price.long_prompt, now, source))
+            fresh.append((item, price))
+            rows.append(_row(item, price, now, source))
         result.rejected = len(letters)
-        with (
-            self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection,
-            connection.begin(),
-        ):
+        with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()
             if rows:
                 inserted = set(connection.execute(self._insert, rows).scalars())
             if letters:
                 connection.execute(self._insert_letter, letters)
-        result.accepted = len(inserted)
-        result.duplicates += len(rows) - len(inserted)
-        result.unpriced = len(unpriced & inserted)
-        result.attributes_dropped = sum(count for rid, count in dropped.items() if rid in inserted)
+            new = [(event, price) for event, price in fresh if event.request_id in inserted]
+            result.accepted = len(new)
+            result.duplicates += len(rows) - len(new)
+            result.unpriced = sum(1 for _, price in new if price.cost_pico is None)
+            result.attributes_dropped = sum(event.attributes_dropped for event, _ in new)
+            self._count(connection, new, result, source)
+            result.touched = self._add_to_budgets(connection, new, now)
+            if offsets:
+                connection.execute(
+                    self._set_offset,
+                    [
+                        {"source": source, "file_id": o.file_id, "path": o.path, "offset": o.offset, "updated_at": now}
+                        for o in offsets
+                    ],
+                )
         return result
+
+    def _add_to_budgets(
+        self,
+        connection: Connection,
+        new: list[tuple[Event, Price]],
+        now: datetime,
+    ) -> dict[tuple[str, str], Usage]:
+        deltas: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
+        touched: dict[str, tuple[Budget, set[str]]] = {}
+        for event, price in new:
+            usage = Usage(
+                1,
+                event.input_tokens,
+                event.output_tokens,
+                event.cache_read_tokens,
+                event.cache_write_5m_tokens,
+                event.cache_write_1h_tokens,
+                price.cost_pico or 0,
+            )
+            for budget, scope in self._budgets.touched(price.model, event.attributes or {}):
+                key = scope_key(scope)
+                bucket = budget.bucket_of(event.timestamp, self._zone)
+                deltas[budget.name, key, bucket].add(usage)
+                if bucket >= budget.first_bucket(now, self._zone):  # counts in the window in force now
+                    touched.setdefault(budget.name, (budget, set()))[1].add(key)
+        if not deltas:
+            return {}
+        connection.execute(
+            self._add_usage,
+            [
+                {
+                    "budget": name,
+                    "scope": key,
+                    "bucket_start": bucket,
+                    **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),
+                }
+                for (name, key, bucket), usage in deltas.items()
+            ],
+        )
+        totals: dict[tuple[str, str], Usage] = {}
+        for name, (budget, keys) in touched.items():
+            for key, usage in scope_totals(connection, name, keys, budget.first_bucket(now, self._zone)).items():
+                totals[name, key] = usage
+        return totals
+
+    def _count(self, connection: Connection, new: list[tuple[Event, Price]], result: BatchResult, source: str) -> None:
+        values: dict[tuple[str, str], int] = defaultdict(int)
+        for outcome, count in (
+            ("accepted", result.accepted),
+            ("duplicate", result.duplicates),
+            ("rejected", result.rejected),
+        ):
+            if count:
+                values["ingest_events", labels_key({"source": source, "outcome": outcome})] += count
+        if result.attributes_dropped:
+            values["attributes_dropped", labels_key({"source": source})] += result.attributes_dropped
+        for event, price in new:
+            attributes = event.attributes or {}
+            keys = self._label_keys(price.model, tuple(attributes.get(name, "") for name in self._metric_labels))
+            values["requests", keys.base] += 1
+            if price.cost_pico is None:
+                values["unpriced_events", keys.model] += 1
+            else:
+                values["cost_pico", keys.base] += price.cost_pico
+            for (_, attr), token_key in zip(TOKEN_TYPES, keys.tokens, strict=True):
+                count = getattr(event, attr)
+                if count:
+                    values["tokens", token_key] += count
+            if event.status is not None and not 200 <= event.status < 300:
+                values["request_errors", labels_key({"model": price.model, "status": str(event.status)})] += 1
+            if event.latency_ms is not None:
+                values["latency_count", keys.model] += 1
+                values["latency_sum_us", keys.model] += round(event.latency_ms * 1000)
+                values["latency_bucket", keys.latency[_le_index(event.latency_ms / 1000)]] += 1
+        if values:
+            connection.execute(
+                self._add_counter,
+                [{"name": name, "labels": key, "value": value} for (name, key), value in values.items()],
+            )
 
 
 def _fingerprint(source: str, location: str, raw: str) -> str:
     return hashlib.sha256(f"{source}\x00{location}\x00{raw}".encode()).hexdigest()
 
 
-def _row(
-    event: Event,
-    model: str,
-    cost: int | None,
-    version: str | None,
-    long_prompt: bool,
-    now: datetime,
-    source: str,
-) -> dict[str, Any]:
+def _row(event: Event, price: Price, now: datetime, source: str) -> dict[str, Any]:
     return {
         "request_id": event.request_id,
         "ts": event.timestamp,
         "received_at": now,
         "source": source,
         "model_id": event.model_id,
-        "model": model,
+        "model": price.model,
         "input_tokens": event.input_tokens,
         "output_tokens": event.output_tokens,
         "cache_read_tokens": event.cache_read_tokens,
@@ -139,13 +300,13 @@ def _row(
         "web_search_requests": event.web_search_requests,
         "web_fetch_requests": event.web_fetch_requests,
         "batch": event.batch,
-        "long_prompt": long_prompt,
+        "long_prompt": price.long_prompt,
         "service_tier": event.service_tier,
         "speed": event.speed,
         "inference_geo": event.inference_geo,
         "status": event.status,
         "latency_ms": event.latency_ms,
         "attributes": event.attributes or {},
-        "cost_pico": cost,
-        "price_version": version,
+        "cost_pico": price.cost_pico,
+        "price_version": price.price_version,
     }

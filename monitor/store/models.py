@@ -105,3 +105,52 @@ dead_letters = Table(
     ),
     Index("ix_dead_letters_received_at", "received_at"),
 )
+
+# Spend per budget scope per window bucket (a calendar window's start, or a rolling bucket), maintained in the
+# same transaction as the events it counts, so evaluation reads scopes, never the events table.
+budget_usage = Table(
+    "budget_usage",
+    metadata,
+    Column("budget", String(128), primary_key=True),
+    Column("scope", String(1024), primary_key=True, comment="canonical JSON of the scope's dimensions"),
+    Column("bucket_start", UTCDateTime(), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("input", BigInteger, nullable=False),
+    Column("output", BigInteger, nullable=False),
+    Column("cache_read", BigInteger, nullable=False),
+    Column("cache_write_5m", BigInteger, nullable=False),
+    Column("cache_write_1h", BigInteger, nullable=False),
+    Column("cost_pico", BigInteger, nullable=False),
+    Index("ix_budget_usage_budget_bucket_start", "budget", "bucket_start"),
+)
+
+# What each budget's counted rows were built for: a changed definition (match, per, window) is recounted.
+budget_definitions = Table(
+    "budget_definitions",
+    metadata,
+    Column("budget", String(128), primary_key=True),
+    Column("definition", String(64), nullable=False),
+    Column("counted_since", UTCDateTime(), nullable=False, comment="events from here on are in budget_usage"),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# Monotonic counters behind the Prometheus metrics, kept in the database so they survive restarts and agree
+# across replicas; `labels` is canonical JSON.
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("labels", String(1024), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+# Where each tailed file was read up to, written in the same transaction as the events read from it.
+source_offsets = Table(
+    "source_offsets",
+    metadata,
+    Column("source", String(255), primary_key=True),
+    Column("file_id", String(128), primary_key=True, comment="device:inode:hash of the first bytes"),
+    Column("path", String(1024), nullable=False),
+    Column("offset", BigInteger, nullable=False, comment="byte after the last complete line read"),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)

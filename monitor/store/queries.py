@@ -2,17 +2,103 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Connection, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
+
+from monitor.store.models import budget_usage
+from monitor.usage import USAGE_FIELDS, Usage
+
+
+def _insert(table: Table, dialect: Dialect) -> Any:
+    if dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"database {dialect.name!r} is not supported; use SQLite or PostgreSQL")
 
 
 def insert_ignoring_conflicts(table: Table, dialect: Dialect, key: str) -> Any:
     """INSERT … ON CONFLICT (key) DO NOTHING for the engine's dialect."""
-    if dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
-    if dialect.name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
-    raise NotImplementedError(f"database {dialect.name!r} is not supported; use SQLite or PostgreSQL")
+    return _insert(table, dialect).on_conflict_do_nothing(index_elements=[key])
+
+
+def upsert_adding(table: Table, dialect: Dialect, keys: Sequence[str], values: Sequence[str]) -> Any:
+    """INSERT … ON CONFLICT (keys) DO UPDATE SET v = v + excluded.v for each value column."""
+    statement = _insert(table, dialect)
+    return statement.on_conflict_do_update(
+        index_elements=list(keys), set_={name: table.c[name] + statement.excluded[name] for name in values}
+    )
+
+
+def upsert_replacing(table: Table, dialect: Dialect, keys: Sequence[str], values: Sequence[str]) -> Any:
+    """INSERT … ON CONFLICT (keys) DO UPDATE SET v = excluded.v for each value column."""
+    statement = _insert(table, dialect)
+    return statement.on_conflict_do_update(
+        index_elements=list(keys), set_={name: statement.excluded[name] for name in values}
+    )
+
+
+_SUMS = [func.sum(budget_usage.c[name]) for name in USAGE_FIELDS]
+
+
+def _usage(values: Sequence[Any]) -> Usage:
+    return Usage(*(int(value or 0) for value in values))
+
+
+def scope_totals(
+    connection: Connection,
+    budget: str,
+    scopes: Iterable[str],
+    first_bucket: datetime,
+) -> dict[str, Usage]:
+    """Window totals of the given scopes of one budget: an indexed sum over their buckets from first_bucket on."""
+    wanted = list(scopes)
+    totals: dict[str, Usage] = {}
+    for chunk_start in range(0, len(wanted), 500):
+        chunk = wanted[chunk_start : chunk_start + 500]
+        query = (
+            select(budget_usage.c.scope, *_SUMS)
+            .where(
+                budget_usage.c.budget == budget,
+                budget_usage.c.scope.in_(chunk),
+                budget_usage.c.bucket_start >= first_bucket,
+            )
+            .group_by(budget_usage.c.scope)
+        )
+        for scope, *values in connection.execute(query):
+            totals[scope] = _usage(values)
+    return totals
+
+
+def window_totals(connection: Connection, budget: str, first_bucket: datetime) -> Iterator[tuple[str, Usage]]:
+    """(scope, window total) of every scope of one budget with usage from first_bucket on: one GROUP BY."""
+    query = (
+        select(budget_usage.c.scope, *_SUMS)
+        .where(budget_usage.c.budget == budget, budget_usage.c.bucket_start >= first_bucket)
+        .group_by(budget_usage.c.scope)
+    )
+    for scope, *values in connection.execute(query):
+        yield scope, _usage(values)
+
+
+def scope_buckets(
+    connection: Connection,
+    budget: str,
+    scope: str,
+    first_bucket: datetime,
+) -> list[tuple[datetime, Usage]]:
+    """The buckets of one scope from first_bucket on (for when a rolling window frees up)."""
+    columns = [budget_usage.c[name] for name in USAGE_FIELDS]
+    query = (
+        select(budget_usage.c.bucket_start, *columns)
+        .where(
+            budget_usage.c.budget == budget, budget_usage.c.scope == scope, budget_usage.c.bucket_start >= first_bucket
+        )
+        .order_by(budget_usage.c.bucket_start)
+    )
+    return [(row[0], _usage(row[1:])) for row in connection.execute(query)]

@@ -1,0 +1,277 @@
+"""Budgets: which scope an event counts toward, window buckets, and a scope's state at an instant. Pure, no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from monitor.config import BudgetConfig, Window
+from monitor.pricing import PICO_PER_USD, PriceTable
+from monitor.usage import Usage
+from monitor.windows import calendar_window
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Rolling windows are kept in buckets: 1 minute, or 1/1440 of the span when that is longer (a 30-day window in
+# 30-minute buckets), so a scope never needs more than 1,440 rows. An event leaves the window at the end of its
+# bucket plus the span: never earlier than it should, so spend is never under-counted.
+_MAX_ROLLING_BUCKETS = 1440
+# The burn rate behind forecasts follows the last hour's spend (exponentially weighted).
+_BURN_TIME_CONSTANT = 3600.0
+
+
+Measure = Literal["usd", "requests", "input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "total"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A configured budget, compiled: limits as integers in the unit it measures (pico-dollars for USD)."""
+
+    name: str
+    match: tuple[tuple[str, str], ...]
+    per: str | None
+    window: Window
+    measure: Measure
+    limit: int
+    alert_at: tuple[Decimal, ...]
+    throttle_at: Decimal | None
+    bucket: timedelta | None = None  # rolling windows only
+
+    @property
+    def definition(self) -> str:
+        """A digest of what decides which events count and where: a change means recounting the window."""
+        text = json.dumps([self.match, self.per, str(self.window), self.bucket and self.bucket.total_seconds()])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def scope_of(self, model: str, attributes: Mapping[str, str]) -> dict[str, str] | None:
+        """The scope an event with this model and attributes counts toward, or None if it does not count."""
+        for key, value in self.match:
+            if (model if key == "model" else attributes.get(key)) != value:
+                return None
+        scope = dict(self.match)
+        if self.per is not None:
+            per_value = model if self.per == "model" else attributes.get(self.per)
+            if per_value is None:
+                return None
+            scope[self.per] = per_value
+        return scope
+
+    def amount(self, usage: Usage) -> int:
+        """What this budget measures of a usage."""
+        if self.measure == "usd":
+            return usage.cost_pico
+        if self.measure == "requests":
+            return usage.requests
+        if self.measure == "total":
+            return usage.input + usage.output + usage.cache_read + usage.cache_write_5m + usage.cache_write_1h
+        return int(getattr(usage, self.measure))
+
+    def bucket_of(self, moment: datetime, zone: ZoneInfo) -> datetime:
+        """The bucket an event at `moment` is counted in: its calendar window's start, or a rolling bucket."""
+        if self.bucket is None:
+            return calendar_window(self.window.kind, moment, zone)[0]  # type: ignore[arg-type]
+        size = int(self.bucket.total_seconds())
+        seconds = int((moment - _EPOCH).total_seconds())
+        return _EPOCH + timedelta(seconds=seconds - seconds % size)
+
+    def window_at(self, now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+        """[start, end) of the window in force at `now`; for a rolling window, the span ending now."""
+        if self.bucket is None:
+            return calendar_window(self.window.kind, now, zone)  # type: ignore[arg-type]
+        assert self.window.span is not None
+        return now - self.window.span, now
+
+    def first_bucket(self, now: datetime, zone: ZoneInfo) -> datetime:
+        """The earliest bucket start that still counts at `now`."""
+        if self.bucket is None:
+            return self.window_at(now, zone)[0]
+        assert self.window.span is not None
+        return self.bucket_of(now - self.window.span, zone)
+
+    @property
+    def thresholds(self) -> tuple[Decimal, ...]:
+        """Every fraction that matters to alerts and throttling, ascending."""
+        values = set(self.alert_at)
+        if self.throttle_at is not None:
+            values.add(self.throttle_at)
+        return tuple(sorted(values))
+
+    def over(self, amount: int, fraction: Decimal) -> bool:
+        """amount >= fraction x limit, exactly."""
+        return Decimal(amount) >= fraction * self.limit
+
+
+def scope_key(scope: Mapping[str, str]) -> str:
+    """The canonical text of a scope: its identity in the store, the API and the snapshot."""
+    return json.dumps(dict(sorted(scope.items())), separators=(",", ":"), ensure_ascii=False)
+
+
+def compile_budgets(configs: Sequence[BudgetConfig], prices: PriceTable) -> list[Budget]:
+    """Budgets from config: limits as integers, a `model` in match resolved to its price-table name."""
+    compiled = []
+    for config in configs:
+        match = dict(config.match)
+        if "model" in match:
+            match["model"] = prices.resolve(match["model"]) or match["model"]
+        window = config.parsed_window
+        bucket = None
+        if window.kind == "rolling":
+            assert window.span is not None
+            minutes = max(1, math.ceil(window.span.total_seconds() / 60 / _MAX_ROLLING_BUCKETS))
+            bucket = timedelta(minutes=minutes)
+        measure: Measure
+        if config.limit_usd is not None:
+            measure, limit = "usd", int(config.limit_usd * PICO_PER_USD)
+        elif config.limit_tokens is not None:
+            kind, amount = next(iter(config.limit_tokens.items()))
+            measure, limit = kind, amount
+        else:
+            assert config.limit_requests is not None
+            measure, limit = "requests", config.limit_requests
+        compiled.append(
+            Budget(
+                config.name,
+                tuple(sorted(match.items())),
+                config.per,
+                window,
+                measure,
+                limit,
+                tuple(sorted(config.alert_at)),
+                config.throttle_at,
+                bucket,
+            )
+        )
+    return compiled
+
+
+class BudgetIndex:
+    """Finds the budgets an event counts toward without trying each one: budgets grouped by the keys they match."""
+
+    def __init__(self, budgets: Sequence[Budget]) -> None:
+        self.budgets = list(budgets)
+        self._groups: dict[tuple[str, ...], dict[tuple[str, ...], list[Budget]]] = {}
+        for budget in self.budgets:
+            keys = tuple(key for key, _ in budget.match)
+            values = tuple(value for _, value in budget.match)
+            self._groups.setdefault(keys, {}).setdefault(values, []).append(budget)
+
+    def touched(self, model: str, attributes: Mapping[str, str]) -> Iterator[tuple[Budget, dict[str, str]]]:
+        """(budget, scope) for every budget the event counts toward."""
+        for keys, by_values in self._groups.items():
+            values = tuple(model if key == "model" else attributes.get(key, "\x00") for key in keys)
+            for budget in by_values.get(values, ()):
+                scope = budget.scope_of(model, attributes)
+                if scope is not None:
+                    yield budget, scope
+
+
+@dataclass(frozen=True)
+class ScopeState:
+    """A budget scope at an instant: spend against limit, forecast, and whether it is throttled until when."""
+
+    budget: Budget
+    scope: dict[str, str]
+    window_start: datetime
+    window_end: datetime
+    usage: Usage
+    forecast_amount: int
+    forecast_cost_pico: int
+    until: datetime | None  # when a throttled scope is under its limit again
+    evaluated_at: datetime
+
+    @property
+    def amount(self) -> int:
+        """What the budget measures, spent so far in the window."""
+        return self.budget.amount(self.usage)
+
+    @property
+    def utilization(self) -> float:
+        """amount / limit."""
+        return self.amount / self.budget.limit
+
+    @property
+    def throttled(self) -> bool:
+        """At or over throttle_at."""
+        return self.budget.throttle_at is not None and self.budget.over(self.amount, self.budget.throttle_at)
+
+    def crossed(self) -> tuple[Decimal, ...]:
+        """The thresholds (alert_at and throttle_at) already reached."""
+        return tuple(t for t in self.budget.thresholds if self.budget.over(self.amount, t))
+
+
+@dataclass
+class BurnRates:
+    """Recent burn rate per scope (units per second), exponentially weighted over about an hour."""
+
+    _last: dict[tuple[str, str], tuple[datetime, int, int, float, float]] = field(default_factory=dict)
+
+    def update(
+        self, key: tuple[str, str], now: datetime, amount: int, cost: int, start: datetime, span: float
+    ) -> tuple[float, float]:
+        """Feed the scope's current totals; return (rate of amount, rate of cost) per second."""
+        previous = self._last.get(key)
+        if previous is None or amount < previous[1] or cost < previous[2]:
+            # First sight, or a new window: start from the window's average so far.
+            elapsed = max((now - start).total_seconds(), 60.0)
+            elapsed = min(elapsed, span) if span > 0 else elapsed
+            rate, cost_rate = amount / elapsed, cost / elapsed
+        else:
+            dt = (now - previous[0]).total_seconds()
+            if dt <= 0:
+                return previous[3], previous[4]
+            weight = 1 - math.exp(-dt / _BURN_TIME_CONSTANT)
+            rate = previous[3] + weight * ((amount - previous[1]) / dt - previous[3])
+            cost_rate = previous[4] + weight * ((cost - previous[2]) / dt - previous[4])
+        self._last[key] = (now, amount, cost, rate, cost_rate)
+        return rate, cost_rate
+
+    def forget(self, keep: set[tuple[str, str]]) -> None:
+        """Drop scopes no longer tracked."""
+        for key in list(self._last):
+            if key not in keep:
+                del self._last[key]
+
+
+def rolling_until(budget: Budget, buckets: Sequence[tuple[datetime, Usage]], now: datetime) -> datetime | None:
+    """When enough of a throttled rolling scope's buckets age out for it to drop below throttle_at."""
+    assert budget.bucket is not None and budget.window.span is not None and budget.throttle_at is not None
+    remaining = sum(budget.amount(usage) for _, usage in buckets)
+    for start, usage in sorted(buckets, key=lambda item: item[0]):
+        remaining -= budget.amount(usage)
+        if not budget.over(remaining, budget.throttle_at):
+            return max(start + budget.bucket + budget.window.span, now)
+    return None
+
+
+def evaluate_scope(
+    budget: Budget,
+    scope: dict[str, str],
+    usage: Usage,
+    now: datetime,
+    zone: ZoneInfo,
+    rates: tuple[float, float] | None = None,
+    buckets: Sequence[tuple[datetime, Usage]] | None = None,
+) -> ScopeState:
+    """The state of one scope from its window's usage (and, for a throttled rolling scope, its buckets)."""
+    start, end = budget.window_at(now, zone)
+    amount = budget.amount(usage)
+    remaining = max((end - now).total_seconds(), 0.0)
+    if rates is None:
+        elapsed = max((now - start).total_seconds(), 60.0)
+        rates = (amount / elapsed, usage.cost_pico / elapsed)
+    if budget.bucket is None:
+        forecast = amount + int(rates[0] * remaining)
+        forecast_cost = usage.cost_pico + int(rates[1] * remaining)
+    else:  # a rolling window holds span x rate when the rate holds
+        span = (end - start).total_seconds()
+        forecast, forecast_cost = int(rates[0] * span), int(rates[1] * span)
+    until = None
+    if budget.throttle_at is not None and budget.over(amount, budget.throttle_at):
+        until = end if budget.bucket is None else rolling_until(budget, buckets or [(start, usage)], now)
+    return ScopeState(budget, scope, start, end, usage, forecast, forecast_cost, until, now)
