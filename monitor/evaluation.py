@@ -1,0 +1,258 @@
+"""Budget evaluation: full passes over budget_usage on a schedule, and the fast path after each ingested batch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, Engine, delete, select
+
+from monitor.budgets import Budget, BudgetIndex, BurnRates, ScopeState, evaluate_scope, scope_key
+from monitor.store.models import budget_definitions, budget_usage, events
+from monitor.store.queries import scope_buckets, upsert_adding, window_totals
+from monitor.throttle import Flag, ThrottleState, flag_from_state
+from monitor.usage import USAGE_FIELDS, Usage
+
+log = logging.getLogger(__name__)
+TOP_SCOPES = 10  # of a `per:` budget, the biggest spenders are always shown, whatever their utilization
+
+
+@dataclass
+class BudgetSummary:
+    """One budget after an evaluation: the scopes worth showing, and how many there are in all."""
+
+    budget: Budget
+    states: dict[str, ScopeState] = field(default_factory=dict)
+    scopes_total: int = 0
+    scopes_throttled: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationStats:
+    """When the last full evaluation ran, how long it took, and what it saw."""
+
+    at: datetime
+    seconds: float
+    budgets: int
+    scopes: int
+    flags: int
+
+
+class BudgetEngine:
+    """Keeps budget states and throttle flags current from the store; thread-safe."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        budgets: Sequence[Budget],
+        zone: ZoneInfo,
+        clock: Callable[[], datetime],
+        throttle: ThrottleState,
+    ) -> None:
+        self._engine = engine
+        self.budgets = list(budgets)
+        self._by_name = {b.name: b for b in self.budgets}
+        self.index = BudgetIndex(self.budgets)
+        self._zone = zone
+        self._clock = clock
+        self.throttle = throttle
+        throttle.set_index(self.index)
+        self._burn = BurnRates()
+        self._lock = threading.Lock()
+        self.summaries: dict[str, BudgetSummary] = {b.name: BudgetSummary(b) for b in self.budgets}
+        self.last: EvaluationStats | None = None
+
+    # --- keeping budget_usage true to the configured budgets ---------------------------------------------------
+
+    def sync_definitions(self) -> list[str]:
+        """Recount every budget that is new or whose match, per or window changed; forget removed ones."""
+        now = self._clock()
+        recounted = []
+        with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
+            stored = dict(connection.execute(select(budget_definitions.c.budget, budget_definitions.c.definition)))
+            for name in set(stored) - set(self._by_name):
+                connection.execute(delete(budget_usage).where(budget_usage.c.budget == name))
+                connection.execute(delete(budget_definitions).where(budget_definitions.c.budget == name))
+            add = upsert_adding(budget_usage, connection.dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
+            for budget in self.budgets:
+                if stored.get(budget.name) == budget.definition:
+                    continue
+                since = budget.first_bucket(now, self._zone)
+                connection.execute(delete(budget_usage).where(budget_usage.c.budget == budget.name))
+                deltas = self._recount(connection, budget, since)
+                rows = [
+                    {
+                        "budget": budget.name,
+                        "scope": key,
+                        "bucket_start": bucket,
+                        **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),
+                    }
+                    for (key, bucket), usage in deltas.items()
+                ]
+                for start in range(0, len(rows), 5000):
+                    connection.execute(add, rows[start : start + 5000])
+                connection.execute(delete(budget_definitions).where(budget_definitions.c.budget == budget.name))
+                connection.execute(
+                    budget_definitions.insert().values(
+                        budget=budget.name, definition=budget.definition, counted_since=since, updated_at=now
+                    )
+                )
+                recounted.append(budget.name)
+                log.info("budget %s: counted %d scope buckets from %s", budget.name, len(rows), since.isoformat())
+        return recounted
+
+    def _recount(self, connection: Connection, budget: Budget, since: datetime) -> dict[tuple[str, datetime], Usage]:
+        query = select(
+            events.c.ts,
+            events.c.model,
+            events.c.attributes,
+            events.c.input_tokens,
+            events.c.output_tokens,
+            events.c.cache_read_tokens,
+            events.c.cache_write_5m_tokens,
+            events.c.cache_write_1h_tokens,
+            events.c.cost_pico,
+        ).where(events.c.ts >= since)
+        deltas: dict[tuple[str, datetime], Usage] = {}
+        for ts, model, attributes, *counts in connection.execute(query.execution_options(yield_per=5000)):
+            scope = budget.scope_of(model, attributes or {})
+            if scope is None:
+                continue
+            key = (scope_key(scope), budget.bucket_of(ts, self._zone))
+            usage = deltas.get(key)
+            if usage is None:
+                usage = deltas[key] = Usage()
+            usage.add(Usage(1, *(int(c or 0) for c in counts)))
+        return deltas
+
+    # --- full evaluation -------------------------------------------------------------------------------------
+
+    def evaluate(self) -> EvaluationStats:
+        """Recompute every budget's scopes from budget_usage, replace the flags, rewrite the snapshot."""
+        started = time.perf_counter()
+        now = self._clock()
+        summaries: dict[str, BudgetSummary] = {}
+        flags: dict[tuple[str, str], Flag] = {}
+        keep_burn: set[tuple[str, str]] = set()
+        current = self.throttle.flags
+        scopes = 0
+        with self._engine.connect() as connection:
+            for budget in self.budgets:
+                summary = BudgetSummary(budget)
+                first = budget.first_bucket(now, self._zone)
+                start, end = budget.window_at(now, self._zone)
+                span = (end - start).total_seconds()
+                lowest = budget.thresholds[0] if budget.thresholds else None
+                candidates: list[tuple[int, str, Usage]] = []
+                for key, usage in window_totals(connection, budget.name, first):
+                    summary.scopes_total += 1
+                    amount = budget.amount(usage)
+                    hot = budget.per is None or (lowest is not None and budget.over(amount, lowest))
+                    if not hot:
+                        candidates.append((amount, key, usage))
+                        if len(candidates) > 4 * TOP_SCOPES:
+                            candidates.sort(key=lambda c: -c[0])
+                            del candidates[TOP_SCOPES:]
+                        continue
+                    state = self._state(connection, budget, key, usage, now, start, span, keep_burn)
+                    summary.states[key] = state
+                    if state.throttled:
+                        summary.scopes_throttled += 1
+                        old = current.get((budget.name, key))
+                        flags[budget.name, key] = flag_from_state(state, old.since if old else now)
+                candidates.sort(key=lambda c: -c[0])
+                for _amount, key, usage in candidates[:TOP_SCOPES]:
+                    summary.states[key] = evaluate_scope(budget, json.loads(key), usage, now, self._zone)
+                if budget.per is None and not summary.states:  # no usage yet in this window: show it at zero
+                    key = scope_key(dict(budget.match))
+                    summary.states[key] = evaluate_scope(budget, dict(budget.match), Usage(), now, self._zone)
+                scopes += summary.scopes_total
+                summaries[budget.name] = summary
+        self._burn.forget(keep_burn)
+        with self._lock:
+            self.summaries = summaries
+        self.throttle.replace(flags, now)
+        self.throttle.write_snapshot(now)
+        self.last = EvaluationStats(now, time.perf_counter() - started, len(self.budgets), scopes, len(flags))
+        return self.last
+
+    def _state(
+        self,
+        connection: Connection,
+        budget: Budget,
+        key: str,
+        usage: Usage,
+        now: datetime,
+        start: datetime,
+        span: float,
+        keep_burn: set[tuple[str, str]],
+    ) -> ScopeState:
+        keep_burn.add((budget.name, key))
+        rates = self._burn.update((budget.name, key), now, budget.amount(usage), usage.cost_pico, start, span)
+        buckets = None
+        if (
+            budget.bucket is not None
+            and budget.throttle_at is not None
+            and budget.over(budget.amount(usage), budget.throttle_at)
+        ):
+            buckets = scope_buckets(connection, budget.name, key, budget.first_bucket(now, self._zone))
+        return evaluate_scope(budget, json.loads(key), usage, now, self._zone, rates, buckets)
+
+    # --- the fast path ---------------------------------------------------------------------------------------
+
+    def on_batch(self, touched: dict[tuple[str, str], Usage]) -> bool:
+        """Update the scopes a committed batch added to; flag any that crossed throttle_at. True if flags changed."""
+        if not touched:
+            return False
+        now = self._clock()
+        set_flags: dict[tuple[str, str], Flag] = {}
+        current = self.throttle.flags
+        updated: list[tuple[str, str, ScopeState]] = []
+        for (name, key), usage in touched.items():
+            budget = self._by_name.get(name)
+            if budget is None:
+                continue
+            buckets = None
+            if (
+                budget.bucket is not None
+                and budget.throttle_at is not None
+                and budget.over(budget.amount(usage), budget.throttle_at)
+            ):
+                with self._engine.connect() as connection:
+                    buckets = scope_buckets(connection, name, key, budget.first_bucket(now, self._zone))
+            state = evaluate_scope(budget, json.loads(key), usage, now, self._zone, None, buckets)
+            updated.append((name, key, state))
+            if state.throttled:
+                old = current.get((name, key))
+                set_flags[name, key] = flag_from_state(state, old.since if old else now)
+        with self._lock:
+            for name, key, state in updated:
+                summary = self.summaries.get(name)
+                if summary is None:
+                    continue
+                lowest = state.budget.thresholds[0] if state.budget.thresholds else None
+                if (
+                    state.budget.per is None
+                    or key in summary.states
+                    or (lowest is not None and state.budget.over(state.amount, lowest))
+                ):
+                    summary.states[key] = state
+        changed = self.throttle.update(set_flags, set(), now) if set_flags else False
+        if changed:
+            self.throttle.write_snapshot(now)
+        return changed
+
+    def states(self) -> list[ScopeState]:
+        """Every shown scope of every budget, in config order then by utilization."""
+        with self._lock:
+            summaries = list(self.summaries.values())
+        out = []
+        for summary in summaries:
+            out.extend(sorted(summary.states.values(), key=lambda s: (-s.utilization, scope_key(s.scope))))
+        return out

@@ -1,0 +1,210 @@
+"""Throttle flags: which budget scopes must stop, the decision for /v1/check, and the snapshot file for proxies."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from monitor.budgets import BudgetIndex, ScopeState, scope_key
+from monitor.pricing import format_usd
+
+
+def iso(moment: datetime | None) -> str | None:
+    """RFC 3339 in UTC with a Z."""
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One throttled budget scope."""
+
+    budget: str
+    scope: dict[str, str]
+    since: datetime
+    until: datetime | None
+    utilization: float
+    spend_pico: int
+    limit_pico: int | None
+    amount: int
+    limit: int
+    measure: str
+
+    def as_json(self) -> dict[str, Any]:
+        """The snapshot / API form (SPEC §7)."""
+        return {
+            "budget": self.budget,
+            "scope": self.scope,
+            "action": "block",
+            "since": iso(self.since),
+            "until": iso(self.until),
+            "utilization": round(self.utilization, 4),
+            "spend_usd": format_usd(self.spend_pico),
+            "limit_usd": None if self.limit_pico is None else format_usd(self.limit_pico),
+            "measure": self.measure,
+            "amount": self.amount,
+            "limit": self.limit,
+        }
+
+    def active(self, now: datetime) -> bool:
+        """Still in force at `now` (a window that has ended frees its scope even before the next evaluation)."""
+        return self.until is None or now < self.until
+
+
+def flag_from_state(state: ScopeState, since: datetime) -> Flag:
+    """A flag for a throttled scope."""
+    budget = state.budget
+    return Flag(
+        budget.name,
+        state.scope,
+        since,
+        state.until,
+        state.utilization,
+        state.usage.cost_pico,
+        budget.limit if budget.measure == "usd" else None,
+        state.amount,
+        budget.limit,
+        budget.measure,
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What /v1/check answers for a throttled caller: the flag that holds longest, and every flag that applies."""
+
+    flag: Flag
+    flags: tuple[Flag, ...]
+
+    def retry_after(self, now: datetime) -> int:
+        """Whole seconds until every applicable flag frees (at least 1)."""
+        untils = [f.until for f in self.flags]
+        if any(until is None for until in untils):
+            return 3600
+        latest = max(u for u in untils if u is not None)
+        return max(1, int((latest - now).total_seconds() + 0.999))
+
+
+class ThrottleState:
+    """The active flags, replaced as a whole on every change so readers never lock (copy on write)."""
+
+    def __init__(self, snapshot_file: Path | None = None) -> None:
+        self._lock = threading.Lock()
+        self._flags: Mapping[tuple[str, str], Flag] = MappingProxyType({})
+        self._index = BudgetIndex([])
+        self.version = 0
+        self.generated_at: datetime | None = None
+        self.snapshot_file = snapshot_file
+
+    @property
+    def flags(self) -> Mapping[tuple[str, str], Flag]:
+        """(budget, scope key) -> flag."""
+        return self._flags
+
+    def set_index(self, index: BudgetIndex) -> None:
+        """The budgets that checks are matched against."""
+        self._index = index
+
+    def replace(self, flags: dict[tuple[str, str], Flag], now: datetime) -> bool:
+        """Install a whole new flag set (after a full evaluation); True if it differs from the last one."""
+        with self._lock:
+            changed = _keys_and_untils(flags) != _keys_and_untils(self._flags)
+            self._flags = MappingProxyType(dict(flags))
+            if changed:
+                self.version += 1
+            self.generated_at = now
+        return changed
+
+    def update(self, set_flags: dict[tuple[str, str], Flag], clear: set[tuple[str, str]], now: datetime) -> bool:
+        """Set and clear some flags (the ingest fast path); True if anything changed."""
+        with self._lock:
+            current = dict(self._flags)
+            before = _keys_and_untils(current)
+            for key in clear:
+                current.pop(key, None)
+            for key, flag in set_flags.items():
+                old = current.get(key)
+                current[key] = flag if old is None else _keep_since(flag, old)
+            changed = _keys_and_untils(current) != before
+            if changed:
+                self._flags = MappingProxyType(current)
+                self.version += 1
+                self.generated_at = now
+        return changed
+
+    def decide(self, model: str | None, attributes: Mapping[str, str], now: datetime) -> Decision | None:
+        """The throttle decision for a caller: None when allowed."""
+        flags = self._flags
+        if not flags:
+            return None
+        applicable = []
+        for budget, scope in self._index.touched(model or "", attributes):
+            flag = flags.get((budget.name, scope_key(scope)))
+            if flag is not None and flag.active(now):
+                applicable.append(flag)
+        if not applicable:
+            return None
+        longest = max(applicable, key=lambda f: (f.until is None, f.until or now, f.utilization))
+        return Decision(longest, tuple(applicable))
+
+    def snapshot(self, now: datetime) -> dict[str, Any]:
+        """The SPEC §7 document."""
+        flags = [f.as_json() for f in self._flags.values() if f.active(now)]
+        flags.sort(key=lambda f: (f["budget"], json.dumps(f["scope"], sort_keys=True)))
+        return {"version": self.version, "generated_at": iso(self.generated_at or now), "flags": flags}
+
+    def write_snapshot(self, now: datetime) -> None:
+        """Rewrite the snapshot file atomically: temp file in the same directory, fsync, rename."""
+        if self.snapshot_file is None:
+            return
+        write_atomically(self.snapshot_file, json.dumps(self.snapshot(now), indent=1).encode())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError:
+        pass
+
+
+def _keys_and_untils(flags: Mapping[tuple[str, str], Flag]) -> dict[tuple[str, str], datetime | None]:
+    return {key: flag.until for key, flag in flags.items()}
+
+
+def _keep_since(new: Flag, old: Flag) -> Flag:
+    if new.since == old.since:
+        return new
+    return Flag(
+        new.budget,
+        new.scope,
+        old.since,
+        new.until,
+        new.utilization,
+        new.spend_pico,
+        new.limit_pico,
+        new.amount,
+        new.limit,
+        new.measure,
+    )
