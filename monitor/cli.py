@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from monitor import report as report_mod
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
+from monitor.evaluation import state_json
 from monitor.explain import explain
 from monitor.ingest.files import ingest_files
 from monitor.service import build_price_table, open_store
@@ -78,6 +79,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     """One-shot backfill of JSONL files."""
     store = open_store(_settings(args))
     try:
+        store.budgets.sync_definitions()
         result, failed = ingest_files(
             [Path(p) for p in args.files],
             store.parser,
@@ -131,6 +133,80 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.write(report_mod.to_csv(built))
     else:
         sys.stdout.write(report_mod.to_table(built, settings.timezone))
+    return 0
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    """Every budget: spend, limit, utilization, forecast, window end, throttled — evaluated from the store now."""
+    store = open_store(_settings(args))
+    try:
+        store.budgets.sync_definitions()
+        store.budgets.evaluate()
+        now = system_clock()
+        flags = store.budgets.throttle.flags
+        rows = [state_json(state, flags, now) for state in store.budgets.states()]
+    finally:
+        store.close()
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = ["budget", "scope", "window", "spend USD", "limit", "used", "forecast USD", "window end", "throttled"]
+    body = []
+    for row in rows:
+        limit = f"${row['limit_usd']}" if row["limit_usd"] is not None else f"{row['limit']:,} {row['measure']}"
+        body.append(
+            [
+                row["budget"],
+                ",".join(f"{k}={v}" for k, v in row["scope"].items()) or "all",
+                row["window"],
+                row["spend_usd"],
+                limit,
+                f"{row['utilization']:.1%}",
+                row["forecast_usd"],
+                row["window_end"],
+                "yes" if row["throttled"] else "no",
+            ]
+        )
+    if not body:
+        print("no budgets configured (see `budgets:` in the config)")
+        return 0
+    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
+    for line in [headers, *body]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The daemon: runs until SIGTERM or SIGINT, then drains and exits 0."""
+    import signal
+    import threading
+
+    from monitor.service import Daemon
+
+    loaded = _settings(args)
+    logging.getLogger("monitor").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    daemon = Daemon(loaded)
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(number: int, _frame: object) -> None:
+        received.append(signal.Signals(number).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    host, port = daemon.address
+    print(
+        f"claude-monitor serving on http://{host}:{port} (config: {loaded.path or 'built-in defaults'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    log.info("%s received: draining", received[0] if received else "stop")
+    daemon.stop()
+    log.info("stopped cleanly")
     return 0
 
 
@@ -211,6 +287,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="", help="comma-separated dimensions and/or model, e.g. project,model")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", parents=[common], help="the daemon: tail sources, HTTP API, budgets, metrics")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("budgets", parents=[common], help="every budget: spend, limit, forecast, throttled")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_budgets)
 
     p = sub.add_parser("simulate", parents=[common], help="write realistic synthetic usage to JSONL files")
     p.add_argument("--rate", type=float, default=1.0, help="events per second of simulated time (default 1)")

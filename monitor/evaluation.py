@@ -6,17 +6,19 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, delete, select
 
 from monitor.budgets import Budget, BudgetIndex, BurnRates, ScopeState, evaluate_scope, scope_key
+from monitor.pricing import format_usd
 from monitor.store.models import budget_definitions, budget_usage, events
 from monitor.store.queries import scope_buckets, upsert_adding, window_totals
-from monitor.throttle import Flag, ThrottleState, flag_from_state
+from monitor.throttle import Flag, ThrottleState, flag_from_state, iso
 from monitor.usage import USAGE_FIELDS, Usage
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class BudgetEngine:
         self._lock = threading.Lock()
         self.summaries: dict[str, BudgetSummary] = {b.name: BudgetSummary(b) for b in self.budgets}
         self.last: EvaluationStats | None = None
+        self.failing = False  # the last evaluation could not reach the store: answers come from older state
 
     # --- keeping budget_usage true to the configured budgets ---------------------------------------------------
 
@@ -75,7 +78,10 @@ class BudgetEngine:
         now = self._clock()
         recounted = []
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
-            stored = dict(connection.execute(select(budget_definitions.c.budget, budget_definitions.c.definition)))
+            stored = {
+                row[0]: row[1]
+                for row in connection.execute(select(budget_definitions.c.budget, budget_definitions.c.definition))
+            }
             for name in set(stored) - set(self._by_name):
                 connection.execute(delete(budget_usage).where(budget_usage.c.budget == name))
                 connection.execute(delete(budget_definitions).where(budget_definitions.c.budget == name))
@@ -256,3 +262,29 @@ class BudgetEngine:
         for summary in summaries:
             out.extend(sorted(summary.states.values(), key=lambda s: (-s.utilization, scope_key(s.scope))))
         return out
+
+
+def state_json(state: ScopeState, flags: Mapping[tuple[str, str], Flag], now: datetime) -> dict[str, Any]:
+    """One row of `budgets --format json` and GET /v1/budgets (SPEC §5), plus the budget's own unit."""
+    budget = state.budget
+    flag = flags.get((budget.name, scope_key(state.scope)))
+    usd = budget.measure == "usd"
+    return {
+        "budget": budget.name,
+        "scope": state.scope,
+        "window": str(budget.window),
+        "window_start": iso(state.window_start),
+        "window_end": iso(state.window_end),
+        "spend_usd": format_usd(state.usage.cost_pico),
+        "limit_usd": format_usd(budget.limit) if usd else None,
+        "utilization": round(state.utilization, 6),
+        "forecast_usd": format_usd(state.forecast_cost_pico),
+        "throttled": flag is not None and flag.active(now),
+        "until": iso(flag.until) if flag is not None else None,
+        "measure": budget.measure,
+        "amount": state.amount,
+        "limit": budget.limit,
+        "forecast": state.forecast_amount,
+        "requests": state.usage.requests,
+        "evaluated_at": iso(state.evaluated_at),
+    }

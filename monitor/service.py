@@ -1,17 +1,36 @@
-"""Composition root: builds the store, the price table and the write path from settings."""
+"""Composition root: builds the store, pricing, budgets and — for `serve` — the whole daemon from settings."""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, timedelta
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from sqlalchemy import Engine, delete, text
 
+from monitor.api import Api, ApiServer, make_handler
+from monitor.budgets import compile_budgets
 from monitor.clock import Clock, system_clock
-from monitor.config import ConfigError, LoadedSettings, Settings
+from monitor.config import ConfigError, LoadedSettings, Settings, parse_duration
+from monitor.evaluation import BudgetEngine
 from monitor.events import EventParser
-from monitor.ingest.writer import Writer
+from monitor.ingest.writer import BatchResult, Writer
+from monitor.metrics import MonitorCollector
 from monitor.pricing import PriceTable, load_price_table
-from monitor.store.db import create_db_engine, upgrade
+from monitor.store.db import create_db_engine, schema_is_current, upgrade
+from monitor.store.models import budget_usage, dead_letters, events
+from monitor.throttle import ThrottleState
+
+log = logging.getLogger(__name__)
+TAIL_INTERVAL_S = 0.2
 
 
 def build_price_table(loaded: LoadedSettings) -> PriceTable:
@@ -25,25 +44,236 @@ def build_price_table(loaded: LoadedSettings) -> PriceTable:
 
 @dataclass
 class Store:
-    """An open, migrated store with the pieces that write to it."""
+    """An open, migrated store with the pieces that write to it and the budgets it counts toward."""
 
     settings: Settings
     engine: Engine
     prices: PriceTable
     parser: EventParser
     writer: Writer
+    budgets: BudgetEngine
 
     def close(self) -> None:
         """Release every connection."""
         self.engine.dispose()
 
 
-def open_store(loaded: LoadedSettings, clock: Clock = system_clock, migrate: bool = True) -> Store:
-    """Connect, bring the schema to head, and build the parse, price and write path."""
+def open_store(
+    loaded: LoadedSettings, clock: Clock = system_clock, migrate: bool = True, snapshot_file: Path | None = None
+) -> Store:
+    """Connect, bring the schema to head, and build the parse, price, write and budget path."""
     settings = loaded.settings
     prices = build_price_table(loaded)
     engine = create_db_engine(settings.database_url)
     if migrate:
         upgrade(engine)
     parser = EventParser(settings.dimensions, clock)
-    return Store(settings, engine, prices, parser, Writer(engine, prices, clock))
+    budgets = BudgetEngine(
+        engine, compile_budgets(settings.budgets, prices), settings.zone, clock, ThrottleState(snapshot_file)
+    )
+    writer = Writer(
+        engine, prices, clock, budgets=budgets.index, zone=settings.zone, metric_labels=settings.metrics.labels
+    )
+    return Store(settings, engine, prices, parser, writer, budgets)
+
+
+class Jobs:
+    """Runs the scheduled tasks and keeps their Prometheus duration and last-success metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.last_success = Gauge(
+            "claude_monitor_job_last_success_timestamp_seconds",
+            "When each scheduled task last succeeded.",
+            ["task"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "claude_monitor_job_duration_seconds",
+            "How long each scheduled task ran.",
+            ["task"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.failures: dict[str, str] = {}
+        self.succeeded_at: dict[str, float] = {}
+
+    def run(self, task: str, job: Callable[[], Any]) -> bool:
+        """Run one task now; a failure is logged and kept, never raised into the scheduler."""
+        started = time.perf_counter()
+        try:
+            job()
+        except Exception as exc:
+            self.failures[task] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.error("task %s failed: %s", task, self.failures[task])
+            return False
+        finally:
+            self.duration.labels(task).observe(time.perf_counter() - started)
+        self.failures.pop(task, None)
+        self.succeeded_at[task] = time.time()
+        self.last_success.labels(task).set(self.succeeded_at[task])
+        return True
+
+
+class Daemon:
+    """`serve`: HTTP API, source tailers and scheduled jobs over one store."""
+
+    def __init__(
+        self, loaded: LoadedSettings, clock: Clock = system_clock, environ: dict[str, str] | None = None
+    ) -> None:
+        from monitor.ingest.tail import Tailer
+
+        env = os.environ if environ is None else environ
+        self.settings = settings = loaded.settings
+        self.clock = clock
+        self.store = open_store(loaded, clock, snapshot_file=Path(settings.throttle.snapshot_file))
+        self.budgets = self.store.budgets
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.tailers = [
+            Tailer(source, self.store.parser, self.store.writer, self.store.engine, clock, on_batch=self._after_batch)
+            for source in settings.sources
+        ]
+        self.collector = MonitorCollector(self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock)
+        self.registry.register(self.collector)
+        self.jobs = Jobs(self.registry)
+        self.every = parse_duration(settings.schedule.evaluate_every)
+        token_env = settings.http.ingest_token_env
+        token = env.get(token_env) or None
+        if token is None:
+            log.warning("$%s is not set: POST /v1/usage answers 401 until it is", token_env)
+        self.api = Api(
+            parser=self.store.parser,
+            writer=self.store.writer,
+            budgets=self.budgets,
+            prices=self.store.prices,
+            dimensions=settings.dimensions,
+            token=token,
+            token_env=token_env,
+            max_body_bytes=settings.http.max_body_bytes,
+            registry=self.registry,
+            clock=clock,
+            readiness=self.readiness,
+        )
+        host, _, port = settings.http.listen.rpartition(":")
+        self.server = ApiServer((host.strip("[]"), int(port)), make_handler(self.api))
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC, job_defaults={"misfire_grace_time": 60, "coalesce": True, "max_instances": 1}
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._heads_ok = True
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the HTTP API listens (the port is real even when configured as 0)."""
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    # --- jobs ------------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> None:
+        """The scheduled evaluation: recount from the store, refresh metrics, rewrite the snapshot."""
+        try:
+            self.budgets.evaluate()
+            self.collector.refresh()
+        except Exception:
+            self.budgets.failing = True
+            raise
+        self.budgets.failing = False
+
+    def retention(self) -> None:
+        """Drop raw events and dead letters past retention, and budget buckets no window can reach."""
+        now = self.clock()
+        cutoff = now - timedelta(days=self.settings.schedule.retention_days)
+        longest = max([timedelta(days=32), *(b.window.span for b in self.budgets.budgets if b.window.span)])
+        with self.store.engine.begin() as connection:
+            connection.execute(delete(events).where(events.c.ts < cutoff))
+            connection.execute(delete(dead_letters).where(dead_letters.c.received_at < cutoff))
+            connection.execute(delete(budget_usage).where(budget_usage.c.bucket_start < now - longest - longest))
+
+    def tail_once(self) -> None:
+        """Poll every source once; one failing source does not hold up the others."""
+        failed = []
+        for tailer in self.tailers:
+            try:
+                tailer.poll()
+            except Exception as exc:
+                failed.append(f"{tailer.label}: {exc.__class__.__name__}: {exc}")
+        if failed:
+            raise RuntimeError("; ".join(failed))
+
+    def _after_batch(self, result: BatchResult) -> None:
+        self.budgets.on_batch(result.touched)
+
+    def _lag(self) -> dict[str, float]:
+        return {tailer.source.label: tailer.lag_seconds() for tailer in self.tailers}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready = database reachable, schema at head, first evaluation done, jobs fresh."""
+        problems = []
+        try:
+            with self.store.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception as exc:
+            problems.append(f"database unreachable: {exc.__class__.__name__}")
+        if not self._heads_ok:
+            problems.append("schema is not at the migrations' head")
+        last = self.budgets.last
+        if last is None:
+            problems.append("first evaluation not done")
+        else:
+            age = (self.clock() - last.at).total_seconds()
+            if age > max(3 * self.every.total_seconds(), 30):
+                problems.append(f"last successful evaluation was {age:.0f} s ago")
+        for task, failure in self.jobs.failures.items():
+            problems.append(f"task {task} failing: {failure}")
+        return not problems, {"problems": problems}
+
+    # --- life cycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recount changed budgets, evaluate once, then start the HTTP server, the tailers and the schedule."""
+        self._heads_ok = schema_is_current(self.store.engine)
+        recounted = self.budgets.sync_definitions()
+        if recounted:
+            log.info("recounted budgets: %s", ", ".join(recounted))
+        self.jobs.run("evaluate", self.evaluate)
+        self.scheduler.add_job(
+            self.jobs.run,
+            "interval",
+            args=["evaluate", self.evaluate],
+            seconds=self.every.total_seconds(),
+            id="evaluate",
+        )
+        self.scheduler.add_job(self.jobs.run, "interval", args=["retention", self.retention], hours=1, id="retention")
+        self.scheduler.start()
+        self._spawn("http", self.server.serve_forever)
+        if self.tailers:
+            self._spawn("tail", self._tail_loop)
+        log.info("serving on http://%s:%d", *self.address)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _tail_loop(self) -> None:
+        while not self._stop.is_set():
+            self.jobs.run("tail", self.tail_once)
+            self._stop.wait(TAIL_INTERVAL_S)
+
+    def stop(self) -> None:
+        """Drain: stop accepting, let in-flight batches finish, write the snapshot, close the store."""
+        self._stop.set()
+        self.server.shutdown()  # no new connections
+        if not self.api.drain(timeout=30):  # requests on open connections get 503; batches in flight commit
+            log.warning("ingest requests still in flight after 30 s; stopping anyway")
+        self.server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.scheduler.shutdown(wait=True)
+        for tailer in self.tailers:
+            tailer.close()
+        try:
+            self.budgets.throttle.write_snapshot(self.clock())
+        finally:
+            self.store.close()

@@ -1,0 +1,226 @@
+"""Prometheus metrics (SPEC §8), computed from the database so they survive restarts and agree across replicas.
+
+A scrape never scans events: the counters table (one row per label set, kept by the write path) is read at most
+once a second, and a scrape while the database is away renders the last snapshot it read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from monitor.evaluation import BudgetEngine
+from monitor.ingest.writer import LATENCY_BUCKETS
+from monitor.store.models import counters
+
+PICO = 10**12
+log = logging.getLogger(__name__)
+
+
+def scope_label(scope: dict[str, str]) -> str:
+    """A budget scope as one label value: 'project=lingo,environment=prod', or 'all'."""
+    return ",".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all"
+
+
+class MonitorCollector(Collector):
+    """Renders counters, budget gauges and ingest lag from prepared state."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        budgets: BudgetEngine,
+        metric_labels: Sequence[str],
+        lag: Callable[[], dict[str, float]],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._engine = engine
+        self._budgets = budgets
+        self._labels = list(metric_labels)
+        self._lag = lag
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counters: dict[str, list[tuple[dict[str, str], int]]] = {}
+        self.refreshed_at: datetime | None = None
+
+    def refresh_if_older(self, seconds: float) -> None:
+        """Refresh unless the snapshot is younger than `seconds`; keep the old one if the database is away."""
+        taken = self.refreshed_at
+        if taken is not None and (self._clock() - taken).total_seconds() < seconds:
+            return
+        try:
+            self.refresh()
+        except SQLAlchemyError as exc:
+            log.warning("metrics: counters unavailable, serving the snapshot of %s: %s", taken, exc.__class__.__name__)
+
+    def refresh(self) -> None:
+        """Read every counter from the database into the snapshot."""
+        rows: dict[str, list[tuple[dict[str, str], int]]] = defaultdict(list)
+        with self._engine.connect() as connection:
+            for name, labels, value in connection.execute(select(counters.c.name, counters.c.labels, counters.c.value)):
+                rows[name].append((json.loads(labels), int(value)))
+        with self._lock:
+            self._counters = dict(rows)
+            self.refreshed_at = self._clock()
+
+    def _project(self, name: str, keys: Sequence[str]) -> dict[tuple[str, ...], int]:
+        """Sum a counter's rows onto the label names in use now (rows written under older settings included)."""
+        out: dict[tuple[str, ...], int] = defaultdict(int)
+        for labels, value in self._counters.get(name, []):
+            out[tuple(labels.get(key, "") for key in keys)] += value
+        return out
+
+    def describe(self) -> Iterator[Metric]:
+        """The families this collector exports (so registration does not query the database)."""
+        yield from self._families(describe_only=True)
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family with its samples."""
+        self.refresh_if_older(1.0)
+        yield from self._families(describe_only=False)
+
+    def _families(self, describe_only: bool) -> Iterator[Metric]:
+        usage_keys = ["model", *self._labels]
+        cost = CounterMetricFamily(
+            "claude_cost_usd", "Cost of accepted requests in USD (priced at ingest).", labels=usage_keys
+        )
+        tokens = CounterMetricFamily(
+            "claude_tokens", "Tokens of accepted requests by type.", labels=["model", "type", *self._labels]
+        )
+        requests = CounterMetricFamily("claude_requests", "Accepted requests.", labels=usage_keys)
+        errors = CounterMetricFamily(
+            "claude_request_errors", "Requests that failed, by HTTP status.", labels=["model", "status"]
+        )
+        duration = HistogramMetricFamily(
+            "claude_request_duration_seconds", "Request latency from latency_ms.", labels=["model"]
+        )
+        ingest = CounterMetricFamily(
+            "claude_monitor_ingest_events", "Ingested lines and events by outcome.", labels=["source", "outcome"]
+        )
+        unpriced = CounterMetricFamily(
+            "claude_monitor_unpriced_events", "Accepted events with no price.", labels=["model"]
+        )
+        dropped = CounterMetricFamily(
+            "claude_monitor_attributes_dropped",
+            "Attribute values dropped (not a configured dimension, or not a scalar).",
+            labels=["source"],
+        )
+        lag = GaugeMetricFamily(
+            "claude_monitor_ingest_lag_seconds",
+            "Age of the oldest complete line not yet ingested, by source.",
+            labels=["source"],
+        )
+        gauges = {
+            "limit": GaugeMetricFamily("claude_budget_limit_usd", "Budget limit in USD.", labels=["budget", "scope"]),
+            "spend": GaugeMetricFamily(
+                "claude_budget_spend_usd", "Spend in the budget's current window.", labels=["budget", "scope"]
+            ),
+            "util": GaugeMetricFamily(
+                "claude_budget_utilization_ratio", "Amount / limit in the budget's unit.", labels=["budget", "scope"]
+            ),
+            "forecast": GaugeMetricFamily(
+                "claude_budget_forecast_usd", "Forecast spend at the window's end.", labels=["budget", "scope"]
+            ),
+            "end": GaugeMetricFamily(
+                "claude_budget_window_end_timestamp_seconds", "End of the current window.", labels=["budget", "scope"]
+            ),
+            "throttle": GaugeMetricFamily(
+                "claude_throttle_active", "1 while the scope is throttled.", labels=["budget", "scope"]
+            ),
+        }
+        throttled = GaugeMetricFamily(
+            "claude_budget_scopes_throttled", "Throttled scopes of each budget.", labels=["budget"]
+        )
+        scopes = GaugeMetricFamily(
+            "claude_budget_scopes", "Scopes with usage in the current window.", labels=["budget"]
+        )
+        age = GaugeMetricFamily(
+            "claude_monitor_state_age_seconds", "Seconds since the last successful budget evaluation."
+        )
+        families: list[Metric] = [
+            cost,
+            tokens,
+            requests,
+            errors,
+            duration,
+            ingest,
+            unpriced,
+            dropped,
+            lag,
+            *gauges.values(),
+            throttled,
+            scopes,
+            age,
+        ]
+        if describe_only:
+            yield from families
+            return
+        with self._lock:
+            for values, value in self._project("cost_pico", usage_keys).items():
+                cost.add_metric(list(values), value / PICO)
+            for values, value in self._project("tokens", ["model", "type", *self._labels]).items():
+                tokens.add_metric(list(values), value)
+            for values, value in self._project("requests", usage_keys).items():
+                requests.add_metric(list(values), value)
+            for values, value in self._project("request_errors", ["model", "status"]).items():
+                errors.add_metric(list(values), value)
+            for values, value in self._project("ingest_events", ["source", "outcome"]).items():
+                ingest.add_metric(list(values), value)
+            for values, value in self._project("unpriced_events", ["model"]).items():
+                unpriced.add_metric(list(values), value)
+            for values, value in self._project("attributes_dropped", ["source"]).items():
+                dropped.add_metric(list(values), value)
+            self._histogram(duration)
+        for source, seconds in sorted(self._lag().items()):
+            lag.add_metric([source], seconds)
+        flags = self._budgets.throttle.flags
+        now = self._clock()
+        active: dict[str, int] = defaultdict(int)
+        for (name, _key), flag in flags.items():
+            active[name] += flag.active(now)
+        for name, summary in self._budgets.summaries.items():
+            throttled.add_metric([name], active.get(name, 0))
+            scopes.add_metric([name], summary.scopes_total)
+            if summary.budget.per is not None:
+                continue  # per-user values never become labels
+            for key, state in summary.states.items():
+                label = [name, scope_label(state.scope)]
+                if summary.budget.measure == "usd":
+                    gauges["limit"].add_metric(label, summary.budget.limit / PICO)
+                gauges["spend"].add_metric(label, state.usage.cost_pico / PICO)
+                gauges["util"].add_metric(label, state.utilization)
+                gauges["forecast"].add_metric(label, state.forecast_cost_pico / PICO)
+                gauges["end"].add_metric(label, state.window_end.timestamp())
+                scope_flag = flags.get((name, key))
+                gauges["throttle"].add_metric(label, 1.0 if scope_flag is not None and scope_flag.active(now) else 0.0)
+        last = self._budgets.last
+        if last is not None:
+            age.add_metric([], max((now - last.at).total_seconds(), 0.0))
+        yield from families
+
+    def _histogram(self, family: HistogramMetricFamily) -> None:
+        bounds = [*map(repr, LATENCY_BUCKETS), "+Inf"]
+        per_model: dict[str, dict[str, int]] = defaultdict(dict)
+        for labels, value in self._counters.get("latency_bucket", []):
+            per_model[labels.get("model", "")][labels.get("le", "+Inf")] = value
+        sums = {labels.get("model", ""): value for labels, value in self._counters.get("latency_sum_us", [])}
+        for model, counts in sorted(per_model.items()):
+            running = 0
+            buckets = []
+            for bound in bounds:
+                running += counts.get(bound, 0)
+                buckets.append((bound, float(running)))
+            family.add_metric([model], buckets, sums.get(model, 0) / 1e6)
