@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import cast
 from zoneinfo import ZoneInfo
@@ -136,6 +138,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cents(amount: str) -> str:
+    return f"{Decimal(amount).quantize(Decimal('0.01'), ROUND_HALF_EVEN):,}"
+
+
 def cmd_budgets(args: argparse.Namespace) -> int:
     """Every budget: spend, limit, utilization, forecast, window end, throttled — evaluated from the store now."""
     store = open_store(_settings(args))
@@ -153,16 +159,16 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     headers = ["budget", "scope", "window", "spend USD", "limit", "used", "forecast USD", "window end", "throttled"]
     body = []
     for row in rows:
-        limit = f"${row['limit_usd']}" if row["limit_usd"] is not None else f"{row['limit']:,} {row['measure']}"
+        limit = f"${_cents(row['limit_usd'])}" if row["limit_usd"] is not None else f"{row['limit']:,} {row['measure']}"
         body.append(
             [
                 row["budget"],
                 ",".join(f"{k}={v}" for k, v in row["scope"].items()) or "all",
                 row["window"],
-                row["spend_usd"],
+                _cents(row["spend_usd"]),
                 limit,
                 f"{row['utilization']:.1%}",
-                row["forecast_usd"],
+                _cents(row["forecast_usd"]),
                 row["window_end"],
                 "yes" if row["throttled"] else "no",
             ]
@@ -342,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
+    except BrokenPipeError:  # `claude-monitor … | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("claude-monitor: interrupted; every committed batch is kept", file=sys.stderr)
         return 130

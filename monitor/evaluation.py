@@ -278,7 +278,7 @@ def state_json(state: ScopeState, flags: Mapping[tuple[str, str], Flag], now: da
         "spend_usd": format_usd(state.usage.cost_pico),
         "limit_usd": format_usd(budget.limit) if usd else None,
         "utilization": round(state.utilization, 6),
-        "forecast_usd": format_usd(state.forecast_cost_pico),
+        "forecast_usd": format_usd(state.forecast_cost_pico // 10**6 * 10**6),  # an estimate: micro-dollars
         "throttled": flag is not None and flag.active(now),
         "until": iso(flag.until) if flag is not None else None,
         "measure": budget.measure,

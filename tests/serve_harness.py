@@ -62,8 +62,14 @@ class Serve:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )
-        self.url = self._wait_for_address()
-        self.wait_ready()
+        try:
+            self.url = self._wait_for_address()
+            self.wait_ready()
+        except BaseException:
+            self.proc.kill()  # never leave a daemon behind a failed start
+            self.proc.wait()
+            self._log_file.close()
+            raise
 
     def _wait_for_address(self, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
