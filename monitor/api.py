@@ -76,6 +76,7 @@ class Api:
         self.readiness = readiness
         self.on_ingest = on_ingest
         self.draining = False
+        self._boot = uuid.uuid4().hex[:8]
         self._inflight = 0
         self._idle = threading.Condition()
 
@@ -219,7 +220,7 @@ class Api:
     def throttle(self, if_none_match: str | None) -> Reply:
         """Every active flag, with an ETag."""
         state = self.budgets.throttle
-        etag = f'"{state.version}"'
+        etag = f'"{self._boot}-{state.version}"'  # versions restart with the process: the boot id tells them apart
         if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
             return Reply(304, b"", "application/json", {"ETag": etag})
         return json_reply(200, state.snapshot(self.clock()), {"ETag": etag, "Cache-Control": "no-cache"})
@@ -312,7 +313,9 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
             denied = api.authorized(self.headers.get("Authorization"))
             length_header = self.headers.get("Content-Length")
             if denied is not None or length_header is None or not length_header.isdigit():
-                self.close_connection = True  # the body is not read: the connection cannot be reused
+                if denied is not None and length_header and length_header.isdigit() and int(length_header) <= 65536:
+                    self.rfile.read(int(length_header))  # a small body is drained so the client reads the 401
+                self.close_connection = True  # the connection cannot be reused
                 self._send(denied or json_reply(411, {"error": "Content-Length is required"}))
                 return
             length = int(length_header)
