@@ -257,19 +257,38 @@ def test_budgets_command_json_shape(tmp_path: Path) -> None:
     from tests.conftest import jsonl, run_cli
 
     now = datetime.now(UTC)
-    config = write_config(tmp_path, "budgets:\n  - {name: all-daily, window: day, limit_usd: 10, alert_at: [0.5]}\n"
-                                    "  - {name: u, per: user, window: day, limit_usd: 1, throttle_at: 1.0}\n")
-    usage = jsonl(tmp_path / "u.jsonl",
-                  {"request_id": "a", "timestamp": now.isoformat(), "model": "claude-haiku-4-5",
-                   "usage": {"output_tokens": 400_000}, "attributes": {"user": "u-1"}})  # $2.00
+    config = write_config(
+        tmp_path,
+        "budgets:\n  - {name: all-daily, window: day, limit_usd: 10, alert_at: [0.5]}\n"
+        "  - {name: u, per: user, window: day, limit_usd: 1, throttle_at: 1.0}\n",
+    )
+    usage = jsonl(
+        tmp_path / "u.jsonl",
+        {
+            "request_id": "a",
+            "timestamp": now.isoformat(),
+            "model": "claude-haiku-4-5",
+            "usage": {"output_tokens": 400_000},
+            "attributes": {"user": "u-1"},
+        },
+    )  # $2.00
     run_cli("ingest", str(usage), "--config", str(config))
     rows = run_cli("budgets", "--format", "json", "--config", str(config)).json()
     by = {(row["budget"], row["scope"].get("user")): row for row in rows}
     daily = by["all-daily", None]
     assert daily["scope"] == {} and daily["spend_usd"] == "2.000000" and daily["limit_usd"] == "10.000000"
     assert daily["utilization"] == 0.2 and daily["throttled"] is False
-    assert set(daily) >= {"budget", "scope", "window_start", "window_end", "spend_usd", "limit_usd", "utilization",
-                          "forecast_usd", "throttled"}
+    assert set(daily) >= {
+        "budget",
+        "scope",
+        "window_start",
+        "window_end",
+        "spend_usd",
+        "limit_usd",
+        "utilization",
+        "forecast_usd",
+        "throttled",
+    }
     assert by["u", "u-1"]["throttled"] is True and by["u", "u-1"]["utilization"] == 2.0
     table = run_cli("budgets", "--config", str(config)).stdout
     assert "all-daily" in table and "u=" not in table and "user=u-1" in table

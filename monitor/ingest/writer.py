@@ -195,7 +195,7 @@ class Writer:
                     self._set_offset,
                     [
                         {"source": source, "file_id": o.file_id, "path": o.path, "offset": o.offset, "updated_at": now}
-                        for o in offsets
+                        for o in sorted(offsets, key=lambda o: o.file_id)
                     ],
                 )
         return result
@@ -226,6 +226,8 @@ class Writer:
                     touched.setdefault(budget.name, (budget, set()))[1].add(key)
         if not deltas:
             return {}
+        # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
+        # PostgreSQL) then lock them in one order and cannot deadlock each other.
         connection.execute(
             self._add_usage,
             [
@@ -235,7 +237,7 @@ class Writer:
                     "bucket_start": bucket,
                     **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),
                 }
-                for (name, key, bucket), usage in deltas.items()
+                for (name, key, bucket), usage in sorted(deltas.items())
             ],
         )
         totals: dict[tuple[str, str], Usage] = {}
@@ -276,7 +278,7 @@ class Writer:
         if values:
             connection.execute(
                 self._add_counter,
-                [{"name": name, "labels": key, "value": value} for (name, key), value in values.items()],
+                [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
             )
 
 
