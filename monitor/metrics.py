@@ -12,6 +12,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from decimal import Decimal
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -29,6 +30,10 @@ from monitor.store.models import counters
 
 PICO = 10**12
 log = logging.getLogger(__name__)
+
+
+def _fraction(value: Decimal) -> str:
+    return f"{value.normalize():f}"
 
 
 def scope_label(scope: dict[str, str]) -> str:
@@ -150,6 +155,21 @@ class MonitorCollector(Collector):
         age = GaugeMetricFamily(
             "claude_monitor_state_age_seconds", "Seconds since the last successful budget evaluation."
         )
+        threshold = GaugeMetricFamily(
+            "claude_budget_alert_threshold_ratio",
+            "Each configured alert_at and throttle_at fraction of a budget.",
+            labels=["budget", "threshold", "kind"],
+        )
+        crossed = GaugeMetricFamily(
+            "claude_budget_threshold_crossed",
+            "1 when the scope's utilization has reached the threshold.",
+            labels=["budget", "scope", "threshold"],
+        )
+        over = GaugeMetricFamily(
+            "claude_budget_scopes_over_threshold",
+            "Scopes of each budget at or over each threshold.",
+            labels=["budget", "threshold"],
+        )
         families: list[Metric] = [
             cost,
             tokens,
@@ -164,6 +184,9 @@ class MonitorCollector(Collector):
             throttled,
             scopes,
             age,
+            threshold,
+            crossed,
+            over,
         ]
         if describe_only:
             yield from families
@@ -192,9 +215,27 @@ class MonitorCollector(Collector):
         for (name, _key), flag in flags.items():
             active[name] += flag.active(now)
         for name, summary in self._budgets.summaries.items():
+            budget = summary.budget
             throttled.add_metric([name], active.get(name, 0))
             scopes.add_metric([name], summary.scopes_total)
-            if summary.budget.per is not None:
+            for fraction in budget.thresholds:
+                kinds = [
+                    k
+                    for k, hit in (("alert", fraction in budget.alert_at), ("throttle", fraction == budget.throttle_at))
+                    if hit
+                ]
+                text = _fraction(fraction)
+                threshold.add_metric([name, text, "+".join(kinds)], float(fraction))
+                # Shown scopes include every scope at or over the lowest threshold, so these counts are whole.
+                over.add_metric(
+                    [name, text], sum(1 for st in summary.states.values() if budget.over(st.amount, fraction))
+                )
+                if budget.per is None:
+                    for st in summary.states.values():
+                        crossed.add_metric(
+                            [name, scope_label(st.scope), text], 1.0 if budget.over(st.amount, fraction) else 0.0
+                        )
+            if budget.per is not None:
                 continue  # per-user values never become labels
             for key, state in summary.states.items():
                 label = [name, scope_label(state.scope)]
