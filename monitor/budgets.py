@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -75,7 +76,7 @@ class Budget:
     def bucket_of(self, moment: datetime, zone: ZoneInfo) -> datetime:
         """The bucket an event at `moment` is counted in: its calendar window's start, or a rolling bucket."""
         if self.bucket is None:
-            return calendar_window(self.window.kind, moment, zone)[0]  # type: ignore[arg-type]
+            return _calendar_start(self.window.kind, moment, zone)
         size = int(self.bucket.total_seconds())
         seconds = int((moment - _EPOCH).total_seconds())
         return _EPOCH + timedelta(seconds=seconds - seconds % size)
@@ -105,6 +106,19 @@ class Budget:
     def over(self, amount: int, fraction: Decimal) -> bool:
         """amount >= fraction x limit, exactly."""
         return Decimal(amount) >= fraction * self.limit
+
+
+@functools.lru_cache(maxsize=65536)
+def _calendar_start_cached(kind: str, quarter_hour: int, zone: ZoneInfo) -> datetime:
+    moment = _EPOCH + timedelta(seconds=quarter_hour * 900)
+    return calendar_window(kind, moment, zone)[0]  # type: ignore[arg-type]
+
+
+def _calendar_start(kind: str, moment: datetime, zone: ZoneInfo) -> datetime:
+    """Start of the calendar window containing `moment`. Every UTC offset is a whole number of quarter hours, so
+    local midnights fall on the quarter-hour grid and the window of a moment is that of its quarter hour."""
+    seconds = int((moment - _EPOCH).total_seconds())
+    return _calendar_start_cached(kind, seconds // 900, zone)
 
 
 def scope_key(scope: Mapping[str, str]) -> str:
@@ -155,6 +169,8 @@ class BudgetIndex:
 
     def __init__(self, budgets: Sequence[Budget]) -> None:
         self.budgets = list(budgets)
+        self._fixed_keys: dict[str, str] = {}
+        self._per_keys: dict[str, dict[str, str]] = {}
         self._groups: dict[tuple[str, ...], dict[tuple[str, ...], list[Budget]]] = {}
         for budget in self.budgets:
             keys = tuple(key for key, _ in budget.match)
@@ -169,6 +185,28 @@ class BudgetIndex:
                 scope = budget.scope_of(model, attributes)
                 if scope is not None:
                     yield budget, scope
+
+    def touched_keys(self, model: str, attributes: Mapping[str, str]) -> Iterator[tuple[Budget, str]]:
+        """(budget, scope key) for every budget the event counts toward; keys are built once and reused."""
+        for keys, by_values in self._groups.items():
+            values = tuple(model if key == "model" else attributes.get(key, "\x00") for key in keys)
+            for budget in by_values.get(values, ()):
+                if budget.per is None:
+                    key = self._fixed_keys.get(budget.name)
+                    if key is None:
+                        key = self._fixed_keys[budget.name] = scope_key(dict(budget.match))
+                    yield budget, key
+                    continue
+                value = model if budget.per == "model" else attributes.get(budget.per)
+                if value is None:
+                    continue
+                cache = self._per_keys.setdefault(budget.name, {})
+                key = cache.get(value)
+                if key is None:
+                    if len(cache) > 200_000:
+                        cache.clear()
+                    key = cache[value] = scope_key({**dict(budget.match), budget.per: value})
+                yield budget, key
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,29 @@ def test_day_in_a_zone_whose_midnight_is_skipped() -> None:
     start, end = calendar_window("day", utc(2026, 9, 6, 12), ZoneInfo("America/Santiago"))
     assert start == utc(2026, 9, 6, 4)
     assert end == utc(2026, 9, 7, 3)
+
+
+@pytest.mark.parametrize(
+    "zone", ["Asia/Kathmandu", "Asia/Kolkata", "Australia/Lord_Howe", "America/St_Johns", "Europe/Berlin"]
+)
+def test_budget_buckets_agree_with_calendar_windows_in_odd_offset_zones(zone: str) -> None:
+    # Budgets cache a window's start per quarter hour; that is only right if every local midnight falls on the
+    # quarter-hour grid. Check minute by minute around midnights (and Lord Howe's 30-minute DST shift).
+    from datetime import timedelta
+
+    from monitor.budgets import compile_budgets
+    from monitor.config import BudgetConfig
+    from monitor.pricing import load_price_table
+
+    tz = ZoneInfo(zone)
+    prices = load_price_table()
+    for kind in ("day", "week", "month"):
+        (budget,) = compile_budgets([BudgetConfig(name="b", window=kind, limit_usd=1)], prices)
+        for day in (
+            datetime(2026, 4, 5, tzinfo=tz),
+            datetime(2026, 10, 4, tzinfo=tz),
+            datetime(2026, 12, 1, tzinfo=tz),
+        ):
+            for minute in range(-90, 90, 7):
+                moment = (day + timedelta(minutes=minute)).astimezone(UTC)
+                assert budget.bucket_of(moment, tz) == calendar_window(kind, moment, tz)[0], (kind, moment)  # type: ignore[arg-type]

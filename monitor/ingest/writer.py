@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine
 
-from monitor.budgets import Budget, BudgetIndex, scope_key
+from monitor.budgets import Budget, BudgetIndex
 from monitor.events import Event, Rejected
 from monitor.pricing import Price, PriceTable
 from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets
@@ -208,6 +208,7 @@ class Writer:
     ) -> dict[tuple[str, str], Usage]:
         deltas: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
         touched: dict[str, tuple[Budget, set[str]]] = {}
+        first_buckets: dict[str, datetime] = {}
         for event, price in new:
             usage = Usage(
                 1,
@@ -218,11 +219,13 @@ class Writer:
                 event.cache_write_1h_tokens,
                 price.cost_pico or 0,
             )
-            for budget, scope in self._budgets.touched(price.model, event.attributes or {}):
-                key = scope_key(scope)
+            for budget, key in self._budgets.touched_keys(price.model, event.attributes or {}):
                 bucket = budget.bucket_of(event.timestamp, self._zone)
                 deltas[budget.name, key, bucket].add(usage)
-                if bucket >= budget.first_bucket(now, self._zone):  # counts in the window in force now
+                first = first_buckets.get(budget.name)
+                if first is None:
+                    first = first_buckets[budget.name] = budget.first_bucket(now, self._zone)
+                if bucket >= first:  # counts in the window in force now
                     touched.setdefault(budget.name, (budget, set()))[1].add(key)
         if not deltas:
             return {}
