@@ -1,0 +1,165 @@
+"""The shipped Grafana dashboards and provisioning files: structure a file-provisioned Grafana needs to load them."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+GRAFANA = REPO / "dashboards" / "grafana"
+DASHBOARDS = sorted(GRAFANA.glob("*.json"))
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Metrics whose series carry the `project` (from metrics.labels) and `model` labels: the overview filters them all.
+PROJECT_METRICS = {"claude_cost_usd_total", "claude_tokens_total", "claude_requests_total"}
+MODEL_METRICS = PROJECT_METRICS | {
+    "claude_request_errors_total",
+    "claude_request_duration_seconds_bucket",
+    "claude_request_duration_seconds_sum",
+    "claude_request_duration_seconds_count",
+}
+
+
+def load(path: Path) -> dict[str, Any]:
+    board: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return board
+
+
+def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, the ones nested in (collapsed) rows included."""
+    for panel in panels:
+        yield panel
+        yield from all_panels(panel.get("panels", []))
+
+
+def variables(board: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in board.get("templating", {}).get("list", [])}
+
+
+def selectors(expr: str) -> Iterator[tuple[str, str]]:
+    """(metric name, matcher text) of each `name{...}` selector."""
+    for match in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}", expr):
+        yield match.group(1), match.group(2)
+
+
+def test_the_three_dashboards_are_shipped() -> None:
+    assert {p.name for p in DASHBOARDS} >= {"claude-overview.json", "claude-budgets.json", "claude-daemon.json"}
+
+
+def test_uids_and_titles_are_unique_across_dashboards() -> None:
+    boards = [load(p) for p in DASHBOARDS]
+    uids = [b["uid"] for b in boards]
+    titles = [b["title"] for b in boards]
+    assert all(isinstance(u, str) and 0 < len(u) <= 40 for u in uids), uids  # Grafana's uid length limit
+    assert len(set(uids)) == len(uids), uids
+    assert len(set(titles)) == len(titles), titles
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_structure(path: Path) -> None:
+    board = load(path)
+    assert isinstance(board["schemaVersion"], int) and board["schemaVersion"] <= 42  # the classic schema
+    assert board["refresh"] == "30s"
+    assert board.get("id") is None  # provisioning assigns ids; a fixed one would clash across Grafana instances
+    assert "__inputs" not in board and "${DS_" not in path.read_text()  # export-for-sharing placeholders don't resolve
+
+    panels = list(all_panels(board["panels"]))
+    ids = [p["id"] for p in panels]
+    assert all(isinstance(i, int) for i in ids)
+    assert len(set(ids)) == len(ids), f"duplicate panel ids in {path.name}: {sorted(ids)}"
+
+    declared = variables(board)
+    assert declared["datasource"]["type"] == "datasource"
+    assert declared["datasource"]["query"] == "prometheus"
+    for var in declared.values():
+        if var["type"] == "query":
+            assert var["datasource"] == DATASOURCE, var["name"]
+            text = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            assert text.startswith("label_values("), (var["name"], text)
+
+    used: set[str] = set()
+    for panel in panels:
+        if panel["type"] == "row":
+            assert panel.get("datasource", DATASOURCE) == DATASOURCE
+            continue
+        where = f"{path.name} panel {panel['id']} ({panel['title']})"
+        assert panel["datasource"] == DATASOURCE, where
+        assert panel["targets"], where
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(set(ref_ids)) == len(ref_ids), where
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE, where
+            assert target["expr"].strip(), where
+            used.update(re.findall(r"\$\{?([A-Za-z_]\w*)", target["expr"]))
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, where
+    for var in declared.values():
+        if var["type"] == "query":
+            used.update(re.findall(r"\$\{?([A-Za-z_]\w*)", var["query"]["query"]))
+    undeclared = {name for name in used if not name.startswith("__")} - set(declared)
+    assert not undeclared, f"{path.name} uses undeclared variables {undeclared}"
+
+
+def test_multi_value_variables_are_used_with_regex_matchers() -> None:
+    # A multi-value or All variable expands to a regex (a|b, .*): with = it would match nothing.
+    for path in DASHBOARDS:
+        board = load(path)
+        multi = [name for name, v in variables(board).items() if v.get("multi") or v.get("includeAll")]
+        for panel in all_panels(board["panels"]):
+            for target in panel.get("targets", []):
+                for name in multi:
+                    for op in re.findall(r'(!?=~?)\s*"\$\{?' + name + r"\b", target["expr"]):
+                        assert op in ("=~", "!~"), (path.name, panel["title"], target["expr"])
+
+
+def test_overview_filters_every_usage_expression_by_project_and_model() -> None:
+    board = load(GRAFANA / "claude-overview.json")
+    declared = variables(board)
+    for name in ("project", "model"):
+        var = declared[name]
+        assert var["type"] == "query" and var["multi"] and var["includeAll"] and var["allValue"] == ".*"
+        assert "label_values(" in var["query"]["query"] and f", {name})" in var["query"]["query"]
+    checked = 0
+    for panel in all_panels(board["panels"]):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            # Errors carry no project label: a ratio against them keeps both sides unfiltered by project.
+            project_less_ratio = "claude_request_errors_total" in expr
+            for metric, matchers in selectors(expr):
+                if metric in MODEL_METRICS:
+                    assert 'model=~"$model"' in matchers, (panel["title"], expr)
+                    checked += 1
+                if metric in PROJECT_METRICS and not project_less_ratio:
+                    assert 'project=~"$project"' in matchers, (panel["title"], expr)
+    assert checked >= 15
+
+
+def test_overview_covers_what_ops_asked_for() -> None:
+    board = load(GRAFANA / "claude-overview.json")
+    panels = {p["title"]: p for p in all_panels(board["panels"])}
+    exprs = " ".join(t["expr"] for p in panels.values() for t in p.get("targets", []))
+    assert panels["Spend today"]["timeFrom"] == "now/d" and panels["Spend this month"]["timeFrom"] == "now/M"
+    for needed in ("claude_budget_forecast_usd", "claude_budget_limit_usd", 'type="cache_read"', "cache_write_1h"):
+        assert needed in exprs
+    assert any("sum by (model)" in t["expr"] for t in panels["Spend by model ($/h)"]["targets"])
+    assert any("sum by (project)" in t["expr"] for t in panels["Spend by project ($/h)"]["targets"])
+
+
+def test_provisioning_points_grafana_at_the_dashboards_and_a_fixed_prometheus_uid() -> None:
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "claude-monitor.yaml").read_text())
+    assert providers["apiVersion"] == 1
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and Path(provider["options"]["path"]).is_absolute()
+    sources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    assert sources["apiVersion"] == 1
+    (source,) = sources["datasources"]
+    assert source["type"] == "prometheus" and source["uid"] and source["url"].startswith("http")
+    # Each dashboard's datasource variable defaults to the provisioned data source.
+    for path in DASHBOARDS:
+        assert variables(load(path))["datasource"]["current"].get("value") in (None, source["uid"]), path.name
