@@ -16,6 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
+from monitor.alerts import Notifier, validate_webhooks
 from monitor.api import Api, ApiServer, make_handler
 from monitor.budgets import compile_budgets
 from monitor.clock import Clock, system_clock
@@ -31,6 +32,7 @@ from monitor.throttle import ThrottleState
 
 log = logging.getLogger(__name__)
 TAIL_INTERVAL_S = 0.2
+DELIVER_EVERY_S = 5
 
 
 def build_price_table(loaded: LoadedSettings) -> PriceTable:
@@ -125,6 +127,8 @@ class Daemon:
         env = os.environ if environ is None else environ
         self.settings = settings = loaded.settings
         self.clock = clock
+        where = str(loaded.path or "built-in defaults")
+        validate_webhooks(settings.alerts.webhooks, where)  # a bad receiver fails `serve` before anything is touched
         self.store = open_store(loaded, clock, snapshot_file=Path(settings.throttle.snapshot_file))
         self.budgets = self.store.budgets
         self.registry = CollectorRegistry(auto_describe=True)
@@ -155,6 +159,14 @@ class Daemon:
         )
         host, _, port = settings.http.listen.rpartition(":")
         self.server = ApiServer((host.strip("[]"), int(port)), make_handler(self.api))
+        self.notifier = Notifier(
+            self.store.engine,
+            settings.alerts.webhooks,
+            self.budgets.budgets,
+            settings.zone,
+            where=where,
+            generator_url="http://{}:{}/v1/budgets".format(*self.address),
+        )
         self.scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"misfire_grace_time": 60, "coalesce": True, "max_instances": 1}
         )
@@ -179,6 +191,16 @@ class Daemon:
             self.budgets.failing = True
             raise
         self.budgets.failing = False
+        self.jobs.run("notify", self._notify)
+
+    def _notify(self) -> None:
+        last = self.budgets.last
+        if self.notifier.enabled and last is not None:
+            self.notifier.evaluate(self.budgets.states(), last.at)
+
+    def deliver(self) -> None:
+        """The delivery job: send due notices; receivers that are down wait for their backoff."""
+        self.notifier.deliver(self.clock())
 
     def retention(self) -> None:
         """Drop raw events and dead letters past retention, and budget buckets no window can reach."""
@@ -245,6 +267,10 @@ class Daemon:
             id="evaluate",
         )
         self.scheduler.add_job(self.jobs.run, "interval", args=["retention", self.retention], hours=1, id="retention")
+        if self.notifier.enabled:
+            self.scheduler.add_job(
+                self.jobs.run, "interval", args=["deliver", self.deliver], seconds=DELIVER_EVERY_S, id="deliver"
+            )
         self.scheduler.start()
         self._spawn("http", self.server.serve_forever)
         if self.tailers:

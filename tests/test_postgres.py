@@ -79,6 +79,8 @@ def test_alembic_upgrade_check_downgrade_on_postgres(pg_url: str) -> None:
     )
     assert set(tables.split(",")) == {
         "alembic_version",
+        "alert_deliveries",
+        "alert_notices",
         "budget_definitions",
         "budget_usage",
         "counters",

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Column,
     Dialect,
     Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.types import DateTime
 
@@ -153,4 +155,50 @@ source_offsets = Table(
     Column("path", String(1024), nullable=False),
     Column("offset", BigInteger, nullable=False, comment="byte after the last complete line read"),
     Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# The daemon's own notifier. One row per notice: a budget scope crossing one of its thresholds (or forecast to
+# pass its limit, or throttled) in one window. The unique key is what makes a notice go out once per window, also
+# across restarts; `status` turns from firing to resolved when the window resets. The facts are those last known.
+alert_notices = Table(
+    "alert_notices",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("budget", String(128), nullable=False),
+    Column("scope", String(1024), nullable=False, comment="canonical JSON of the scope's dimensions"),
+    Column("window_start", UTCDateTime(), nullable=False, comment="for a rolling window: when the episode began"),
+    Column("kind", String(16), nullable=False, comment="threshold | forecast | throttle"),
+    Column("threshold", String(32), nullable=False, comment="fraction of the limit as decimal text; 1 for forecast"),
+    Column("window_end", UTCDateTime(), nullable=False),
+    Column("status", String(16), nullable=False, comment="firing | resolved"),
+    Column("measure", String(16), nullable=False, comment="usd, requests or a token type"),
+    Column("limit_amount", BigInteger, nullable=False, comment="the limit in the measure's unit (pico-USD for usd)"),
+    Column("amount", BigInteger, nullable=False, comment="spent in the measure's unit"),
+    Column("spend_pico", BigInteger, nullable=False),
+    Column("forecast_amount", BigInteger, nullable=False),
+    Column("forecast_pico", BigInteger, nullable=False),
+    Column("fired_at", UTCDateTime(), nullable=False),
+    Column("first_sent_at", UTCDateTime(), comment="first delivery of the firing notice to any webhook"),
+    Column("resolved_at", UTCDateTime()),
+    Column("resolved_sent_at", UTCDateTime(), comment="first delivery of the resolved notice to any webhook"),
+    UniqueConstraint("budget", "scope", "window_start", "kind", "threshold"),
+    Index("ix_alert_notices_status_resolved_at", "status", "resolved_at"),
+)
+
+# Delivery of each notice's firing and resolved messages to each webhook, retried independently with backoff.
+alert_deliveries = Table(
+    "alert_deliveries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("notice_id", Id, ForeignKey("alert_notices.id", ondelete="CASCADE"), nullable=False),
+    Column("status", String(16), nullable=False, comment="the message: firing | resolved"),
+    Column("webhook", String(64), nullable=False, comment="digest of kind and URL (a webhook URL is a secret)"),
+    Column("state", String(16), nullable=False, comment="pending | sent | failed | superseded"),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime()),
+    UniqueConstraint("notice_id", "status", "webhook"),
+    Index("ix_alert_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
 )

@@ -1,0 +1,723 @@
+"""The daemon's own notifier: budget notices once per window, kept in the database, delivered to webhooks."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from monitor import __version__
+from monitor.budgets import Budget, ScopeState, scope_key
+from monitor.config import ConfigError, WebhookConfig
+from monitor.pricing import format_usd
+from monitor.store.models import alert_deliveries, alert_notices, budget_usage
+from monitor.throttle import iso
+from monitor.usage import USAGE_FIELDS, Usage
+
+log = logging.getLogger(__name__)
+
+ALERTMANAGER_PATH = "/api/v2/alerts"
+MAX_NOTICES_PER_EVALUATION = 100  # a stampede of per-user crossings must not flood a channel: the rest wait a run
+FIRST_RETRY = timedelta(seconds=5)
+MAX_RETRY = timedelta(minutes=10)
+GIVE_UP_AFTER = timedelta(hours=24)  # a receiver down for a day: the notice is logged as failed
+REQUEST_TIMEOUT_S = 5.0
+DELIVERIES_PER_RUN = 500
+RUN_SECONDS = 20.0  # one delivery run never holds the job (and a draining stop) longer than this
+# The burn rate of a window's first minutes says little: forecasts wait for an hour of data (or 10% of the window).
+FORECAST_SETTLE = timedelta(hours=1)
+KEEP_RESOLVED = timedelta(days=90)
+_KIND_ORDER = {"throttle": 0, "threshold": 1, "forecast": 2}
+# The names of the shipped Prometheus rules (dashboards/prometheus/alerts.yaml): one runbook, one set of routes.
+_ALERTNAMES = {
+    "threshold": "ClaudeBudgetThresholdCrossed",
+    "forecast": "ClaudeBudgetForecastOverrun",
+    "throttle": "ClaudeBudgetThrottleActive",
+}
+_N = alert_notices.c
+_D = alert_deliveries.c
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A configured receiver: where it is in the config, its kind, URL, and the digest that names it in the store."""
+
+    index: int
+    kind: str
+    url: str
+
+    @property
+    def id(self) -> str:
+        """Digest of kind and URL: the store never holds the URL (a Slack webhook URL is a secret)."""
+        return hashlib.sha256(f"{self.kind} {self.url}".encode()).hexdigest()[:32]
+
+    @property
+    def label(self) -> str:
+        """How logs name it: config key, kind and host, never the path or credentials."""
+        return f"alerts.webhooks[{self.index}] ({self.kind}, {urlsplit(self.url).hostname})"
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def validate_webhooks(webhooks: Sequence[WebhookConfig], where: str = "configuration") -> list[Webhook]:
+    """The webhooks as receivers; an Alertmanager URL not ending in /api/v2/alerts is a ConfigError naming the key."""
+    problems = []
+    for i, hook in enumerate(webhooks):
+        parts = urlsplit(hook.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(f"{where}: alerts.webhooks[{i}].url: {_redacted(hook.url)!r} is not an http(s) URL")
+        elif hook.kind == "alertmanager" and not parts.path.endswith(ALERTMANAGER_PATH):
+            base = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+            problems.append(
+                f"{where}: alerts.webhooks[{i}].url: {_redacted(hook.url)!r} is not Alertmanager's alerts API; "
+                f"kind alertmanager posts to {base}{ALERTMANAGER_PATH} (give that URL)"
+            )
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return [Webhook(i, hook.kind, hook.url) for i, hook in enumerate(webhooks)]
+
+
+def fraction_text(value: Decimal) -> str:
+    """A threshold as the store keeps it: '0.8', '1', '1.25'."""
+    return format(value.normalize(), "f")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One notice as stored: which budget scope, window, kind and threshold, its status and the facts to tell."""
+
+    id: int
+    budget: str
+    scope: dict[str, str]
+    kind: str
+    threshold: Decimal
+    status: str
+    window_start: datetime
+    window_end: datetime
+    measure: str
+    limit_amount: int
+    amount: int
+    spend_pico: int
+    forecast_amount: int
+    forecast_pico: int
+    fired_at: datetime
+    resolved_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Notice:
+        """From an alert_notices row."""
+        return cls(
+            row.id,
+            row.budget,
+            json.loads(row.scope),
+            row.kind,
+            Decimal(row.threshold),
+            row.status,
+            row.window_start,
+            row.window_end,
+            row.measure,
+            row.limit_amount,
+            row.amount,
+            row.spend_pico,
+            row.forecast_amount,
+            row.forecast_pico,
+            row.fired_at,
+            row.resolved_at,
+        )
+
+    @property
+    def calendar(self) -> bool:
+        """A calendar window (day, week, month); a rolling window's notice records the span ending when it fired."""
+        return self.window_end > self.fired_at
+
+
+# --- payloads ------------------------------------------------------------------------------------------------
+
+
+def _forecast_usd(pico: int) -> str:
+    return format_usd(pico // 10**6 * 10**6)  # an estimate: micro-dollars, as in `budgets --format json`
+
+
+def generic_payload(notice: Notice, now: datetime) -> dict[str, Any]:
+    """Kind `generic`: exactly the object of SPEC §4."""
+    return {
+        "kind": notice.kind,
+        "status": notice.status,
+        "budget": notice.budget,
+        "scope": notice.scope,
+        "threshold": float(notice.threshold),
+        "spend_usd": format_usd(notice.spend_pico),
+        "limit_usd": format_usd(notice.limit_amount) if notice.measure == "usd" else None,
+        "forecast_usd": _forecast_usd(notice.forecast_pico),
+        "window_start": iso(notice.window_start),
+        "window_end": iso(notice.window_end),
+        "sent_at": iso(now),
+    }
+
+
+def _percent(value: Decimal) -> str:
+    return f"{fraction_text(value * 100)}%"
+
+
+def _unit(measure: str) -> str:
+    return "requests" if measure == "requests" else f"{measure} tokens"
+
+
+def _scope_text(scope: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all traffic"
+
+
+def _facts(notice: Notice) -> tuple[str, str, str]:
+    """(spent, limit, forecast) in the budget's own unit; a non-USD budget adds what its usage cost."""
+    if notice.measure == "usd":
+        return (
+            f"${format_usd(notice.spend_pico)}",
+            f"${format_usd(notice.limit_amount)}",
+            f"${_forecast_usd(notice.forecast_pico)}",
+        )
+    unit = _unit(notice.measure)
+    return (
+        f"{notice.amount:,} {unit} (${format_usd(notice.spend_pico)})",
+        f"{notice.limit_amount:,} {unit}",
+        f"{notice.forecast_amount:,} {unit}",
+    )
+
+
+def headline(notice: Notice) -> str:
+    """One line saying what happened, for Slack text and Alertmanager's summary."""
+    where = f"budget {notice.budget} ({_scope_text(notice.scope)})"
+    percent = _percent(notice.threshold)
+    if notice.status == "firing":
+        what = {
+            "threshold": f"reached {percent} of its limit",
+            "forecast": "is forecast to pass its limit before the window ends",
+            "throttle": f"is throttled: at {percent} of its limit, its requests are refused",
+        }[notice.kind]
+        return f"Budget {where.removeprefix('budget ')} {what}"
+    was = {
+        "threshold": f"reached {percent} of its limit",
+        "forecast": "was forecast to pass its limit",
+        "throttle": f"was throttled at {percent} of its limit",
+    }[notice.kind]
+    if not notice.calendar:
+        why = "its rolling window is back under it"
+    elif notice.resolved_at is not None and notice.resolved_at < notice.window_end:
+        why = "the budget is no longer configured"
+    else:
+        why = "the window ended"
+    return f"Resolved: {where} {was} — {why}"
+
+
+def description(notice: Notice, zone: ZoneInfo) -> str:
+    """The facts in one paragraph."""
+    spent, limit, forecast = _facts(notice)
+    end = notice.window_end.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+    text = f"Spent {spent} of {limit}; threshold {_percent(notice.threshold)}"
+    if notice.calendar:
+        text += f"; forecast {forecast} by the window's end at {end} ({iso(notice.window_end)})"
+    return text + "."
+
+
+def _mrkdwn(text: str) -> dict[str, str]:
+    return {"type": "mrkdwn", "text": text}
+
+
+def _escape(text: str) -> str:
+    # Scope values come from callers: keep them from becoming Slack mentions or links.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, Any]:
+    """Kind `slack`: an incoming-webhook message with the same facts as the generic notice."""
+    spent, limit, forecast = _facts(notice)
+    icon = ":white_check_mark:" if notice.status == "resolved" else ":rotating_light:"
+    title = _escape(headline(notice))
+    end = notice.window_end.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+    fields = [
+        _mrkdwn(f"*Budget*\n{notice.budget}"),
+        _mrkdwn(f"*Scope*\n{_escape(_scope_text(notice.scope))}"),
+        _mrkdwn(f"*Spend*\n{spent}"),
+        _mrkdwn(f"*Limit*\n{limit}"),
+        _mrkdwn(f"*Threshold*\n{_percent(notice.threshold)}"),
+        _mrkdwn(f"*Forecast*\n{forecast}"),
+        _mrkdwn(f"*Window ends*\n{end} ({iso(notice.window_end)})"),
+        _mrkdwn(f"*Status*\n{notice.status}"),
+    ]
+    return {
+        "text": f"{icon} {title}",
+        "blocks": [
+            {"type": "section", "text": _mrkdwn(f"{icon} *{title}*")},
+            {"type": "section", "fields": fields},
+            {
+                "type": "context",
+                "elements": [_mrkdwn(f"claude-monitor · {notice.kind} notice · sent {iso(now)}")],
+            },
+        ],
+    }
+
+
+def alertmanager_payload(notice: Notice, zone: ZoneInfo, generator_url: str) -> list[dict[str, Any]]:
+    """Kind `alertmanager`: the body of POST /api/v2/alerts, one alert; `endsAt` in the past resolves it."""
+    alert: dict[str, Any] = {
+        "labels": {
+            "alertname": _ALERTNAMES[notice.kind],
+            "budget": notice.budget,
+            "scope": scope_key(notice.scope),
+            "kind": notice.kind,
+            "threshold": fraction_text(notice.threshold),
+            "severity": "critical" if notice.kind == "throttle" or notice.threshold >= 1 else "warning",
+        },
+        "annotations": {"summary": headline(notice), "description": description(notice, zone)},
+        "startsAt": iso(notice.fired_at),
+        "generatorURL": generator_url,
+    }
+    if notice.status == "resolved":
+        assert notice.resolved_at is not None
+        ends = min(notice.window_end, notice.resolved_at) if notice.calendar else notice.resolved_at
+        alert["endsAt"] = iso(ends)
+    elif notice.calendar:
+        # Sent once, so Alertmanager must not time it out after its resolve_timeout: it holds until the window ends.
+        alert["endsAt"] = iso(notice.window_end)
+    return [alert]
+
+
+# --- the notifier --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NotifyResult:
+    """What one evaluation queued: new firing notices, resolved ones, and those left for the next run."""
+
+    fired: int = 0
+    resolved: int = 0
+    deferred: int = 0
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What one delivery run did."""
+
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    superseded: int = 0
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    state: str  # sent | retry | failed
+    error: str | None = None
+    retry_after: float | None = None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # A POST redirected would arrive as a GET without its body: report the 3xx instead.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _insert_ignoring(connection: Connection, values: dict[str, Any]) -> int | None:
+    """Insert a notice unless its key exists (another replica, or a budget re-added mid-window); its id or None."""
+    module: Any = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = (
+        module.insert(alert_notices)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["budget", "scope", "window_start", "kind", "threshold"])
+        .returning(_N.id)
+    )
+    return connection.execute(statement).scalar()
+
+
+def wanted_notices(state: ScopeState, now: datetime) -> list[tuple[str, Decimal]]:
+    """(kind, threshold) of every notice a scope state calls for at `now`."""
+    budget = state.budget
+    amount = state.amount
+    out = [("threshold", t) for t in budget.alert_at if budget.over(amount, t)]
+    if budget.throttle_at is not None and state.throttled:
+        out.append(("throttle", budget.throttle_at))
+    if budget.bucket is None:  # a rolling window never ends: there is nothing to forecast it to
+        forecast = state.forecast_cost_pico if budget.measure == "usd" else state.forecast_amount
+        settle = min(FORECAST_SETTLE, (state.window_end - state.window_start) / 10)
+        if forecast > budget.limit and amount < budget.limit and now - state.window_start >= settle:
+            out.append(("forecast", Decimal(1)))
+    return out
+
+
+class Notifier:
+    """Turns budget states into notices (once per window, across restarts) and delivers them with retries."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        webhooks: Sequence[WebhookConfig],
+        budgets: Sequence[Budget],
+        zone: ZoneInfo,
+        *,
+        where: str = "configuration",
+        generator_url: str = "http://127.0.0.1:9464/v1/budgets",
+        max_per_evaluation: int = MAX_NOTICES_PER_EVALUATION,
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.webhooks = validate_webhooks(webhooks, where)
+        self._engine = engine
+        self._budgets = {b.name: b for b in budgets}
+        self._zone = zone
+        self._generator_url = generator_url
+        self._max = max_per_evaluation
+        self._timeout = timeout
+        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._user_agent = f"claude-monitor/{__version__}"
+
+    @property
+    def enabled(self) -> bool:
+        """Any webhook configured."""
+        return bool(self.webhooks)
+
+    # --- what to notify --------------------------------------------------------------------------------------
+
+    def evaluate(self, states: Iterable[ScopeState], now: datetime) -> NotifyResult:
+        """Queue a notice for each new crossing and a resolved notice for each firing one whose window is over."""
+        if not self.enabled:
+            return NotifyResult()
+        current = {n: b.window_at(now, self._zone)[0] for n, b in self._budgets.items() if b.bucket is None}
+        wanted: dict[tuple[str, str, str, str], tuple[ScopeState, str, Decimal]] = {}
+        by_scope: dict[tuple[str, str], ScopeState] = {}
+        for state in states:
+            name = state.budget.name
+            if name not in self._budgets or (name in current and state.window_start != current[name]):
+                continue  # evaluated before a reset, or a budget no longer configured
+            key = scope_key(state.scope)
+            by_scope[name, key] = state
+            for kind, threshold in wanted_notices(state, now):
+                wanted[name, key, kind, fraction_text(threshold)] = (state, kind, threshold)
+        with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
+            present: set[tuple[str, str, str, str]] = set()
+            stale = []
+            for row in connection.execute(
+                select(_N.id, _N.budget, _N.scope, _N.window_start, _N.kind, _N.threshold, _N.fired_at).where(
+                    _N.status == "firing"
+                )
+            ):
+                slot = (row.budget, row.scope, row.kind, row.threshold)
+                budget = self._budgets.get(row.budget)
+                if budget is not None and budget.bucket is None:
+                    if row.window_start >= current[row.budget]:
+                        present.add(slot)
+                        continue
+                elif budget is not None and slot in wanted:
+                    present.add(slot)
+                    continue
+                stale.append(row)
+            stale.sort(key=lambda row: (row.fired_at, row.id))
+            new = sorted(
+                (slot for slot in wanted if slot not in present),
+                key=lambda s: (
+                    wanted[s][0].budget.per is not None,
+                    _KIND_ORDER[s[2]],
+                    -wanted[s][2],
+                    -wanted[s][0].utilization,
+                    s,
+                ),
+            )
+            deferred = max(0, len(stale) + len(new) - self._max)
+            stale = stale[: self._max]
+            new = new[: self._max - len(stale)]
+            resolved = self._resolve(connection, stale, by_scope, now)
+            fired = 0
+            for slot in new:
+                state, kind, threshold = wanted[slot]
+                fired += self._fire(connection, state, kind, threshold, now)
+            connection.execute(
+                delete(alert_notices).where(_N.status == "resolved", _N.resolved_at < now - KEEP_RESOLVED)
+            )
+        if deferred:
+            log.warning(
+                "alerts: %d notices queued, %d deferred to the next evaluation (at most %d per evaluation)",
+                fired + resolved,
+                deferred,
+                self._max,
+            )
+        elif fired or resolved:
+            log.info("alerts: %d firing and %d resolved notices queued", fired, resolved)
+        return NotifyResult(fired, resolved, deferred)
+
+    def _fire(self, connection: Connection, state: ScopeState, kind: str, threshold: Decimal, now: datetime) -> int:
+        budget = state.budget
+        notice_id = _insert_ignoring(
+            connection,
+            {
+                "budget": budget.name,
+                "scope": scope_key(state.scope),
+                "window_start": state.window_start,
+                "kind": kind,
+                "threshold": fraction_text(threshold),
+                "window_end": state.window_end,
+                "status": "firing",
+                "measure": budget.measure,
+                "limit_amount": budget.limit,
+                "amount": state.amount,
+                "spend_pico": state.usage.cost_pico,
+                "forecast_amount": state.forecast_amount,
+                "forecast_pico": state.forecast_cost_pico,
+                "fired_at": now,
+            },
+        )
+        if notice_id is None:
+            return 0
+        connection.execute(
+            insert(alert_deliveries),
+            [
+                {
+                    "notice_id": notice_id,
+                    "status": "firing",
+                    "webhook": hook.id,
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+                for hook in self.webhooks
+            ],
+        )
+        return 1
+
+    def _resolve(
+        self, connection: Connection, rows: Sequence[Any], by_scope: Mapping[tuple[str, str], ScopeState], now: datetime
+    ) -> int:
+        """Mark notices resolved with the facts last known, and queue a resolved message wherever one fired."""
+        if not rows:
+            return 0
+        finals = self._final_usage(connection, rows)
+        for row in rows:
+            facts: dict[str, Any] = {}
+            state = by_scope.get((row.budget, row.scope))
+            final = finals.get((row.budget, row.scope, row.window_start))
+            if final is not None:  # a calendar window that ended: what it came to
+                amount, cost = final
+                facts = {"amount": amount, "spend_pico": cost, "forecast_amount": amount, "forecast_pico": cost}
+            elif state is not None and self._budgets[row.budget].bucket is not None:
+                facts = {
+                    "amount": state.amount,
+                    "spend_pico": state.usage.cost_pico,
+                    "forecast_amount": state.forecast_amount,
+                    "forecast_pico": state.forecast_cost_pico,
+                }
+            connection.execute(
+                update(alert_notices)
+                .where(_N.id == row.id, _N.status == "firing")
+                .values(status="resolved", resolved_at=now, **facts)
+            )
+        ids = [row.id for row in rows]
+        current = {hook.id for hook in self.webhooks}
+        fired_to = connection.execute(
+            select(_D.notice_id, _D.webhook).where(
+                _D.notice_id.in_(ids), _D.status == "firing", _D.state.in_(("sent", "pending"))
+            )
+        ).all()
+        queued = [
+            {
+                "notice_id": notice_id,
+                "status": "resolved",
+                "webhook": webhook,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for notice_id, webhook in fired_to
+            if webhook in current
+        ]
+        if queued:
+            connection.execute(insert(alert_deliveries), queued)
+        return len(rows)
+
+    def _final_usage(
+        self, connection: Connection, rows: Sequence[Any]
+    ) -> dict[tuple[str, str, datetime], tuple[int, int]]:
+        """(amount, cost) each ended calendar window came to, from budget_usage (a calendar window is one bucket)."""
+        wanted: dict[tuple[str, datetime], list[str]] = {}
+        for row in rows:
+            budget = self._budgets.get(row.budget)
+            if budget is not None and budget.bucket is None:
+                wanted.setdefault((row.budget, row.window_start), []).append(row.scope)
+        out: dict[tuple[str, str, datetime], tuple[int, int]] = {}
+        columns = [budget_usage.c[name] for name in USAGE_FIELDS]
+        for (name, start), scopes in wanted.items():
+            budget = self._budgets[name]
+            for i in range(0, len(scopes), 500):
+                query = select(budget_usage.c.scope, *columns).where(
+                    budget_usage.c.budget == name,
+                    budget_usage.c.bucket_start == start,
+                    budget_usage.c.scope.in_(scopes[i : i + 500]),
+                )
+                for scope, *values in connection.execute(query):
+                    usage = Usage(*(int(value) for value in values))
+                    out[name, scope, start] = (budget.amount(usage), usage.cost_pico)
+        return out
+
+    # --- delivery --------------------------------------------------------------------------------------------
+
+    def deliver(self, now: datetime) -> DeliveryResult:
+        """Send each due (notice, webhook) message once; a receiver that is down is retried later with backoff."""
+        if not self.enabled:
+            return DeliveryResult()
+        hooks = {hook.id: hook for hook in self.webhooks}
+        query = (
+            select(
+                _D.id.label("delivery_id"),
+                _D.status.label("message"),
+                _D.webhook,
+                _D.attempts,
+                _D.created_at.label("queued_at"),
+                *alert_notices.c,
+            )
+            .join(alert_notices, _N.id == _D.notice_id)
+            .where(_D.state == "pending", _D.next_attempt_at <= now, _D.webhook.in_(list(hooks)))
+            .order_by(_D.next_attempt_at, _D.id)
+            .limit(DELIVERIES_PER_RUN)
+        )
+        with self._engine.connect() as connection:
+            rows = connection.execute(query).all()
+        counts = {"sent": 0, "retry": 0, "failed": 0, "superseded": 0}
+        down: set[str] = set()  # a receiver that failed this run is not tried again until the next
+        started = time.monotonic()
+        for row in rows:
+            if time.monotonic() - started > RUN_SECONDS:
+                break
+            hook = hooks[row.webhook]
+            if hook.id in down:
+                continue
+            notice = Notice.from_row(row)
+            if self._superseded(row, notice):
+                counts["superseded"] += 1
+                continue
+            outcome = self._post(hook, self.payload(hook, notice, now))
+            state = self._record(row, notice, hook, outcome, now)
+            counts[state] += 1
+            if state == "retry":
+                down.add(hook.id)
+        return DeliveryResult(counts["sent"], counts["retry"], counts["failed"], counts["superseded"])
+
+    def payload(self, hook: Webhook, notice: Notice, now: datetime) -> Any:
+        """The JSON body a webhook of this kind receives for a notice."""
+        if hook.kind == "slack":
+            return slack_payload(notice, now, self._zone)
+        if hook.kind == "alertmanager":
+            return alertmanager_payload(notice, self._zone, self._generator_url)
+        return generic_payload(notice, now)
+
+    def _superseded(self, row: Any, notice: Notice) -> bool:
+        """A firing message not yet out when its notice resolved, and the resolved message that would follow it."""
+        with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
+            if row.message == "firing" and notice.status == "resolved":
+                connection.execute(update(alert_deliveries).where(_D.id == row.delivery_id).values(state="superseded"))
+                return True
+            if row.message == "resolved":
+                firing = connection.execute(
+                    select(_D.id, _D.state).where(
+                        _D.notice_id == notice.id, _D.status == "firing", _D.webhook == row.webhook
+                    )
+                ).first()
+                if firing is None or firing.state != "sent":
+                    ids = [row.delivery_id] + ([firing.id] if firing is not None and firing.state == "pending" else [])
+                    connection.execute(update(alert_deliveries).where(_D.id.in_(ids)).values(state="superseded"))
+                    return True
+        return False
+
+    def _post(self, hook: Webhook, payload: Any) -> _Outcome:
+        request = urllib.request.Request(
+            hook.url,
+            data=json.dumps(payload).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "User-Agent": self._user_agent},
+        )
+        try:
+            with self._opener.open(request, timeout=self._timeout) as response:
+                response.read(65536)
+            return _Outcome("sent")
+        except urllib.error.HTTPError as err:
+            body = _error_body(err)
+            error = f"HTTP {err.code}{f': {body}' if body else ''}"
+            if err.code in (408, 429) or err.code >= 500:
+                return _Outcome("retry", error, _retry_after(err.headers.get("Retry-After")))
+            return _Outcome("failed", error)
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, TLS: the receiver is down
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            return _Outcome(
+                "retry", f"{type(reason).__name__}: {reason}" if isinstance(reason, Exception) else str(reason)
+            )
+
+    def _record(self, row: Any, notice: Notice, hook: Webhook, outcome: _Outcome, now: datetime) -> str:
+        attempts = row.attempts + 1
+        what = f"{notice.status} {notice.kind} notice {notice.budget} {scope_key(notice.scope)}"
+        values: dict[str, Any] = {"attempts": attempts, "last_error": outcome.error}
+        state = outcome.state
+        if state == "retry" and now - row.queued_at >= GIVE_UP_AFTER:
+            state = "failed"
+            values["last_error"] = f"gave up after {attempts} attempts over {now - row.queued_at}: {outcome.error}"
+        if state == "sent":
+            values.update(state="sent", sent_at=now)
+            log.info("alerts: %s delivered to %s", what, hook.label)
+        elif state == "failed":
+            values.update(state="failed")
+            log.error("alerts: %s not delivered to %s, not retried: %s", what, hook.label, values["last_error"])
+        else:
+            delay = backoff(attempts, outcome.retry_after)
+            values["next_attempt_at"] = now + delay
+            log.warning(
+                "alerts: %s not delivered to %s (%s); attempt %d, next in %ds",
+                what,
+                hook.label,
+                outcome.error,
+                attempts,
+                delay.total_seconds(),
+            )
+        with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
+            connection.execute(update(alert_deliveries).where(_D.id == row.delivery_id).values(**values))
+            if state == "sent":
+                column = "first_sent_at" if row.message == "firing" else "resolved_sent_at"
+                connection.execute(
+                    update(alert_notices).where(_N.id == notice.id, _N[column].is_(None)).values({column: now})
+                )
+        return state
+
+
+def backoff(attempts: int, retry_after: float | None = None) -> timedelta:
+    """Wait after `attempts` failed tries: 5 s doubling to 10 minutes, longer when the receiver asks (up to 10 min)."""
+    delay = min(FIRST_RETRY * 2 ** min(attempts - 1, 20), MAX_RETRY)
+    if retry_after is not None:
+        delay = min(max(delay, timedelta(seconds=retry_after)), MAX_RETRY)
+    return delay
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: the backoff applies
+
+
+def _error_body(err: urllib.error.HTTPError) -> str:
+    try:
+        raw = err.read(2048)
+    except (OSError, http.client.HTTPException):
+        return ""
+    return " ".join(raw.decode("utf-8", errors="replace").split())[:500]
