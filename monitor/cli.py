@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor import report as report_mod
+from monitor.alerts import validate_webhooks
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.evaluation import state_json
@@ -51,6 +52,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config and explain it."""
     loaded = _settings(args)
     prices = build_price_table(loaded)
+    validate_webhooks(loaded.settings.alerts.webhooks, str(loaded.path or "built-in defaults"))
     if args.format == "json":
         print(
             json.dumps(

@@ -24,6 +24,7 @@ from monitor.config import ConfigError, LoadedSettings, Settings, parse_duration
 from monitor.evaluation import BudgetEngine
 from monitor.events import EventParser
 from monitor.ingest.writer import BatchResult, Writer
+from monitor.leader import Leadership
 from monitor.metrics import MonitorCollector
 from monitor.pricing import PriceTable, load_price_table
 from monitor.store.db import create_db_engine, schema_is_current, upgrade
@@ -167,6 +168,7 @@ class Daemon:
             where=where,
             generator_url="http://{}:{}/v1/budgets".format(*self.address),
         )
+        self.leadership = Leadership(self.store.engine)
         self.scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"misfire_grace_time": 60, "coalesce": True, "max_instances": 1}
         )
@@ -195,15 +197,18 @@ class Daemon:
 
     def _notify(self) -> None:
         last = self.budgets.last
-        if self.notifier.enabled and last is not None:
+        if self.notifier.enabled and last is not None and self.leadership.is_leader():
             self.notifier.evaluate(self.budgets.states(), last.at)
 
     def deliver(self) -> None:
-        """The delivery job: send due notices; receivers that are down wait for their backoff."""
-        self.notifier.deliver(self.clock())
+        """The delivery job (leader only): send due notices; receivers that are down wait for their backoff."""
+        if self.leadership.is_leader():
+            self.notifier.deliver(self.clock())
 
     def retention(self) -> None:
-        """Drop raw events and dead letters past retention, and budget buckets no window can reach."""
+        """Drop raw events and dead letters past retention, and budget buckets no window can reach (leader only)."""
+        if not self.leadership.is_leader():
+            return
         now = self.clock()
         cutoff = now - timedelta(days=self.settings.schedule.retention_days)
         longest = max([timedelta(days=32), *(b.window.span for b in self.budgets.budgets if b.window.span)])
@@ -302,4 +307,5 @@ class Daemon:
         try:
             self.budgets.throttle.write_snapshot(self.clock())
         finally:
+            self.leadership.release()
             self.store.close()

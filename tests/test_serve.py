@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import sqlite3
@@ -15,7 +16,7 @@ import pytest
 
 from monitor import simulate
 from tests.conftest import write_config
-from tests.serve_harness import Serve, sum_metric, wait_until
+from tests.serve_harness import TOKEN, Serve, sum_metric, wait_until
 from tests.test_ingest import reference_cost
 
 CONFIG = """\
@@ -101,7 +102,16 @@ def test_ingest_authentication_limits_and_bad_bodies(serve: Serve, tmp_path: Pat
     event = usage_event("req-a", "u-3", 10)
     assert serve.post_usage(event, token=None).status == 401
     assert serve.post_usage(event, token="wrong").status == 401
-    assert serve.post_usage(b"x" * 2_000_001).status == 413
+    # 413 is answered from Content-Length alone: send only the headers of a 2 MB body and read the answer.
+    host, port = serve.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/usage")
+    connection.putheader("Authorization", f"Bearer {TOKEN}")
+    connection.putheader("Content-Length", "2000001")
+    connection.endheaders()
+    too_big = connection.getresponse()
+    assert too_big.status == 413 and b"2,000,001 bytes" in too_big.read()
+    connection.close()
     garbage = serve.post_usage(b"this is not json\nnor this")
     assert garbage.status == 400
     ndjson = "\n".join([json.dumps(usage_event("req-b", "u-3", 10)), "{broken", json.dumps({"request_id": "x"})])
