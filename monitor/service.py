@@ -212,10 +212,12 @@ class Daemon:
         now = self.clock()
         cutoff = now - timedelta(days=self.settings.schedule.retention_days)
         longest = max([timedelta(days=32), *(b.window.span for b in self.budgets.budgets if b.window.span)])
+        # Keep the window before the current one too: the notifier reads its final spend when it resolves.
+        keep_buckets_from = now - 2 * longest
         with self.store.engine.begin() as connection:
             connection.execute(delete(events).where(events.c.ts < cutoff))
             connection.execute(delete(dead_letters).where(dead_letters.c.received_at < cutoff))
-            connection.execute(delete(budget_usage).where(budget_usage.c.bucket_start < now - longest - longest))
+            connection.execute(delete(budget_usage).where(budget_usage.c.bucket_start < keep_buckets_from))
 
     def tail_once(self) -> None:
         """Poll every source once; one failing source does not hold up the others."""
