@@ -218,6 +218,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """The reference Claude proxy (SPEC §10): runs until SIGTERM or SIGINT, then exits 0."""
+    from monitor.proxy import run_proxy
+
+    loaded = _settings(args)
+    logging.getLogger("monitor").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    return run_proxy(loaded, build_price_table(loaded))
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Synthetic traffic of a language-learning app, to files."""
     from monitor import simulate
@@ -298,6 +307,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="the daemon: tail sources, HTTP API, budgets, metrics")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("proxy", parents=[common], help="the reference Claude proxy: check, forward, record usage")
+    p.set_defaults(func=cmd_proxy)
 
     p = sub.add_parser("budgets", parents=[common], help="every budget: spend, limit, forecast, throttled")
     p.add_argument("--format", choices=["table", "json"], default="table")

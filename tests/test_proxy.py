@@ -1,0 +1,463 @@
+"""`claude-monitor proxy` end to end: the real SDK → the real proxy process → a fake Anthropic; a real `serve` counts.
+
+Haiku 4.5 per million tokens: input $1, output $5, cache write 5 min $1.25, 1 h $2, cache read $0.10, and a web
+search $0.01. The fake bills 100 input, 100 + 200 cache-write and 400 cache-read tokens per call, that is
+$0.000665, plus `max_tokens` output tokens.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from anthropic.types import MessageParam
+
+from monitor.proxy import MAX_BODY_BYTES, SseUsage
+from tests.conftest import run_cli, write_config
+from tests.fake_anthropic import COUNT_TOKENS_ANSWER, FakeAnthropic
+from tests.serve_harness import TOKEN, Serve, wait_until
+
+PROXY_KEY = "sk-ant-api03-the-proxy-side-secret-0123456789abcdef"
+CLIENT_KEY = "sk-ant-api03-a-client-side-key-that-must-not-travel"
+KEY_ENV = "TEST_PROXY_ANTHROPIC_KEY"
+HAIKU = "claude-haiku-4-5-20251001"
+ASK: list[MessageParam] = [{"role": "user", "content": "Ist der Satz richtig: 'Ich habe gegangen'?"}]
+
+SERVE_CONFIG = """\
+http: {listen: "127.0.0.1:0"}
+throttle: {snapshot_file: throttle.json}
+schedule: {evaluate_every: 60s}
+sources: [{type: jsonl, path: proxy-spool.jsonl, name: proxy-spool}]
+budgets:
+  - name: per-user-daily
+    match: {project: lingo}
+    per: user
+    window: day
+    limit_usd: 0.01
+    throttle_at: 1.0
+  - name: tiny-haiku-requests
+    match: {project: tiny, model: claude-haiku-4-5}
+    window: day
+    limit_requests: 1
+    throttle_at: 1.0
+"""
+
+
+def proxy_config(directory: Path, upstream: str, monitor_url: str) -> Path:
+    path = directory / "proxy.yaml"
+    path.write_text(
+        f"""\
+throttle: {{snapshot_file: throttle.json}}
+proxy:
+  listen: "127.0.0.1:0"
+  upstream: "{upstream}"
+  api_key_env: {KEY_ENV}
+  monitor_url: "{monitor_url}"
+  identity: {{headers: {{X-App-User: user, X-App-Project: project, X-App-Feature: feature}}}}
+  fail_mode: open
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+class ProxyProcess:
+    """`python -m monitor proxy --config PATH -v` as a child process, its log in a file."""
+
+    def __init__(self, config: Path, cwd: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_MONITOR_", "ANTHROPIC_"))}
+        env.update({KEY_ENV: PROXY_KEY, "CLAUDE_MONITOR_INGEST_TOKEN": TOKEN})
+        self.log = cwd / "proxy.log"
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "proxy", "--config", str(config), "-v"],
+            cwd=cwd,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while not (found := re.search(r"listening on (http://[\d.]+:(\d+))", self.output())):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"proxy did not start:\n{self.output()}")
+            time.sleep(0.05)
+        self.url, self.port = found.group(1), int(found.group(2))
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self._log_file.close()
+        return self.proc.returncode
+
+
+@dataclass
+class Stack:
+    fake: FakeAnthropic
+    serve: Serve
+    proxy: ProxyProcess
+    directory: Path
+
+    def sdk(self, user: str, project: str = "lingo", **options: Any) -> anthropic.Anthropic:
+        """The real SDK, pointed at the proxy, with a key of its own and the app's identity headers."""
+        return sdk(self.proxy.url, user, project, **options)
+
+    def row(self, request_id: str) -> dict[str, Any] | None:
+        return stored_row(self.directory, request_id)
+
+
+def sdk(url: str, user: str, project: str = "lingo", **options: Any) -> anthropic.Anthropic:
+    headers = {"X-App-User": user, "X-App-Project": project, "X-App-Feature": "grammar-check"}
+    return anthropic.Anthropic(base_url=url, api_key=CLIENT_KEY, default_headers=headers, **options)
+
+
+def stored_row(directory: Path, request_id: str) -> dict[str, Any] | None:
+    database = sqlite3.connect(directory / "monitor.db")
+    database.row_factory = sqlite3.Row
+    try:
+        row = database.execute("SELECT * FROM events WHERE request_id = ?", (request_id,)).fetchone()
+    finally:
+        database.close()
+    return None if row is None else dict(row)
+
+
+def tokens(row: Mapping[str, Any]) -> tuple[int, ...]:
+    names = ("input_tokens", "output_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "cache_read_tokens")
+    return (*(row[name] for name in names), row["web_search_requests"])
+
+
+def within(seconds: float, call: Callable[[], object]) -> object:
+    """What `call` returned or raised, failing the test if it takes longer than `seconds`."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"the call did not return within {seconds} s"
+    return outcome[0]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAnthropic]:
+    server = FakeAnthropic(PROXY_KEY)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, fake: FakeAnthropic) -> Iterator[Stack]:
+    serve = Serve(write_config(tmp_path, SERVE_CONFIG), tmp_path)
+    try:
+        proxy = ProxyProcess(proxy_config(tmp_path, fake.url, serve.url), tmp_path)
+    except BaseException:
+        serve.stop(signal.SIGKILL)
+        raise
+    yield Stack(fake, serve, proxy, tmp_path)
+    proxy.stop(signal.SIGKILL)
+    serve.stop(signal.SIGKILL)
+
+
+def test_a_message_passes_through_and_its_usage_is_recorded_before_the_answer(stack: Stack) -> None:
+    client = stack.sdk("u-1")
+    message = client.messages.create(
+        model="claude-haiku-4-5", max_tokens=50, messages=ASK, extra_headers={"anthropic-beta": "files-api-2025-04-14"}
+    )
+    assert message.content[0].type == "text" and message.content[0].text == "Der Satz ist richtig."
+    assert message.usage.cache_creation is not None and message.usage.cache_creation.ephemeral_1h_input_tokens == 200
+    request_id = message._request_id
+    assert request_id is not None and request_id.startswith("req_fake_")
+
+    seen = stack.fake.seen("/v1/messages")[-1]
+    assert seen.headers["x-api-key"] == PROXY_KEY  # the proxy's own key, not the client's
+    assert "authorization" not in seen.headers and CLIENT_KEY not in json.dumps(seen.headers)
+    assert seen.headers["anthropic-beta"] == "files-api-2025-04-14" and "anthropic-version" in seen.headers
+    assert seen.headers["content-type"] == "application/json"
+    assert not any(name.startswith("x-app-") for name in seen.headers)  # identity stays in-house
+    assert seen.json()["messages"] == ASK
+
+    # Recorded before the SDK got its answer: no waiting.
+    row = stack.row(request_id)
+    assert row is not None
+    assert (row["model_id"], row["model"], row["status"], row["batch"]) == (
+        "claude-haiku-4-5",
+        "claude-haiku-4-5",
+        200,
+        0,
+    )
+    assert tokens(row) == (100, 50, 100, 200, 400, 0)
+    # $0.000665 + 50 x $5/M = $0.000915
+    assert row["cost_pico"] == 915_000_000
+    assert json.loads(row["attributes"]) == {"user": "u-1", "project": "lingo", "feature": "grammar-check"}
+    assert 0 < row["latency_ms"] < 10_000
+
+
+def test_a_stream_passes_through_byte_for_byte_as_it_arrives(stack: Stack) -> None:
+    stack.fake.hold = threading.Event()  # the fake sends three events, then waits
+    connection = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=30)
+    body = {"model": HAIKU, "max_tokens": 300, "stream": True, "messages": ASK}
+    connection.request(
+        "POST",
+        "/v1/messages",
+        body=json.dumps(body),
+        headers={
+            "Content-Type": "application/json",
+            "anthropic-version": "2023-06-01",
+            "x-api-key": CLIENT_KEY,
+            "X-App-User": "u-raw",
+            "X-App-Project": "lingo",
+        },
+    )
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("content-type", "").startswith("text/event-stream")
+    received = b""
+    while b"event: ping\n" not in received:  # what the fake has sent so far arrives while it holds the rest
+        received += response.read1(65536)
+    assert b"content_block_delta" not in received
+    stack.fake.hold.set()
+    received += response.read()
+    request_id = response.getheader("request-id")
+    assert request_id is not None
+    assert received == stack.fake.streams[request_id]
+    connection.close()
+
+    row = stack.row(request_id)
+    assert row is not None
+    assert (row["model"], row["status"], row["service_tier"]) == ("claude-haiku-4-5", 200, "standard")
+    # cache detail and tier from message_start, cumulative counts and the web search from message_delta
+    assert tokens(row) == (100, 300, 100, 200, 400, 1)
+    assert json.loads(row["attributes"]) == {"user": "u-raw", "project": "lingo"}
+
+    stack.fake.hold = None
+    with stack.sdk("u-sdk").messages.stream(model="claude-haiku-4-5", max_tokens=120, messages=ASK) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        sdk_request_id = stream.request_id
+    assert text == "Der Satz ist richtig."
+    assert final.usage.output_tokens == 120 and final.usage.cache_read_input_tokens == 400
+    assert sdk_request_id is not None
+    sdk_row = stack.row(sdk_request_id)
+    assert sdk_row is not None and tokens(sdk_row) == (100, 120, 100, 200, 400, 1)
+
+
+def test_over_budget_the_sdk_raises_rate_limit_error_at_once_and_anthropic_is_not_called(stack: Stack) -> None:
+    client = stack.sdk("u-9")
+    client.messages.create(model="claude-haiku-4-5", max_tokens=2_000, messages=ASK)  # $0.010665 of $0.01
+    upstream_calls = len(stack.fake.seen("/v1/messages"))
+
+    # Without `x-should-retry: false` the SDK would sleep Retry-After (hours) and ask again: give it 20 s.
+    error = within(20, lambda: client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=ASK))
+    assert isinstance(error, anthropic.RateLimitError), error
+    assert error.response.headers["x-should-retry"] == "false"
+    assert 0 < int(error.response.headers["retry-after"]) <= 86_400
+    assert isinstance(error.body, dict) and error.body["type"] == "error"
+    assert error.body["error"]["type"] == "rate_limit_error"
+    assert (
+        error.body["error"]["message"] == "per-user-daily exceeded for project=lingo, user=u-9: $0.010665 of $0.010000"
+    )
+    with pytest.raises(anthropic.RateLimitError), client.messages.stream(model=HAIKU, max_tokens=10, messages=ASK) as s:
+        s.get_final_message()
+    assert len(stack.fake.seen("/v1/messages")) == upstream_calls  # nothing more reached Anthropic
+    # The SDK (max_retries 2 by default) did not retry: the proxy answered exactly one 429 per call.
+    assert stack.proxy.output().count("POST /v1/messages 429 feature=grammar-check project=lingo user=u-9:") == 2
+    assert client.messages.count_tokens(model=HAIKU, messages=ASK).input_tokens == COUNT_TOKENS_ANSWER  # not checked
+
+    assert stack.sdk("u-10").messages.create(model=HAIKU, max_tokens=10, messages=ASK).usage.output_tokens == 10
+
+    # The check names the model as the price table does: a budget on claude-haiku-4-5 stops calls that name a
+    # dated snapshot of it.
+    tiny = stack.sdk("u-t", project="tiny")
+    tiny.messages.create(model=HAIKU, max_tokens=5, messages=ASK)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        tiny.messages.create(model=HAIKU, max_tokens=5, messages=ASK)
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["error"]["message"].startswith(
+        "tiny-haiku-requests exceeded for model=claude-haiku-4-5, project=tiny"
+    )
+
+
+def test_count_tokens_is_forwarded_and_never_recorded(stack: Stack) -> None:
+    counted = stack.sdk("u-2").messages.count_tokens(model="claude-haiku-4-5", messages=ASK)
+    assert counted.input_tokens == COUNT_TOKENS_ANSWER
+    seen = stack.fake.seen("/v1/messages/count_tokens")
+    assert len(seen) == 1 and seen[0].headers["x-api-key"] == PROXY_KEY
+    request_id = counted._request_id
+    assert request_id is not None and stack.row(request_id) is None
+    database = sqlite3.connect(stack.directory / "monitor.db")
+    assert database.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+    database.close()
+
+
+def test_failed_calls_are_recorded_with_their_status_and_zero_usage(stack: Stack) -> None:
+    client = stack.sdk("u-f", max_retries=0)
+    stack.fake.fail_next(500)
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=ASK)
+    assert caught.value.status_code == 500 and caught.value.request_id is not None
+    assert isinstance(caught.value.body, dict) and caught.value.body["error"]["type"] == "api_error"  # as sent
+    row = stack.row(caught.value.request_id)
+    assert row is not None and row["status"] == 500 and tokens(row) == (0, 0, 0, 0, 0, 0)
+    assert json.loads(row["attributes"])["user"] == "u-f"
+
+    stack.fake.dropping = True  # Anthropic unreachable: the proxy answers 502 itself and records that
+    with pytest.raises(anthropic.APIStatusError) as dropped:
+        client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=ASK)
+    stack.fake.dropping = False
+    assert dropped.value.status_code == 502
+    assert isinstance(dropped.value.body, dict) and dropped.value.body["error"]["type"] == "api_error"
+    database = sqlite3.connect(stack.directory / "monitor.db")
+    rows = database.execute("SELECT request_id, output_tokens FROM events WHERE status = 502").fetchall()
+    database.close()
+    assert len(rows) == 1 and rows[0][0].startswith("proxy-") and rows[0][1] == 0
+
+    # Other routes are not forwarded.
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/messages/batches"), ("POST", "/v1/complete")):
+        connection = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=30)
+        connection.request(method, path, body=b"{}" if method == "POST" else None)
+        answer = connection.getresponse()
+        assert answer.status == 404
+        assert json.loads(answer.read())["error"]["type"] == "not_found_error"
+        connection.close()
+    assert not stack.fake.seen("/v1/models") and not stack.fake.seen("/v1/complete")
+    # An over-size body is refused from its Content-Length alone, in the same shape.
+    connection = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=30)
+    connection.putrequest("POST", "/v1/messages")
+    connection.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+    connection.endheaders()
+    too_big = connection.getresponse()
+    assert too_big.status == 413 and json.loads(too_big.read())["error"]["type"] == "request_too_large"
+    connection.close()
+
+
+def test_the_client_key_never_travels_and_the_proxy_key_is_never_logged(stack: Stack) -> None:
+    # With either header form the client's key is dropped; the fake would answer 401 to anything but the proxy's.
+    # (The second request comes with a chunked body.)
+    body = json.dumps({"model": HAIKU, "max_tokens": 5, "messages": ASK}).encode()
+    for headers, chunked in (({"x-api-key": CLIENT_KEY}, False), ({"Authorization": f"Bearer {CLIENT_KEY}"}, True)):
+        connection = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=30)
+        connection.request(
+            "POST",
+            "/v1/messages",
+            body=iter([body[:10], body[10:]]) if chunked else body,
+            headers={**headers, "X-App-User": "u-k"},
+            encode_chunked=chunked,
+        )
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()
+        answer.read()
+        connection.close()
+    stack.fake.fail_next(529, "overloaded_error")
+    with pytest.raises(anthropic.APIStatusError):
+        stack.sdk("u-k", max_retries=0).messages.create(model=HAIKU, max_tokens=5, messages=ASK)
+    assert stack.fake.requests
+    for seen in stack.fake.requests:
+        assert seen.headers["x-api-key"] == PROXY_KEY and "authorization" not in seen.headers
+        assert CLIENT_KEY not in json.dumps(seen.headers)
+    log = stack.proxy.output()
+    assert "POST /v1/messages 529" in log and PROXY_KEY not in log
+
+
+def test_with_the_daemon_down_fail_open_passes_and_spools_for_the_daemon_to_tail(
+    tmp_path: Path, fake: FakeAnthropic
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    proxy = ProxyProcess(proxy_config(tmp_path, fake.url, closed), tmp_path)
+    try:
+        message = sdk(proxy.url, "u-d").messages.create(model=HAIKU, max_tokens=40, messages=ASK)
+        assert message.usage.output_tokens == 40
+        spooled = [json.loads(line) for line in (tmp_path / "proxy-spool.jsonl").read_text().splitlines()]
+        assert [event["request_id"] for event in spooled] == [message._request_id]
+        assert spooled[0]["usage"]["output_tokens"] == 40 and spooled[0]["status"] == 200
+        assert spooled[0]["attributes"] == {"user": "u-d", "project": "lingo", "feature": "grammar-check"}
+        assert "spooled to" in proxy.output()
+
+        # SIGTERM while a stream is in flight: the stream ends whole, then the proxy exits 0.
+        fake.hold = threading.Event()
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        stream_body = json.dumps({"model": HAIKU, "max_tokens": 7, "stream": True, "messages": ASK})
+        connection.request("POST", "/v1/messages", body=stream_body, headers={"X-App-User": "u-d"})
+        response = connection.getresponse()
+        received = b""
+        while b"event: ping\n" not in received:
+            received += response.read1(65536)
+        proxy.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "SIGTERM received" in proxy.output())
+        assert proxy.proc.poll() is None
+        fake.hold.set()
+        received += response.read()
+        assert received == fake.streams[str(response.getheader("request-id"))]
+        connection.close()
+    finally:
+        assert proxy.stop() == 0
+    log = proxy.output()
+    assert "proxy stopped" in log and PROXY_KEY not in log
+    assert len((tmp_path / "proxy-spool.jsonl").read_text().splitlines()) == 2
+
+    # The daemon, back, tails the spool (it is one of its sources).
+    serve = Serve(write_config(tmp_path, SERVE_CONFIG), tmp_path)
+    try:
+        assert message._request_id is not None
+        row = wait_until(lambda: stored_row(tmp_path, str(message._request_id)))
+        assert tokens(row) == (100, 40, 100, 200, 400, 0)
+    finally:
+        serve.stop(signal.SIGKILL)
+
+
+def test_the_proxy_refuses_to_start_without_its_key(tmp_path: Path) -> None:
+    run = run_cli(
+        "proxy", "--config", str(proxy_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")), check=False
+    )
+    assert run.returncode == 2
+    assert f"the environment variable {KEY_ENV} is not set" in run.stderr and "proxy.yaml" in run.stderr
+
+
+def test_usage_is_followed_across_any_cut_of_the_event_stream() -> None:
+    events = [
+        b'event: message_start\r\ndata: {"type": "message_start", "message": {"model": "m", "usage": '
+        b'{"input_tokens": 7, "output_tokens": 1, "cache_creation": {"ephemeral_1h_input_tokens": 3}}}}\r\n\r\n',
+        b': a comment\r\n\r\nevent: ping\r\ndata: {"type": "ping"}\r\n\r\n',
+        b'event: message_delta\r\ndata: {"type": "message_delta", "usage": {"output_tokens": 5}}\r\n\r\n',
+        b'event: message_delta\r\ndata: {"type": "message_delta", "usage": {"output_tokens": 9, '
+        b'"cache_creation": null}}\r\n\r\n',
+        b'event: message_stop\r\ndata: {"type": "message_stop"}\r\n\r\n',
+    ]
+    raw = b"".join(events)
+    for size in (1, 2, 7, len(raw)):
+        tracker = SseUsage()
+        for start in range(0, len(raw), size):
+            tracker.feed(raw[start : start + size])
+        assert tracker.model == "m" and tracker.error_type is None
+        assert tracker.usage == {
+            "input_tokens": 7,
+            "output_tokens": 9,
+            "cache_creation": {"ephemeral_1h_input_tokens": 3},
+        }
+    broken = SseUsage()
+    broken.feed(b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error"}}\n\n')
+    assert broken.error_type == "overloaded_error" and broken.usage == {"input_tokens": 0, "output_tokens": 0}
