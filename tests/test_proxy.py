@@ -27,7 +27,8 @@ import anthropic
 import pytest
 from anthropic.types import MessageParam
 
-from monitor.proxy import MAX_BODY_BYTES, SseUsage
+from monitor.proxy import MAX_BODY_BYTES
+from monitor.upstream import SseUsage
 from tests.conftest import run_cli, write_config
 from tests.fake_anthropic import COUNT_TOKENS_ANSWER, FakeAnthropic
 from tests.serve_harness import TOKEN, Serve, wait_until
