@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from monitor.budgets import BudgetIndex, ScopeState, scope_key
+from monitor.budgets import BudgetIndex, ScopeState
 from monitor.pricing import format_usd
 
 
@@ -144,8 +144,8 @@ class ThrottleState:
         if not flags:
             return None
         applicable = []
-        for budget, scope in self._index.touched(model or "", attributes):
-            flag = flags.get((budget.name, scope_key(scope)))
+        for budget, key in self._index.touched_keys(model or "", attributes):
+            flag = flags.get((budget.name, key))
             if flag is not None and flag.active(now):
                 applicable.append(flag)
         if not applicable:
