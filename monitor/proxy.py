@@ -185,7 +185,12 @@ class Proxy:
         self.draining = False
         self._inflight = 0
         self._idle = threading.Condition()
-        self.server = ProxyServer((settings.host, settings.port), make_handler(self))
+        try:
+            self.server = ProxyServer((settings.host, settings.port), make_handler(self))
+        except OSError as exc:
+            raise ConfigError(
+                f"proxy.listen {settings.host}:{settings.port}: cannot listen there: {exc.strerror}"
+            ) from None
         self._thread: threading.Thread | None = None
 
     @property

@@ -159,7 +159,14 @@ class Daemon:
             readiness=self.readiness,
         )
         host, _, port = settings.http.listen.rpartition(":")
-        self.server = ApiServer((host.strip("[]"), int(port)), make_handler(self.api))
+        try:
+            self.server = ApiServer((host.strip("[]"), int(port)), make_handler(self.api))
+        except OSError as exc:
+            self.store.close()
+            raise ConfigError(
+                f"http.listen {settings.http.listen}: cannot listen there: {exc.strerror} "
+                f"(another claude-monitor running? choose another port)"
+            ) from None
         self.notifier = Notifier(
             self.store.engine,
             settings.alerts.webhooks,

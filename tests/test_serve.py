@@ -172,3 +172,23 @@ def test_health_and_readiness(serve: Serve) -> None:
     ready = serve.get("/readyz")
     assert ready.status == 200 and ready.json()["ready"] is True
     assert serve.get("/nope").status == 404
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    from tests.conftest import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(
+            tmp_path,
+            f'http: {{listen: "127.0.0.1:{port}"}}\nsources: []\n'
+            f"throttle: {{snapshot_file: {tmp_path / 'throttle.json'}}}\n",
+        )
+        run = run_cli("serve", "--config", str(config), check=False)
+    assert run.returncode == 2
+    assert f"http.listen 127.0.0.1:{port}: cannot listen there: Address already in use" in run.stderr
+    assert "Traceback" not in run.stderr
