@@ -90,10 +90,11 @@ def _count(container: dict[str, Any], key: str, where: str) -> int:
 
 def _text(value: str, where: str) -> str:
     """A string fit to store: valid Unicode (no lone surrogate from a JSON escape), keys redacted."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Bad(f"{where}: contains an unpaired surrogate escape; not valid Unicode") from None
+    if not value.isascii():  # ASCII (nearly every value) cannot hold a surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Bad(f"{where}: contains an unpaired surrogate escape; not valid Unicode") from None
     return redact(value)
 
 
