@@ -90,10 +90,16 @@ class Budget:
 
     def first_bucket(self, now: datetime, zone: ZoneInfo) -> datetime:
         """The earliest bucket start that still counts at `now`."""
+        return self.bucket_range(now, zone)[0]
+
+    def bucket_range(self, now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime | None]:
+        """[first, end) of the bucket starts that count at `now`. A calendar window ends where it ends, so an event
+        stamped in tomorrow's window (clock skew allows a day ahead) counts tomorrow; a rolling window has no end:
+        a bucket ahead of `now` counts at once, which never under-counts."""
         if self.bucket is None:
-            return self.window_at(now, zone)[0]
+            return self.window_at(now, zone)
         assert self.window.span is not None
-        return self.bucket_of(now - self.window.span, zone)
+        return self.bucket_of(now - self.window.span, zone), None
 
     @property
     def thresholds(self) -> tuple[Decimal, ...]:

@@ -151,12 +151,12 @@ class BudgetEngine:
         with self._engine.connect() as connection:
             for budget in self.budgets:
                 summary = BudgetSummary(budget)
-                first = budget.first_bucket(now, self._zone)
+                first, last = budget.bucket_range(now, self._zone)
                 start, end = budget.window_at(now, self._zone)
                 span = (end - start).total_seconds()
                 lowest = budget.thresholds[0] if budget.thresholds else None
                 candidates: list[tuple[int, str, Usage]] = []
-                for key, usage in window_totals(connection, budget.name, first):
+                for key, usage in window_totals(connection, budget.name, first, last):
                     summary.scopes_total += 1
                     amount = budget.amount(usage)
                     hot = budget.per is None or (lowest is not None and budget.over(amount, lowest))

@@ -292,3 +292,15 @@ def test_budgets_command_json_shape(tmp_path: Path) -> None:
     assert by["u", "u-1"]["throttled"] is True and by["u", "u-1"]["utilization"] == 2.0
     table = run_cli("budgets", "--config", str(config)).stdout
     assert "all-daily" in table and "u=" not in table and "user=u-1" in table
+
+
+def test_an_event_stamped_in_tomorrows_window_counts_tomorrow(budget_store: Store, clock: FakeClock) -> None:
+    # Clock skew lets an event be up to 24 h ahead. At 12:00 UTC on 26 Nov (13:00 Berlin), one stamped 23:30 UTC
+    # belongs to Berlin's 27 Nov: it must not throttle u-1 today.
+    send(budget_store, clock.now + timedelta(hours=11, minutes=30), output_tokens=100_000, project="lingo", user="u-1")
+    assert blocked(budget_store, clock.now, project="lingo", user="u-1") is None
+    budget_store.budgets.evaluate()
+    assert blocked(budget_store, clock.now, project="lingo", user="u-1") is None
+    clock.now = datetime(2026, 11, 26, 23, 0, tzinfo=UTC)  # Berlin's 27 Nov begins: now it counts
+    budget_store.budgets.evaluate()
+    assert blocked(budget_store, clock.now, project="lingo", user="u-1") == "per-user-daily"

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine
 
-from monitor.budgets import Budget, BudgetIndex
+from monitor.budgets import BudgetIndex
 from monitor.events import Event, Rejected
 from monitor.pricing import Price, PriceTable
 from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets
@@ -207,8 +207,8 @@ class Writer:
         now: datetime,
     ) -> dict[tuple[str, str], Usage]:
         deltas: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
-        touched: dict[str, tuple[Budget, set[str]]] = {}
-        first_buckets: dict[str, datetime] = {}
+        touched: dict[str, set[str]] = defaultdict(set)
+        ranges: dict[str, tuple[datetime, datetime | None]] = {}
         for event, price in new:
             usage = Usage(
                 1,
@@ -222,11 +222,11 @@ class Writer:
             for budget, key in self._budgets.touched_keys(price.model, event.attributes or {}):
                 bucket = budget.bucket_of(event.timestamp, self._zone)
                 deltas[budget.name, key, bucket].add(usage)
-                first = first_buckets.get(budget.name)
-                if first is None:
-                    first = first_buckets[budget.name] = budget.first_bucket(now, self._zone)
-                if bucket >= first:  # counts in the window in force now
-                    touched.setdefault(budget.name, (budget, set()))[1].add(key)
+                window = ranges.get(budget.name)
+                if window is None:
+                    window = ranges[budget.name] = budget.bucket_range(now, self._zone)
+                if bucket >= window[0] and (window[1] is None or bucket < window[1]):  # in the window in force now
+                    touched[budget.name].add(key)
         if not deltas:
             return {}
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
@@ -244,8 +244,8 @@ class Writer:
             ],
         )
         totals: dict[tuple[str, str], Usage] = {}
-        for name, (budget, keys) in touched.items():
-            for key, usage in scope_totals(connection, name, keys, budget.first_bucket(now, self._zone)).items():
+        for name, keys in touched.items():
+            for key, usage in scope_totals(connection, name, keys, *ranges[name]).items():
                 totals[name, key] = usage
         return totals
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Connection, Table, func, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
@@ -55,6 +55,7 @@ def scope_totals(
     budget: str,
     scopes: Iterable[str],
     first_bucket: datetime,
+    end: datetime | None = None,
 ) -> dict[str, Usage]:
     """Window totals of the given scopes of one budget: an indexed sum over their buckets from first_bucket on."""
     wanted = list(scopes)
@@ -67,6 +68,7 @@ def scope_totals(
                 budget_usage.c.budget == budget,
                 budget_usage.c.scope.in_(chunk),
                 budget_usage.c.bucket_start >= first_bucket,
+                budget_usage.c.bucket_start < end if end is not None else true(),
             )
             .group_by(budget_usage.c.scope)
         )
@@ -75,11 +77,17 @@ def scope_totals(
     return totals
 
 
-def window_totals(connection: Connection, budget: str, first_bucket: datetime) -> Iterator[tuple[str, Usage]]:
+def window_totals(
+    connection: Connection, budget: str, first_bucket: datetime, end: datetime | None = None
+) -> Iterator[tuple[str, Usage]]:
     """(scope, window total) of every scope of one budget with usage from first_bucket on: one GROUP BY."""
     query = (
         select(budget_usage.c.scope, *_SUMS)
-        .where(budget_usage.c.budget == budget, budget_usage.c.bucket_start >= first_bucket)
+        .where(
+            budget_usage.c.budget == budget,
+            budget_usage.c.bucket_start >= first_bucket,
+            budget_usage.c.bucket_start < end if end is not None else true(),
+        )
         .group_by(budget_usage.c.scope)
     )
     for scope, *values in connection.execute(query):
