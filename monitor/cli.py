@@ -186,24 +186,14 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The daemon: runs until SIGTERM or SIGINT, then drains and exits 0."""
-    import signal
-    import threading
-
     from monitor.service import Daemon
+    from monitor.signals import StopSignals
 
     loaded = _settings(args)
     logging.getLogger("monitor").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     daemon = Daemon(loaded)
-    stop = threading.Event()
-    received: list[str] = []
-
-    def on_signal(number: int, _frame: object) -> None:
-        received.append(signal.Signals(number).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals = StopSignals()
     daemon.start()
     host, port = daemon.address
     print(
@@ -211,8 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    stop.wait()
-    log.info("%s received: draining", received[0] if received else "stop")
+    log.info("%s received: draining", signals.wait())
     daemon.stop()
     log.info("stopped cleanly")
     return 0

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 from monitor import __version__
+from monitor.httppool import ConnectionPool
 
 if TYPE_CHECKING:
     from anthropic.types import Message, RawMessageStreamEvent
@@ -466,22 +466,16 @@ class MonitorClient:
 
 
 class _Connections:
-    """Keep-alive connections to the daemon, one per concurrent request (an HTTPConnection is not thread-safe)."""
+    """Requests to the daemon over a pool of keep-alive connections, with the client's own headers."""
 
     def __init__(self, url: str, token: str | None, timeout: float) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"monitor url must be http://host:port or https://…, not {url!r}")
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = parts.port
-        self._base = parts.path.rstrip("/")
-        self._timeout = timeout
+        try:
+            self._pool = ConnectionPool(url, timeout, max_idle=_MAX_IDLE_CONNECTIONS)
+        except ValueError:
+            raise ValueError(f"monitor url must be http://host:port or https://…, not {url!r}") from None
         self._headers = {"User-Agent": f"claude-monitor-client/{__version__}"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
-        self._lock = threading.Lock()
-        self._idle: list[http.client.HTTPConnection] = []
 
     def request(
         self, method: str, path: str, *, body: bytes | None = None, headers: Mapping[str, str] | None = None
@@ -489,9 +483,9 @@ class _Connections:
         """(status, lower-cased headers, body); OSError / HTTPException when the daemon cannot be reached."""
         all_headers = {**self._headers, **(headers or {})}
         for attempt in range(2):
-            connection, reused = self._acquire()
+            connection, reused = self._pool.acquire()
             try:
-                connection.request(method, self._base + path, body=body, headers=all_headers)
+                connection.request(method, self._pool.base_path + path, body=body, headers=all_headers)
                 response = connection.getresponse()
                 data = response.read()
             except (ConnectionError, http.client.BadStatusLine):
@@ -505,33 +499,12 @@ class _Connections:
                 connection.close()
                 raise
             answer_headers = {name.lower(): value for name, value in response.getheaders()}
-            if response.will_close:
-                connection.close()
-            else:
-                self._release(connection)
+            self._pool.release(connection, response)
             return response.status, answer_headers, data
         raise AssertionError("unreachable")
 
-    def _acquire(self) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout), False
-        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout), False
-
-    def _release(self, connection: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if len(self._idle) < _MAX_IDLE_CONNECTIONS:
-                self._idle.append(connection)
-                return
-        connection.close()
-
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
+        self._pool.close()
 
 
 def _parse_state(document: Any, *, etag: str | None, obtained: float) -> _State:

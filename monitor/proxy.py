@@ -25,7 +25,6 @@ import http.client
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from monitor import __version__
 from monitor.client import MonitorClient, MonitorError, Verdict
 from monitor.config import ConfigError, LoadedSettings
 from monitor.pricing import PriceTable
+from monitor.signals import StopSignals
 from monitor.upstream import SseUsage, Upstream
 
 log = logging.getLogger(__name__)
@@ -532,15 +532,7 @@ def run_proxy(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, 
     except OSError as exc:
         monitor.close()
         raise ConfigError(f"{where}: proxy.listen {config.listen!r}: cannot listen there: {exc.strerror}") from None
-    stop = threading.Event()
-    received: list[str] = []
-
-    def on_signal(number: int, _frame: object) -> None:
-        received.append(signal.Signals(number).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals = StopSignals()
     proxy.start()
     host, port = proxy.address
     print(
@@ -549,8 +541,7 @@ def run_proxy(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, 
         file=sys.stderr,
         flush=True,
     )
-    stop.wait()
-    log.info("%s received: finishing requests in flight", received[0] if received else "stop")
+    log.info("%s received: finishing requests in flight", signals.wait())
     if not proxy.stop():
         log.warning("requests still in flight after %g s were cut off", DRAIN_SECONDS)
     log.info("proxy stopped")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import ssl
-import threading
 from typing import Any
-from urllib.parse import urlsplit
+
+from monitor.httppool import ConnectionPool
 
 UPSTREAM_TIMEOUT = 600.0  # a long non-streaming answer can take minutes
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -87,25 +86,17 @@ class Upstream:
     """Keep-alive connections to Anthropic (or a stand-in), each carrying the proxy's own key."""
 
     def __init__(self, url: str, api_key: str, timeout: float = UPSTREAM_TIMEOUT) -> None:
-        parts = urlsplit(url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port
-        self._base = parts.path.rstrip("/")
+        self._pool = ConnectionPool(url, timeout, max_idle=16)
         self._key = api_key
-        self._timeout = timeout
-        self._context = ssl.create_default_context() if self._https else None
-        self._lock = threading.Lock()
-        self._idle: list[http.client.HTTPConnection] = []
 
     def send(
         self, path: str, body: bytes, headers: list[tuple[str, str]]
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """POST and read the status line and headers; OSError / HTTPException when Anthropic cannot be reached."""
         for attempt in range(2):
-            connection, reused = self._acquire()
+            connection, reused = self._pool.acquire()
             try:
-                connection.putrequest("POST", self._base + path, skip_accept_encoding=True)
+                connection.putrequest("POST", self._pool.base_path + path, skip_accept_encoding=True)
                 for name, value in headers:
                     connection.putheader(name, value)
                 connection.putheader("Accept-Encoding", "identity")
@@ -123,30 +114,10 @@ class Upstream:
                 raise
         raise AssertionError("unreachable")
 
-    def _acquire(self) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        if self._https:
-            return http.client.HTTPSConnection(
-                self._host, self._port, timeout=self._timeout, context=self._context
-            ), False
-        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout), False
-
     def release(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         """Keep a connection whose response was read to its end; close any other."""
-        if response.will_close or not response.isclosed():
-            connection.close()
-            return
-        with self._lock:
-            if len(self._idle) < 16:
-                self._idle.append(connection)
-                return
-        connection.close()
+        self._pool.release(connection, response)
 
     def close(self) -> None:
         """Close the idle connections."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
+        self._pool.close()
