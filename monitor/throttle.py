@@ -16,6 +16,8 @@ from typing import Any
 from monitor.budgets import BudgetIndex, ScopeState
 from monitor.pricing import format_usd
 
+SNAPSHOT_MODE = 0o644  # readable by a proxy that runs as another user; only the daemon writes it
+
 
 def iso(moment: datetime | None) -> str | None:
     """RFC 3339 in UTC with a Z."""
@@ -166,11 +168,12 @@ class ThrottleState:
         write_atomically(self.snapshot_file, json.dumps(self.snapshot(now), indent=1).encode())
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a partial one."""
+def write_atomically(path: Path, data: bytes, mode: int = SNAPSHOT_MODE) -> None:
+    """Replace `path` with `data` (file mode `mode`) so readers see the old or the new file, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, mode)  # mkstemp makes 0600: a proxy running as another user must still read the file
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
