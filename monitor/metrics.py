@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from monitor.evaluation import BudgetEngine
 from monitor.ingest.writer import LATENCY_BUCKETS
 from monitor.store.models import counters
+from monitor.throttle import ThrottleState
 
 PICO = 10**12
 log = logging.getLogger(__name__)
@@ -265,3 +266,20 @@ class MonitorCollector(Collector):
                 running += counts.get(bound, 0)
                 buckets.append((bound, float(running)))
             family.add_metric([model], buckets, sums.get(model, 0) / 1e6)
+
+
+class SnapshotErrorsCollector(Collector):
+    """`claude_monitor_snapshot_errors_total`: failed writes of the throttle snapshot file by this process."""
+
+    def __init__(self, throttle: ThrottleState) -> None:
+        self._throttle = throttle
+
+    def collect(self) -> Iterator[Metric]:
+        """The one counter, read from the throttle state at scrape time."""
+        family = CounterMetricFamily(
+            "claude_monitor_snapshot_errors",
+            "Throttle snapshot file writes that failed (checks go on from memory; proxies reading the file see "
+            "an older state).",
+        )
+        family.add_metric([], float(self._throttle.snapshot_errors))
+        yield family

@@ -25,7 +25,7 @@ from monitor.evaluation import BudgetEngine
 from monitor.events import EventParser
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
-from monitor.metrics import MonitorCollector
+from monitor.metrics import MonitorCollector, SnapshotErrorsCollector
 from monitor.pricing import PriceTable, load_price_table
 from monitor.store.db import create_db_engine, schema_is_current, upgrade
 from monitor.store.models import budget_usage, dead_letters, events
@@ -139,6 +139,7 @@ class Daemon:
         ]
         self.collector = MonitorCollector(self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock)
         self.registry.register(self.collector)
+        self.registry.register(SnapshotErrorsCollector(self.budgets.throttle))
         self.jobs = Jobs(self.registry)
         self.every = parse_duration(settings.schedule.evaluate_every)
         token_env = settings.http.ingest_token_env

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +18,9 @@ from typing import Any
 from monitor.budgets import BudgetIndex, ScopeState
 from monitor.pricing import format_usd
 
+log = logging.getLogger(__name__)
 SNAPSHOT_MODE = 0o644  # readable by a proxy that runs as another user; only the daemon writes it
+SNAPSHOT_ERROR_LOG_EVERY_S = 60.0  # a failing snapshot is reported at most this often, not once per write
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -96,8 +100,20 @@ class Decision:
 class ThrottleState:
     """The active flags, replaced as a whole on every change so readers never lock (copy on write)."""
 
-    def __init__(self, snapshot_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        snapshot_file: Path | None = None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        log_every_s: float = SNAPSHOT_ERROR_LOG_EVERY_S,
+    ) -> None:
         self._lock = threading.Lock()
+        self._snapshot_lock = threading.Lock()
+        self._monotonic = monotonic
+        self._log_every_s = log_every_s
+        self._failing_since_report = 0  # failed writes not reported in a log line yet
+        self._reported_at: float | None = None  # when the last failure was logged; None while writes succeed
+        self.snapshot_errors = 0  # failed snapshot writes since start (claude_monitor_snapshot_errors_total)
         self._flags: Mapping[tuple[str, str], Flag] = MappingProxyType({})
         self._index = BudgetIndex([])
         self.version = 0
@@ -161,11 +177,48 @@ class ThrottleState:
         flags.sort(key=lambda f: (f["budget"], json.dumps(f["scope"], sort_keys=True)))
         return {"version": self.version, "generated_at": iso(self.generated_at or now), "flags": flags}
 
-    def write_snapshot(self, now: datetime) -> None:
-        """Rewrite the snapshot file atomically: temp file in the same directory, fsync, rename."""
+    def write_snapshot(self, now: datetime) -> bool:
+        """Rewrite the snapshot file atomically (temp file in the same directory, fsync, rename); False if it failed.
+
+        A failure never propagates: the flags in memory stay authoritative for checks, and ingest and evaluation
+        go on. It is counted in `snapshot_errors` and logged, at most once per `log_every_s` while it lasts.
+        """
         if self.snapshot_file is None:
+            return True
+        data = json.dumps(self.snapshot(now), indent=1).encode()
+        with self._snapshot_lock:  # concurrent writers (fast path, evaluation) would otherwise race on the count
+            try:
+                write_atomically(self.snapshot_file, data)
+            except OSError as exc:
+                self._snapshot_failed(exc)
+                return False
+            if self._reported_at is not None:
+                log.info(
+                    "throttle snapshot %s written again (%d failed writes before)",
+                    self.snapshot_file,
+                    self.snapshot_errors,
+                )
+                self._reported_at = None
+                self._failing_since_report = 0
+            return True
+
+    def _snapshot_failed(self, exc: OSError) -> None:
+        self.snapshot_errors += 1
+        self._failing_since_report += 1
+        moment = self._monotonic()
+        if self._reported_at is not None and moment - self._reported_at < self._log_every_s:
             return
-        write_atomically(self.snapshot_file, json.dumps(self.snapshot(now), indent=1).encode())
+        more = self._failing_since_report - 1
+        log.error(
+            "throttle snapshot %s: cannot write it: %s%s. Checks, ingest and evaluation go on from memory, but "
+            "proxies reading the file see an older state: make its directory writable by this user, or set "
+            "throttle.snapshot_file to a writable path",
+            self.snapshot_file,
+            exc.strerror or exc,
+            f" ({more} more failed writes since the last report)" if more > 0 else "",
+        )
+        self._reported_at = moment
+        self._failing_since_report = 0
 
 
 def write_atomically(path: Path, data: bytes, mode: int = SNAPSHOT_MODE) -> None:
