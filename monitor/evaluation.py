@@ -147,6 +147,7 @@ class BudgetEngine:
         flags: dict[tuple[str, str], Flag] = {}
         keep_burn: set[tuple[str, str]] = set()
         current = self.throttle.flags
+        read_from = self.throttle.generation  # before the first read: later fast-path flags survive the replace
         scopes = 0
         with self._engine.connect() as connection:
             for budget in self.budgets:
@@ -183,7 +184,7 @@ class BudgetEngine:
         self._burn.forget(keep_burn)
         with self._lock:
             self.summaries = summaries
-        self.throttle.replace(flags, now)
+        self.throttle.replace(flags, now, read_from)
         self.throttle.write_snapshot(now)
         self.last = EvaluationStats(now, time.perf_counter() - started, len(self.budgets), scopes, len(flags))
         return self.last

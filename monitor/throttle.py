@@ -115,6 +115,8 @@ class ThrottleState:
         self._reported_at: float | None = None  # when the last failure was logged; None while writes succeed
         self.snapshot_errors = 0  # failed snapshot writes since start (claude_monitor_snapshot_errors_total)
         self._flags: Mapping[tuple[str, str], Flag] = MappingProxyType({})
+        self._generation = 0  # counts fast-path updates
+        self._set_at: dict[tuple[str, str], int] = {}  # flag -> generation of the fast-path update that last set it
         self._index = BudgetIndex([])
         self.version = 0
         self.generated_at: datetime | None = None
@@ -129,11 +131,28 @@ class ThrottleState:
         """The budgets that checks are matched against."""
         self._index = index
 
-    def replace(self, flags: dict[tuple[str, str], Flag], now: datetime) -> bool:
-        """Install a whole new flag set (after a full evaluation); True if it differs from the last one."""
+    @property
+    def generation(self) -> int:
+        """Fast-path updates so far: take it before an evaluation reads the store, and give it to `replace`."""
+        return self._generation
+
+    def replace(self, flags: dict[tuple[str, str], Flag], now: datetime, read_from: int | None = None) -> bool:
+        """Install a whole new flag set (after a full evaluation); True if it differs from the last one.
+
+        `read_from` is the `generation` taken before the evaluation began to read: flags the fast path set after
+        that come from batches the evaluation may not have seen, so they are kept (the next evaluation sees those
+        batches and decides them). None replaces everything.
+        """
         with self._lock:
-            changed = _keys_and_untils(flags) != _keys_and_untils(self._flags)
-            self._flags = MappingProxyType(dict(flags))
+            merged = dict(flags)
+            if read_from is not None:
+                for key, generation in self._set_at.items():
+                    flag = self._flags.get(key)
+                    if generation > read_from and flag is not None:
+                        merged[key] = flag
+            changed = _keys_and_untils(merged) != _keys_and_untils(self._flags)
+            self._flags = MappingProxyType(merged)
+            self._set_at = {key: generation for key, generation in self._set_at.items() if key in merged}
             if changed:
                 self.version += 1
             self.generated_at = now
@@ -142,13 +161,16 @@ class ThrottleState:
     def update(self, set_flags: dict[tuple[str, str], Flag], clear: set[tuple[str, str]], now: datetime) -> bool:
         """Set and clear some flags (the ingest fast path); True if anything changed."""
         with self._lock:
+            self._generation += 1
             current = dict(self._flags)
             before = _keys_and_untils(current)
             for key in clear:
                 current.pop(key, None)
+                self._set_at.pop(key, None)
             for key, flag in set_flags.items():
                 old = current.get(key)
                 current[key] = flag if old is None else _keep_since(flag, old)
+                self._set_at[key] = self._generation
             changed = _keys_and_untils(current) != before
             if changed:
                 self._flags = MappingProxyType(current)
