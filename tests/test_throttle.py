@@ -7,17 +7,23 @@ import json
 import logging
 import os
 import stat
+import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from monitor import evaluation
+from monitor.budgets import scope_key
 from monitor.config import load_settings
+from monitor.evaluation import state_json
+from monitor.metrics import MonitorCollector
 from monitor.service import Store, open_store
 from monitor.throttle import ThrottleState
+from monitor.usage import Usage
 from tests.conftest import FakeClock, write_config
 
 
@@ -150,6 +156,9 @@ def test_fast_path_flag_set_while_an_evaluation_reads_survives_that_evaluation(
         # The evaluation read the store before the batch: its flag set lacks the scope, yet the flag holds.
         assert checked(store, clock.now) == "lingo-daily"
         assert [f["budget"] for f in json.loads(snapshot.read_text())["flags"]] == ["lingo-daily"]
+        # ...and /v1/budgets shows the spend the fast path saw, not the evaluation's older read.
+        rows = [state_json(st, store.budgets.throttle.flags, clock.now) for st in store.budgets.states()]
+        assert [(r["budget"], r["spend_usd"], r["throttled"]) for r in rows] == [("lingo-daily", "0.500000", True)]
 
         monkeypatch.setattr(evaluation, "window_totals", real_window_totals)
         clock.advance(seconds=15)
@@ -170,5 +179,87 @@ def test_an_evaluation_still_clears_flags_the_fast_path_set_before_it_read(tmp_p
         store.budgets.evaluate()
         assert checked(store, clock.now) is None
         assert store.budgets.throttle.flags == {}
+    finally:
+        store.close()
+
+
+PER_USER = """\
+budgets:
+  - name: per-user-daily
+    match: {project: lingo}
+    per: user
+    window: day
+    limit_usd: 1
+    alert_at: [0.01]
+    throttle_at: 1.0
+  - name: lingo-daily
+    match: {project: lingo}
+    window: day
+    limit_usd: 1000
+"""
+
+
+def test_scrapes_and_budget_reads_never_see_states_change_under_them(tmp_path: Path, clock: FakeClock) -> None:
+    store = open_store(load_settings(write_config(tmp_path, PER_USER), environ={}), clock=clock)
+    registry = CollectorRegistry()
+    registry.register(MonitorCollector(store.engine, store.budgets, [], dict, clock))
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows within a few hundred loops
+    try:
+        store.budgets.sync_definitions()
+        store.budgets.evaluate()
+        done = threading.Event()
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                for _ in range(5_000):
+                    generate_latest(registry)  # a scrape
+                    [state_json(st, store.budgets.throttle.flags, clock.now) for st in store.budgets.states()]
+                    if done.is_set():
+                        return
+            except BaseException as exc:  # handed to the test thread
+                failures.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            for user in range(2_000):
+                # $0.02 for one more user: over the 1% alert threshold, so the scope joins the shown states.
+                scope = scope_key({"project": "lingo", "user": f"u-{user}"})
+                store.budgets.on_batch({("per-user-daily", scope): Usage(requests=1, cost_pico=2 * 10**10)})
+                if user % 200 == 199:
+                    store.budgets.evaluate()
+        finally:
+            done.set()
+            reader.join(60)
+        assert not reader.is_alive()
+        assert not failures, failures
+    finally:
+        sys.setswitchinterval(old_interval)
+        store.close()
+
+
+def test_states_a_reader_holds_do_not_change_when_a_batch_or_an_evaluation_lands(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    store = open_store(load_settings(write_config(tmp_path, PER_USER), environ={}), clock=clock)
+    try:
+        store.budgets.sync_definitions()
+        store.budgets.evaluate()
+
+        def over_the_alert_threshold(user: str) -> None:
+            scope = scope_key({"project": "lingo", "user": user})
+            store.budgets.on_batch({("per-user-daily", scope): Usage(requests=1, cost_pico=2 * 10**10)})  # $0.02
+
+        over_the_alert_threshold("u-1")
+        held = store.budgets.summaries["per-user-daily"].states
+        seen = []
+        for scope_state in held.values():  # a scrape in the middle of its loop when a batch lands
+            seen.append(scope_state.scope["user"])
+            over_the_alert_threshold("u-2")
+            store.budgets.evaluate()
+        assert seen == ["u-1"]
+        assert [st.scope["user"] for st in held.values()] == ["u-1"]  # what a reader holds never changes
     finally:
         store.close()
