@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from monitor import redaction
 from monitor.yamlio import key_lines, load_yaml
 
 DEFAULT_CONFIG_PATH = Path("claude-monitor.yaml")
@@ -150,9 +151,19 @@ class WebhookConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        scheme: str | None = None
+        host: str | None = None
+        try:
+            parts = urlsplit(value)
+            scheme, host = parts.scheme, parts.hostname
+        except ValueError:
+            pass
+        if scheme not in ("http", "https") or not host:
+            # The URL itself is not echoed: a webhook's path is often its secret.
+            raise ValueError(
+                f"not an http(s) URL with a host (scheme: {scheme or 'none'}, host: {host or 'none'}); "
+                "write it as https://host/path"
+            )
         return value
 
 
@@ -298,7 +309,7 @@ class Settings(_Strict):
     @classmethod
     def _database_url(cls, value: str) -> str:
         if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
-            raise ValueError(f"{value!r} is not a sqlite:/// or postgresql+psycopg:// URL")
+            raise ValueError(f"{redaction.database_url(value)!r} is not a sqlite:/// or postgresql+psycopg:// URL")
         return value
 
     @field_validator("dimensions")
