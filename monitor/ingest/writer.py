@@ -187,10 +187,10 @@ class Writer:
             fresh.append((item, price))
             rows.append(_row(item, price, now, source, self._prices.modifiers(item.speed, item.inference_geo)))
         result.rejected = len(letters)
-        # Unique keys are taken in one order (request_id, fingerprint) by every writer: two PostgreSQL transactions
-        # inserting overlapping events in opposite orders would otherwise wait on each other (a deadlock).
+        # Every writer takes request_ids in one order: two PostgreSQL transactions inserting overlapping events in
+        # opposite orders would otherwise each wait for a key the other holds (a deadlock). Dead letters keep their
+        # arrival order (their ids are the order they are read back in).
         rows.sort(key=lambda row: row["request_id"])
-        letters.sort(key=lambda letter: letter["fingerprint"])
         admitted: dict[str, frozenset[str]] = {}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()
@@ -284,9 +284,7 @@ class Writer:
             if unpriced is not None and gate.cached(UNPRICED_LABEL, unpriced) is None:
                 wanted[UNPRICED_LABEL][unpriced] = None
             raw.append((self._prices.label(price.model), values, unpriced))
-        if not wanted:
-            return raw, {}
-        admitted = gate.admit(connection, wanted, now)
+        admitted = gate.admit(connection, wanted, now) if wanted else {}
 
         def decide(label: str, value: str) -> str:
             known = gate.cached(label, value)
