@@ -25,6 +25,7 @@ from monitor.service import Store, open_store
 from monitor.store.models import counters, events, label_values
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import Serve, wait_until
+from tests.test_migrations import alembic
 from tests.test_postgres import pg_config, scalar
 
 pytest_plugins = ["tests.pg"]
@@ -443,3 +444,42 @@ def test_label_caps_have_defaults_and_are_validated(tmp_path: Path) -> None:
     message = str(caught.value)
     assert ":3: metrics.max_values_per_label:" in message and "greater than or equal to 1" in message
     assert ":4: metrics.max_unpriced_models:" in message
+
+
+# --- counters written before the cap --------------------------------------------------------------------------------
+
+
+def test_upgrade_keeps_the_busiest_existing_values_and_renders_the_rest_as_other(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'monitor.db'}"
+    assert alembic("upgrade", "0003", url=url).returncode == 0
+    legacy = [
+        ("requests", {"model": "claude-haiku-4-5", "project": f"p{i:03d}"}, i + 1) for i in range(250)
+    ]  # p249 the busiest
+    legacy.append(("requests", {"model": "claude-invented-7", "project": "p249"}, 1000))  # a raw unknown id
+    legacy += [("unpriced_events", {"model": f"m{i:02d}"}, i + 1) for i in range(60)]
+    with sqlite3.connect(tmp_path / "monitor.db") as connection:
+        connection.executemany(
+            "INSERT INTO counters (name, labels, value) VALUES (?, ?, ?)",
+            [(name, json.dumps(labels), value) for name, labels, value in legacy],
+        )
+    upgrade = alembic("upgrade", "head", url=url)
+    assert upgrade.returncode == 0, upgrade.stderr
+    with sqlite3.connect(tmp_path / "monitor.db") as connection:
+        rows = connection.execute("SELECT label, value, slot FROM label_values").fetchall()
+    projects = {value for label, value, _ in rows if label == "project"}
+    models = {value for label, value, _ in rows if label == "model"}
+    assert projects == {f"p{i:03d}" for i in range(50, 250)}  # the 200 busiest
+    assert models == {f"m{i:02d}" for i in range(10, 60)}  # the 50 busiest unpriced ids
+    assert sorted(slot for label, _, slot in rows if label == "project") == list(range(200))
+
+    daemon = Serve(write_config(tmp_path, SERVE_CONFIG), tmp_path)
+    try:
+        metrics = settled(daemon, sum(range(1, 251)) + 1000)
+        assert metrics.values("claude_requests_total", "project") == projects | {"__other__"}
+        assert metrics.values("claude_requests_total", "model") == {"claude-haiku-4-5", "unpriced"}
+        other = (("environment", ""), ("model", "claude-haiku-4-5"), ("project", "__other__"))
+        assert metrics.samples["claude_requests_total", other] == f"{sum(range(1, 51))}.0"
+        assert metrics.values("claude_monitor_unpriced_events_total", "model") == models | {"__other__"}
+        assert metrics.total("claude_monitor_unpriced_events_total") == sum(range(1, 61))
+    finally:
+        daemon.stop(signal.SIGKILL)
