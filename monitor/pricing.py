@@ -101,10 +101,6 @@ class PriceTable:
         """The price-table name of a model id, alias or dated snapshot; None when unknown."""
         return self._names.get(model_id)
 
-    def knows(self, name: str) -> bool:
-        """True when `name` is a price-table name (not an alias)."""
-        return name in self._rates
-
     def label(self, model: str) -> str:
         """A model's metric label: its price-table name, or `unpriced` for a model the table does not know."""
         name = self._names.get(model)

@@ -287,10 +287,10 @@ class Writer:
         admitted = gate.admit(connection, wanted, now) if wanted else {}
 
         def decide(label: str, value: str) -> str:
+            if value in admitted.get(label, ()):
+                return value  # admitted by this transaction (or seen in the table by it)
             known = gate.cached(label, value)
-            if known is not None:
-                return known
-            return value if value in admitted[label] else OTHER
+            return OTHER if known is None else known  # None: asked for a slot above and refused
 
         out = [
             (
