@@ -118,9 +118,12 @@ class HttpConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    """Which dimensions may become Prometheus labels."""
+    """Which dimensions may become Prometheus labels, and how many values each may have."""
 
     labels: list[str] = ["project", "environment"]
+    # Past these, new values are counted under `__other__` (the first values seen keep their series).
+    max_values_per_label: int = Field(default=200, ge=1, le=100_000)
+    max_unpriced_models: int = Field(default=50, ge=1, le=100_000)
 
 
 class ScheduleConfig(_Strict):
@@ -346,6 +349,8 @@ class Settings(_Strict):
                 problems.append(f"{where}.per: {budget.per!r} is also fixed by match")
         aliases: dict[str, str] = {}
         for model, entry in self.pricing.models.items():
+            if model == "unpriced" or "unpriced" in entry.aliases:
+                problems.append(f"pricing.models.{model}: 'unpriced' is the metric label of unknown models; rename it")
             for alias in entry.aliases:
                 if alias in aliases and aliases[alias] != model:
                     problems.append(f"pricing.models.{model}.aliases: {alias!r} is also an alias of {aliases[alias]}")

@@ -75,7 +75,14 @@ def open_store(
         engine, compile_budgets(settings.budgets, prices), settings.zone, clock, ThrottleState(snapshot_file)
     )
     writer = Writer(
-        engine, prices, clock, budgets=budgets.index, zone=settings.zone, metric_labels=settings.metrics.labels
+        engine,
+        prices,
+        clock,
+        budgets=budgets.index,
+        zone=settings.zone,
+        metric_labels=settings.metrics.labels,
+        max_values_per_label=settings.metrics.max_values_per_label,
+        max_unpriced_models=settings.metrics.max_unpriced_models,
     )
     return Store(settings, engine, prices, parser, writer, budgets)
 
@@ -137,7 +144,9 @@ class Daemon:
             Tailer(source, self.store.parser, self.store.writer, self.store.engine, clock, on_batch=self._after_batch)
             for source in settings.sources
         ]
-        self.collector = MonitorCollector(self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock)
+        self.collector = MonitorCollector(
+            self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock, models=self.store.prices.models
+        )
         self.registry.register(self.collector)
         self.registry.register(SnapshotErrorsCollector(self.budgets.throttle))
         self.jobs = Jobs(self.registry)
