@@ -483,3 +483,12 @@ def test_upgrade_keeps_the_busiest_existing_values_and_renders_the_rest_as_other
         assert metrics.total("claude_monitor_unpriced_events_total") == sum(range(1, 61))
     finally:
         daemon.stop(signal.SIGKILL)
+
+
+def test_a_price_table_model_cannot_be_named_unpriced(tmp_path: Path) -> None:
+    text = (
+        "pricing:\n  models:\n    unpriced:\n      rates:\n"
+        "        - {since: 2026-01-01, input: 1, output: 1, cache_write_5m: 1, cache_write_1h: 1, cache_read: 1}\n"
+    )
+    with pytest.raises(ConfigError, match="'unpriced' is the metric label of unknown models"):
+        load_settings(write_config(tmp_path, text), environ={})
