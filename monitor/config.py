@@ -131,6 +131,8 @@ class ScheduleConfig(_Strict):
 
     evaluate_every: str = "15s"
     retention_days: int = Field(default=90, ge=1)
+    # The event-time rollup outlives raw events; it must at least cover the current month.
+    rollup_retention_days: int = Field(default=400, ge=32)
 
     @field_validator("evaluate_every")
     @classmethod

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -29,7 +30,9 @@ from monitor.ingest.writer import LATENCY_BUCKETS, UNPRICED_LABEL
 from monitor.pricing import UNPRICED
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
+from monitor.store.rollup import TOKEN_FIELDS, RollupCounts, window_totals
 from monitor.throttle import ThrottleState
+from monitor.windows import calendar_window
 
 PICO = 10**12
 _USAGE_COUNTERS = frozenset({"requests", "cost_pico", "tokens"})  # the counters labelled by metrics.labels
@@ -145,6 +148,11 @@ class MonitorCollector(Collector):
         unpriced = CounterMetricFamily(
             "claude_monitor_unpriced_events", "Accepted events with no price.", labels=["model"]
         )
+        late = CounterMetricFamily(
+            "claude_monitor_late_events",
+            "Accepted events ingested 5 minutes or more after their timestamp (a backfill or a catch-up), by how late.",
+            labels=["lateness"],
+        )
         dropped = CounterMetricFamily(
             "claude_monitor_attributes_dropped",
             "Attribute values dropped (not a configured dimension, or not a scalar).",
@@ -205,6 +213,7 @@ class MonitorCollector(Collector):
             duration,
             ingest,
             unpriced,
+            late,
             dropped,
             lag,
             *gauges.values(),
@@ -231,6 +240,8 @@ class MonitorCollector(Collector):
                 ingest.add_metric(list(values), value)
             for values, value in self._project("unpriced_events", ["model"]).items():
                 unpriced.add_metric(list(values), value)
+            for values, value in self._project("late_events", ["lateness"]).items():
+                late.add_metric(list(values), value)
             for values, value in self._project("attributes_dropped", ["source"]).items():
                 dropped.add_metric(list(values), value)
             self._histogram(duration)
@@ -292,6 +303,76 @@ class MonitorCollector(Collector):
                 running += counts.get(bound, 0)
                 buckets.append((bound, float(running)))
             family.add_metric([model], buckets, sums.get(model, 0) / 1e6)
+
+
+class WindowCollector(Collector):
+    """Event-time gauges: spend, requests and tokens of the current calendar day and month in the configured
+    timezone, by model and metric labels, summed from the rollup by the evaluate job (never at scrape time). Every
+    replica reads the same rows, so every replica renders the same numbers."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        zone: ZoneInfo,
+        metric_labels: Sequence[str],
+        model_label: Callable[[str], str],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._engine = engine
+        self._zone = zone
+        self._labels = list(metric_labels)
+        self._model_label = model_label
+        self._clock = clock
+        # (window, model label, metric label values) -> counts; replaced whole, never mutated.
+        self._totals: dict[tuple[str, str, tuple[str, ...]], RollupCounts] = {}
+
+    def refresh(self) -> None:
+        """Sum this day's and this month's buckets (by event time) into a new snapshot."""
+        now = self._clock()
+        day = calendar_window("day", now, self._zone)
+        month = calendar_window("month", now, self._zone)
+        totals: dict[tuple[str, str, tuple[str, ...]], RollupCounts] = {}
+        with self._engine.connect() as connection:
+            for in_day, model, text, counts in window_totals(connection, month, day):
+                labels = json.loads(text)
+                key = (self._model_label(model), tuple(labels.get(name) or "" for name in self._labels))
+                for window in ("day", "month") if in_day else ("month",):
+                    totals.setdefault((window, *key), RollupCounts()).add(counts)
+                # A series seen this month stays on through the month, at 0 for a day without usage.
+                totals.setdefault(("day", *key), RollupCounts())
+        self._totals = totals
+
+    def describe(self) -> Iterator[Metric]:
+        """The families this collector exports."""
+        yield from self._families({})
+
+    def collect(self) -> Iterator[Metric]:
+        """The families with the last snapshot's samples."""
+        yield from self._families(self._totals)
+
+    def _families(self, totals: dict[tuple[str, str, tuple[str, ...]], RollupCounts]) -> Iterator[Metric]:
+        keys = ["window", "model", *self._labels]
+        spend = GaugeMetricFamily(
+            "claude_spend_window_usd",
+            "Spend (USD) of requests stamped in the current calendar day or month of the configured timezone.",
+            labels=keys,
+        )
+        requests = GaugeMetricFamily(
+            "claude_requests_window",
+            "Requests stamped in the current calendar day or month of the configured timezone.",
+            labels=keys,
+        )
+        tokens = GaugeMetricFamily(
+            "claude_tokens_window",
+            "Tokens by type of requests stamped in the current calendar day or month of the configured timezone.",
+            labels=["window", "model", "type", *self._labels],
+        )
+        for (window, model, values), counts in sorted(totals.items()):
+            spend.add_metric([window, model, *values], counts.cost_pico / PICO)
+            requests.add_metric([window, model, *values], counts.requests)
+            for kind in TOKEN_FIELDS:
+                tokens.add_metric([window, model, kind, *values], getattr(counts, kind))
+        yield from (spend, requests, tokens)
 
 
 class SnapshotErrorsCollector(Collector):

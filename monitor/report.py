@@ -1,4 +1,5 @@
-"""Spend reports over the store: totals by any dimension and model, in table, JSON and CSV."""
+"""Spend reports over the store (the event-time rollup where it can answer): totals by any dimension and model, in
+table, JSON and CSV."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Connection, Engine, case, func, select
 
 from monitor.pricing import format_usd, usd
+from monitor.store.labels import OTHER
 from monitor.store.models import events
+from monitor.store.rollup import BUCKET, ROLLUP_FIELDS, bucket_of, is_bucket_edge, totals_by_model_and_labels
 
 COUNT_COLUMNS = (
     "requests",
@@ -45,6 +48,7 @@ class Report:
     until: datetime | None
     by: tuple[str, ...]
     rows: list[ReportRow]
+    read_from: str = "events"  # "rollup" when whole buckets came from usage_rollup (edges from events)
 
     @property
     def total_pico(self) -> int:
@@ -52,8 +56,81 @@ class Report:
         return sum(row.cost_pico for row in self.rows)
 
 
+Key = tuple[str | None, ...]
+# Per group: the COUNT_COLUMNS, then cost (pico-USD), then unpriced requests.
+Groups = dict[Key, list[int]]
+
+
 def build_report(engine: Engine, *, since: datetime | None, until: datetime | None, by: Sequence[str]) -> Report:
-    """Sum requests, tokens and cost over the window, grouped by `by` (dimensions and/or 'model')."""
+    """Sum requests, tokens and cost over the window, grouped by `by` (dimensions and/or 'model').
+
+    Whole 15-minute buckets are read from the event-time rollup when it holds every `by` key (model and the metric
+    labels) without lumping any of their values into `__other__`; a part-bucket at either edge, and any other
+    grouping, is read from the raw events."""
+    with engine.connect() as connection:
+        groups = _from_rollup(connection, since, until, by)
+        read_from = "rollup"
+        if groups is None:
+            groups = _from_events(connection, since, until, by)
+            read_from = "events"
+    rows = [
+        ReportRow(
+            dict(zip(by, key, strict=True)),
+            dict(zip(COUNT_COLUMNS, numbers[:7], strict=True)),
+            numbers[7],
+            numbers[8],
+        )
+        for key, numbers in groups.items()
+        if numbers[0]
+    ]
+    rows.sort(key=lambda row: (-row.cost_pico, -row.counts["requests"], [str(v) for v in row.keys.values()]))
+    return Report(since, until, tuple(by), rows, read_from)
+
+
+def _merge(into: Groups, more: Groups) -> None:
+    for key, numbers in more.items():
+        have = into.get(key)
+        if have is None:
+            into[key] = list(numbers)
+        else:
+            for i, value in enumerate(numbers):
+                have[i] += value
+
+
+def _from_rollup(
+    connection: Connection, since: datetime | None, until: datetime | None, by: Sequence[str]
+) -> Groups | None:
+    """The report from whole rollup buckets plus the raw events of part-buckets at the edges; None when the rollup
+    cannot answer it exactly."""
+    first = since if since is None or is_bucket_edge(since) else bucket_of(since) + BUCKET
+    last = until if until is None or is_bucket_edge(until) else bucket_of(until)
+    if first is not None and last is not None and first >= last:
+        return None  # inside one or two buckets: the raw events are all there is to read
+    groups: Groups = {}
+    for model, text, counts in totals_by_model_and_labels(connection, first, last):
+        labels = json.loads(text)
+        key: list[str | None] = []
+        for name in by:
+            if name == "model":
+                value: str | None = model
+            elif name in labels:
+                value = labels[name]
+            else:
+                return None  # counted before this dimension was a metric label
+            if value == OTHER:
+                return None  # values past the label's cap are lumped together here; the events tell them apart
+            key.append(value)
+        numbers = [getattr(counts, name) for name in ROLLUP_FIELDS]
+        _merge(groups, {tuple(key): numbers})
+    if since is not None and first != since:
+        _merge(groups, _from_events(connection, since, first, by))
+    if until is not None and last != until:
+        _merge(groups, _from_events(connection, last, until, by))
+    return groups
+
+
+def _from_events(connection: Connection, since: datetime | None, until: datetime | None, by: Sequence[str]) -> Groups:
+    """The report from the raw events of [since, until)."""
     group = [events.c.model if key == "model" else events.c.attributes[key].as_string() for key in by]
     labelled = [column.label(f"k{i}") for i, column in enumerate(group)]
     query = select(
@@ -74,18 +151,14 @@ def build_report(engine: Engine, *, since: datetime | None, until: datetime | No
         query = query.where(events.c.ts < until)
     if group:
         query = query.group_by(*group)
-    rows: list[ReportRow] = []
-    with engine.connect() as connection:
-        for record in connection.execute(query):
-            values = list(record)
-            keys = dict(zip(by, values[: len(by)], strict=True))
-            numbers = values[len(by) :]
-            if numbers[0] == 0:
-                continue  # an empty window without GROUP BY still returns one row
-            counts = {name: int(value or 0) for name, value in zip(COUNT_COLUMNS, numbers[:7], strict=True)}
-            rows.append(ReportRow(keys, counts, int(numbers[7] or 0), int(numbers[8] or 0)))
-    rows.sort(key=lambda row: (-row.cost_pico, -row.counts["requests"], [str(v) for v in row.keys.values()]))
-    return Report(since, until, tuple(by), rows)
+    groups: Groups = {}
+    for record in connection.execute(query):
+        values = list(record)
+        numbers = [int(value or 0) for value in values[len(by) :]]
+        if numbers[0] == 0:
+            continue  # an empty window without GROUP BY still returns one row
+        _merge(groups, {tuple(values[: len(by)]): numbers})
+    return groups
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -25,10 +25,10 @@ from monitor.evaluation import BudgetEngine
 from monitor.events import EventParser
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
-from monitor.metrics import MonitorCollector, SnapshotErrorsCollector
+from monitor.metrics import MonitorCollector, SnapshotErrorsCollector, WindowCollector
 from monitor.pricing import PriceTable, load_price_table
 from monitor.store.db import create_db_engine, schema_is_current, upgrade
-from monitor.store.models import budget_usage, dead_letters, events
+from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
 from monitor.throttle import ThrottleState
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,10 @@ class Daemon:
             self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock, models=self.store.prices.models
         )
         self.registry.register(self.collector)
+        self.windows = WindowCollector(
+            self.store.engine, settings.zone, settings.metrics.labels, self.store.prices.label, clock
+        )
+        self.registry.register(self.windows)
         self.registry.register(SnapshotErrorsCollector(self.budgets.throttle))
         self.jobs = Jobs(self.registry)
         self.every = parse_duration(settings.schedule.evaluate_every)
@@ -206,6 +210,7 @@ class Daemon:
         try:
             self.budgets.evaluate()
             self.collector.refresh()
+            self.windows.refresh()
         except Exception:
             self.budgets.failing = True
             raise
@@ -223,7 +228,8 @@ class Daemon:
             self.notifier.deliver(self.clock())
 
     def retention(self) -> None:
-        """Drop raw events and dead letters past retention, and budget buckets no window can reach (leader only)."""
+        """Drop raw events and dead letters past retention, budget buckets no window can reach, and rollup buckets
+        past their own, longer retention (leader only)."""
         if not self.leadership.is_leader():
             return
         now = self.clock()
@@ -235,6 +241,8 @@ class Daemon:
             connection.execute(delete(events).where(events.c.ts < cutoff))
             connection.execute(delete(dead_letters).where(dead_letters.c.received_at < cutoff))
             connection.execute(delete(budget_usage).where(budget_usage.c.bucket_start < keep_buckets_from))
+            rollup_cutoff = now - timedelta(days=self.settings.schedule.rollup_retention_days)
+            connection.execute(delete(usage_rollup).where(usage_rollup.c.bucket_start < rollup_cutoff))
 
     def tail_once(self) -> None:
         """Poll every source once; one failing source does not hold up the others."""

@@ -1,5 +1,5 @@
-"""The one write path every source shares: price, dedup on request_id, dead-letter, count toward budgets and
-metrics, and remember how far a file was read — all in one transaction per batch."""
+"""The one write path every source shares: price, dedup on request_id, dead-letter, count toward budgets, metrics
+and the event-time rollup, and remember how far a file was read — all in one transaction per batch."""
 
 from __future__ import annotations
 
@@ -17,10 +17,21 @@ from sqlalchemy import Connection, Engine
 
 from monitor.budgets import BudgetIndex
 from monitor.events import Event, Rejected
-from monitor.pricing import Price, PriceTable
+from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.labels import OTHER, LabelGate
-from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets
+from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets, usage_rollup
 from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
+from monitor.store.rollup import (
+    ROLLUP_FIELDS,
+    RollupCounts,
+    RollupKey,
+    bucket_of,
+    labels_json,
+    lateness,
+    rollup_rows,
+    service_tier,
+    status_class,
+)
 from monitor.usage import USAGE_FIELDS, Usage
 
 # claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
@@ -133,6 +144,9 @@ class Writer:
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
         self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
         self._add_counter = upsert_adding(counters, dialect, ("name", "labels"), ("value",))
+        self._add_rollup = upsert_adding(
+            usage_rollup, dialect, ("bucket_start", "model", "service_tier", "status_class", "labels"), ROLLUP_FIELDS
+        )
         self._set_offset = upsert_replacing(
             source_offsets, dialect, ("source", "file_id"), ("path", "offset", "updated_at")
         )
@@ -203,7 +217,8 @@ class Writer:
             result.duplicates += len(rows) - len(new)
             result.unpriced = sum(1 for _, price in new if price.cost_pico is None)
             result.attributes_dropped = sum(event.attributes_dropped for event, _ in new)
-            admitted = self._count(connection, new, result, source, now)
+            admitted, labelled = self._count(connection, new, result, source, now)
+            self._add_to_rollup(connection, new, labelled)
             result.touched = self._add_to_budgets(connection, new, now)
             if offsets:
                 connection.execute(
@@ -266,6 +281,45 @@ class Writer:
                 totals[name, key] = usage
         return totals
 
+    def _add_to_rollup(
+        self,
+        connection: Connection,
+        new: list[tuple[Event, Price]],
+        labelled: list[tuple[str, tuple[str, ...], str | None]],
+    ) -> None:
+        """Add the new events to their event-time buckets, with the same bounded labels as the counters."""
+        deltas: dict[RollupKey, RollupCounts] = defaultdict(RollupCounts)
+        for (event, price), (model_label, label_values, unpriced) in zip(new, labelled, strict=True):
+            attributes = event.attributes or {}
+            labels = {
+                name: (value if name in attributes else None)
+                for name, value in zip(self._metric_labels, label_values, strict=True)
+            }
+            # A price-table name as it is; an unknown id as its unpriced-model slot allows (the id, or __other__).
+            model = unpriced if model_label == UNPRICED and unpriced is not None else price.model
+            key = RollupKey(
+                bucket_of(event.timestamp),
+                model,
+                service_tier(event.batch, event.service_tier),
+                status_class(event.status),
+                labels_json(labels),
+            )
+            deltas[key].add(
+                RollupCounts(
+                    1,
+                    event.input_tokens,
+                    event.output_tokens,
+                    event.cache_read_tokens,
+                    event.cache_write_5m_tokens,
+                    event.cache_write_1h_tokens,
+                    event.web_search_requests,
+                    price.cost_pico or 0,
+                    1 if price.cost_pico is None else 0,
+                )
+            )
+        if deltas:
+            connection.execute(self._add_rollup, rollup_rows(deltas))
+
     def _metric_values(
         self, connection: Connection, new: list[tuple[Event, Price]], now: datetime
     ) -> tuple[list[tuple[str, tuple[str, ...], str | None]], dict[str, frozenset[str]]]:
@@ -304,7 +358,8 @@ class Writer:
 
     def _count(
         self, connection: Connection, new: list[tuple[Event, Price]], result: BatchResult, source: str, now: datetime
-    ) -> dict[str, frozenset[str]]:
+    ) -> tuple[dict[str, frozenset[str]], list[tuple[str, tuple[str, ...], str | None]]]:
+        """Add the batch to the counters; return the admitted sets to publish and each event's bounded labels."""
         values: dict[tuple[str, str], int] = defaultdict(int)
         for outcome, count in (
             ("accepted", result.accepted),
@@ -331,6 +386,9 @@ class Writer:
                     values["tokens", token_key] += count
             if event.status is not None and not 200 <= event.status < 300:
                 values["request_errors", labels_key({"model": model, "status": str(event.status)})] += 1
+            late = lateness(now, event.timestamp)
+            if late is not None:
+                values["late_events", labels_key({"lateness": late})] += 1
             if event.latency_ms is not None:
                 values["latency_count", keys.model] += 1
                 values["latency_sum_us", keys.model] += round(event.latency_ms * 1000)
@@ -340,7 +398,7 @@ class Writer:
                 self._add_counter,
                 [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
             )
-        return admitted
+        return admitted, labelled
 
 
 def _fingerprint(source: str, location: str, raw: str) -> str:

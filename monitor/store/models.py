@@ -160,6 +160,31 @@ label_values = Table(
     UniqueConstraint("label", "slot"),
 )
 
+# Usage by event time, kept past raw-event retention: one row per 15-minute UTC bucket (every zone's day and month
+# begin on a quarter hour), model, service tier, status class and the `metrics.labels` values, so a day or a month
+# in any timezone is a sum of whole buckets. Maintained in the same transaction as the events it counts. `model` is
+# the price-table name, or for an unknown model the id as sent while it has an unpriced-model slot (else
+# `__other__`); `labels` is canonical JSON of each metric label's value as admitted (`__other__` past the cap, null
+# when the event had no such attribute), so a bucket holds a bounded number of rows.
+usage_rollup = Table(
+    "usage_rollup",
+    metadata,
+    Column("bucket_start", UTCDateTime(), primary_key=True, comment="UTC start of the 15-minute bucket"),
+    Column("model", String(255), primary_key=True),
+    Column("service_tier", String(16), primary_key=True, comment="standard | priority | batch"),
+    Column("status_class", String(8), primary_key=True, comment="ok (no status or < 400) | error (>= 400)"),
+    Column("labels", String(1024), primary_key=True, comment="canonical JSON of the metric label values"),
+    Column("requests", BigInteger, nullable=False),
+    Column("input", BigInteger, nullable=False),
+    Column("output", BigInteger, nullable=False),
+    Column("cache_read", BigInteger, nullable=False),
+    Column("cache_write_5m", BigInteger, nullable=False),
+    Column("cache_write_1h", BigInteger, nullable=False),
+    Column("web_search_requests", BigInteger, nullable=False),
+    Column("cost_pico", BigInteger, nullable=False, comment="10^-12 USD of the priced requests"),
+    Column("unpriced_requests", BigInteger, nullable=False),
+)
+
 # Where each tailed file was read up to, written in the same transaction as the events read from it.
 source_offsets = Table(
     "source_offsets",
