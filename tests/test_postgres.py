@@ -88,6 +88,7 @@ def test_alembic_upgrade_check_downgrade_on_postgres(pg_url: str) -> None:
         "events",
         "label_values",
         "source_offsets",
+        "usage_rollup",
     }
 
 
