@@ -39,7 +39,8 @@ def explain(loaded: LoadedSettings, prices: PriceTable) -> str:
     lines += [
         f"http: listen {s.http.listen}; ingest token from ${s.http.ingest_token_env}; "
         f"bodies up to {s.http.max_body_bytes:,} bytes",
-        f"schedule: evaluate every {s.schedule.evaluate_every}; keep raw events {s.schedule.retention_days} days",
+        f"schedule: evaluate every {s.schedule.evaluate_every}; keep raw events {s.schedule.retention_days} days, "
+        f"the event-time rollup {s.schedule.rollup_retention_days} days",
         f"throttle snapshot: {s.throttle.snapshot_file}",
     ]
     if s.alerts.webhooks:

@@ -17,7 +17,7 @@ GRAFANA = REPO / "dashboards" / "grafana"
 DASHBOARDS = sorted(GRAFANA.glob("*.json"))
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Metrics whose series carry the `project` (from metrics.labels) and `model` labels: the overview filters them all.
-PROJECT_METRICS = {"claude_cost_usd_total", "claude_tokens_total", "claude_requests_total"}
+PROJECT_METRICS = {"claude_cost_usd_total", "claude_tokens_total", "claude_requests_total", "claude_spend_window_usd"}
 MODEL_METRICS = PROJECT_METRICS | {
     "claude_request_errors_total",
     "claude_request_duration_seconds_bucket",
@@ -144,7 +144,18 @@ def test_overview_covers_what_ops_asked_for() -> None:
     board = load(GRAFANA / "claude-overview.json")
     panels = {p["title"]: p for p in all_panels(board["panels"])}
     exprs = " ".join(t["expr"] for p in panels.values() for t in p.get("targets", []))
-    assert panels["Spend today"]["timeFrom"] == "now/d" and panels["Spend this month"]["timeFrom"] == "now/M"
+    # Today and this month by event time in the daemon's timezone (not the viewer's), the same from any replica.
+    for title, window in (
+        ("Spend today", "day"),
+        ("Spend this month", "month"),
+        ("Spend today by project", "day"),
+        ("Spend this month by project", "month"),
+    ):
+        (target,) = panels[title]["targets"]
+        assert f'claude_spend_window_usd{{window="{window}",' in target["expr"], title
+        assert "max without (instance)" in target["expr"] and "$instance" not in target["expr"], title
+        assert "timeFrom" not in panels[title], title
+    assert "sum by (project)" in panels["Spend today by project"]["targets"][0]["expr"]
     for needed in ("claude_budget_forecast_usd", "claude_budget_limit_usd", 'type="cache_read"', "cache_write_1h"):
         assert needed in exprs
     assert any("sum by (model)" in t["expr"] for t in panels["Spend by model ($/h)"]["targets"])

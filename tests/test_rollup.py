@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, delete, text
 
-from monitor.config import load_settings
+from monitor.config import ConfigError, load_settings
 from monitor.report import build_report
 from monitor.service import Daemon, Store, open_store
 from monitor.store.models import events
@@ -362,3 +362,12 @@ def test_report_day_equals_the_day_gauge_of_a_real_serve_to_the_cent(tmp_path: P
         assert metrics["claude_monitor_late_events_total", (("lateness", ">1d"),)] == 1
     windows = [{k: v for k, v in m.items() if k[0].endswith("_window") or "_window_" in k[0]} for m in scrapes]
     assert windows[0] and windows[0] == windows[1]
+
+
+def test_the_rollup_must_outlive_a_month(tmp_path: Path) -> None:
+    settings = load_settings(write_config(tmp_path), environ={}).settings
+    assert settings.schedule.rollup_retention_days == 400
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write_config(tmp_path, "schedule:\n  rollup_retention_days: 20\n"), environ={})
+    assert ":3: schedule.rollup_retention_days:" in str(caught.value)
+    assert "greater than or equal to 32" in str(caught.value)
