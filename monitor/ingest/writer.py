@@ -288,13 +288,17 @@ class Writer:
         labelled: list[tuple[str, tuple[str, ...], str | None]],
     ) -> None:
         """Add the new events to their event-time buckets, with the same bounded labels as the counters."""
-        deltas: dict[RollupKey, RollupCounts] = defaultdict(RollupCounts)
+        deltas: dict[RollupKey, list[int]] = {}
+        label_json: dict[tuple[str | None, ...], str] = {}  # a batch has few label sets
         for (event, price), (model_label, label_values, unpriced) in zip(new, labelled, strict=True):
             attributes = event.attributes or {}
-            labels = {
-                name: (value if name in attributes else None)
+            values = tuple(
+                value if name in attributes else None
                 for name, value in zip(self._metric_labels, label_values, strict=True)
-            }
+            )
+            labels = label_json.get(values)
+            if labels is None:
+                labels = label_json[values] = labels_json(dict(zip(self._metric_labels, values, strict=True)))
             # A price-table name as it is; an unknown id as its unpriced-model slot allows (the id, or __other__).
             model = unpriced if model_label == UNPRICED and unpriced is not None else price.model
             key = RollupKey(
@@ -302,23 +306,24 @@ class Writer:
                 model,
                 service_tier(event.batch, event.service_tier),
                 status_class(event.status),
-                labels_json(labels),
+                labels,
             )
-            deltas[key].add(
-                RollupCounts(
-                    1,
-                    event.input_tokens,
-                    event.output_tokens,
-                    event.cache_read_tokens,
-                    event.cache_write_5m_tokens,
-                    event.cache_write_1h_tokens,
-                    event.web_search_requests,
-                    price.cost_pico or 0,
-                    1 if price.cost_pico is None else 0,
-                )
-            )
+            row = deltas.get(key)
+            if row is None:
+                row = deltas[key] = [0] * len(ROLLUP_FIELDS)
+            row[0] += 1
+            row[1] += event.input_tokens
+            row[2] += event.output_tokens
+            row[3] += event.cache_read_tokens
+            row[4] += event.cache_write_5m_tokens
+            row[5] += event.cache_write_1h_tokens
+            row[6] += event.web_search_requests
+            if price.cost_pico is None:
+                row[8] += 1
+            else:
+                row[7] += price.cost_pico
         if deltas:
-            connection.execute(self._add_rollup, rollup_rows(deltas))
+            connection.execute(self._add_rollup, rollup_rows({key: RollupCounts(*row) for key, row in deltas.items()}))
 
     def _metric_values(
         self, connection: Connection, new: list[tuple[Event, Price]], now: datetime
