@@ -113,10 +113,13 @@ class HttpConfig(_Strict):
     max_events_per_request: int = Field(default=10_000, gt=0)
     check_require: list[str] = []
     read_token_env: str | None = None
+    metrics_listen: str | None = None
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")

@@ -184,15 +184,16 @@ class Daemon:
         )
         # SQLite serialises writers: one ingest thread queues batches instead of spinning on the file lock.
         self.app = ApiApp(self.api, ingest_workers=1 if self.store.engine.dialect.name == "sqlite" else 4)
-        host, _, port = http.listen.rpartition(":")
-        try:
-            self.server = HttpServer(self.app, host.strip("[]"), int(port), http_limits(settings), "serve")
-        except BindError as exc:
-            self.store.close()
-            raise ConfigError(
-                f"http.listen {http.listen}: cannot listen there: {str(exc).rpartition(': ')[2]} "
-                f"(another claude-monitor running? choose another port)"
-            ) from None
+        self.server = self._listen(self.app, "listen", http.listen)
+        self.ops_app: ApiApp | None = None
+        self.ops_server: HttpServer | None = None
+        if http.metrics_listen:
+            self.ops_app = ApiApp(self.api, ops_only=True)
+            try:
+                self.ops_server = self._listen(self.ops_app, "metrics_listen", http.metrics_listen)
+            except ConfigError:
+                self.server.stop()
+                raise
         self.notifier = Notifier(
             self.store.engine,
             settings.alerts.webhooks,
@@ -208,6 +209,17 @@ class Daemon:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._heads_ok = True
+
+    def _listen(self, app: ApiApp, key: str, listen: str) -> HttpServer:
+        host, _, port = listen.rpartition(":")
+        try:
+            return HttpServer(app, host.strip("[]"), int(port), http_limits(self.settings), key)
+        except BindError as exc:
+            self.store.close()
+            raise ConfigError(
+                f"http.{key} {listen}: cannot listen there: {str(exc).rpartition(': ')[2]} "
+                f"(another claude-monitor running? choose another port)"
+            ) from None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -312,6 +324,9 @@ class Daemon:
             )
         self.scheduler.start()
         self.server.start()
+        if self.ops_server is not None:
+            self.ops_server.start()
+            log.info("metrics and health on http://%s:%d", *self.ops_server.address)
         if self.tailers:
             self._spawn("tail", self._tail_loop)
         log.info("serving on http://%s:%d", *self.address)
@@ -334,6 +349,9 @@ class Daemon:
         if not self.server.stop(drain_timeout=30):
             log.warning("requests still in flight after 30 s; stopping anyway")
         self.app.close()
+        if self.ops_server is not None and self.ops_app is not None:
+            self.ops_server.stop(drain_timeout=5)
+            self.ops_app.close()
         for thread in self._threads:
             thread.join(timeout=30)
         self.scheduler.shutdown(wait=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import sqlite3
@@ -305,6 +306,7 @@ http:
   listen: "127.0.0.1:0"
   read_token_env: MONITOR_READ_TOKEN
   max_connections: 20
+  metrics_listen: "127.0.0.1:0"
 sources: []
 throttle: {snapshot_file: throttle.json}
 """
@@ -325,6 +327,16 @@ def test_the_read_token_guards_checks_budgets_and_throttle_only(guarded: Serve) 
         assert guarded.get(path, {"Authorization": "Bearer read-secret"}).status == ok, path
     for path in ("/metrics", "/healthz", "/readyz"):
         assert guarded.get(path).status == 200, path
+
+
+def test_metrics_listen_serves_metrics_and_health_only(guarded: Serve) -> None:
+    found = re.search(r"metrics and health on (http://[\d.]+:\d+)", guarded.output())
+    assert found, guarded.output()
+    ops = found.group(1)
+    for path in ("/metrics", "/healthz", "/readyz"):
+        assert request(ops + path).status == 200, path
+    assert request(ops + "/v1/budgets", headers={"Authorization": "Bearer read-secret"}).status == 404
+    assert request(ops + "/v1/usage", "POST", b"{}", {"Authorization": f"Bearer {TOKEN}"}).status == 404
 
 
 def test_past_max_connections_a_new_request_gets_503_at_once(guarded: Serve) -> None:

@@ -49,6 +49,7 @@ RAW_KEEP = 64 * 1024  # characters of a refused body kept in its dead letter
 MAX_REJECTIONS_LISTED = 100  # rejected lines itemised in a 202 answer; `rejected_total` has the full count
 MAX_DEAD_LETTERS = 1000  # dead letters written per request; past it one summary letter
 CHECK_BODY_KEEP_ALIVE = 64 * 1024  # a check with a larger (or chunked) body closes its connection after answering
+OPS_ROUTES = ("/metrics", "/healthz", "/readyz")  # open even with a read token
 BEARER = {"WWW-Authenticate": 'Bearer realm="claude-monitor"'}
 T = TypeVar("T")
 
@@ -261,11 +262,13 @@ class ApiApp:
     """The ASGI app over `Api`: routing, body limits, and which work goes to which worker threads.
 
     Ingest runs on `ingest_workers` threads (1 suits SQLite, whose writes serialise anyway); budgets, metrics and
-    readiness on a small pool of their own, so a slow scrape never holds up ingest or checks.
+    readiness on a small pool of their own, so a slow scrape never holds up ingest or checks. With `ops_only` it
+    serves just /metrics, /healthz and /readyz (for a listener of their own).
     """
 
-    def __init__(self, api: Api, ingest_workers: int = 1, read_workers: int = 2) -> None:
+    def __init__(self, api: Api, ingest_workers: int = 1, read_workers: int = 2, ops_only: bool = False) -> None:
         self.api = api
+        self.ops_only = ops_only
         self._ingest_pool = ThreadPoolExecutor(ingest_workers, thread_name_prefix="ingest")
         self._read_pool = ThreadPoolExecutor(read_workers, thread_name_prefix="api-read")
 
@@ -290,6 +293,8 @@ class ApiApp:
         api = self.api
         method = scope["method"]
         path = scope["path"].rstrip("/") or "/"
+        if self.ops_only and path not in OPS_ROUTES:
+            return error_response(404, f"no route {path} here: this listener serves {', '.join(OPS_ROUTES)}")
         if path == "/v1/check" or path.startswith("/v1/check/"):  # Envoy appends the original path
             if method not in ("GET", "HEAD", "POST"):
                 return _method_not_allowed(method, path, "GET, HEAD, POST")
