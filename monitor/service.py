@@ -183,7 +183,12 @@ class Daemon:
             read_token_env=http.read_token_env,
         )
         # SQLite serialises writers: one ingest thread queues batches instead of spinning on the file lock.
-        self.app = ApiApp(self.api, ingest_workers=1 if self.store.engine.dialect.name == "sqlite" else 4)
+        limits = http_limits(settings)
+        self.app = ApiApp(
+            self.api,
+            ingest_workers=1 if self.store.engine.dialect.name == "sqlite" else 4,
+            body_timeout=limits.header_timeout,  # a body that stalls is held no longer than headers may be
+        )
         self.server = self._listen(self.app, "listen", http.listen)
         self.ops_app: ApiApp | None = None
         self.ops_server: HttpServer | None = None

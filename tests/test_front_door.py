@@ -236,6 +236,14 @@ def test_a_chunk_over_the_body_limit_is_413_and_memory_stays_flat(door: Serve) -
     assert grown < 64 * 1024  # the rest of the announced 1000 MiB is never read
 
 
+def test_a_body_that_stops_arriving_is_408_after_header_timeout(door: Serve) -> None:
+    with post_raw(door, "Content-Length: 100\r\n") as sock:
+        sock.sendall(b'[{"request_id": ')  # 16 bytes, then nothing
+        received, waited = read_until_closed(sock, timeout=10)
+    assert received.startswith(b"HTTP/1.1 408 ") and b"16 bytes received" in received
+    assert waited < 3  # the body may pause as long as headers may take: 1 s here
+
+
 def test_an_oversized_content_length_is_413_before_the_body_is_sent(door: Serve) -> None:
     with post_raw(door, f"Content-Length: {1000 * 1024 * 1024}\r\n") as sock:
         received, _ = read_until_closed(sock, timeout=10)

@@ -25,6 +25,7 @@ from monitor.evaluation import BudgetEngine, state_json
 from monitor.events import EventParser, Rejected, redact
 from monitor.http.server import (
     BadLength,
+    BodyTimeout,
     BodyTooLarge,
     ClientDisconnected,
     Receive,
@@ -261,14 +262,23 @@ class Api:
 class ApiApp:
     """The ASGI app over `Api`: routing, body limits, and which work goes to which worker threads.
 
-    Ingest runs on `ingest_workers` threads (1 suits SQLite, whose writes serialise anyway); budgets, metrics and
-    readiness on a small pool of their own, so a slow scrape never holds up ingest or checks. With `ops_only` it
-    serves just /metrics, /healthz and /readyz (for a listener of their own).
+    A request body that pauses for `body_timeout` seconds is answered 408. Ingest runs on `ingest_workers`
+    threads (1 suits SQLite, whose writes serialise anyway); budgets, metrics and readiness on a small pool of
+    their own, so a slow scrape never holds up ingest or checks. With `ops_only` it serves just /metrics,
+    /healthz and /readyz (for a listener of their own).
     """
 
-    def __init__(self, api: Api, ingest_workers: int = 1, read_workers: int = 2, ops_only: bool = False) -> None:
+    def __init__(
+        self,
+        api: Api,
+        ingest_workers: int = 1,
+        read_workers: int = 2,
+        ops_only: bool = False,
+        body_timeout: float | None = 10.0,
+    ) -> None:
         self.api = api
         self.ops_only = ops_only
+        self.body_timeout = body_timeout  # seconds a request body may pause before 408
         self._ingest_pool = ThreadPoolExecutor(ingest_workers, thread_name_prefix="ingest")
         self._read_pool = ThreadPoolExecutor(read_workers, thread_name_prefix="api-read")
 
@@ -361,7 +371,9 @@ class ApiApp:
         if api.draining:
             return replace(api.draining_response(), close=True)
         try:
-            body = await read_body(receive, api.max_body_bytes)
+            body = await read_body(receive, api.max_body_bytes, self.body_timeout)
+        except BodyTimeout as exc:
+            return error_response(408, f"{exc}; nothing was stored, send the whole body promptly", close=True)
         except BodyTooLarge as exc:
             return error_response(
                 413, f"{exc} (http.max_body_bytes); send smaller batches (nothing was stored)", close=True

@@ -15,8 +15,8 @@ An app is a plain ASGI 3 callable ``app(scope, receive, send)``. What the server
 
 Apps enforce ``limits.max_body_bytes`` themselves (their 413 has each app's own shape): check the declared
 Content-Length with `content_length()` before reading, then read with `read_body()`, which also counts a chunked
-body as it arrives. Our own error answers use one JSON shape, ``{"error": "what happened, what to do"}`` — build
-them with `error_response()`.
+body as it arrives and can time out a body that stops arriving. Our own error answers use one JSON shape,
+``{"error": "what happened, what to do"}`` — build them with `error_response()`.
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ class ClientDisconnected(Exception):
     """The client went away before its request body was complete."""
 
 
+class BodyTimeout(Exception):
+    """The client sent nothing more of its request body for `idle_timeout` seconds (answer 408 and close)."""
+
+
 class BadLength(ValueError):
     """A Content-Length header that is not a non-negative integer (the parser normally refuses these first)."""
 
@@ -107,15 +111,21 @@ def content_length(scope: Scope) -> int | None:
     return int(value)
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
+async def read_body(receive: Receive, limit: int, idle_timeout: float | None = None) -> bytes:
     """The whole request body, counted as it arrives (chunked too); BodyTooLarge past `limit` bytes.
 
-    Raises ClientDisconnected when the client leaves first. After BodyTooLarge, answer with ``close=True``: the
-    rest of the body is never read.
+    Raises ClientDisconnected when the client leaves first, and BodyTimeout when `idle_timeout` seconds pass
+    without any of the body arriving (a slow body would otherwise hold its connection for ever). After
+    BodyTooLarge or BodyTimeout, answer with ``close=True``: the rest of the body is never read.
     """
     body = bytearray()
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), idle_timeout)
+        except TimeoutError:
+            raise BodyTimeout(
+                f"no more of the request body arrived for {idle_timeout:g} s ({len(body):,} bytes received)"
+            ) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("client closed the connection before the body was complete")
         chunk = message.get("body", b"")
@@ -297,6 +307,7 @@ class HttpServer:
             app,
             http=protocol,
             interface="asgi3",
+            ws="none",  # no WebSocket upgrades: neither app speaks it
             lifespan="off",
             log_config=None,
             access_log=False,
