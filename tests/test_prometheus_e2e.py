@@ -291,7 +291,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 raise AssertionError(f"prometheus exited:\n{(tmp / 'prometheus.log').read_text()[-3000:]}")
             try:
                 result = _prom(url, "/api/v1/query", query='count_over_time(up{job="claude-monitor"}[1m])')
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, or still starting (plain-text 503)
                 return False
             values = [float(r["value"][1]) for r in result.get("data", {}).get("result", [])]
             return bool(values) and values[0] >= SCRAPES
