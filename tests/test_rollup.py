@@ -291,7 +291,7 @@ def test_window_gauges_count_by_event_time_and_backfills_show_as_late(tmp_path: 
         assert ("claude_spend_window_usd", tuple(sorted({**day_haiku}.items()))) in later
         assert sum_metric(later, "claude_spend_window_usd", window="month") == pytest.approx(35.03, abs=1e-9)
     finally:
-        daemon.server.server_close()
+        daemon.server.stop()  # never started: closes the listening socket
         daemon.store.close()
 
 
@@ -318,7 +318,7 @@ def test_retention_drops_raw_events_and_keeps_the_rollup(tmp_path: Path) -> None
         report = build_report(daemon.store.engine, since=None, until=None, by=["model"])
         assert (report.read_from, report.total_pico) == ("rollup", 20 * PICO)
     finally:
-        daemon.server.server_close()
+        daemon.server.stop()  # never started: closes the listening socket
         daemon.store.close()
 
 
