@@ -7,7 +7,7 @@ import json
 import signal
 import sqlite3
 from collections.abc import Iterator
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from monitor.config import ConfigError, load_settings
 from monitor.report import build_report
 from monitor.service import Daemon, Store, open_store
 from monitor.store.models import events
+from monitor.store.rollup import utc_days
 from tests.conftest import FakeClock, jsonl, run_cli, write_config
 from tests.serve_harness import Serve, sum_metric
 from tests.test_migrations import alembic
@@ -151,6 +152,23 @@ def test_a_batch_adds_exactly_its_new_events_to_their_buckets(kathmandu: Store, 
     found = read_rollup(f"sqlite:///{tmp_path / 'monitor.db'}")
     assert found.pop(("late",)) == tuple(sorted(EXPECTED_LATE.items()))
     assert found == EXPECTED
+
+
+def test_utc_days_by_model_and_tier_leave_failed_calls_out(kathmandu: Store) -> None:
+    write_mixed(kathmandu)
+    with kathmandu.engine.connect() as connection:
+        days = utc_days(connection, date(2026, 11, 24), date(2026, 11, 27))
+    found = {
+        key: (c.requests, c.input, c.output, c.cache_read, c.web_search_requests, c.cost_pico)
+        for key, c in days.items()
+    }
+    assert found == {
+        (date(2026, 11, 24), "claude-haiku-4-5", "standard"): (1, 0, 200_000, 0, 3, 1_030_000_000_000),  # a8
+        (date(2026, 11, 25), "claude-haiku-4-5", "standard"): (2, 1_000_000, 1_000_000, 0, 0, 6 * PICO),  # a1, a2
+        (date(2026, 11, 25), "claude-haiku-4-5", "batch"): (2, 0, 1_000_000, 1_000_000, 0, 2_550_000_000_000),
+        (date(2026, 11, 26), "claude-sonnet-4-5", "priority"): (1, 0, 10_000, 0, 0, 150_000_000_000),  # a6; a5 failed
+        (date(2026, 11, 26), "claude-invented-9", "standard"): (1, 500, 0, 0, 0, 0),
+    }
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, case, func, select
@@ -163,3 +163,23 @@ def window_totals(
     )
     for flag, model, labels, *values in connection.execute(query):
         yield bool(flag), model, labels, _counts(values)
+
+
+def utc_days(
+    connection: Connection, since: date, until: date, status: str | None = "ok"
+) -> dict[tuple[date, str, str], RollupCounts]:
+    """(UTC day, model, service tier) -> counts for the days in [since, until), of one status class (failed calls
+    left out by default; None for both): what Anthropic's daily usage and cost reports compare with."""
+    start = datetime(since.year, since.month, since.day, tzinfo=UTC)
+    end = datetime(until.year, until.month, until.day, tzinfo=UTC)
+    query = (
+        select(usage_rollup.c.bucket_start, usage_rollup.c.model, usage_rollup.c.service_tier, *_SUMS)
+        .where(usage_rollup.c.bucket_start >= start, usage_rollup.c.bucket_start < end)
+        .group_by(usage_rollup.c.bucket_start, usage_rollup.c.model, usage_rollup.c.service_tier)
+    )
+    if status is not None:
+        query = query.where(usage_rollup.c.status_class == status)
+    out: dict[tuple[date, str, str], RollupCounts] = {}
+    for bucket, model, tier, *values in connection.execute(query):
+        out.setdefault((bucket.date(), model, tier), RollupCounts()).add(_counts(values))
+    return out
