@@ -371,3 +371,15 @@ def test_a_replica_that_does_not_lead_leaves_a_changed_budget_alone_on_sqlite(
         assert b_rows == [row for row in before["budget_usage"] if row[0] == "b-chat"]  # not counted under B
     finally:
         close(daemon)
+
+
+def test_runbook_confirm_steps_only_read_and_ask_the_daemon_for_budgets() -> None:
+    runbook = (Path(__file__).resolve().parents[1] / "dashboards" / "RUNBOOK.md").read_text(encoding="utf-8")
+    confirms = [s.partition("**Confirm.**")[2].partition("**Do.**")[0] for s in runbook.split("\n## ")[1:]]
+    assert len([c for c in confirms if c]) >= 10
+    for confirm in confirms:
+        for block in re.findall(r"```sh\n(.*?)```", confirm, re.S):
+            commands = set(re.findall(r"claude-monitor ([a-z][a-z-]*)", block))
+            assert commands <= {"report", "check-config"}, block  # budget state from the daemon: /v1/budgets
+            if "budget" in block and "$MON/v1/" not in block:
+                raise AssertionError(f"a budget confirm step that does not ask the daemon:\n{block}")
