@@ -107,13 +107,29 @@ class HttpConfig(_Strict):
     listen: str = "127.0.0.1:9464"
     ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    backlog: int = Field(default=2048, ge=1)
+    header_timeout: str = "10s"
+    keepalive_timeout: str = "30s"
+    max_connections: int = Field(default=1000, gt=0)
+    max_events_per_request: int = Field(default=10_000, gt=0)
+    check_require: list[str] = []
+    read_token_env: str | None = None
+    metrics_listen: str | None = None
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+        return value
+
+    @field_validator("header_timeout", "keepalive_timeout")
+    @classmethod
+    def _timeout(cls, value: str) -> str:
+        parse_duration(value)
         return value
 
 
@@ -334,6 +350,9 @@ class Settings(_Strict):
         for label in self.metrics.labels:
             if label not in dims:
                 problems.append(f"metrics.labels: {label!r} is not one of dimensions {self.dimensions}")
+        for name in self.http.check_require:
+            if name not in dims and name != "model":
+                problems.append(f"http.check_require: {name!r} is not 'model' or one of dimensions {self.dimensions}")
         names: set[str] = set()
         for i, budget in enumerate(self.budgets):
             where = f"budgets[{i}] ({budget.name})"

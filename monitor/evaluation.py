@@ -14,6 +14,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, delete, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.budgets import Budget, BudgetIndex, BurnRates, ScopeState, evaluate_scope, scope_key
 from monitor.pricing import format_usd
@@ -308,8 +309,20 @@ class BudgetEngine:
                 and budget.throttle_at is not None
                 and budget.over(budget.amount(usage), budget.throttle_at)
             ):
-                with self._engine.connect() as connection:
-                    buckets = scope_buckets(connection, name, key, budget.first_bucket(now, self._zone))
+                try:
+                    with self._engine.connect() as connection:
+                        buckets = scope_buckets(connection, name, key, budget.first_bucket(now, self._zone))
+                except SQLAlchemyError as exc:
+                    # The batch is committed and its sender waits for the answer: flag now, as if all of the
+                    # scope's usage had just happened (the latest it can free); the next evaluation corrects it.
+                    log.warning(
+                        "budget %s: cannot read the buckets of scope %s (%s); its flag holds a whole window "
+                        "until the next evaluation",
+                        name,
+                        key,
+                        exc.__class__.__name__,
+                    )
+                    buckets = [(budget.bucket_of(now, self._zone), usage)]
             state = evaluate_scope(budget, json.loads(key), usage, now, self._zone, None, buckets)
             updated.append((name, key, state))
             if state.throttled:

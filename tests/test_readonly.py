@@ -260,7 +260,7 @@ def daemon_on(config: Path, clock: FakeClock) -> Daemon:
 
 
 def close(daemon: Daemon) -> None:
-    daemon.server.server_close()
+    daemon.server.stop()  # never started: closes the listening socket
     daemon.leadership.release()
     daemon.store.close()
 

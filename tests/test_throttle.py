@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy.exc import OperationalError
 
 from monitor import evaluation
 from monitor.budgets import scope_key
@@ -261,5 +262,38 @@ def test_states_a_reader_holds_do_not_change_when_a_batch_or_an_evaluation_lands
             store.budgets.evaluate()
         assert seen == ["u-1"]
         assert [st.scope["user"] for st in held.values()] == ["u-1"]  # what a reader holds never changes
+    finally:
+        store.close()
+
+
+ROLLING = """\
+budgets:
+  - name: one-request-an-hour
+    match: {project: lingo}
+    window: rolling:1h
+    limit_requests: 1
+    throttle_at: 1.0
+"""
+
+
+def test_fast_path_flags_even_when_it_cannot_read_a_rolling_scopes_buckets(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(load_settings(write_config(tmp_path, ROLLING), environ={}), clock=clock)
+    try:
+        store.budgets.sync_definitions()
+        store.budgets.evaluate()
+        result = store.writer.write([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
+        assert result.accepted == 1
+
+        def database_gone(*args: Any) -> list[Any]:
+            raise OperationalError("SELECT … FROM budget_usage", None, Exception("server closed the connection"))
+
+        monkeypatch.setattr(evaluation, "scope_buckets", database_gone)
+        assert store.budgets.on_batch(result.touched) is True  # no exception: the ingest answer still goes out
+        decision = store.budgets.throttle.decide("claude-haiku-4-5", {"project": "lingo"}, clock.now)
+        assert decision is not None and decision.flag.budget == "one-request-an-hour"
+        # As if the request had just happened: its 1-minute bucket (12:00) ages out of the hour at 13:01.
+        assert decision.flag.until == datetime(2026, 11, 26, 13, 1, tzinfo=UTC)
     finally:
         store.close()

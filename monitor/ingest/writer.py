@@ -95,6 +95,16 @@ Item = tuple[str, Event | Rejected]  # (location, parsed)
 
 
 @dataclass(frozen=True)
+class LetterCap:
+    """At most `limit` dead letters from one batch; the rest become one summary letter at `location` keeping
+    `raw` (e.g. the request body's first bytes). Every rejection is still counted."""
+
+    limit: int
+    location: str
+    raw: str
+
+
+@dataclass(frozen=True)
 class Offset:
     """How far a tailed file has been read: stored with the events read up to there."""
 
@@ -156,7 +166,9 @@ class Writer:
         """Count toward these budgets from the next batch on."""
         self._budgets = budgets
 
-    def write(self, items: Sequence[Item], source: str, offsets: Sequence[Offset] = ()) -> BatchResult:
+    def write(
+        self, items: Sequence[Item], source: str, offsets: Sequence[Offset] = (), cap: LetterCap | None = None
+    ) -> BatchResult:
         """Store a batch: new events priced, duplicates skipped, rejections dead-lettered; all or nothing."""
         result = BatchResult()
         now = self._clock()
@@ -192,6 +204,25 @@ class Writer:
         # arrival order (their ids are the order they are read back in).
         rows.sort(key=lambda row: row["request_id"])
         admitted: dict[str, frozenset[str]] = {}
+        if cap is not None and len(letters) > cap.limit:
+            more = len(letters) - cap.limit
+            reason = (
+                f"{more:,} more rejected lines in this batch were not dead-lettered one by one (the first "
+                f"{cap.limit:,} were; all {len(letters):,} are counted); raw holds the start of the batch"
+            )
+            del letters[cap.limit :]
+            location = cap.location[:1024]
+            letters.append(
+                {
+                    "received_at": now,
+                    "source": source,
+                    "location": location,
+                    "reason": reason,
+                    "raw": cap.raw,
+                    "request_id": None,
+                    "fingerprint": _fingerprint(source, location, cap.raw),
+                }
+            )
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()
             if rows:
