@@ -1,12 +1,15 @@
-"""The reference Claude proxy (SPEC §10): holds the Anthropic key, asks the daemon before each call, forwards, records.
+"""The reference Claude proxy: holds the Anthropic key, asks the daemon before each call, forwards, records.
 
-Clients use the `anthropic` SDK with `base_url` set to the proxy and any api_key: the client's `Authorization` and
-`x-api-key` headers are dropped, and the proxy sends its own key (from `$proxy.api_key_env`, never echoed, logged or
-stored). The identity headers of `proxy.identity.headers` name the caller's dimensions; they are not forwarded.
+Clients use the `anthropic` SDK with `base_url` set to the proxy and the proxy key issued to them
+(`proxy.clients`, see monitor.proxyclients): a call without a known key is answered 401 and nothing is forwarded.
+The caller's key is never forwarded, logged or stored; the proxy sends its own (from `$proxy.api_key_env`, never
+echoed, logged or stored either). The caller's identity is its client's fixed attributes plus the headers that
+client may assert; no identity header is forwarded. A model the price table does not know is refused 400 (with
+the nearest known name) unless `proxy.allow_unpriced_models`.
 
 - `POST /v1/messages`: checked with `monitor.client` (the model as the price table names it), forwarded, and its
   answer passed back unchanged — JSON whole, `stream: true` server-sent events byte for byte as they arrive. One
-  usage event (SPEC §2) per upstream call is posted when the upstream response ends, before the client sees the
+  usage event per upstream call is posted when the upstream response ends, before the client sees the
   end of the response, so the caller's next request is checked against it. A call that failed upstream (4xx/5xx,
   passed back as Anthropic sent it) is recorded with its status and zero usage; one that could not reach Anthropic
   is answered `502 api_error` and recorded with status 502.
@@ -14,7 +17,7 @@ stored). The identity headers of `proxy.identity.headers` name the caller's dime
 - Anything else: `404 not_found_error`.
 
 Spool: when the daemon cannot take an event (down, timing out, refusing the token), the answer to the client is
-not held up; the event is appended to `proxy-spool.jsonl` beside the throttle snapshot file, one SPEC §2 line each.
+not held up; the event is appended to `proxy-spool.jsonl` beside the throttle snapshot file, one usage event a line.
 List that file in the daemon's `sources` (`{type: jsonl, path: <snapshot dir>/proxy-spool.jsonl}`) and it is
 ingested when the daemon runs again; an event that reached the daemon too is counted once (same request_id).
 """
@@ -41,7 +44,9 @@ from urllib.parse import urlsplit
 from monitor import __version__
 from monitor.client import MonitorClient, MonitorError, Verdict
 from monitor.config import ConfigError, LoadedSettings
+from monitor.events import redact
 from monitor.pricing import PriceTable
+from monitor.proxyclients import ProxyClient, ProxyClients, Refused, forwarded
 from monitor.signals import StopSignals
 from monitor.upstream import SseUsage, Upstream
 
@@ -52,13 +57,10 @@ COUNT_TOKENS = "/v1/messages/count_tokens"
 SPOOL_NAME = "proxy-spool.jsonl"
 MAX_BODY_BYTES = 64 * 1024 * 1024  # above Anthropic's own request limit, so it answers over-size requests itself
 DRAIN_SECONDS = 30.0
-MAX_ATTRIBUTE_CHARS = 128  # what the daemon keeps of a value (SPEC §2): check with the same value
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer"}
     | {"trailers", "transfer-encoding", "upgrade"}
 )
-# Accept-Encoding is replaced by identity: the proxy reads usage from the body it passes on unchanged.
-_NOT_FORWARDED = _HOP_BY_HOP | {"host", "content-length", "expect", "authorization", "x-api-key", "accept-encoding"}
 _NOT_RETURNED = _HOP_BY_HOP | {"content-length"}
 _ERROR_STATUS = {  # Anthropic's error types, for an `error` event inside a 200 stream
     "invalid_request_error": 400,
@@ -81,8 +83,9 @@ class ProxySettings:
     port: int
     upstream: str
     api_key: str = field(repr=False)
-    identity: Mapping[str, str]  # lower-cased header name -> dimension
+    clients: ProxyClients
     spool: Path
+    allow_unpriced_models: bool = False
 
 
 def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxySettings:
@@ -103,9 +106,19 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
             f"{where}: proxy.api_key_env: the environment variable {config.api_key_env} is not set; the proxy "
             f"calls Anthropic with that key, so export it (or name another variable in proxy.api_key_env)"
         )
-    identity = {header.lower(): dimension for header, dimension in config.identity.headers.items()}
+    clients = ProxyClients.from_config(config.clients, environ, str(where))
+    if not clients.clients:
+        log.warning("%s: proxy.clients lists no client: every call will be refused 401", where)
     spool = Path(loaded.settings.throttle.snapshot_file).absolute().parent / SPOOL_NAME
-    return ProxySettings(host.strip("[]"), int(port), config.upstream.rstrip("/"), key, identity, spool)
+    return ProxySettings(
+        host.strip("[]"),
+        int(port),
+        config.upstream.rstrip("/"),
+        key,
+        clients,
+        spool,
+        config.allow_unpriced_models,
+    )
 
 
 class Recorder:
@@ -140,13 +153,16 @@ class _Call:
     """One POST /v1/messages on its way upstream: who asked, for which model, since when."""
 
     model: str
+    client: str
     attributes: dict[str, str]
     started: float = field(default_factory=time.time)
     clock: float = field(default_factory=time.monotonic)
 
     @property
     def who(self) -> str:
-        return " ".join(f"{key}={value}" for key, value in sorted(self.attributes.items())) or "anonymous"
+        return " ".join(
+            [f"client={self.client}", *(f"{key}={value}" for key, value in sorted(self.attributes.items()))]
+        )
 
     def event(self, request_id: str, usage: Mapping[str, Any], status: int, model: str | None = None) -> dict[str, Any]:
         """Its SPEC §2 usage event, stamped with the time the call was sent."""
@@ -236,12 +252,20 @@ class Proxy:
                 self._idle.notify_all()
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        route = h.path.partition("?")[0].rstrip("/")
+        headers = {name.lower(): value for name, value in reversed(h.headers.items())}  # the first of a repeat wins
+        try:
+            client = self.settings.clients.authenticate(headers)
+        except Refused as refused:
+            h.close_connection = True  # the body is not read
+            log.info("%s %s %d: %s", h.command, route or "/", refused.status, refused.message)
+            _error(h, refused.status, refused.kind, refused.message)
+            return
         body = _read_body(h)
         if body is None:
             return
-        route = h.path.partition("?")[0].rstrip("/")
         if h.command == "POST" and route == MESSAGES:
-            self._messages(h, body)
+            self._messages(h, body, client, headers)
         elif h.command == "POST" and route == COUNT_TOKENS:
             self._count_tokens(h, body)
         else:
@@ -252,20 +276,12 @@ class Proxy:
                 f"{h.command} {route or '/'} is not served here: this proxy serves POST {MESSAGES} and {COUNT_TOKENS}",
             )
 
-    def _identity(self, headers: Headers) -> dict[str, str]:
-        found = {}
-        for header, dimension in self.settings.identity.items():
-            value = (headers.get(header) or "").strip()
-            if value:
-                found[dimension] = value[:MAX_ATTRIBUTE_CHARS]
-        return found
-
     def _forward_headers(self, headers: Headers) -> list[tuple[str, str]]:
         named = {token.strip().lower() for value in headers.get_all("Connection", []) for token in value.split(",")}
         return [
             (name, value)
             for name, value in headers.items()
-            if (low := name.lower()) not in _NOT_FORWARDED and low not in named and low not in self.settings.identity
+            if forwarded(low := name.lower()) and low not in named and low not in self.settings.clients.identity_headers
         ]
 
     def _count_tokens(self, h: BaseHTTPRequestHandler, body: bytes) -> None:
@@ -283,17 +299,15 @@ class Proxy:
         log.info("POST %s %d", COUNT_TOKENS, response.status)
         _relay(h, response, data)
 
-    def _messages(self, h: BaseHTTPRequestHandler, body: bytes) -> None:
-        attributes = self._identity(h.headers)
+    def _messages(
+        self, h: BaseHTTPRequestHandler, body: bytes, client: ProxyClient, headers: Mapping[str, str]
+    ) -> None:
         try:
-            request = json.loads(body)
-        except ValueError:
-            request = None
-        model = request.get("model") if isinstance(request, dict) else None
-        call = _Call(model if isinstance(model, str) else "", attributes)
-        if not call.model:
-            log.info("POST %s 400 %s: no model in the body", MESSAGES, call.who)
-            _error(h, 400, "invalid_request_error", "the body must be a JSON object with a `model`")
+            attributes = client.identity(headers)
+            call = self._call(body, client, attributes)
+        except Refused as refused:
+            log.info("POST %s %d client=%s: %s", MESSAGES, refused.status, client.name, refused.message)
+            _error(h, refused.status, refused.kind, refused.message)
             return
         verdict = self.monitor.check(
             model=self.prices.resolve(call.model) or call.model,
@@ -377,6 +391,27 @@ class Proxy:
                 h.close_connection = True
         else:
             h.close_connection = True  # no final chunk: the client sees the stream cut short
+
+    def _call(self, body: bytes, client: ProxyClient, attributes: dict[str, str]) -> _Call:
+        """The call a /v1/messages body asks for; Refused 400 without a model, or one the price table lacks."""
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        model = request.get("model") if isinstance(request, dict) else None
+        if not isinstance(model, str) or not model:
+            raise Refused(400, "invalid_request_error", "the body must be a JSON object with a `model`")
+        if self.prices.resolve(model) is None and not self.settings.allow_unpriced_models:
+            nearest = self.prices.nearest(model)
+            hint = f"; did you mean {nearest!r}?" if nearest else ""
+            raise Refused(
+                400,
+                "invalid_request_error",
+                f"model {redact(model)[:200]!r} is not in this proxy's price table, so its cost could not be held to a "
+                f"budget{hint} (the operator can add it under pricing.models, or set "
+                f"proxy.allow_unpriced_models: true)",
+            )
+        return _Call(model, client.name, attributes)
 
     def _throttled(self, h: BaseHTTPRequestHandler, verdict: Verdict, who: str) -> None:
         log.info("POST %s 429 %s: %s", MESSAGES, who, verdict.reason)
