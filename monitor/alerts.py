@@ -24,6 +24,7 @@ from monitor import __version__
 from monitor.budgets import Budget, ScopeState, scope_key
 from monitor.config import ConfigError, WebhookConfig
 from monitor.notices import Notice, alertmanager_payload, fraction_text, generic_payload, slack_payload
+from monitor.redaction import webhook_url
 from monitor.store.models import alert_deliveries, alert_notices, budget_usage
 from monitor.usage import USAGE_FIELDS, Usage
 
@@ -64,24 +65,19 @@ class Webhook:
         return f"alerts.webhooks[{self.index}] ({self.kind}, {urlsplit(self.url).hostname})"
 
 
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
-
-
 def validate_webhooks(webhooks: Sequence[WebhookConfig], where: str = "configuration") -> list[Webhook]:
     """The webhooks as receivers; an Alertmanager URL not ending in /api/v2/alerts is a ConfigError naming the key."""
     problems = []
     for i, hook in enumerate(webhooks):
         parts = urlsplit(hook.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            problems.append(f"{where}: alerts.webhooks[{i}].url: {_redacted(hook.url)!r} is not an http(s) URL")
+            problems.append(f"{where}: alerts.webhooks[{i}].url: {webhook_url(hook.url)!r} is not an http(s) URL")
         elif hook.kind == "alertmanager" and not parts.path.endswith(ALERTMANAGER_PATH):
             base = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
             problems.append(
-                f"{where}: alerts.webhooks[{i}].url: {_redacted(hook.url)!r} is not Alertmanager's alerts API; "
-                f"kind alertmanager posts to {base}{ALERTMANAGER_PATH} (give that URL)"
+                f"{where}: alerts.webhooks[{i}].url: {webhook_url(hook.url)!r}: its path is not Alertmanager's "
+                f"alerts API ({ALERTMANAGER_PATH}); kind alertmanager posts to {base}{ALERTMANAGER_PATH} "
+                "(give that URL)"
             )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

@@ -23,6 +23,7 @@ from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.evaluation import state_json
 from monitor.explain import explain
 from monitor.ingest.files import ingest_files
+from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import build_price_table, open_store
 from monitor.windows import Calendar, calendar_window
 
@@ -34,7 +35,11 @@ class UsageError(Exception):
 
 
 def _settings(args: argparse.Namespace) -> LoadedSettings:
-    return load_settings(Path(args.config) if args.config else None)
+    loaded = load_settings(Path(args.config) if args.config else None)
+    redact: Redactor | None = getattr(args, "redact", None)
+    if redact is not None:
+        redact.add_settings(loaded.settings)  # from here on, logs and errors hide this config's secrets
+    return loaded
 
 
 def _parse_when(text: str, zone: ZoneInfo, flag: str) -> datetime:
@@ -60,7 +65,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                     "ok": True,
                     "path": str(loaded.path) if loaded.path else None,
                     "env_overrides": list(loaded.env_overrides),
-                    "settings": loaded.settings.model_dump(mode="json"),
+                    "settings": _shown_settings(loaded),
                 },
                 indent=2,
             )
@@ -71,11 +76,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown_settings(loaded: LoadedSettings) -> dict[str, object]:
+    """The settings as JSON, with the database password and the webhook paths hidden."""
+    shown = loaded.settings.model_dump(mode="json")
+    shown["database_url"] = database_url(loaded.settings.database_url)
+    for hook in shown["alerts"]["webhooks"]:
+        hook["url"] = webhook_url(hook["url"])
+    return shown
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Bring the schema to head."""
     store = open_store(_settings(args))
     store.close()
-    print(f"schema at head: {store.settings.database_url}", file=sys.stderr)
+    print(f"schema at head: {database_url(store.settings.database_url)}", file=sys.stderr)
     return 0
 
 
@@ -337,17 +351,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact = args.redact = Redactor()
+    redact.install(logging.getLogger())
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"claude-monitor: {exc}", file=sys.stderr)
+        print(f"claude-monitor: {redact(str(exc))}", file=sys.stderr)
         return 2
     except UsageError as exc:
-        print(f"claude-monitor: {exc}", file=sys.stderr)
+        print(f"claude-monitor: {redact(str(exc))}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
         print(
-            f"claude-monitor: database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}",
+            f"claude-monitor: database error: {exc.__class__.__name__}: {redact(str(exc).splitlines()[0])}",
             file=sys.stderr,
         )
         return 3

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from monitor import redaction
 from monitor.yamlio import key_lines, load_yaml
 
 DEFAULT_CONFIG_PATH = Path("claude-monitor.yaml")
@@ -106,20 +107,39 @@ class HttpConfig(_Strict):
     listen: str = "127.0.0.1:9464"
     ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    backlog: int = Field(default=2048, ge=1)
+    header_timeout: str = "10s"
+    keepalive_timeout: str = "30s"
+    max_connections: int = Field(default=1000, gt=0)
+    max_events_per_request: int = Field(default=10_000, gt=0)
+    check_require: list[str] = []
+    read_token_env: str | None = None
+    metrics_listen: str | None = None
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
         return value
 
+    @field_validator("header_timeout", "keepalive_timeout")
+    @classmethod
+    def _timeout(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
 
 class MetricsConfig(_Strict):
-    """Which dimensions may become Prometheus labels."""
+    """Which dimensions may become Prometheus labels, and how many values each may have."""
 
     labels: list[str] = ["project", "environment"]
+    # Past these, new values are counted under `__other__` (the first values seen keep their series).
+    max_values_per_label: int = Field(default=200, ge=1, le=100_000)
+    max_unpriced_models: int = Field(default=50, ge=1, le=100_000)
 
 
 class ScheduleConfig(_Strict):
@@ -150,9 +170,19 @@ class WebhookConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        scheme: str | None = None
+        host: str | None = None
+        try:
+            parts = urlsplit(value)
+            scheme, host = parts.scheme, parts.hostname
+        except ValueError:
+            pass
+        if scheme not in ("http", "https") or not host:
+            # The URL itself is not echoed: a webhook's path is often its secret.
+            raise ValueError(
+                f"not an http(s) URL with a host (scheme: {scheme or 'none'}, host: {host or 'none'}); "
+                "write it as https://host/path"
+            )
         return value
 
 
@@ -430,7 +460,7 @@ class Settings(_Strict):
     @classmethod
     def _database_url(cls, value: str) -> str:
         if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
-            raise ValueError(f"{value!r} is not a sqlite:/// or postgresql+psycopg:// URL")
+            raise ValueError(f"{redaction.database_url(value)!r} is not a sqlite:/// or postgresql+psycopg:// URL")
         return value
 
     @field_validator("dimensions")
@@ -452,6 +482,9 @@ class Settings(_Strict):
         for label in self.metrics.labels:
             if label not in dims:
                 problems.append(f"metrics.labels: {label!r} is not one of dimensions {self.dimensions}")
+        for name in self.http.check_require:
+            if name not in dims and name != "model":
+                problems.append(f"http.check_require: {name!r} is not 'model' or one of dimensions {self.dimensions}")
         names: set[str] = set()
         for i, budget in enumerate(self.budgets):
             where = f"budgets[{i}] ({budget.name})"
@@ -467,6 +500,8 @@ class Settings(_Strict):
                 problems.append(f"{where}.per: {budget.per!r} is also fixed by match")
         aliases: dict[str, str] = {}
         for model, entry in self.pricing.models.items():
+            if model == "unpriced" or "unpriced" in entry.aliases:
+                problems.append(f"pricing.models.{model}: 'unpriced' is the metric label of unknown models; rename it")
             for alias in entry.aliases:
                 if alias in aliases and aliases[alias] != model:
                     problems.append(f"pricing.models.{model}.aliases: {alias!r} is also an alias of {aliases[alias]}")

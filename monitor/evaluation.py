@@ -7,12 +7,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.budgets import Budget, BudgetIndex, BurnRates, ScopeState, evaluate_scope, scope_key
 from monitor.pricing import format_usd
@@ -25,12 +27,16 @@ log = logging.getLogger(__name__)
 TOP_SCOPES = 10  # of a `per:` budget, the biggest spenders are always shown, whatever their utilization
 
 
-@dataclass
+@dataclass(frozen=True)
 class BudgetSummary:
-    """One budget after an evaluation: the scopes worth showing, and how many there are in all."""
+    """One budget after an evaluation: the scopes worth showing, and how many there are in all.
+
+    Immutable, like the `summaries` mapping that holds it: the fast path publishes a new summary rather than
+    changing one, so a scrape or /v1/budgets can iterate `states` while ingest and evaluations go on.
+    """
 
     budget: Budget
-    states: dict[str, ScopeState] = field(default_factory=dict)
+    states: Mapping[str, ScopeState] = field(default_factory=lambda: MappingProxyType({}))
     scopes_total: int = 0
     scopes_throttled: int = 0
 
@@ -67,7 +73,9 @@ class BudgetEngine:
         throttle.set_index(self.index)
         self._burn = BurnRates()
         self._lock = threading.Lock()
-        self.summaries: dict[str, BudgetSummary] = {b.name: BudgetSummary(b) for b in self.budgets}
+        self.summaries: Mapping[str, BudgetSummary] = MappingProxyType({b.name: BudgetSummary(b) for b in self.budgets})
+        self._batches = 0  # fast-path updates so far
+        self._batch_states: dict[tuple[str, str], tuple[int, ScopeState]] = {}  # newest fast-path state per scope
         self.last: EvaluationStats | None = None
         self.failing = False  # the last evaluation could not reach the store: answers come from older state
 
@@ -143,21 +151,25 @@ class BudgetEngine:
         """Recompute every budget's scopes from budget_usage, replace the flags, rewrite the snapshot."""
         started = time.perf_counter()
         now = self._clock()
-        summaries: dict[str, BudgetSummary] = {}
+        shown: dict[str, tuple[dict[str, ScopeState], int, int]] = {}  # budget -> states, scopes, throttled
         flags: dict[tuple[str, str], Flag] = {}
+        with self._lock:
+            batches_from = self._batches
         keep_burn: set[tuple[str, str]] = set()
         current = self.throttle.flags
+        read_from = self.throttle.generation  # before the first read: later fast-path flags survive the replace
         scopes = 0
         with self._engine.connect() as connection:
             for budget in self.budgets:
-                summary = BudgetSummary(budget)
+                states: dict[str, ScopeState] = {}
+                scopes_total = scopes_throttled = 0
                 first, last = budget.bucket_range(now, self._zone)
                 start, end = budget.window_at(now, self._zone)
                 span = (end - start).total_seconds()
                 lowest = budget.thresholds[0] if budget.thresholds else None
                 candidates: list[tuple[int, str, Usage]] = []
                 for key, usage in window_totals(connection, budget.name, first, last):
-                    summary.scopes_total += 1
+                    scopes_total += 1
                     amount = budget.amount(usage)
                     hot = budget.per is None or (lowest is not None and budget.over(amount, lowest))
                     if not hot:
@@ -167,23 +179,35 @@ class BudgetEngine:
                             del candidates[TOP_SCOPES:]
                         continue
                     state = self._state(connection, budget, key, usage, now, start, span, keep_burn)
-                    summary.states[key] = state
+                    states[key] = state
                     if state.throttled:
-                        summary.scopes_throttled += 1
+                        scopes_throttled += 1
                         old = current.get((budget.name, key))
                         flags[budget.name, key] = flag_from_state(state, old.since if old else now)
                 candidates.sort(key=lambda c: -c[0])
                 for _amount, key, usage in candidates[:TOP_SCOPES]:
-                    summary.states[key] = evaluate_scope(budget, json.loads(key), usage, now, self._zone)
-                if budget.per is None and not summary.states:  # no usage yet in this window: show it at zero
+                    states[key] = evaluate_scope(budget, json.loads(key), usage, now, self._zone)
+                if budget.per is None and not states:  # no usage yet in this window: show it at zero
                     key = scope_key(dict(budget.match))
-                    summary.states[key] = evaluate_scope(budget, dict(budget.match), Usage(), now, self._zone)
-                scopes += summary.scopes_total
-                summaries[budget.name] = summary
+                    states[key] = evaluate_scope(budget, dict(budget.match), Usage(), now, self._zone)
+                scopes += scopes_total
+                shown[budget.name] = (states, scopes_total, scopes_throttled)
         self._burn.forget(keep_burn)
         with self._lock:
-            self.summaries = summaries
-        self.throttle.replace(flags, now)
+            # States the fast path computed after this evaluation began to read are newer than what it read.
+            later = {k: st for k, (n, st) in self._batch_states.items() if n > batches_from}
+            self._batch_states = {k: (n, st) for k, (n, st) in self._batch_states.items() if n > batches_from}
+            for (name, key), state in later.items():
+                if name in shown and _shown(shown[name][0], key, state):
+                    shown[name][0][key] = state
+            self.summaries = MappingProxyType(
+                {
+                    budget.name: BudgetSummary(budget, MappingProxyType(states), total, throttled)
+                    for budget in self.budgets
+                    for states, total, throttled in [shown[budget.name]]
+                }
+            )
+        self.throttle.replace(flags, now, read_from)
         self.throttle.write_snapshot(now)
         self.last = EvaluationStats(now, time.perf_counter() - started, len(self.budgets), scopes, len(flags))
         return self.last
@@ -230,25 +254,42 @@ class BudgetEngine:
                 and budget.throttle_at is not None
                 and budget.over(budget.amount(usage), budget.throttle_at)
             ):
-                with self._engine.connect() as connection:
-                    buckets = scope_buckets(connection, name, key, budget.first_bucket(now, self._zone))
+                try:
+                    with self._engine.connect() as connection:
+                        buckets = scope_buckets(connection, name, key, budget.first_bucket(now, self._zone))
+                except SQLAlchemyError as exc:
+                    # The batch is committed and its sender waits for the answer: flag now, as if all of the
+                    # scope's usage had just happened (the latest it can free); the next evaluation corrects it.
+                    log.warning(
+                        "budget %s: cannot read the buckets of scope %s (%s); its flag holds a whole window "
+                        "until the next evaluation",
+                        name,
+                        key,
+                        exc.__class__.__name__,
+                    )
+                    buckets = [(budget.bucket_of(now, self._zone), usage)]
             state = evaluate_scope(budget, json.loads(key), usage, now, self._zone, None, buckets)
             updated.append((name, key, state))
             if state.throttled:
                 old = current.get((name, key))
                 set_flags[name, key] = flag_from_state(state, old.since if old else now)
         with self._lock:
+            # Copy on write: readers holding the old summaries go on iterating them undisturbed.
+            self._batches += 1
+            fresh: dict[str, dict[str, ScopeState]] = {}
             for name, key, state in updated:
+                self._batch_states[name, key] = (self._batches, state)
                 summary = self.summaries.get(name)
-                if summary is None:
+                if summary is None or not _shown(summary.states, key, state):
                     continue
-                lowest = state.budget.thresholds[0] if state.budget.thresholds else None
-                if (
-                    state.budget.per is None
-                    or key in summary.states
-                    or (lowest is not None and state.budget.over(state.amount, lowest))
-                ):
-                    summary.states[key] = state
+                if name not in fresh:
+                    fresh[name] = dict(summary.states)
+                fresh[name][key] = state
+            if fresh:
+                summaries = dict(self.summaries)
+                for name, states in fresh.items():
+                    summaries[name] = replace(summaries[name], states=MappingProxyType(states))
+                self.summaries = MappingProxyType(summaries)
         changed = self.throttle.update(set_flags, set(), now) if set_flags else False
         if changed:
             self.throttle.write_snapshot(now)
@@ -256,12 +297,17 @@ class BudgetEngine:
 
     def states(self) -> list[ScopeState]:
         """Every shown scope of every budget, in config order then by utilization."""
-        with self._lock:
-            summaries = list(self.summaries.values())
         out = []
-        for summary in summaries:
+        for summary in self.summaries.values():  # an immutable snapshot: no lock needed to iterate it
             out.extend(sorted(summary.states.values(), key=lambda s: (-s.utilization, scope_key(s.scope))))
         return out
+
+
+def _shown(states: Mapping[str, ScopeState], key: str, state: ScopeState) -> bool:
+    """Whether a scope belongs among a summary's shown states: every scope of a plain budget, and of a `per:` budget
+    those already shown or at its lowest threshold."""
+    lowest = state.budget.thresholds[0] if state.budget.thresholds else None
+    return state.budget.per is None or key in states or (lowest is not None and state.budget.over(state.amount, lowest))
 
 
 def state_json(state: ScopeState, flags: Mapping[tuple[str, str], Flag], now: datetime) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 from monitor.config import BudgetConfig, LoadedSettings, ProxyClientConfig, ProxyConfig
 from monitor.pricing import PriceTable
+from monitor.redaction import database_url, webhook_url
 
 
 def _limit(budget: BudgetConfig) -> str:
@@ -62,7 +63,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     if loaded.env_overrides:
         lines.append(f"environment overrides: {', '.join(loaded.env_overrides)}")
     lines += [
-        f"database: {s.database_url}",
+        f"database: {database_url(s.database_url)}",
         f"timezone: {s.timezone} (calendar windows: day, Monday-first week, month)",
         f"dimensions kept from event attributes: {', '.join(s.dimensions)}; other keys are dropped and counted",
         f"metric labels: model, {', '.join(s.metrics.labels)}" if s.metrics.labels else "metric labels: model",
@@ -77,7 +78,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     ]
     if s.alerts.webhooks:
         lines.append("notifier webhooks:")
-        lines += [f"  - {hook.kind}: {hook.url}" for hook in s.alerts.webhooks]
+        lines += [f"  - {hook.kind}: {webhook_url(hook.url)}" for hook in s.alerts.webhooks]
     else:
         lines.append("notifier webhooks: none (use the shipped Prometheus alert rules)")
     overridden = sorted(s.pricing.models)

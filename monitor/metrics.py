@@ -10,7 +10,7 @@ import json
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 
@@ -25,10 +25,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.evaluation import BudgetEngine
-from monitor.ingest.writer import LATENCY_BUCKETS
+from monitor.ingest.writer import LATENCY_BUCKETS, UNPRICED_LABEL
+from monitor.pricing import UNPRICED
+from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
+from monitor.throttle import ThrottleState
 
 PICO = 10**12
+_USAGE_COUNTERS = frozenset({"requests", "cost_pico", "tokens"})  # the counters labelled by metrics.labels
 log = logging.getLogger(__name__)
 
 
@@ -51,8 +55,11 @@ class MonitorCollector(Collector):
         metric_labels: Sequence[str],
         lag: Callable[[], dict[str, float]],
         clock: Callable[[], datetime],
+        models: Collection[str] | None = None,
     ) -> None:
         self._engine = engine
+        # Price-table names: any other `model` value (rows written before labels were capped) renders `unpriced`.
+        self._models = None if models is None else frozenset(models)
         self._budgets = budgets
         self._labels = list(metric_labels)
         self._lag = lag
@@ -72,14 +79,34 @@ class MonitorCollector(Collector):
             log.warning("metrics: counters unavailable, serving the snapshot of %s: %s", taken, exc.__class__.__name__)
 
     def refresh(self) -> None:
-        """Read every counter from the database into the snapshot."""
-        rows: dict[str, list[tuple[dict[str, str], int]]] = defaultdict(list)
+        """Read every counter from the database into the snapshot, its labels bounded as the write path bounds them."""
+        rows: dict[str, dict[tuple[tuple[str, str], ...], int]] = defaultdict(lambda: defaultdict(int))
         with self._engine.connect() as connection:
+            admitted = read_admitted(connection)
             for name, labels, value in connection.execute(select(counters.c.name, counters.c.labels, counters.c.value)):
-                rows[name].append((json.loads(labels), int(value)))
+                bounded = self._bound(name, json.loads(labels), admitted)
+                rows[name][tuple(sorted(bounded.items()))] += int(value)
+        snapshot = {name: [(dict(key), value) for key, value in found.items()] for name, found in rows.items()}
         with self._lock:
-            self._counters = dict(rows)
+            self._counters = snapshot
             self.refreshed_at = self._clock()
+
+    def _bound(self, name: str, labels: dict[str, str], admitted: dict[str, frozenset[str]]) -> dict[str, str]:
+        """Counters are written with bounded labels already; this keeps rows written before that bounded too."""
+        if name == "unpriced_events":
+            value = labels.get("model", "")
+            if value not in FREE_VALUES and value not in admitted.get(UNPRICED_LABEL, ()):
+                labels["model"] = OTHER
+            return labels
+        model = labels.get("model")
+        if model is not None and self._models is not None and model != UNPRICED and model not in self._models:
+            labels["model"] = UNPRICED
+        if name in _USAGE_COUNTERS:
+            for key in self._labels:
+                value = labels.get(key, "")
+                if value not in FREE_VALUES and value not in admitted.get(key, ()):
+                    labels[key] = OTHER
+        return labels
 
     def _project(self, name: str, keys: Sequence[str]) -> dict[tuple[str, ...], int]:
         """Sum a counter's rows onto the label names in use now (rows written under older settings included)."""
@@ -265,3 +292,20 @@ class MonitorCollector(Collector):
                 running += counts.get(bound, 0)
                 buckets.append((bound, float(running)))
             family.add_metric([model], buckets, sums.get(model, 0) / 1e6)
+
+
+class SnapshotErrorsCollector(Collector):
+    """`claude_monitor_snapshot_errors_total`: failed writes of the throttle snapshot file by this process."""
+
+    def __init__(self, throttle: ThrottleState) -> None:
+        self._throttle = throttle
+
+    def collect(self) -> Iterator[Metric]:
+        """The one counter, read from the throttle state at scrape time."""
+        family = CounterMetricFamily(
+            "claude_monitor_snapshot_errors",
+            "Throttle snapshot file writes that failed (checks go on from memory; proxies reading the file see "
+            "an older state).",
+        )
+        family.add_metric([], float(self._throttle.snapshot_errors))
+        yield family

@@ -26,6 +26,11 @@ _PICO_PER_TOKEN_PER_USD_PER_MTOK = Decimal(10**6)
 _PICO_PER_SEARCH_PER_USD_PER_1K = Decimal(10**9)
 _HALF = Decimal("0.5")
 TOKEN_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+UNPRICED = "unpriced"  # the metric `model` label of every model the table does not know
+SPEEDS = frozenset({"standard", "fast"})
+# inference_geo values known whatever the table says (priced at 1x unless a rate gives them a multiplier).
+BASE_GEOS = frozenset({"global"})
+OTHER_MODIFIER = "other"  # any other speed or inference_geo string: stored as this, priced at 1x
 
 
 def usd(pico: int) -> Decimal:
@@ -66,7 +71,9 @@ class PriceTable:
         self._names: dict[str, str] = {}
         self._rates: dict[str, list[_Rates]] = {}
         self._since: dict[str, list[date]] = {}
-        self._per_token: dict[tuple[int, bool, bool, str | None, str | None], tuple[Decimal, ...]] = {}
+        # Keyed by bounded values only (rates entry, two flags, fast or not, a geo the rates entry names).
+        self._per_token: dict[tuple[int, bool, bool, bool, str | None], tuple[Decimal, ...]] = {}
+        geos: set[str] = set(BASE_GEOS)
         for name, entry in models.items():
             self._names[name] = name
             for alias in entry.aliases:
@@ -74,6 +81,9 @@ class PriceTable:
             ordered = sorted(entry.rates, key=lambda r: r.since)
             self._rates[name] = [_Rates(r.since, f"{versions[name]}:{name}@{r.since.isoformat()}", r) for r in ordered]
             self._since[name] = [r.since for r in ordered]
+            for r in ordered:
+                geos.update(r.geo_multipliers)
+        self._geos = frozenset(geos)
 
     @property
     def models(self) -> list[str]:
@@ -97,6 +107,24 @@ class PriceTable:
         close = difflib.get_close_matches(model_id, list(self._names), n=1, cutoff=0.6)
         return self._names[close[0]] if close else None
 
+    def label(self, model: str) -> str:
+        """A model's metric label: its price-table name, or `unpriced` for a model the table does not know."""
+        name = self._names.get(model)
+        return UNPRICED if name is None else name
+
+    def modifiers(self, speed: str | None, geo: str | None) -> tuple[str | None, str | None]:
+        """usage.speed and usage.inference_geo as stored and priced: a value the table knows (speed standard or fast;
+        geo global or one a rate gives a multiplier), None when absent, `other` for anything else (priced at 1x)."""
+        if speed is not None and speed not in SPEEDS:
+            speed = OTHER_MODIFIER
+        if geo is not None and geo not in self._geos:
+            geo = OTHER_MODIFIER
+        return speed, geo
+
+    def cache_size(self) -> int:
+        """Entries of the per-token rate cache (bounded: rates entries x 2 x 2 x 2 x (their geos + 1))."""
+        return len(self._per_token)
+
     def price(self, event: Event) -> Price:
         """Price one event exactly; an unknown model (or a date before its first rate) is unpriced, not $0."""
         name = self._names.get(event.model_id)
@@ -113,12 +141,12 @@ class PriceTable:
         )
         long_prompt = config.long_prompt is not None and prompt > config.long_prompt.threshold_tokens
         batch = event.batch or event.service_tier == "batch"
-        key = (id(rates), long_prompt, batch, event.speed, event.inference_geo)
+        fast = event.speed == "fast"
+        geo = event.inference_geo if event.inference_geo in config.geo_multipliers else None
+        key = (id(rates), long_prompt, batch, fast, geo)
         per_token = self._per_token.get(key)
         if per_token is None:
-            per_token = self._per_token[key] = _per_token_rates(
-                config, long_prompt, batch, event.speed, event.inference_geo
-            )
+            per_token = self._per_token[key] = _per_token_rates(config, long_prompt, batch, fast, geo)
         p_input, p_output, p_5m, p_1h, p_read = per_token
         total = (
             event.input_tokens * p_input
@@ -133,17 +161,17 @@ class PriceTable:
 
 
 def _per_token_rates(
-    config: RateConfig, long_prompt: bool, batch: bool, speed: str | None, geo: str | None
+    config: RateConfig, long_prompt: bool, batch: bool, fast: bool, geo: str | None
 ) -> tuple[Decimal, ...]:
     """Pico-dollars per token for (input, output, 5 min write, 1 h write, read) with every modifier applied."""
     source = config.long_prompt if long_prompt and config.long_prompt is not None else config
     factor = _PICO_PER_TOKEN_PER_USD_PER_MTOK
     if batch:
         factor *= _HALF
-    if speed == "fast":
+    if fast:
         factor *= config.fast_multiplier
     if geo is not None:
-        factor *= config.geo_multipliers.get(geo, Decimal(1))
+        factor *= config.geo_multipliers[geo]
     return tuple(getattr(source, field) * factor for field in TOKEN_FIELDS)
 
 

@@ -17,15 +17,16 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
 from monitor.alerts import Notifier, validate_webhooks
-from monitor.api import Api, ApiServer, make_handler
 from monitor.budgets import compile_budgets
 from monitor.clock import Clock, system_clock
 from monitor.config import ConfigError, LoadedSettings, Settings, parse_duration
 from monitor.evaluation import BudgetEngine
 from monitor.events import EventParser
+from monitor.http.api import Api, ApiApp
+from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
-from monitor.metrics import MonitorCollector
+from monitor.metrics import MonitorCollector, SnapshotErrorsCollector
 from monitor.pricing import PriceTable, load_price_table
 from monitor.store.db import create_db_engine, schema_is_current, upgrade
 from monitor.store.models import budget_usage, dead_letters, events
@@ -75,9 +76,28 @@ def open_store(
         engine, compile_budgets(settings.budgets, prices), settings.zone, clock, ThrottleState(snapshot_file)
     )
     writer = Writer(
-        engine, prices, clock, budgets=budgets.index, zone=settings.zone, metric_labels=settings.metrics.labels
+        engine,
+        prices,
+        clock,
+        budgets=budgets.index,
+        zone=settings.zone,
+        metric_labels=settings.metrics.labels,
+        max_values_per_label=settings.metrics.max_values_per_label,
+        max_unpriced_models=settings.metrics.max_unpriced_models,
     )
     return Store(settings, engine, prices, parser, writer, budgets)
+
+
+def http_limits(settings: Settings) -> ServerLimits:
+    """The HTTP server's bounds from the `http:` settings."""
+    http = settings.http
+    return ServerLimits(
+        backlog=http.backlog,
+        header_timeout=parse_duration(http.header_timeout).total_seconds(),
+        keepalive_timeout=parse_duration(http.keepalive_timeout).total_seconds(),
+        max_connections=http.max_connections,
+        max_body_bytes=http.max_body_bytes,
+    )
 
 
 class Jobs:
@@ -137,14 +157,24 @@ class Daemon:
             Tailer(source, self.store.parser, self.store.writer, self.store.engine, clock, on_batch=self._after_batch)
             for source in settings.sources
         ]
-        self.collector = MonitorCollector(self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock)
+        self.collector = MonitorCollector(
+            self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock, models=self.store.prices.models
+        )
         self.registry.register(self.collector)
+        self.registry.register(SnapshotErrorsCollector(self.budgets.throttle))
         self.jobs = Jobs(self.registry)
         self.every = parse_duration(settings.schedule.evaluate_every)
-        token_env = settings.http.ingest_token_env
-        token = env.get(token_env) or None
+        http = settings.http
+        token = env.get(http.ingest_token_env) or None
         if token is None:
-            log.warning("$%s is not set: POST /v1/usage answers 401 until it is", token_env)
+            log.warning("$%s is not set: POST /v1/usage answers 401 until it is", http.ingest_token_env)
+        read_token = env.get(http.read_token_env) or None if http.read_token_env else None
+        if http.read_token_env and read_token is None:
+            log.warning(
+                "http.read_token_env is %s but $%s is empty: /v1/check, /v1/throttle and /v1/budgets are open",
+                http.read_token_env,
+                http.read_token_env,
+            )
         self.api = Api(
             parser=self.store.parser,
             writer=self.store.writer,
@@ -152,21 +182,33 @@ class Daemon:
             prices=self.store.prices,
             dimensions=settings.dimensions,
             token=token,
-            token_env=token_env,
-            max_body_bytes=settings.http.max_body_bytes,
+            token_env=http.ingest_token_env,
+            max_body_bytes=http.max_body_bytes,
             registry=self.registry,
             clock=clock,
             readiness=self.readiness,
+            max_events_per_request=http.max_events_per_request,
+            check_require=http.check_require,
+            read_token=read_token,
+            read_token_env=http.read_token_env,
         )
-        host, _, port = settings.http.listen.rpartition(":")
-        try:
-            self.server = ApiServer((host.strip("[]"), int(port)), make_handler(self.api))
-        except OSError as exc:
-            self.store.close()
-            raise ConfigError(
-                f"http.listen {settings.http.listen}: cannot listen there: {exc.strerror} "
-                f"(another claude-monitor running? choose another port)"
-            ) from None
+        # SQLite serialises writers: one ingest thread queues batches instead of spinning on the file lock.
+        limits = http_limits(settings)
+        self.app = ApiApp(
+            self.api,
+            ingest_workers=1 if self.store.engine.dialect.name == "sqlite" else 4,
+            body_timeout=limits.header_timeout,  # a body that stalls is held no longer than headers may be
+        )
+        self.server = self._listen(self.app, "listen", http.listen)
+        self.ops_app: ApiApp | None = None
+        self.ops_server: HttpServer | None = None
+        if http.metrics_listen:
+            self.ops_app = ApiApp(self.api, ops_only=True)
+            try:
+                self.ops_server = self._listen(self.ops_app, "metrics_listen", http.metrics_listen)
+            except ConfigError:
+                self.server.stop()
+                raise
         self.notifier = Notifier(
             self.store.engine,
             settings.alerts.webhooks,
@@ -183,11 +225,21 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._heads_ok = True
 
+    def _listen(self, app: ApiApp, key: str, listen: str) -> HttpServer:
+        host, _, port = listen.rpartition(":")
+        try:
+            return HttpServer(app, host.strip("[]"), int(port), http_limits(self.settings), key)
+        except BindError as exc:
+            self.store.close()
+            raise ConfigError(
+                f"http.{key} {listen}: cannot listen there: {str(exc).rpartition(': ')[2]} "
+                f"(another claude-monitor running? choose another port)"
+            ) from None
+
     @property
     def address(self) -> tuple[str, int]:
         """Where the HTTP API listens (the port is real even when configured as 0)."""
-        host, port = self.server.server_address[:2]
-        return str(host), int(port)
+        return self.server.address
 
     # --- jobs ------------------------------------------------------------------------------------------------
 
@@ -286,7 +338,10 @@ class Daemon:
                 self.jobs.run, "interval", args=["deliver", self.deliver], seconds=DELIVER_EVERY_S, id="deliver"
             )
         self.scheduler.start()
-        self._spawn("http", self.server.serve_forever)
+        self.server.start()
+        if self.ops_server is not None:
+            self.ops_server.start()
+            log.info("metrics and health on http://%s:%d", *self.ops_server.address)
         if self.tailers:
             self._spawn("tail", self._tail_loop)
         log.info("serving on http://%s:%d", *self.address)
@@ -304,10 +359,14 @@ class Daemon:
     def stop(self) -> None:
         """Drain: stop accepting, let in-flight batches finish, write the snapshot, close the store."""
         self._stop.set()
-        self.server.shutdown()  # no new connections
-        if not self.api.drain(timeout=30):  # requests on open connections get 503; batches in flight commit
-            log.warning("ingest requests still in flight after 30 s; stopping anyway")
-        self.server.server_close()
+        self.api.draining = True  # an ingest request that has not started yet gets 503
+        # No new connections; idle ones close; requests in flight finish (their batches commit).
+        if not self.server.stop(drain_timeout=30):
+            log.warning("requests still in flight after 30 s; stopping anyway")
+        self.app.close()
+        if self.ops_server is not None and self.ops_app is not None:
+            self.ops_server.stop(drain_timeout=5)
+            self.ops_app.close()
         for thread in self._threads:
             thread.join(timeout=30)
         self.scheduler.shutdown(wait=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +17,10 @@ from typing import Any
 
 from monitor.budgets import BudgetIndex, ScopeState
 from monitor.pricing import format_usd
+
+log = logging.getLogger(__name__)
+SNAPSHOT_MODE = 0o644  # readable by a proxy that runs as another user; only the daemon writes it
+SNAPSHOT_ERROR_LOG_EVERY_S = 60.0  # a failing snapshot is reported at most this often, not once per write
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -94,9 +100,23 @@ class Decision:
 class ThrottleState:
     """The active flags, replaced as a whole on every change so readers never lock (copy on write)."""
 
-    def __init__(self, snapshot_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        snapshot_file: Path | None = None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        log_every_s: float = SNAPSHOT_ERROR_LOG_EVERY_S,
+    ) -> None:
         self._lock = threading.Lock()
+        self._snapshot_lock = threading.Lock()
+        self._monotonic = monotonic
+        self._log_every_s = log_every_s
+        self._failing_since_report = 0  # failed writes not reported in a log line yet
+        self._reported_at: float | None = None  # when the last failure was logged; None while writes succeed
+        self.snapshot_errors = 0  # failed snapshot writes since start (claude_monitor_snapshot_errors_total)
         self._flags: Mapping[tuple[str, str], Flag] = MappingProxyType({})
+        self._generation = 0  # counts fast-path updates
+        self._set_at: dict[tuple[str, str], int] = {}  # flag -> generation of the fast-path update that last set it
         self._index = BudgetIndex([])
         self.version = 0
         self.generated_at: datetime | None = None
@@ -111,11 +131,28 @@ class ThrottleState:
         """The budgets that checks are matched against."""
         self._index = index
 
-    def replace(self, flags: dict[tuple[str, str], Flag], now: datetime) -> bool:
-        """Install a whole new flag set (after a full evaluation); True if it differs from the last one."""
+    @property
+    def generation(self) -> int:
+        """Fast-path updates so far: take it before an evaluation reads the store, and give it to `replace`."""
+        return self._generation
+
+    def replace(self, flags: dict[tuple[str, str], Flag], now: datetime, read_from: int | None = None) -> bool:
+        """Install a whole new flag set (after a full evaluation); True if it differs from the last one.
+
+        `read_from` is the `generation` taken before the evaluation began to read: flags the fast path set after
+        that come from batches the evaluation may not have seen, so they are kept (the next evaluation sees those
+        batches and decides them). None replaces everything.
+        """
         with self._lock:
-            changed = _keys_and_untils(flags) != _keys_and_untils(self._flags)
-            self._flags = MappingProxyType(dict(flags))
+            merged = dict(flags)
+            if read_from is not None:
+                for key, generation in self._set_at.items():
+                    flag = self._flags.get(key)
+                    if generation > read_from and flag is not None:
+                        merged[key] = flag
+            changed = _keys_and_untils(merged) != _keys_and_untils(self._flags)
+            self._flags = MappingProxyType(merged)
+            self._set_at = {key: generation for key, generation in self._set_at.items() if key in merged}
             if changed:
                 self.version += 1
             self.generated_at = now
@@ -124,13 +161,16 @@ class ThrottleState:
     def update(self, set_flags: dict[tuple[str, str], Flag], clear: set[tuple[str, str]], now: datetime) -> bool:
         """Set and clear some flags (the ingest fast path); True if anything changed."""
         with self._lock:
+            self._generation += 1
             current = dict(self._flags)
             before = _keys_and_untils(current)
             for key in clear:
                 current.pop(key, None)
+                self._set_at.pop(key, None)
             for key, flag in set_flags.items():
                 old = current.get(key)
                 current[key] = flag if old is None else _keep_since(flag, old)
+                self._set_at[key] = self._generation
             changed = _keys_and_untils(current) != before
             if changed:
                 self._flags = MappingProxyType(current)
@@ -159,18 +199,56 @@ class ThrottleState:
         flags.sort(key=lambda f: (f["budget"], json.dumps(f["scope"], sort_keys=True)))
         return {"version": self.version, "generated_at": iso(self.generated_at or now), "flags": flags}
 
-    def write_snapshot(self, now: datetime) -> None:
-        """Rewrite the snapshot file atomically: temp file in the same directory, fsync, rename."""
+    def write_snapshot(self, now: datetime) -> bool:
+        """Rewrite the snapshot file atomically (temp file in the same directory, fsync, rename); False if it failed.
+
+        A failure never propagates: the flags in memory stay authoritative for checks, and ingest and evaluation
+        go on. It is counted in `snapshot_errors` and logged, at most once per `log_every_s` while it lasts.
+        """
         if self.snapshot_file is None:
+            return True
+        data = json.dumps(self.snapshot(now), indent=1).encode()
+        with self._snapshot_lock:  # concurrent writers (fast path, evaluation) would otherwise race on the count
+            try:
+                write_atomically(self.snapshot_file, data)
+            except OSError as exc:
+                self._snapshot_failed(exc)
+                return False
+            if self._reported_at is not None:
+                log.info(
+                    "throttle snapshot %s written again (%d failed writes before)",
+                    self.snapshot_file,
+                    self.snapshot_errors,
+                )
+                self._reported_at = None
+                self._failing_since_report = 0
+            return True
+
+    def _snapshot_failed(self, exc: OSError) -> None:
+        self.snapshot_errors += 1
+        self._failing_since_report += 1
+        moment = self._monotonic()
+        if self._reported_at is not None and moment - self._reported_at < self._log_every_s:
             return
-        write_atomically(self.snapshot_file, json.dumps(self.snapshot(now), indent=1).encode())
+        more = self._failing_since_report - 1
+        log.error(
+            "throttle snapshot %s: cannot write it: %s%s. Checks, ingest and evaluation go on from memory, but "
+            "proxies reading the file see an older state: make its directory writable by this user, or set "
+            "throttle.snapshot_file to a writable path",
+            self.snapshot_file,
+            exc.strerror or exc,
+            f" ({more} more failed writes since the last report)" if more > 0 else "",
+        )
+        self._reported_at = moment
+        self._failing_since_report = 0
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a partial one."""
+def write_atomically(path: Path, data: bytes, mode: int = SNAPSHOT_MODE) -> None:
+    """Replace `path` with `data` (file mode `mode`) so readers see the old or the new file, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, mode)  # mkstemp makes 0600: a proxy running as another user must still read the file
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()

@@ -86,6 +86,7 @@ def test_alembic_upgrade_check_downgrade_on_postgres(pg_url: str) -> None:
         "counters",
         "dead_letters",
         "events",
+        "label_values",
         "source_offsets",
     }
 

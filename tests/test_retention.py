@@ -53,5 +53,5 @@ def test_retention_drops_old_rows_and_keeps_what_windows_need(tmp_path: Path) ->
         daemon.retention()
         assert database.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
     finally:
-        daemon.server.server_close()
+        daemon.server.stop()  # never started: closes the listening socket
         daemon.store.close()

@@ -5,6 +5,7 @@ Expectations are checked with plain SQL on the database file, not through the co
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -544,3 +545,60 @@ def test_tailer_names_its_source(store: Store, clock: FakeClock, logs: Path) -> 
     tail.close()
     with pytest.raises(RuntimeError, match="closed"):
         tail.poll()
+
+
+class OpenCounter:
+    """Counts every open of a file under `root` by this process (os.open and the built-in open)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+        self.paths: list[str] = []
+        root_text = str(root)
+        real_os_open, real_open = os.open, builtins.open
+
+        def os_open(path: Any, *args: Any, **kwargs: Any) -> int:
+            if str(path).startswith(root_text):
+                self.paths.append(str(path))
+            return real_os_open(path, *args, **kwargs)
+
+        def open_(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(file, str | os.PathLike) and str(file).startswith(root_text):
+                self.paths.append(str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(builtins, "open", open_)
+
+
+def test_idle_poll_opens_no_fully_read_file_and_still_sees_every_change(
+    store: Store, clock: FakeClock, logs: Path, db: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [logs / f"app-{n:03d}.jsonl" for n in range(300)]
+    for n, path in enumerate(files):
+        path.write_text(line(f"f{n}-1"))
+    half = logs / "half.jsonl"
+    half.write_text(line("h-1") + line("h-2")[:20])  # its last line is not finished yet
+    t = tailer(store, clock, source(logs))
+    assert t.poll().accepted == 301
+
+    opens = OpenCounter(monkeypatch, logs)
+    assert t.poll().accepted == 0
+    assert t.poll().accepted == 0
+    assert t.lag_seconds() == 0
+    assert opens.paths == []  # nothing changed: not one file opened, however many polls
+
+    append(files[0], line("f0-2"))  # growth
+    files[1].write_text(line("f1-2"))  # copytruncate: truncated, then written again, as long as before
+    files[2].rename(logs / "app-002.jsonl.1")  # rotation: the old file moves away, a new one takes its name
+    (logs / "app-002.jsonl").write_text(line("f2-new"))
+    append(half, line("h-2")[20:])  # the unfinished line is finished
+    result = t.poll()
+    assert result.accepted == 4, result
+    assert sorted(set(opens.paths)) == sorted(
+        str(p) for p in [files[0], files[1], files[2], half]
+    )  # the rotated file is new at its name; its renamed predecessor is no file of this glob
+    assert {"f0-2", "f1-2", "f2-new", "h-2"} <= set(request_ids(db))
+    assert count(db, "events") == 305
+
+    opens.paths.clear()
+    assert t.poll().accepted == 0
+    assert opens.paths == []

@@ -60,6 +60,11 @@ _READ_BUFFER = 64 * 1024
 _MAX_PATH = 1024  # source_offsets.path
 
 Key = tuple[int, int]  # (st_dev, st_ino)
+Signature = tuple[int, int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)
+
+
+def _signature(info: os.stat_result) -> Signature:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _digest(prefix: bytes) -> str:
@@ -242,6 +247,9 @@ class Tailer:
         self._items: list[Item] = []
         self._pending: dict[str, _Pending] = {}
         self._failing: dict[str, str] = {}  # path -> why it could not be read in the last poll
+        # path -> stat signature of a file read to its end, all of it committed: unchanged, it is not opened again
+        self._done: dict[str, Signature] = {}
+        self._done_this_poll: dict[str, Signature] = {}  # read to the end in this poll, committed at its end
         self._load_lock = threading.Lock()
         self._closed = False
 
@@ -270,9 +278,11 @@ class Tailer:
         self._items, self._pending = [], {}
         seen: set[Key] = set()
         failing, self._failing = self._failing, {}
+        done, self._done, self._done_this_poll = self._done, {}, {}
         for path in self._paths():
-            self._poll_path(path, seen, started, total, failing)
+            self._poll_path(path, seen, started, total, failing, done)
         self._flush(total)
+        self._done.update(self._done_this_poll)  # only now is everything read from them committed
         return total
 
     def lag_seconds(self) -> float:
@@ -285,8 +295,11 @@ class Tailer:
         self._load()
         now = self._clock()
         worst = 0.0
+        done = self._done
         for path in self._paths():
             try:
+                if done and done.get(os.path.abspath(path)) == _signature(os.stat(path)):
+                    continue  # read to its end and unchanged since
                 opened = _open(path)
                 if opened is None:
                     continue
@@ -320,10 +333,26 @@ class Tailer:
         self._failing[path] = reason
 
     def _poll_path(
-        self, path: str, seen: set[Key], started: datetime, total: BatchResult, failing: dict[str, str]
+        self,
+        path: str,
+        seen: set[Key],
+        started: datetime,
+        total: BatchResult,
+        failing: dict[str, str],
+        done: dict[str, Signature],
     ) -> None:
         absolute = os.path.abspath(path)
         try:
+            known = done.get(absolute)
+            if known is not None:
+                # A file read to its end whose size, times and inode are unchanged has nothing new: not opening it
+                # keeps an idle poll over thousands of finished files cheap. Growth, truncation, a rewrite and a
+                # rotation (another inode at the path) all change the signature.
+                now = _signature(os.stat(path))
+                if now == known:
+                    self._done[absolute] = known
+                    seen.add((now[0], now[1]))
+                    return
             opened = _open(path)
         except OSError as exc:
             self._skip(absolute, exc, failing)
@@ -350,7 +379,8 @@ class Tailer:
             except OSError as exc:
                 self._skip(absolute, exc, failing)
                 return
-            self._read(stream, followed, started, total)
+            if self._read(stream, followed, started, total):
+                self._done_this_poll[absolute] = _signature(info)
 
     def _identify(self, key: Key, prefix: bytes, size: int, path: str) -> _File | None:
         """The followed file this is, with its checkpoint; None while it has no complete line to identify it by."""
@@ -400,8 +430,9 @@ class Tailer:
                     return row
         return None
 
-    def _read(self, stream: IO[bytes], followed: _File, started: datetime, total: BatchResult) -> None:
-        """Queue every complete line after the file's checkpoint, committing each full batch."""
+    def _read(self, stream: IO[bytes], followed: _File, started: datetime, total: BatchResult) -> bool:
+        """Queue every complete line after the file's checkpoint, committing each full batch; True if it read
+        every complete line there was (as of the `fstat` taken before the read)."""
         view = _CompleteLines(stream, followed.offset)
         base = followed.lines
         numbered: Iterator[tuple[int, str | Rejected]] = read_lines(cast(BinaryIO, view))  # it only calls readline
@@ -413,7 +444,7 @@ class Tailer:
                     base = _count_lines(stream.fileno(), followed.offset)
                 except OSError as exc:
                     log.warning("source %s: cannot count the lines of %s: %s", self._label, followed.path, exc)
-                    break
+                    return False
             item = text if isinstance(text, Rejected) else self._parser.parse_line(text)
             self._items.append((f"{followed.path}:{base + number}", item))
             self._pending[followed.file_id] = _Pending(followed, view.line_end, base + view.lines)
@@ -435,6 +466,7 @@ class Tailer:
             self._pending[followed.file_id] = _Pending(followed, view.line_end, lines, caught_up)
         elif caught_up is not None:
             followed.caught_up_at = caught_up
+        return view.error is None
 
     def _flush(self, total: BatchResult) -> None:
         """Commit the queued lines with their files' checkpoints, in one transaction."""

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine
 from monitor.budgets import BudgetIndex
 from monitor.events import Event, Rejected
 from monitor.pricing import Price, PriceTable
+from monitor.store.labels import OTHER, LabelGate
 from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets
 from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
 from monitor.usage import USAGE_FIELDS, Usage
@@ -31,6 +32,10 @@ TOKEN_TYPES = (
     ("cache_write_5m", "cache_write_5m_tokens"),
     ("cache_write_1h", "cache_write_1h_tokens"),
 )
+DEFAULT_MAX_VALUES_PER_LABEL = 200
+DEFAULT_MAX_UNPRICED_MODELS = 50
+UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total (never a dimension's name)
+_LABEL_KEY_CACHE = 4096  # (model, label values) entries; values are capped already, this bounds memory
 
 
 def labels_key(labels: dict[str, str]) -> str:
@@ -90,6 +95,16 @@ Item = tuple[str, Event | Rejected]  # (location, parsed)
 
 
 @dataclass(frozen=True)
+class LetterCap:
+    """At most `limit` dead letters from one batch; the rest become one summary letter at `location` keeping
+    `raw` (e.g. the request body's first bytes). Every rejection is still counted."""
+
+    limit: int
+    location: str
+    raw: str
+
+
+@dataclass(frozen=True)
 class Offset:
     """How far a tailed file has been read: stored with the events read up to there."""
 
@@ -110,6 +125,8 @@ class Writer:
         budgets: BudgetIndex | None = None,
         zone: ZoneInfo | None = None,
         metric_labels: Sequence[str] = (),
+        max_values_per_label: int = DEFAULT_MAX_VALUES_PER_LABEL,
+        max_unpriced_models: int = DEFAULT_MAX_UNPRICED_MODELS,
     ) -> None:
         self._engine = engine
         self._prices = prices
@@ -118,6 +135,9 @@ class Writer:
         self._zone = zone or ZoneInfo("UTC")
         self._metric_labels = tuple(metric_labels)
         self._label_cache: dict[tuple[str, tuple[str, ...]], _LabelKeys] = {}
+        self.labels = LabelGate(
+            {**dict.fromkeys(self._metric_labels, max_values_per_label), UNPRICED_LABEL: max_unpriced_models}
+        )
         dialect = engine.dialect
         self._insert = insert_ignoring_conflicts(events, dialect, "request_id").returning(events.c.request_id)
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
@@ -130,7 +150,7 @@ class Writer:
     def _label_keys(self, model: str, label_values: tuple[str, ...]) -> _LabelKeys:
         cached = self._label_cache.get((model, label_values))
         if cached is None:
-            if len(self._label_cache) > 100_000:
+            if len(self._label_cache) >= _LABEL_KEY_CACHE:
                 self._label_cache.clear()
             labels = {"model": model, **dict(zip(self._metric_labels, label_values, strict=True))}
             cached = _LabelKeys(
@@ -146,7 +166,9 @@ class Writer:
         """Count toward these budgets from the next batch on."""
         self._budgets = budgets
 
-    def write(self, items: Sequence[Item], source: str, offsets: Sequence[Offset] = ()) -> BatchResult:
+    def write(
+        self, items: Sequence[Item], source: str, offsets: Sequence[Offset] = (), cap: LetterCap | None = None
+    ) -> BatchResult:
         """Store a batch: new events priced, duplicates skipped, rejections dead-lettered; all or nothing."""
         result = BatchResult()
         now = self._clock()
@@ -175,8 +197,32 @@ class Writer:
             seen.add(item.request_id)
             price = self._prices.price(item)
             fresh.append((item, price))
-            rows.append(_row(item, price, now, source))
+            rows.append(_row(item, price, now, source, self._prices.modifiers(item.speed, item.inference_geo)))
         result.rejected = len(letters)
+        # Every writer takes request_ids in one order: two PostgreSQL transactions inserting overlapping events in
+        # opposite orders would otherwise each wait for a key the other holds (a deadlock). Dead letters keep their
+        # arrival order (their ids are the order they are read back in).
+        rows.sort(key=lambda row: row["request_id"])
+        admitted: dict[str, frozenset[str]] = {}
+        if cap is not None and len(letters) > cap.limit:
+            more = len(letters) - cap.limit
+            reason = (
+                f"{more:,} more rejected lines in this batch were not dead-lettered one by one (the first "
+                f"{cap.limit:,} were; all {len(letters):,} are counted); raw holds the start of the batch"
+            )
+            del letters[cap.limit :]
+            location = cap.location[:1024]
+            letters.append(
+                {
+                    "received_at": now,
+                    "source": source,
+                    "location": location,
+                    "reason": reason,
+                    "raw": cap.raw,
+                    "request_id": None,
+                    "fingerprint": _fingerprint(source, location, cap.raw),
+                }
+            )
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()
             if rows:
@@ -188,7 +234,7 @@ class Writer:
             result.duplicates += len(rows) - len(new)
             result.unpriced = sum(1 for _, price in new if price.cost_pico is None)
             result.attributes_dropped = sum(event.attributes_dropped for event, _ in new)
-            self._count(connection, new, result, source)
+            admitted = self._count(connection, new, result, source, now)
             result.touched = self._add_to_budgets(connection, new, now)
             if offsets:
                 connection.execute(
@@ -198,6 +244,8 @@ class Writer:
                         for o in sorted(offsets, key=lambda o: o.file_id)
                     ],
                 )
+        if admitted:
+            self.labels.publish(admitted)  # committed: other batches of this process may now use them
         return result
 
     def _add_to_budgets(
@@ -249,7 +297,45 @@ class Writer:
                 totals[name, key] = usage
         return totals
 
-    def _count(self, connection: Connection, new: list[tuple[Event, Price]], result: BatchResult, source: str) -> None:
+    def _metric_values(
+        self, connection: Connection, new: list[tuple[Event, Price]], now: datetime
+    ) -> tuple[list[tuple[str, tuple[str, ...], str | None]], dict[str, frozenset[str]]]:
+        """Per event: its model label, its metric label values and (when unpriced) its unpriced-model label, each
+        capped; plus the admitted sets to publish once the transaction commits (empty when the cache decided all)."""
+        gate = self.labels
+        raw: list[tuple[str, tuple[str, ...], str | None]] = []
+        wanted: dict[str, dict[str, None]] = defaultdict(dict)
+        for event, price in new:
+            attributes = event.attributes or {}
+            values = tuple(attributes.get(name, "") for name in self._metric_labels)
+            unpriced = price.model if price.cost_pico is None else None
+            for name, value in zip(self._metric_labels, values, strict=True):
+                if gate.cached(name, value) is None:
+                    wanted[name][value] = None
+            if unpriced is not None and gate.cached(UNPRICED_LABEL, unpriced) is None:
+                wanted[UNPRICED_LABEL][unpriced] = None
+            raw.append((self._prices.label(price.model), values, unpriced))
+        admitted = gate.admit(connection, wanted, now) if wanted else {}
+
+        def decide(label: str, value: str) -> str:
+            if value in admitted.get(label, ()):
+                return value  # admitted by this transaction (or seen in the table by it)
+            known = gate.cached(label, value)
+            return OTHER if known is None else known  # None: asked for a slot above and refused
+
+        out = [
+            (
+                model,
+                tuple(decide(name, value) for name, value in zip(self._metric_labels, values, strict=True)),
+                None if unpriced is None else decide(UNPRICED_LABEL, unpriced),
+            )
+            for model, values, unpriced in raw
+        ]
+        return out, admitted
+
+    def _count(
+        self, connection: Connection, new: list[tuple[Event, Price]], result: BatchResult, source: str, now: datetime
+    ) -> dict[str, frozenset[str]]:
         values: dict[tuple[str, str], int] = defaultdict(int)
         for outcome, count in (
             ("accepted", result.accepted),
@@ -260,20 +346,22 @@ class Writer:
                 values["ingest_events", labels_key({"source": source, "outcome": outcome})] += count
         if result.attributes_dropped:
             values["attributes_dropped", labels_key({"source": source})] += result.attributes_dropped
-        for event, price in new:
-            attributes = event.attributes or {}
-            keys = self._label_keys(price.model, tuple(attributes.get(name, "") for name in self._metric_labels))
+        # Labels are bounded here, as the counter is written: the model label is a price-table name or `unpriced`,
+        # every other label an admitted value or `__other__`. Spend is kept whole; only its labels are capped.
+        labelled, admitted = self._metric_values(connection, new, now)
+        for (event, price), (model, label_values, unpriced) in zip(new, labelled, strict=True):
+            keys = self._label_keys(model, label_values)
             values["requests", keys.base] += 1
-            if price.cost_pico is None:
-                values["unpriced_events", keys.model] += 1
-            else:
+            if unpriced is not None:
+                values["unpriced_events", labels_key({"model": unpriced})] += 1
+            if price.cost_pico is not None:
                 values["cost_pico", keys.base] += price.cost_pico
             for (_, attr), token_key in zip(TOKEN_TYPES, keys.tokens, strict=True):
                 count = getattr(event, attr)
                 if count:
                     values["tokens", token_key] += count
             if event.status is not None and not 200 <= event.status < 300:
-                values["request_errors", labels_key({"model": price.model, "status": str(event.status)})] += 1
+                values["request_errors", labels_key({"model": model, "status": str(event.status)})] += 1
             if event.latency_ms is not None:
                 values["latency_count", keys.model] += 1
                 values["latency_sum_us", keys.model] += round(event.latency_ms * 1000)
@@ -283,13 +371,17 @@ class Writer:
                 self._add_counter,
                 [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
             )
+        return admitted
 
 
 def _fingerprint(source: str, location: str, raw: str) -> str:
     return hashlib.sha256(f"{source}\x00{location}\x00{raw}".encode()).hexdigest()
 
 
-def _row(event: Event, price: Price, now: datetime, source: str) -> dict[str, Any]:
+def _row(
+    event: Event, price: Price, now: datetime, source: str, modifiers: tuple[str | None, str | None]
+) -> dict[str, Any]:
+    speed, geo = modifiers  # as the price table knows them: the stored values are bounded too
     return {
         "request_id": event.request_id,
         "ts": event.timestamp,
@@ -307,8 +399,8 @@ def _row(event: Event, price: Price, now: datetime, source: str) -> dict[str, An
         "batch": event.batch,
         "long_prompt": price.long_prompt,
         "service_tier": event.service_tier,
-        "speed": event.speed,
-        "inference_geo": event.inference_geo,
+        "speed": speed,
+        "inference_geo": geo,
         "status": event.status,
         "latency_ms": event.latency_ms,
         "attributes": event.attributes or {},

@@ -146,6 +146,20 @@ counters = Table(
     Column("value", BigInteger, nullable=False),
 )
 
+# The values admitted into each metric label: a `metrics.labels` dimension, or `model` for the ids of models the
+# price table does not know (claude_monitor_unpriced_events_total). The first values seen take the slots, up to the
+# configured cap; a value is never removed, so a series never moves, and every replica reads the same list. Slots
+# number the admissions from 0 and are unique per label: two writers can never both take the last one.
+label_values = Table(
+    "label_values",
+    metadata,
+    Column("label", String(64), primary_key=True),
+    Column("value", String(255), primary_key=True),
+    Column("slot", Integer, nullable=False, comment="admission order from 0; always below the label's cap"),
+    Column("admitted_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("label", "slot"),
+)
+
 # Where each tailed file was read up to, written in the same transaction as the events read from it.
 source_offsets = Table(
     "source_offsets",

@@ -27,6 +27,11 @@ def insert_ignoring_conflicts(table: Table, dialect: Dialect, key: str) -> Any:
     return _insert(table, dialect).on_conflict_do_nothing(index_elements=[key])
 
 
+def insert_ignoring_all_conflicts(table: Table, dialect: Dialect) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING, whichever unique key a row collides on."""
+    return _insert(table, dialect).on_conflict_do_nothing()
+
+
 def upsert_adding(table: Table, dialect: Dialect, keys: Sequence[str], values: Sequence[str]) -> Any:
     """INSERT … ON CONFLICT (keys) DO UPDATE SET v = v + excluded.v for each value column."""
     statement = _insert(table, dialect)

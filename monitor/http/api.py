@@ -1,0 +1,386 @@
+"""The daemon's HTTP API as an ASGI app: ingest, throttle checks for proxies, budgets, metrics and health.
+
+`Api` decides what each route answers, with no HTTP plumbing; `ApiApp` routes ASGI requests to it. Database work
+(ingest, budgets, readiness, metrics) runs on worker threads, never on the event loop; a check is decided in memory
+on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
+
+from monitor.evaluation import BudgetEngine, state_json
+from monitor.events import EventParser, Rejected, redact
+from monitor.http.server import (
+    BadLength,
+    BodyTimeout,
+    BodyTooLarge,
+    ClientDisconnected,
+    Receive,
+    Response,
+    Scope,
+    Send,
+    content_length,
+    error_response,
+    header,
+    headers_of,
+    json_response,
+    read_body,
+)
+from monitor.ingest.body import NotJsonNorNdjson, TooManyEvents, split_body
+from monitor.ingest.writer import BatchResult, LetterCap, Writer
+from monitor.pricing import PriceTable, format_usd
+from monitor.throttle import iso
+
+log = logging.getLogger(__name__)
+HTTP_SOURCE = "http"
+RAW_KEEP = 64 * 1024  # characters of a refused body kept in its dead letter
+MAX_REJECTIONS_LISTED = 100  # rejected lines itemised in a 202 answer; `rejected_total` has the full count
+MAX_DEAD_LETTERS = 1000  # dead letters written per request; past it one summary letter
+CHECK_BODY_KEEP_ALIVE = 64 * 1024  # a check with a larger (or chunked) body closes its connection after answering
+OPS_ROUTES = ("/metrics", "/healthz", "/readyz")  # open even with a read token
+BEARER = {"WWW-Authenticate": 'Bearer realm="claude-monitor"'}
+T = TypeVar("T")
+
+
+def _bearer_matches(header_value: str | None, token: bytes) -> bool:
+    scheme, _, given = (header_value or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+
+class Api:
+    """What each route does, independent of the HTTP plumbing."""
+
+    def __init__(
+        self,
+        *,
+        parser: EventParser,
+        writer: Writer,
+        budgets: BudgetEngine,
+        prices: PriceTable,
+        dimensions: list[str],
+        token: str | None,
+        token_env: str,
+        max_body_bytes: int,
+        registry: CollectorRegistry,
+        clock: Callable[[], datetime],
+        readiness: Callable[[], tuple[bool, dict[str, Any]]],
+        on_ingest: Callable[[BatchResult], None] = lambda result: None,
+        max_events_per_request: int = 10_000,
+        check_require: Sequence[str] = (),
+        read_token: str | None = None,
+        read_token_env: str | None = None,
+    ) -> None:
+        self.parser = parser
+        self.writer = writer
+        self.budgets = budgets
+        self.prices = prices
+        self.dimensions = dimensions
+        self._token = token.encode() if token else None
+        self._token_env = token_env
+        self.max_body_bytes = max_body_bytes
+        self.max_events_per_request = max_events_per_request
+        self.check_require = tuple(check_require)
+        self._read_token = read_token.encode() if read_token else None
+        self._read_token_env = read_token_env
+        self.registry = registry
+        self.clock = clock
+        self.readiness = readiness
+        self.on_ingest = on_ingest
+        self.draining = False
+        self._boot = uuid.uuid4().hex[:8]
+
+    # --- authentication -----------------------------------------------------------------------------------------
+
+    def authorized(self, header_value: str | None) -> Response | None:
+        """None when the ingest Bearer token is right; else the 401 to send."""
+        if self._token is None:
+            return error_response(401, f"ingest is disabled: the daemon has no token (set ${self._token_env})", BEARER)
+        if not _bearer_matches(header_value, self._token):
+            return error_response(401, "missing or wrong Bearer token", BEARER)
+        return None
+
+    def read_authorized(self, header_value: str | None) -> Response | None:
+        """None when reads are open or the read token is right; else the 401 to send."""
+        if self._read_token is None or _bearer_matches(header_value, self._read_token):
+            return None
+        return error_response(
+            401, f"missing or wrong Bearer token: this route needs the read token (${self._read_token_env})", BEARER
+        )
+
+    # --- POST /v1/usage -----------------------------------------------------------------------------------------
+
+    def ingest(self, body: bytes, remote: str) -> Response:
+        """Ingest one event, a JSON array, or NDJSON; answer only after the batch is committed."""
+        if self.draining:
+            return self.draining_response()
+        request = uuid.uuid4().hex[:12]
+        where = f"POST /v1/usage {request} from {remote}"
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._whole_body_rejected(
+                body.decode("utf-8", "replace"), f"body is not UTF-8 (byte {exc.start})", where
+            )
+        try:
+            items = split_body(text, self.parser, where, self.max_events_per_request)
+        except TooManyEvents as exc:
+            return error_response(
+                413,
+                f"{exc}; the limit is http.max_events_per_request = {exc.limit:,}: send smaller batches "
+                "(nothing was stored)",
+            )
+        except NotJsonNorNdjson as exc:
+            return self._whole_body_rejected(text, str(exc), where)
+        cap = LetterCap(MAX_DEAD_LETTERS, f"{where} (the rest)", redact(text[:RAW_KEEP]))
+        try:
+            result = self.writer.write(items, HTTP_SOURCE, cap=cap)
+        except SQLAlchemyError as exc:
+            log.error("ingest failed, storage unavailable: %s", str(exc).splitlines()[0])
+            return error_response(503, "storage unavailable; nothing was stored, retry", {"Retry-After": "5"})
+        self.budgets.on_batch(result.touched)  # flags flip before the answer returns
+        self.on_ingest(result)
+        rejected = [
+            {"index": int(location.rsplit("#", 1)[1]), "error": reason}
+            for location, reason in result.rejections[:MAX_REJECTIONS_LISTED]
+        ]
+        answer: dict[str, Any] = {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
+        if result.rejected:
+            answer["rejected_total"] = result.rejected
+        return json_response(202, answer)
+
+    def draining_response(self) -> Response:
+        """503 while the daemon shuts down."""
+        return error_response(503, "shutting down; retry against another replica", {"Retry-After": "5"})
+
+    def _whole_body_rejected(self, text: str, reason: str, where: str) -> Response:
+        raw = redact(text[:RAW_KEEP])
+        try:
+            self.writer.write([(f"{where} #0", Rejected(reason, raw))], HTTP_SOURCE)
+        except SQLAlchemyError:
+            return error_response(503, "storage unavailable; retry", {"Retry-After": "5"})
+        return json_response(400, {"error": reason, "dead_lettered": True})
+
+    # --- GET /v1/check ------------------------------------------------------------------------------------------
+
+    def check(self, query: Mapping[str, str], headers: Mapping[str, str], headers_only: bool = False) -> Response:
+        """204 allowed, or 429 with Retry-After and the budget that stops the caller.
+
+        Identity comes from X-Monitor-<Dimension> headers, and from query arguments too unless `headers_only` (the
+        Envoy form, whose query string is the caller's own). `headers` must have lower-case names.
+        """
+        args: Mapping[str, str] = {} if headers_only else query
+        attributes: dict[str, str] = {}
+        for name in self.dimensions:
+            value = (
+                args.get(name) or headers.get(f"x-monitor-{name.replace('_', '-')}") or headers.get(f"x-monitor-{name}")
+            )
+            if value:
+                attributes[name] = value
+        model_id = args.get("model") or headers.get("x-monitor-model")
+        missing = [name for name in self.check_require if not (model_id if name == "model" else attributes.get(name))]
+        if missing:
+            how = ", ".join(f"X-Monitor-{name.replace('_', '-').title()}" for name in missing)
+            return error_response(
+                400,
+                f"check without {', '.join(missing)} (required by http.check_require): send {how}"
+                + ("" if headers_only else " or the query argument"),
+            )
+        model = (self.prices.resolve(model_id) or model_id) if model_id else None
+        now = self.clock()
+        staleness = self._staleness(now)
+        decision = self.budgets.throttle.decide(model, attributes, now)
+        if decision is None:
+            return Response(204, b"", None, staleness)
+        flag = decision.flag
+        body = {
+            "budget": flag.budget,
+            "scope": flag.scope,
+            "spend_usd": format_usd(flag.spend_pico),
+            "limit_usd": None if flag.limit_pico is None else format_usd(flag.limit_pico),
+            "until": iso(flag.until),
+            "utilization": round(flag.utilization, 4),
+            "measure": flag.measure,
+            "amount": flag.amount,
+            "limit": flag.limit,
+            "budgets": [f.budget for f in decision.flags],
+        }
+        headers_out = {"Retry-After": str(decision.retry_after(now)), "X-Monitor-Budget": flag.budget, **staleness}
+        deny = args.get("deny_status")
+        status = int(deny) if deny in ("401", "403") else 429  # nginx auth_request understands only 401/403
+        return json_response(status, body, headers_out)
+
+    def _staleness(self, now: datetime) -> dict[str, str]:
+        last = self.budgets.last
+        if last is None:
+            return {"X-Monitor-State-Age": "-1"}
+        age = max((now - last.at).total_seconds(), 0.0)
+        out = {"X-Monitor-State-Age": f"{age:.1f}"}
+        if self.budgets.failing:
+            out["X-Monitor-Stale"] = "storage unavailable; answering from the last known state"
+        return out
+
+    # --- the rest -----------------------------------------------------------------------------------------------
+
+    def throttle(self, if_none_match: str | None) -> Response:
+        """Every active flag, with an ETag."""
+        state = self.budgets.throttle
+        etag = f'"{self._boot}-{state.version}"'  # versions restart with the process: the boot id tells them apart
+        if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
+            return Response(304, b"", None, {"ETag": etag})
+        return json_response(200, state.snapshot(self.clock()), {"ETag": etag, "Cache-Control": "no-cache"})
+
+    def budgets_json(self) -> Response:
+        """As `budgets --format json`."""
+        throttled = self.budgets.throttle.flags
+        now = self.clock()
+        rows = [state_json(state, throttled, now) for state in self.budgets.states()]
+        return json_response(200, rows)
+
+    def metrics(self) -> Response:
+        """Prometheus text exposition."""
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+    def ready(self) -> Response:
+        """200 when ready, else 503 with what is missing."""
+        ok, detail = self.readiness()
+        return json_response(200 if ok else 503, {"ready": ok, **detail})
+
+
+class ApiApp:
+    """The ASGI app over `Api`: routing, body limits, and which work goes to which worker threads.
+
+    A request body that pauses for `body_timeout` seconds is answered 408. Ingest runs on `ingest_workers`
+    threads (1 suits SQLite, whose writes serialise anyway); budgets, metrics and readiness on a small pool of
+    their own, so a slow scrape never holds up ingest or checks. With `ops_only` it serves just /metrics,
+    /healthz and /readyz (for a listener of their own).
+    """
+
+    def __init__(
+        self,
+        api: Api,
+        ingest_workers: int = 1,
+        read_workers: int = 2,
+        ops_only: bool = False,
+        body_timeout: float | None = 10.0,
+    ) -> None:
+        self.api = api
+        self.ops_only = ops_only
+        self.body_timeout = body_timeout  # seconds a request body may pause before 408
+        self._ingest_pool = ThreadPoolExecutor(ingest_workers, thread_name_prefix="ingest")
+        self._read_pool = ThreadPoolExecutor(read_workers, thread_name_prefix="api-read")
+
+    def close(self) -> None:
+        """Wait for work in progress and stop the worker threads (after the server has drained)."""
+        self._ingest_pool.shutdown(wait=True)
+        self._read_pool.shutdown(wait=True)
+
+    async def _off_loop(self, pool: ThreadPoolExecutor, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, work)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            response = await self._route(scope, receive)
+        except ClientDisconnected:
+            return
+        await response.send(send)
+
+    async def _route(self, scope: Scope, receive: Receive) -> Response:
+        api = self.api
+        method = scope["method"]
+        path = scope["path"].rstrip("/") or "/"
+        if self.ops_only and path not in OPS_ROUTES:
+            return error_response(404, f"no route {path} here: this listener serves {', '.join(OPS_ROUTES)}")
+        if path == "/v1/check" or path.startswith("/v1/check/"):  # Envoy appends the original path
+            if method not in ("GET", "HEAD", "POST"):
+                return _method_not_allowed(method, path, "GET, HEAD, POST")
+            return self._check(scope, envoy=path != "/v1/check")
+        if path == "/v1/usage":
+            if method != "POST":
+                return _method_not_allowed(method, path, "POST")
+            return await self._ingest(scope, receive)
+        if method not in ("GET", "HEAD"):
+            return error_response(404, f"no route {method} {path}", close=True)
+        if path in ("/v1/throttle", "/v1/budgets"):
+            denied = api.read_authorized(header(scope, "authorization"))
+            if denied is not None:
+                return denied
+            if path == "/v1/throttle":
+                return api.throttle(header(scope, "if-none-match"))
+            return await self._off_loop(self._read_pool, api.budgets_json)
+        if path == "/metrics":
+            return await self._off_loop(self._read_pool, api.metrics)
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            return await self._off_loop(self._read_pool, api.ready)
+        return error_response(404, f"no route {path}")
+
+    def _check(self, scope: Scope, envoy: bool) -> Response:
+        headers = headers_of(scope)
+        # ext_authz may forward the caller's body; it is not needed. uvicorn discards an unread body after the
+        # answer; a large or chunked one is not worth reading: the connection closes instead.
+        try:
+            length = content_length(scope)
+        except BadLength:
+            length = None
+        close = (length is None and "transfer-encoding" in headers) or (length or 0) > CHECK_BODY_KEEP_ALIVE
+        response = self.api.read_authorized(headers.get("authorization"))
+        if response is None:
+            query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+            response = self.api.check(query, headers, headers_only=envoy)
+        if close:
+            response = replace(response, close=True)
+        return response
+
+    async def _ingest(self, scope: Scope, receive: Receive) -> Response:
+        api = self.api
+        try:
+            length = content_length(scope)
+        except BadLength as exc:
+            return error_response(400, str(exc), close=True)
+        chunked = "chunked" in (header(scope, "transfer-encoding") or "").lower()
+        denied = api.authorized(header(scope, "authorization"))
+        if denied is not None:
+            # A small body is already in uvicorn's buffer and is discarded; a large one is not worth receiving.
+            keep = length is not None and length <= CHECK_BODY_KEEP_ALIVE
+            return denied if keep else replace(denied, close=True)
+        if length is None and not chunked:
+            return error_response(411, "Content-Length (or Transfer-Encoding: chunked) is required", close=True)
+        if length is not None and length > api.max_body_bytes:
+            return error_response(
+                413,
+                f"body of {length:,} bytes is over the limit of {api.max_body_bytes:,} (http.max_body_bytes): "
+                "send smaller batches",
+                close=True,
+            )
+        if api.draining:
+            return replace(api.draining_response(), close=True)
+        try:
+            body = await read_body(receive, api.max_body_bytes, self.body_timeout)
+        except BodyTimeout as exc:
+            return error_response(408, f"{exc}; nothing was stored, send the whole body promptly", close=True)
+        except BodyTooLarge as exc:
+            return error_response(
+                413, f"{exc} (http.max_body_bytes); send smaller batches (nothing was stored)", close=True
+            )
+        remote = (scope.get("client") or ("?", 0))[0]
+        return await self._off_loop(self._ingest_pool, lambda: api.ingest(body, remote))
+
+
+def _method_not_allowed(method: str, path: str, allowed: str) -> Response:
+    return error_response(405, f"{path} does not take {method}; use {allowed}", {"Allow": allowed})
