@@ -19,8 +19,7 @@ from pathlib import Path
 import anthropic
 import pytest
 
-from monitor.proxy import MAX_BODY_BYTES
-from monitor.upstream import SseUsage
+from monitor.http.sse import SseUsage
 from tests.conftest import run_cli, write_config
 from tests.fake_anthropic import COUNT_TOKENS_ANSWER, FakeAnthropic
 from tests.proxy_harness import (
@@ -247,7 +246,7 @@ def test_failed_calls_are_recorded_with_their_status_and_zero_usage(stack: Stack
     # An over-size body is refused from its Content-Length alone, in the same shape.
     connection = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=30)
     connection.putrequest("POST", "/v1/messages")
-    connection.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+    connection.putheader("Content-Length", str(64 * 1024 * 1024 + 1))
     connection.putheader("x-api-key", CLIENT_KEY)
     connection.endheaders()
     too_big = connection.getresponse()
