@@ -376,6 +376,7 @@ class ProxyConfig(_Strict):
     allow_unpriced_models: bool = False
     monitor_url: str = "http://127.0.0.1:9464"
     ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
+    read_token_env: str | None = None  # the daemon's read token, when its http.read_token_env is set
     fail_mode: Literal["open", "closed"] = "open"
     # Bounds of the proxy's own server; over max_body_bytes a request is refused 413 (Anthropic's own limit
     # is lower, so nothing it would accept is refused here).

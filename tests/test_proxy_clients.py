@@ -248,3 +248,21 @@ def test_the_shipped_proxy_example_is_a_valid_config() -> None:
     run = run_cli("check-config", "--config", str(example), env={"NIGHTLY_PROXY_KEY": "k"})
     assert "  - lingo-backend: key with sha256 00000000…" in run.stdout
     assert "  - nightly-digest: key from $NIGHTLY_PROXY_KEY (set)" in run.stdout
+
+
+def test_the_proxy_reads_a_daemon_that_requires_its_read_token(tmp_path: Path, fake: FakeAnthropic) -> None:
+    read = {"TEST_READ_TOKEN": "a-read-token-for-checks"}
+    daemon = Serve(
+        write_config(tmp_path, SERVE_CONFIG.replace("http: {", "http: {read_token_env: TEST_READ_TOKEN, ")),
+        tmp_path,
+        env=read,
+    )
+    config = proxy_config(tmp_path, fake.url, daemon.url, clients=CLIENTS, extra="  read_token_env: TEST_READ_TOKEN\n")
+    proxy = ProxyProcess(config, tmp_path, env={NIGHTLY_ENV: NIGHTLY_KEY, **read})
+    try:
+        call(proxy.url, CLIENT_KEY, {"X-App-User": "u-r"})
+        assert refused(proxy.url, CLIENT_KEY, {"X-App-User": "u-r"}).status_code == 429
+    finally:
+        proxy.stop(signal.SIGKILL)
+        daemon.stop(signal.SIGKILL)
+    assert "unavailable" not in proxy.output()  # the daemon's state came with the token, not the snapshot file

@@ -579,10 +579,19 @@ def run_proxy(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, 
             config.ingest_token_env,
             settings.spool,
         )
+    read_token = environ.get(config.read_token_env, "").strip() or None if config.read_token_env else None
+    if config.read_token_env and read_token is None:
+        log.warning(
+            "proxy.read_token_env is %s but $%s is empty: a daemon that requires its read token will not share its "
+            "throttle state, and checks fall back to the snapshot file",
+            config.read_token_env,
+            config.read_token_env,
+        )
     try:
         monitor = MonitorClient(
             config.monitor_url,
             token=token,
+            read_token=read_token,
             snapshot_file=loaded.settings.throttle.snapshot_file,
             fail_mode=config.fail_mode,
         )
