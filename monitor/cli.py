@@ -319,8 +319,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    """The reference Claude proxy (SPEC §10): runs until SIGTERM or SIGINT, then exits 0."""
-    from monitor.proxy import run_proxy
+    """The reference Claude proxy: runs until SIGTERM or SIGINT, then exits 0."""
+    from monitor.http.proxy import run_proxy
 
     loaded = _settings(args)
     logging.getLogger("monitor").setLevel(logging.DEBUG if args.verbose else logging.INFO)
