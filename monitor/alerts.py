@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from monitor import __version__
-from monitor.budgets import Budget, ScopeState, scope_key
+from monitor.budgets import Budget, ScopeState, forecast_settle, scope_key
 from monitor.config import ConfigError, WebhookConfig
 from monitor.notices import Notice, alertmanager_payload, fraction_text, generic_payload, slack_payload
 from monitor.redaction import webhook_url
@@ -38,8 +38,6 @@ GIVE_UP_AFTER = timedelta(hours=24)  # a receiver down for a day: the notice is 
 REQUEST_TIMEOUT_S = 5.0
 DELIVERIES_PER_RUN = 500
 RUN_SECONDS = 20.0  # one delivery run never holds the job (and a draining stop) longer than this
-# The burn rate of a window's first minutes says little: forecasts wait for an hour of data (or 10% of the window).
-FORECAST_SETTLE = timedelta(hours=1)
 KEEP_RESOLVED = timedelta(days=90)
 _KIND_ORDER = {"throttle": 0, "threshold": 1, "forecast": 2}
 _N = alert_notices.c
@@ -140,7 +138,8 @@ def wanted_notices(state: ScopeState, now: datetime) -> list[tuple[str, Decimal]
         out.append(("throttle", budget.throttle_at))
     if budget.bucket is None:  # a rolling window never ends: there is nothing to forecast it to
         forecast = state.forecast_cost_pico if budget.measure == "usd" else state.forecast_amount
-        settle = min(FORECAST_SETTLE, (state.window_end - state.window_start) / 10)
+        # A window's first hours say little about its end: no notice before its average is a forecast.
+        settle = forecast_settle(state.window_start, state.window_end)
         if forecast > budget.limit and amount < budget.limit and now - state.window_start >= settle:
             out.append(("forecast", Decimal(1)))
     return out
