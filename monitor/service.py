@@ -216,6 +216,7 @@ class Daemon:
             settings.zone,
             where=where,
             generator_url="http://{}:{}/v1/budgets".format(*self.address),
+            digest_every=parse_duration(settings.alerts.digest_every),
         )
         self.leadership = Leadership(self.store.engine)
         self.scheduler = BackgroundScheduler(
