@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from monitor import redaction
 from monitor.yamlio import key_lines, load_yaml
@@ -22,6 +22,8 @@ DEFAULT_CONFIG_PATH = Path("claude-monitor.yaml")
 ENV_PREFIX = "CLAUDE_MONITOR_"
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
 WINDOW_HELP = "use day, week, month or rolling:<N>m|h|d (e.g. rolling:1h)"
+# Dimensions with a value per person or credential: as metric labels, one series each, without bound.
+HIGH_CARDINALITY_DIMENSIONS = ("user", "api_key")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_SECONDS = {
     "ms": Decimal("0.001"),
@@ -136,10 +138,27 @@ class HttpConfig(_Strict):
 class MetricsConfig(_Strict):
     """Which dimensions may become Prometheus labels, and how many values each may have."""
 
+    # Listed before `labels`, which is checked against it.
+    allow_high_cardinality: list[str] = []
     labels: list[str] = ["project", "environment"]
     # Past these, new values are counted under `__other__` (the first values seen keep their series).
     max_values_per_label: int = Field(default=200, ge=1, le=100_000)
     max_unpriced_models: int = Field(default=50, ge=1, le=100_000)
+
+
+    @field_validator("labels")
+    @classmethod
+    def _bounded(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        allowed = set(info.data.get("allow_high_cardinality") or ())
+        unbounded = [label for label in value if label in HIGH_CARDINALITY_DIMENSIONS and label not in allowed]
+        if unbounded:
+            names = ", ".join(repr(label) for label in unbounded)
+            raise ValueError(
+                f"{names}: one value per user or key, so as metric labels one series per person, without "
+                "bound (per-user spend is in `budgets` and /v1/budgets, and per: budgets cap it). Remove it, or "
+                f"accept the series explicitly with metrics.allow_high_cardinality: [{', '.join(unbounded)}]"
+            )
+        return value
 
 
 class ScheduleConfig(_Strict):
@@ -192,6 +211,15 @@ class AlertsConfig(_Strict):
     """The daemon's own notifier."""
 
     webhooks: list[WebhookConfig] = []
+    # A `per:` budget's notice is updated at most this often while more of its scopes cross.
+    digest_every: str = "1h"
+
+    @field_validator("digest_every")
+    @classmethod
+    def _digest_every(cls, value: str) -> str:
+        if parse_duration(value) <= timedelta(0):
+            raise ValueError("must be longer than 0 (e.g. 1h)")
+        return value
 
 
 class LongPromptRates(_Strict):

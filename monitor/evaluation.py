@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.budgets import Budget, BudgetIndex, BurnRates, ScopeState, evaluate_scope, scope_key
+from monitor.budgets import Budget, BudgetIndex, ScopeState, evaluate_scope, scope_key
 from monitor.pricing import format_usd
 from monitor.store.models import budget_definitions, budget_usage, events
 from monitor.store.queries import scope_buckets, upsert_adding, window_totals
@@ -105,7 +105,6 @@ class BudgetEngine:
         self._clock = clock
         self.throttle = throttle
         throttle.set_index(self.index)
-        self._burn = BurnRates()
         self._lock = threading.Lock()
         self.summaries: Mapping[str, BudgetSummary] = MappingProxyType({b.name: BudgetSummary(b) for b in self.budgets})
         self._batches = 0  # fast-path updates so far
@@ -210,7 +209,6 @@ class BudgetEngine:
         flags: dict[tuple[str, str], Flag] = {}
         with self._lock:
             batches_from = self._batches
-        keep_burn: set[tuple[str, str]] = set()
         current = self.throttle.flags
         read_from = self.throttle.generation  # before the first read: later fast-path flags survive the replace
         scopes = 0
@@ -219,8 +217,6 @@ class BudgetEngine:
                 states: dict[str, ScopeState] = {}
                 scopes_total = scopes_throttled = 0
                 first, last = budget.bucket_range(now, self._zone)
-                start, end = budget.window_at(now, self._zone)
-                span = (end - start).total_seconds()
                 lowest = budget.thresholds[0] if budget.thresholds else None
                 candidates: list[tuple[int, str, Usage]] = []
                 for key, usage in window_totals(connection, budget.name, first, last):
@@ -233,7 +229,7 @@ class BudgetEngine:
                             candidates.sort(key=lambda c: -c[0])
                             del candidates[TOP_SCOPES:]
                         continue
-                    state = self._state(connection, budget, key, usage, now, start, span, keep_burn)
+                    state = self._state(connection, budget, key, usage, now)
                     states[key] = state
                     if state.throttled:
                         scopes_throttled += 1
@@ -247,7 +243,6 @@ class BudgetEngine:
                     states[key] = evaluate_scope(budget, dict(budget.match), Usage(), now, self._zone)
                 scopes += scopes_total
                 shown[budget.name] = (states, scopes_total, scopes_throttled)
-        self._burn.forget(keep_burn)
         with self._lock:
             # States the fast path computed after this evaluation began to read are newer than what it read.
             later = {k: st for k, (n, st) in self._batch_states.items() if n > batches_from}
@@ -274,12 +269,7 @@ class BudgetEngine:
         key: str,
         usage: Usage,
         now: datetime,
-        start: datetime,
-        span: float,
-        keep_burn: set[tuple[str, str]],
     ) -> ScopeState:
-        keep_burn.add((budget.name, key))
-        rates = self._burn.update((budget.name, key), now, budget.amount(usage), usage.cost_pico, start, span)
         buckets = None
         if (
             budget.bucket is not None
@@ -287,7 +277,7 @@ class BudgetEngine:
             and budget.over(budget.amount(usage), budget.throttle_at)
         ):
             buckets = scope_buckets(connection, budget.name, key, budget.first_bucket(now, self._zone))
-        return evaluate_scope(budget, json.loads(key), usage, now, self._zone, rates, buckets)
+        return evaluate_scope(budget, json.loads(key), usage, now, self._zone, buckets)
 
     # --- the fast path ---------------------------------------------------------------------------------------
 
@@ -323,7 +313,7 @@ class BudgetEngine:
                         exc.__class__.__name__,
                     )
                     buckets = [(budget.bucket_of(now, self._zone), usage)]
-            state = evaluate_scope(budget, json.loads(key), usage, now, self._zone, None, buckets)
+            state = evaluate_scope(budget, json.loads(key), usage, now, self._zone, buckets)
             updated.append((name, key, state))
             if state.throttled:
                 old = current.get((name, key))

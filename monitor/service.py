@@ -129,8 +129,18 @@ class Jobs:
             registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.interval = Gauge(
+            "claude_monitor_job_interval_seconds",
+            "How often each scheduled task runs: its freshness is judged against this.",
+            ["task"],
+            registry=registry,
+        )
         self.failures: dict[str, str] = {}
         self.succeeded_at: dict[str, float] = {}
+
+    def every(self, task: str, seconds: float) -> None:
+        """Record a task's schedule."""
+        self.interval.labels(task).set(seconds)
 
     def run(self, task: str, job: Callable[[], Any]) -> bool:
         """Run one task now; a failure is logged and kept, never raised into the scheduler."""
@@ -238,6 +248,7 @@ class Daemon:
             settings.zone,
             where=where,
             generator_url="http://{}:{}/v1/budgets".format(*self.address),
+            digest_every=parse_duration(settings.alerts.digest_every),
         )
         self.leadership = Leadership(self.store.engine)
         self.scheduler = BackgroundScheduler(
@@ -373,6 +384,13 @@ class Daemon:
     def start(self) -> None:
         """Apply changed budget definitions (leader), evaluate once, then start HTTP, the tailers and the schedule."""
         self._heads_ok = schema_is_current(self.store.engine)
+        self.jobs.every("evaluate", self.every.total_seconds())
+        self.jobs.every("notify", self.every.total_seconds())  # runs after each evaluation
+        self.jobs.every("retention", 3600)
+        if self.notifier.enabled:
+            self.jobs.every("deliver", DELIVER_EVERY_S)
+        if self.tailers:
+            self.jobs.every("tail", TAIL_INTERVAL_S)
         self.jobs.run("evaluate", self.evaluate)  # the leader applies changed budget definitions first
         self.scheduler.add_job(
             self.jobs.run,
