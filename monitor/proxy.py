@@ -25,6 +25,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -71,6 +72,7 @@ _ERROR_STATUS = {  # Anthropic's error types, for an `error` event inside a 200 
     "overloaded_error": 529,
 }
 _ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0}
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -428,12 +430,16 @@ def _read_body(h: BaseHTTPRequestHandler) -> bytes | None:
     try:
         body = _read_chunked(h) if "chunked" in (h.headers.get("Transfer-Encoding") or "").lower() else None
         if body is None:
-            length = int(h.headers.get("Content-Length") or 0)
-            if length < 0:
-                raise ValueError(length)
+            values = {value.strip() for value in h.headers.get_all("Content-Length") or ["0"]}
+            text = values.pop()
+            if values or not (text.isascii() and text.isdigit()):  # no sign, no "0x", no "1_0", one value
+                raise ValueError(text)
+            length = int(text)
             if length > MAX_BODY_BYTES:
                 raise OverflowError(length)  # answered from the header alone: the body is not read
             body = h.rfile.read(length)
+            if len(body) != length:
+                raise ValueError(len(body))  # the client stopped part-way: not a request to forward
         return body
     except ValueError:
         h.close_connection = True
@@ -448,14 +454,24 @@ def _read_chunked(h: BaseHTTPRequestHandler) -> bytes:
     """A chunked request body; ValueError on bad framing, OverflowError over MAX_BODY_BYTES."""
     parts: list[bytes] = []
     total = 0
-    while size := int(h.rfile.readline(1024).split(b";")[0].strip() or b"0", 16):
+    while True:
+        line = h.rfile.readline(1024)
+        size_text = line.split(b";")[0].strip()
+        if not line.endswith(b"\n") or not _CHUNK_SIZE.fullmatch(size_text):  # int() would take "-1", "0x5"
+            raise ValueError(line[:40])
+        size = int(size_text, 16)
+        if size == 0:
+            break
         total += size
         if total > MAX_BODY_BYTES:
             raise OverflowError(total)
         parts.append(h.rfile.read(size))
-        h.rfile.readline(1024)
-    while h.rfile.readline(1024).strip():
+        if len(parts[-1]) != size or h.rfile.readline(1024) not in (b"\r\n", b"\n"):
+            raise ValueError(size)  # cut short, or the chunk is longer than its size line says
+    while (line := h.rfile.readline(1024)).strip():
         pass  # trailers
+    if not line.endswith(b"\n"):
+        raise ValueError("no end of the chunked body")
     return b"".join(parts)
 
 
