@@ -33,15 +33,16 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from worktree import REPO, baseline_worktree, describe_current, imported_from
+
 USERS = 200
 HOT_USERS = 8
 PROJECTS = ["lingo", "atlas", "quill", "orbit"]
@@ -51,16 +52,6 @@ THROTTLED_PATH = "/v1/check?project=lingo&user=hot-1&feature=chat&api_key=key-1&
 
 
 # --- the servers ---------------------------------------------------------------------------------------------------
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
-
-
-def describe_current() -> str:
-    """Short commit of this checkout, marked when tracked files differ from it."""
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return git("rev-parse", "--short", "HEAD") + ("+changes" if dirty else "")
 
 
 def budgets() -> list[dict[str, Any]]:
@@ -140,12 +131,7 @@ def start(server: Server, work: Path) -> Any:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {"PYTHONPATH": str(server.pythonpath)}
-    imported = subprocess.run(
-        [sys.executable, "-c", "import monitor; print(monitor.__file__)"],
-        cwd=work, env={**os.environ, **env}, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    if not Path(imported).resolve().is_relative_to(server.pythonpath.resolve()):
-        raise SystemExit(f"{server.name}: PYTHONPATH={server.pythonpath} imports monitor from {imported}")
+    imported_from(server.pythonpath, work)
     serve = Serve(write_config(work), work, env)
     events = seed_events(datetime.now(UTC))
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -242,13 +228,10 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     work = Path(args.workdir).resolve() / "http_check"
     servers = [Server(f"current {describe_current()}", REPO)]
-    temp = Path(tempfile.mkdtemp(prefix="claude-monitor-baseline-"))
-    worktree = temp / "baseline"
-    try:
+    with ExitStack() as stack:
         if args.baseline != "none":
-            commit = git("rev-parse", "--short", f"{args.baseline}^{{commit}}")
-            git("worktree", "add", "--detach", str(worktree), commit)
-            servers.insert(0, Server(f"baseline {commit} ({args.baseline})", worktree))
+            commit, tree = stack.enter_context(baseline_worktree(args.baseline))
+            servers.insert(0, Server(f"baseline {commit} ({args.baseline})", tree))
         print(
             f"http_check: GET /v1/check at {args.rate:g} req/s for {args.duration:g} s per run, hey with "
             f"{args.connections} keep-alive workers ({args.connections - 1} on a caller under budget, 1 on a "
@@ -265,10 +248,6 @@ def main() -> None:
                     runs[-1].name += f" #{round_number}"
                 finally:
                     serve.stop()
-    finally:
-        if worktree.exists():
-            git("worktree", "remove", "--force", str(worktree))
-        shutil.rmtree(temp, ignore_errors=True)
 
     print(f"{'server':34} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>8} {'CPU':>6}  answers")
     for run in runs:

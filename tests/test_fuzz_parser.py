@@ -103,7 +103,7 @@ def test_near_valid_events_are_accepted_within_bounds_or_rejected(obj: dict[str,
 
 
 @settings(deadline=timedelta(seconds=2), max_examples=20)
-@given(st.integers(min_value=1, max_value=100_000), st.sampled_from(["[", "{\"a\": ", "[{\"usage\": "]))
+@given(st.integers(min_value=1, max_value=100_000), st.sampled_from(["[", '{"a": ', '[{"usage": ']))
 def test_deep_nesting_is_rejected_not_raised(depth: int, opener: str) -> None:
     check(parser().parse_line(opener * depth))
     check(parser().parse_line(opener * depth + "1" + ("]" if opener.startswith("[") else "}") * depth))

@@ -13,6 +13,7 @@ server's own framing rejections may take any shape. `FUZZ_PROXY_EXAMPLES=1000` r
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import select
@@ -25,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -247,7 +248,7 @@ def requests(draw: st.DrawFn) -> Wire:
 class _Reader:
     """Lets http.client parse several answers from one buffered reader (which it must not close after each)."""
 
-    def __init__(self, reader: BinaryIO) -> None:
+    def __init__(self, reader: io.BufferedReader) -> None:
         self.reader = reader
 
     def makefile(self, *args: Any, **kwargs: Any) -> _Reader:
@@ -260,13 +261,13 @@ class _Reader:
         return self.reader.read(size)
 
     def read1(self, size: int = -1) -> bytes:
-        return self.reader.read1(size)  # type: ignore[attr-defined,no-any-return]
+        return self.reader.read1(size)
 
     def readinto(self, buffer: Any) -> int:
-        return self.reader.readinto(buffer)  # type: ignore[attr-defined,no-any-return]
+        return self.reader.readinto(buffer)
 
     def peek(self, size: int = 0) -> bytes:
-        return self.reader.peek(size)  # type: ignore[attr-defined,no-any-return]
+        return self.reader.peek(size)
 
     def close(self) -> None:
         pass
