@@ -16,7 +16,9 @@ Reading it: per path, how many streams ended complete (200 and `message_stop` wi
 byte (connect included: a short listen backlog shows here as SYN retries of 1 s and more) and total time, p50 and
 p99, from each call's own start; and for the proxy its resident memory before the load and at its peak, and its
 peak thread count (sampled every 50 ms from /proc/<pid>/status). "added" rows are proxy minus direct: what the
-proxy costs a caller. `recorded` counts the calls the daemon stored plus those spooled to proxy-spool.jsonl.
+proxy costs a caller. `recorded` counts the calls the daemon stored plus those spooled to proxy-spool.jsonl. A call
+that failed counts in the total time at the moment it failed: one cut off by the load's own per-call timeout
+(3 x the stream's length + 60 s) caps total p99 at that timeout, and is named in the last column.
 """
 
 from __future__ import annotations
