@@ -83,3 +83,17 @@ def test_nginx_auth_request_blocks_a_throttled_user_with_429(stack: tuple[Serve,
     assert blocked.json()["error"]["type"] == "rate_limit_error"
     other = request(url + "/v1/messages", headers={"X-App-Project": "lingo", "X-App-User": "u-2"})
     assert other.status == 200 and other.body == b"upstream reached\n"
+
+
+def test_nginx_check_ignores_identity_a_caller_puts_in_the_query_or_in_x_monitor_headers(
+    stack: tuple[Serve, str],
+) -> None:
+    serve, url = stack
+    who = {"X-App-Project": "lingo", "X-App-User": "u-1"}
+    assert serve.post_usage(usage_event("req-q1", "u-1", 100_000)).status == 202  # u-1 is over its daily limit
+    assert request(url + "/v1/messages", headers=who).status == 429
+    # The caller's query string reaches the auth subrequest unless the example drops it.
+    assert request(url + "/v1/messages?user=u-2&project=other", headers=who).status == 429
+    # X-Monitor-* headers of the caller's own, the dimensions the example does not set included.
+    sneaky = {**who, "X-Monitor-User": "u-2", "X-Monitor-Api-Key": "k", "X-Monitor-Environment": "dev"}
+    assert request(url + "/v1/messages", headers=sneaky).status == 429
