@@ -587,7 +587,7 @@ def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], 
         key = _format_loc(loc) or "(top level)"
         reason = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            reason = "unknown key (check its spelling and SPEC §4)"
+            reason = "unknown key (check its spelling; the README's Configuration section lists every key)"
         elif error["type"] == "missing":
             reason = "required key is missing"
         position = f"{where}:{line}" if line else where
@@ -643,7 +643,7 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
             problem = getattr(exc, "problem", None) or str(exc)
             raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys (see SPEC §4)")
+            raise ConfigError(f"{path}: the top level must be a mapping of keys (see the README's Configuration)")
     overrides = _env_overrides(env)
     data = {**data, **overrides}
     try:
