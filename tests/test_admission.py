@@ -247,3 +247,28 @@ def test_bytes_bound_the_input_tokens_from_above() -> None:
     image = {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}
     with_image = input_token_bound({"messages": [{"role": "user", "content": [image]}]})
     assert with_image >= IMAGE_ALLOWANCE
+
+
+def test_the_python_client_admits_renews_and_releases(api: Api) -> None:
+    from monitor.client import AdmissionRefused, MonitorClient
+
+    body = {"model": HAIKU, "max_tokens": 100, "messages": [{"role": "user", "content": "x" * 1_000}]}
+    with MonitorClient(api.url, token=TOKEN, background=False) as client:
+        lease = client.admit(model=HAIKU, max_tokens=100, request=body, project="lingo", user="u-9")
+        assert lease.renew_every == 20
+        # At least the 1,000 bytes of content at $1/M, plus 100 output tokens at $5/M: over $0.0015.
+        assert float(lease.reserved_usd) > 0.0015
+        client.admit(model=HAIKU, max_tokens=100, request=body, project="lingo", user="u-9")
+        with pytest.raises(AdmissionRefused) as refused:
+            client.admit(model=HAIKU, max_tokens=100, request=body, project="lingo", user="u-9")
+        assert (refused.value.status, refused.value.kind, refused.value.name) == (429, "concurrency", "per-user")
+        with pytest.raises(AdmissionRefused) as capped:
+            client.admit(model=HAIKU, max_tokens=9_000, estimated_input_tokens=10, project="lingo", user="u-8")
+        assert (capped.value.status, capped.value.kind) == (400, "cap")
+        api.clock.advance(seconds=30)
+        assert client.renew(lease) == datetime(2026, 11, 26, 12, 1, 30, tzinfo=UTC)
+        answer = client.release(lease, request_id="req_c", usage={"input_tokens": 300, "output_tokens": 50})
+        assert answer["settled_by"] == "release" and answer["cost_usd"] == "0.000550"  # 300 x $1/M + 50 x $5/M
+        assert client.renew(lease) is None
+        assert client.release(lease)["settled_by"] == "release"
+        assert client.release("lease_never")["settled_by"] == "unknown"
