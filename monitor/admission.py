@@ -227,6 +227,7 @@ class Admission:
         self._spend: dict[tuple[str, str], _Spend] = {}
         self._outcomes: dict[tuple[str, str], int] = defaultdict(int)
         self._recent_requests: dict[str, None] = {}  # request ids of recently stored events (bounded)
+        self._firsts: dict[str, tuple[int, datetime]] = {}  # budget -> (epoch minute, first bucket then)
 
     # --- admit -----------------------------------------------------------------------------------------------
 
@@ -336,9 +337,18 @@ class Admission:
                 missing.append((budget, key))
         return missing
 
+    def _first_bucket(self, budget: Budget, now: datetime) -> datetime:
+        """The budget's first counted bucket at `now`. Windows start on whole minutes (local midnights fall on
+        quarter hours, rolling spans and buckets are whole minutes), so it is computed once a minute."""
+        minute = int(now.timestamp()) // 60
+        cached = self._firsts.get(budget.name)
+        if cached is None or cached[0] != minute:
+            cached = self._firsts[budget.name] = (minute, budget.bucket_range(now, self._zone)[0])
+        return cached[1]
+
     def _known_spend(self, budget: Budget, key: str, now: datetime) -> int | None:
         entry = self._spend.get((budget.name, key))
-        if entry is None or entry.first_bucket != budget.bucket_range(now, self._zone)[0]:
+        if entry is None or entry.first_bucket != self._first_bucket(budget, now):
             return None
         if self._spend_max_age is not None and now - entry.read_at > self._spend_max_age:
             return None
