@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from monitor import __version__
-from monitor.budgets import Budget, ScopeState, scope_key
+from monitor.budgets import Budget, ScopeState, forecast_settle, scope_key
 from monitor.config import ConfigError, WebhookConfig
+from monitor.digests import Digest, digests_from_states, final_digests, fire_digest, insert_notice, update_digest
 from monitor.notices import Notice, alertmanager_payload, fraction_text, generic_payload, slack_payload
 from monitor.redaction import webhook_url
 from monitor.store.models import alert_deliveries, alert_notices, budget_usage
@@ -36,10 +36,9 @@ FIRST_RETRY = timedelta(seconds=5)
 MAX_RETRY = timedelta(minutes=10)
 GIVE_UP_AFTER = timedelta(hours=24)  # a receiver down for a day: the notice is logged as failed
 REQUEST_TIMEOUT_S = 5.0
+DIGEST_EVERY = timedelta(hours=1)  # alerts.digest_every's default
 DELIVERIES_PER_RUN = 500
 RUN_SECONDS = 20.0  # one delivery run never holds the job (and a draining stop) longer than this
-# The burn rate of a window's first minutes says little: forecasts wait for an hour of data (or 10% of the window).
-FORECAST_SETTLE = timedelta(hours=1)
 KEEP_RESOLVED = timedelta(days=90)
 _KIND_ORDER = {"throttle": 0, "threshold": 1, "forecast": 2}
 _N = alert_notices.c
@@ -94,6 +93,7 @@ class NotifyResult:
     fired: int = 0
     resolved: int = 0
     deferred: int = 0
+    updated: int = 0  # aggregated notices of `per:` budgets sent again with more scopes
 
 
 @dataclass(frozen=True)
@@ -119,28 +119,19 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _insert_ignoring(connection: Connection, values: dict[str, Any]) -> int | None:
-    """Insert a notice unless its key exists (another replica, or a budget re-added mid-window); its id or None."""
-    module: Any = postgresql if connection.dialect.name == "postgresql" else sqlite
-    statement = (
-        module.insert(alert_notices)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["budget", "scope", "window_start", "kind", "threshold"])
-        .returning(_N.id)
-    )
-    return connection.execute(statement).scalar()
-
-
 def wanted_notices(state: ScopeState, now: datetime) -> list[tuple[str, Decimal]]:
-    """(kind, threshold) of every notice a scope state calls for at `now`."""
+    """(kind, threshold) of every notice a scope state of a budget without `per:` calls for at `now`: the highest
+    alert_at reached (a lower one's notice is superseded by it), throttled, and forecast over the limit."""
     budget = state.budget
     amount = state.amount
-    out = [("threshold", t) for t in budget.alert_at if budget.over(amount, t)]
+    crossed = [t for t in budget.alert_at if budget.over(amount, t)]
+    out = [("threshold", max(crossed))] if crossed else []
     if budget.throttle_at is not None and state.throttled:
         out.append(("throttle", budget.throttle_at))
     if budget.bucket is None:  # a rolling window never ends: there is nothing to forecast it to
         forecast = state.forecast_cost_pico if budget.measure == "usd" else state.forecast_amount
-        settle = min(FORECAST_SETTLE, (state.window_end - state.window_start) / 10)
+        # A window's first hours say little about its end: no notice before its average is a forecast.
+        settle = forecast_settle(state.window_start, state.window_end)
         if forecast > budget.limit and amount < budget.limit and now - state.window_start >= settle:
             out.append(("forecast", Decimal(1)))
     return out
@@ -160,6 +151,7 @@ class Notifier:
         generator_url: str = "http://127.0.0.1:9464/v1/budgets",
         max_per_evaluation: int = MAX_NOTICES_PER_EVALUATION,
         timeout: float = REQUEST_TIMEOUT_S,
+        digest_every: timedelta = DIGEST_EVERY,
     ) -> None:
         self.webhooks = validate_webhooks(webhooks, where)
         self._engine = engine
@@ -168,6 +160,7 @@ class Notifier:
         self._generator_url = generator_url
         self._max = max_per_evaluation
         self._timeout = timeout
+        self._digest_every = digest_every
         self._opener = urllib.request.build_opener(_NoRedirect)
         self._user_agent = f"claude-monitor/{__version__}"
 
@@ -179,30 +172,55 @@ class Notifier:
     # --- what to notify --------------------------------------------------------------------------------------
 
     def evaluate(self, states: Iterable[ScopeState], now: datetime) -> NotifyResult:
-        """Queue a notice for each new crossing and a resolved notice for each firing one whose window is over."""
+        """Queue a notice for each new crossing (one aggregated notice per threshold for a `per:` budget), a resolved
+        notice for each firing one whose window is over or that a higher threshold supersedes, and digest updates."""
         if not self.enabled:
             return NotifyResult()
         current = {n: b.window_at(now, self._zone)[0] for n, b in self._budgets.items() if b.bucket is None}
         wanted: dict[tuple[str, str, str, str], tuple[ScopeState, str, Decimal]] = {}
         by_scope: dict[tuple[str, str], ScopeState] = {}
+        kept = []
         for state in states:
             name = state.budget.name
             if name not in self._budgets or (name in current and state.window_start != current[name]):
                 continue  # evaluated before a reset, or a budget no longer configured
+            kept.append(state)
             key = scope_key(state.scope)
             by_scope[name, key] = state
+            if state.budget.per is not None:
+                continue  # aggregated below, never one notice per scope
             for kind, threshold in wanted_notices(state, now):
                 wanted[name, key, kind, fraction_text(threshold)] = (state, kind, threshold)
+        digests = digests_from_states(kept, self._budgets)
+        highest = {(n, k, kind): t for (n, k, kind, _), (_, _, t) in wanted.items() if kind == "threshold"}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             present: set[tuple[str, str, str, str]] = set()
             stale = []
+            aggregated = []
             for row in connection.execute(
-                select(_N.id, _N.budget, _N.scope, _N.window_start, _N.kind, _N.threshold, _N.fired_at).where(
-                    _N.status == "firing"
-                )
+                select(
+                    _N.id,
+                    _N.budget,
+                    _N.scope,
+                    _N.window_start,
+                    _N.window_end,
+                    _N.kind,
+                    _N.threshold,
+                    _N.fired_at,
+                    _N.per,
+                    _N.scopes_over,
+                    _N.updated_at,
+                ).where(_N.status == "firing")
             ):
+                if row.per is not None:
+                    aggregated.append(row)
+                    continue
                 slot = (row.budget, row.scope, row.kind, row.threshold)
                 budget = self._budgets.get(row.budget)
+                higher = highest.get((row.budget, row.scope, row.kind))
+                if higher is not None and higher > Decimal(row.threshold):
+                    stale.append(row)  # superseded by a higher threshold of the same scope
+                    continue
                 if budget is not None and budget.bucket is None:
                     if row.window_start >= current[row.budget]:
                         present.add(slot)
@@ -214,22 +232,19 @@ class Notifier:
             stale.sort(key=lambda row: (row.fired_at, row.id))
             new = sorted(
                 (slot for slot in wanted if slot not in present),
-                key=lambda s: (
-                    wanted[s][0].budget.per is not None,
-                    _KIND_ORDER[s[2]],
-                    -wanted[s][2],
-                    -wanted[s][0].utilization,
-                    s,
-                ),
+                key=lambda s: (_KIND_ORDER[s[2]], -wanted[s][2], -wanted[s][0].utilization, s),
             )
             deferred = max(0, len(stale) + len(new) - self._max)
             stale = stale[: self._max]
             new = new[: self._max - len(stale)]
-            resolved = self._resolve(connection, stale, by_scope, now)
+            resolved = self._resolve(connection, stale, by_scope, highest, now)
             fired = 0
             for slot in new:
                 state, kind, threshold = wanted[slot]
                 fired += self._fire(connection, state, kind, threshold, now)
+            digest_fired, updated, digest_resolved = self._sync_digests(connection, aggregated, digests, current, now)
+            fired += digest_fired
+            resolved += digest_resolved
             connection.execute(
                 delete(alert_notices).where(_N.status == "resolved", _N.resolved_at < now - KEEP_RESOLVED)
             )
@@ -240,13 +255,71 @@ class Notifier:
                 deferred,
                 self._max,
             )
-        elif fired or resolved:
-            log.info("alerts: %d firing and %d resolved notices queued", fired, resolved)
-        return NotifyResult(fired, resolved, deferred)
+        elif fired or resolved or updated:
+            log.info("alerts: %d firing, %d updated and %d resolved notices queued", fired, updated, resolved)
+        return NotifyResult(fired, resolved, deferred, updated)
+
+    def _sync_digests(
+        self,
+        connection: Connection,
+        rows: Sequence[Any],
+        digests: Mapping[tuple[str, str, str], Digest],
+        current: Mapping[str, datetime],
+        now: datetime,
+    ) -> tuple[int, int, int]:
+        """(fired, updated, resolved) aggregated notices of `per:` budgets."""
+        hooks = [hook.id for hook in self.webhooks]
+        present: set[tuple[str, str, str]] = set()
+        updated = 0
+        ending = []
+        for row in rows:
+            key = (row.budget, row.kind, row.threshold)
+            budget = self._budgets.get(row.budget)
+            digest = digests.get(key)
+            live = budget is not None and budget.per is not None and key not in present
+            if live and budget is not None and budget.bucket is None:
+                live = row.window_start >= current[row.budget]
+            elif live:
+                live = digest is not None  # rolling: over while any scope is
+            if not live:
+                ending.append(row)
+                continue
+            present.add(key)
+            if digest is not None:
+                updated += update_digest(
+                    connection, row, digest, now, self._digest_every, self._sent_to(connection, row.id)
+                )
+        fired = sum(fire_digest(connection, d, now, hooks) for key, d in digests.items() if key not in present)
+        finals: dict[tuple[str, datetime], dict[str, Digest]] = {}
+        for row in ending:
+            budget = self._budgets.get(row.budget)
+            facts: dict[str, Any] = {}
+            if budget is not None and budget.per is not None and budget.bucket is None:
+                window = (row.budget, row.window_start)
+                if window not in finals:  # what the ended window came to
+                    finals[window] = final_digests(connection, budget, row.window_start, row.window_end)
+                final = finals[window].get(f"{row.kind} {row.threshold}")
+                if final is not None:
+                    facts = {"scopes_over": final.scopes_over, "top": final.top_text()}
+            connection.execute(
+                update(alert_notices)
+                .where(_N.id == row.id, _N.status == "firing")
+                .values(status="resolved", resolved_at=now, **facts)
+            )
+        self._queue_resolved(connection, [row.id for row in ending], now)
+        return fired, updated, len(ending)
+
+    def _sent_to(self, connection: Connection, notice_id: int) -> list[str]:
+        """The current webhooks that received a notice's firing message."""
+        sent = connection.execute(
+            select(_D.webhook).where(_D.notice_id == notice_id, _D.status == "firing", _D.state == "sent")
+        ).scalars()
+        current = {hook.id for hook in self.webhooks}
+        return [webhook for webhook in sent if webhook in current]
 
     def _fire(self, connection: Connection, state: ScopeState, kind: str, threshold: Decimal, now: datetime) -> int:
         budget = state.budget
-        notice_id = _insert_ignoring(
+        notice_id = insert_notice(
             connection,
             {
                 "budget": budget.name,
@@ -285,7 +358,12 @@ class Notifier:
         return 1
 
     def _resolve(
-        self, connection: Connection, rows: Sequence[Any], by_scope: Mapping[tuple[str, str], ScopeState], now: datetime
+        self,
+        connection: Connection,
+        rows: Sequence[Any],
+        by_scope: Mapping[tuple[str, str], ScopeState],
+        highest: Mapping[tuple[str, str, str], Decimal],
+        now: datetime,
     ) -> int:
         """Mark notices resolved with the facts last known, and queue a resolved message wherever one fired."""
         if not rows:
@@ -293,13 +371,16 @@ class Notifier:
         finals = self._final_usage(connection, rows)
         for row in rows:
             facts: dict[str, Any] = {}
+            higher = highest.get((row.budget, row.scope, row.kind))
+            if higher is not None and higher > Decimal(row.threshold):
+                facts["superseded_by"] = fraction_text(higher)
             state = by_scope.get((row.budget, row.scope))
             final = finals.get((row.budget, row.scope, row.window_start))
             if final is not None:  # a calendar window that ended: what it came to
                 amount, cost = final
-                facts = {"amount": amount, "spend_pico": cost, "forecast_amount": amount, "forecast_pico": cost}
+                facts |= {"amount": amount, "spend_pico": cost, "forecast_amount": amount, "forecast_pico": cost}
             elif state is not None and self._budgets[row.budget].bucket is not None:
-                facts = {
+                facts |= {
                     "amount": state.amount,
                     "spend_pico": state.usage.cost_pico,
                     "forecast_amount": state.forecast_amount,
@@ -310,7 +391,13 @@ class Notifier:
                 .where(_N.id == row.id, _N.status == "firing")
                 .values(status="resolved", resolved_at=now, **facts)
             )
-        ids = [row.id for row in rows]
+        self._queue_resolved(connection, [row.id for row in rows], now)
+        return len(rows)
+
+    def _queue_resolved(self, connection: Connection, ids: Sequence[int], now: datetime) -> None:
+        """Queue a resolved message for each notice wherever its firing message went (or is still going)."""
+        if not ids:
+            return
         current = {hook.id for hook in self.webhooks}
         fired_to = connection.execute(
             select(_D.notice_id, _D.webhook).where(
@@ -332,7 +419,6 @@ class Notifier:
         ]
         if queued:
             connection.execute(insert(alert_deliveries), queued)
-        return len(rows)
 
     def _final_usage(
         self, connection: Connection, rows: Sequence[Any]
@@ -412,10 +498,11 @@ class Notifier:
     def _superseded(self, row: Any, notice: Notice) -> bool:
         """A firing message not yet out when its notice resolved, and the resolved message that would follow it."""
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
-            if row.message == "firing" and notice.status == "resolved":
+            if row.message in ("firing", "update") and notice.status == "resolved":
                 connection.execute(update(alert_deliveries).where(_D.id == row.delivery_id).values(state="superseded"))
                 return True
-            if row.message == "resolved":
+            if row.message in ("resolved", "update"):
+                # An update follows a firing message that went out; one still pending carries the new facts itself.
                 firing = connection.execute(
                     select(_D.id, _D.state).where(
                         _D.notice_id == notice.id, _D.status == "firing", _D.webhook == row.webhook
@@ -477,8 +564,8 @@ class Notifier:
             )
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             connection.execute(update(alert_deliveries).where(_D.id == row.delivery_id).values(**values))
-            if state == "sent":
-                column = "first_sent_at" if row.message == "firing" else "resolved_sent_at"
+            column = {"firing": "first_sent_at", "resolved": "resolved_sent_at"}.get(row.message)
+            if state == "sent" and column is not None:
                 connection.execute(
                     update(alert_notices).where(_N.id == notice.id, _N[column].is_(None)).values({column: now})
                 )

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Literal
@@ -23,8 +23,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # 30-minute buckets), so a scope never needs more than 1,440 rows. An event leaves the window at the end of its
 # bucket plus the span: never earlier than it should, so spend is never under-counted.
 _MAX_ROLLING_BUCKETS = 1440
-# The burn rate behind forecasts follows the last hour's spend (exponentially weighted).
-_BURN_TIME_CONSTANT = 3600.0
+# A forecast projects the window's own average rate (spend so far / time elapsed), which does not swing with the
+# time of day the way a recent burn rate does. Until a day (or a tenth of a shorter window) has passed, the
+# average is taken over that much time, so a window's first busy minutes do not project a wild overrun.
+FORECAST_SETTLE = timedelta(days=1)
 
 
 Measure = Literal["usd", "requests", "input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "total"]
@@ -249,37 +251,9 @@ class ScopeState:
         return tuple(t for t in self.budget.thresholds if self.budget.over(self.amount, t))
 
 
-@dataclass
-class BurnRates:
-    """Recent burn rate per scope (units per second), exponentially weighted over about an hour."""
-
-    _last: dict[tuple[str, str], tuple[datetime, int, int, float, float]] = field(default_factory=dict)
-
-    def update(
-        self, key: tuple[str, str], now: datetime, amount: int, cost: int, start: datetime, span: float
-    ) -> tuple[float, float]:
-        """Feed the scope's current totals; return (rate of amount, rate of cost) per second."""
-        previous = self._last.get(key)
-        if previous is None or amount < previous[1] or cost < previous[2]:
-            # First sight, or a new window: start from the window's average so far.
-            elapsed = max((now - start).total_seconds(), 60.0)
-            elapsed = min(elapsed, span) if span > 0 else elapsed
-            rate, cost_rate = amount / elapsed, cost / elapsed
-        else:
-            dt = (now - previous[0]).total_seconds()
-            if dt <= 0:
-                return previous[3], previous[4]
-            weight = 1 - math.exp(-dt / _BURN_TIME_CONSTANT)
-            rate = previous[3] + weight * ((amount - previous[1]) / dt - previous[3])
-            cost_rate = previous[4] + weight * ((cost - previous[2]) / dt - previous[4])
-        self._last[key] = (now, amount, cost, rate, cost_rate)
-        return rate, cost_rate
-
-    def forget(self, keep: set[tuple[str, str]]) -> None:
-        """Drop scopes no longer tracked."""
-        for key in list(self._last):
-            if key not in keep:
-                del self._last[key]
+def forecast_settle(start: datetime, end: datetime) -> timedelta:
+    """How much of a window must pass before its average is a forecast: a day, or a tenth of a shorter window."""
+    return min(FORECAST_SETTLE, (end - start) / 10)
 
 
 def rolling_until(budget: Budget, buckets: Sequence[tuple[datetime, Usage]], now: datetime) -> datetime | None:
@@ -299,22 +273,19 @@ def evaluate_scope(
     usage: Usage,
     now: datetime,
     zone: ZoneInfo,
-    rates: tuple[float, float] | None = None,
     buckets: Sequence[tuple[datetime, Usage]] | None = None,
 ) -> ScopeState:
     """The state of one scope from its window's usage (and, for a throttled rolling scope, its buckets)."""
     start, end = budget.window_at(now, zone)
     amount = budget.amount(usage)
-    remaining = max((end - now).total_seconds(), 0.0)
-    if rates is None:
-        elapsed = max((now - start).total_seconds(), 60.0)
-        rates = (amount / elapsed, usage.cost_pico / elapsed)
     if budget.bucket is None:
-        forecast = amount + int(rates[0] * remaining)
-        forecast_cost = usage.cost_pico + int(rates[1] * remaining)
-    else:  # a rolling window holds span x rate when the rate holds
-        span = (end - start).total_seconds()
-        forecast, forecast_cost = int(rates[0] * span), int(rates[1] * span)
+        # The window's average rate held to its end: spend / max(elapsed, settle) x time left.
+        remaining = max((end - now).total_seconds(), 0.0)
+        elapsed = max((now - start).total_seconds(), forecast_settle(start, end).total_seconds(), 1.0)
+        forecast = amount + int(amount * remaining / elapsed)
+        forecast_cost = usage.cost_pico + int(usage.cost_pico * remaining / elapsed)
+    else:  # a rolling window never ends: at its own average rate it holds what it holds now
+        forecast, forecast_cost = amount, usage.cost_pico
     until = None
     if budget.throttle_at is not None and budget.over(amount, budget.throttle_at):
         until = end if budget.bucket is None else rolling_until(budget, buckets or [(start, usage)], now)

@@ -163,6 +163,7 @@ class MonitorClient:
         url: str,
         *,
         token: str | None = None,
+        read_token: str | None = None,
         snapshot_file: str | Path | None = None,
         refresh_interval: float = 1.0,
         max_staleness: float = 30.0,
@@ -173,8 +174,9 @@ class MonitorClient:
     ) -> None:
         """Connect to the daemon at `url` (its HTTP API root) and fetch the throttle state once.
 
-        `token` is the ingest Bearer token (needed by the record* methods). `snapshot_file` is the daemon's
-        `throttle.snapshot_file`, read when the daemon's state is older than `max_staleness` seconds; its
+        `token` is the ingest Bearer token (needed by the record* methods); `read_token` the daemon's read token
+        (`http.read_token_env`), sent with GET /v1/throttle when the daemon requires one. `snapshot_file` is the
+        daemon's `throttle.snapshot_file`, read when the daemon's state is older than `max_staleness` seconds; its
         `generated_at` must be younger than that too, else `fail_mode` decides. The daemon rewrites the snapshot at
         every evaluation, so keep `max_staleness` above the daemon's `evaluate_every` (default 15 s) plus a few
         seconds. `clock` gives epoch seconds. With
@@ -195,6 +197,7 @@ class MonitorClient:
         self.timeout = timeout
         self.clock = clock
         self._http = _Connections(url, token, timeout)
+        self._read_headers = {"Authorization": f"Bearer {read_token}"} if read_token else {}
         self._state: _State | None = None  # replaced whole, so check() reads it without a lock
         self._refresh_lock = threading.Lock()
         self._fetches = self._not_modified = self._failures = 0
@@ -299,7 +302,7 @@ class MonitorClient:
         """
         with self._refresh_lock:
             current = self._state
-            headers = {"Accept": "application/json"}
+            headers = {"Accept": "application/json", **self._read_headers}
             if current is not None and current.etag:
                 headers["If-None-Match"] = current.etag
             sent = self.clock()  # the answer is at least this new

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from monitor import redaction
 from monitor.yamlio import key_lines, load_yaml
@@ -22,6 +22,8 @@ DEFAULT_CONFIG_PATH = Path("claude-monitor.yaml")
 ENV_PREFIX = "CLAUDE_MONITOR_"
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
 WINDOW_HELP = "use day, week, month or rolling:<N>m|h|d (e.g. rolling:1h)"
+# Dimensions with a value per person or credential: as metric labels, one series each, without bound.
+HIGH_CARDINALITY_DIMENSIONS = ("user", "api_key")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_SECONDS = {
     "ms": Decimal("0.001"),
@@ -136,10 +138,26 @@ class HttpConfig(_Strict):
 class MetricsConfig(_Strict):
     """Which dimensions may become Prometheus labels, and how many values each may have."""
 
+    # Listed before `labels`, which is checked against it.
+    allow_high_cardinality: list[str] = []
     labels: list[str] = ["project", "environment"]
     # Past these, new values are counted under `__other__` (the first values seen keep their series).
     max_values_per_label: int = Field(default=200, ge=1, le=100_000)
     max_unpriced_models: int = Field(default=50, ge=1, le=100_000)
+
+    @field_validator("labels")
+    @classmethod
+    def _bounded(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        allowed = set(info.data.get("allow_high_cardinality") or ())
+        unbounded = [label for label in value if label in HIGH_CARDINALITY_DIMENSIONS and label not in allowed]
+        if unbounded:
+            names = ", ".join(repr(label) for label in unbounded)
+            raise ValueError(
+                f"{names}: one value per user or key, so as metric labels one series per person, without "
+                "bound (per-user spend is in `budgets` and /v1/budgets, and per: budgets cap it). Remove it, or "
+                f"accept the series explicitly with metrics.allow_high_cardinality: [{', '.join(unbounded)}]"
+            )
+        return value
 
 
 class ScheduleConfig(_Strict):
@@ -192,6 +210,15 @@ class AlertsConfig(_Strict):
     """The daemon's own notifier."""
 
     webhooks: list[WebhookConfig] = []
+    # A `per:` budget's notice is updated at most this often while more of its scopes cross.
+    digest_every: str = "1h"
+
+    @field_validator("digest_every")
+    @classmethod
+    def _digest_every(cls, value: str) -> str:
+        if parse_duration(value) <= timedelta(0):
+            raise ValueError("must be longer than 0 (e.g. 1h)")
+        return value
 
 
 class LongPromptRates(_Strict):
@@ -335,10 +362,89 @@ class AdmissionConfig(_Strict):
         return value
 
 
-class IdentityConfig(_Strict):
-    """Which request headers name the caller's dimensions."""
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an HTTP token
+# Headers that carry the key, the body's framing or the API's own meaning: never an identity header.
+_RESERVED_HEADERS = frozenset(
+    {"authorization", "x-api-key", "content-type", "content-length", "transfer-encoding", "host", "connection"}
+    | {"anthropic-version", "anthropic-beta", "accept", "accept-encoding", "cookie"}
+)
+MEBIBYTE = 1024 * 1024
 
-    headers: dict[str, str] = {"X-App-User": "user", "X-App-Project": "project", "X-App-Feature": "feature"}
+
+class ClientIdentityConfig(_Strict):
+    """The request headers a proxy client may use to assert dimensions (header name -> dimension)."""
+
+    headers: dict[str, str] = {}
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        for header, dimension in value.items():
+            if not _HEADER_NAME.match(header):
+                raise ValueError(f"{header!r} is not an HTTP header name")
+            if header.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"{header!r} carries the API key or the request itself; name another header")
+            if header.lower() in seen:
+                raise ValueError(f"{header!r} is listed twice (header names are case-insensitive)")
+            if dimension == "model":
+                raise ValueError(f"{header}: 'model' comes from the request body, not from a header")
+            if list(value.values()).count(dimension) > 1:
+                raise ValueError(f"two headers set the dimension {dimension!r}; keep one")
+            seen[header.lower()] = dimension
+        return value
+
+
+class ProxyClientConfig(_Strict):
+    """One caller of the proxy: its key, the attributes the proxy sets for it, what it may assert itself."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    key_sha256: str | None = Field(default=None, repr=False)
+    key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    attributes: dict[str, str] = {}
+    identity: ClientIdentityConfig = ClientIdentityConfig()
+    require: list[str] = []
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"[0-9A-Fa-f]{64}", value.strip()):
+            raise ValueError('not a sha256 hex digest (64 hex digits); compute it with: printf %s "$KEY" | sha256sum')
+        return value.strip().lower()
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, value: dict[str, str]) -> dict[str, str]:
+        for dimension, fixed in value.items():
+            if dimension == "model":
+                raise ValueError("'model' comes from the request body; it cannot be fixed per client")
+            if not fixed or len(fixed) > 128:
+                raise ValueError(f"{dimension}: a fixed value has 1 to 128 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProxyClientConfig:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError(
+                "give exactly one of key_sha256 (the sha256 hex of the key this caller sends) or key_env "
+                "(an environment variable holding the key)"
+            )
+        asserted = set(self.identity.headers.values())
+        for header, dimension in self.identity.headers.items():
+            if dimension in self.attributes:
+                raise ValueError(
+                    f"identity.headers.{header}: {dimension!r} is fixed by attributes "
+                    f"({dimension}: {self.attributes[dimension]}); a header cannot change it, so drop the header"
+                )
+        for dimension in self.require:
+            if dimension not in asserted and dimension not in self.attributes:
+                raise ValueError(
+                    f"require: {dimension!r} is neither in attributes nor set by an identity header, so every "
+                    f"call would be refused; add a header for it under identity.headers"
+                )
+        return self
 
 
 class ProxyConfig(_Strict):
@@ -347,10 +453,64 @@ class ProxyConfig(_Strict):
     listen: str = "127.0.0.1:8088"
     upstream: str = "https://api.anthropic.com"
     api_key_env: str = "ANTHROPIC_API_KEY"
-    identity: IdentityConfig = IdentityConfig()
+    clients: list[ProxyClientConfig] = []
+    allow_unpriced_models: bool = False
     monitor_url: str = "http://127.0.0.1:9464"
     ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
+    read_token_env: str | None = None  # the daemon's read token, when its http.read_token_env is set
     fail_mode: Literal["open", "closed"] = "open"
+    # Bounds of the proxy's own server; over max_body_bytes a request is refused 413 (Anthropic's own limit
+    # is lower, so nothing it would accept is refused here).
+    max_body_bytes: int = Field(default=64 * MEBIBYTE, gt=0)
+    header_timeout: str = "10s"
+    keepalive_timeout: str = "30s"
+    max_connections: int = Field(default=1000, gt=0)
+    backlog: int = Field(default=2048, gt=0)
+    # The former `identity:` key, kept in the schema only to refuse it with its `clients:` equivalent.
+    identity: Any = Field(default=None, exclude=True)
+
+    @field_validator("header_timeout", "keepalive_timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("identity")
+    @classmethod
+    def _identity_moved(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        raise ValueError(former_identity_message(value))
+
+    @model_validator(mode="after")
+    def _clients(self) -> ProxyConfig:
+        names = [client.name for client in self.clients]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"clients: the name {twice[0]!r} is used by two clients; names are unique")
+        digests = [client.key_sha256 for client in self.clients if client.key_sha256 is not None]
+        if len(set(digests)) != len(digests):
+            raise ValueError("clients: two clients have the same key_sha256; each caller has a key of its own")
+        return self
+
+
+def former_identity_message(value: Any) -> str:
+    """Why `proxy.identity` is refused, with the `clients:` entry that does what it did."""
+    headers = value.get("headers") if isinstance(value, dict) else None
+    if not isinstance(headers, dict) or not headers:
+        headers = {"X-App-User": "user", "X-App-Project": "project", "X-App-Feature": "feature"}
+    entry = {
+        "name": "my-backend",
+        "key_sha256": '<sha256 hex of the key this caller sends: printf %s "$KEY" | sha256sum>',
+        "identity": {"headers": {str(k): str(v) for k, v in headers.items()}},
+    }
+    text = yaml.safe_dump({"proxy": {"clients": [entry]}}, sort_keys=False, default_flow_style=False, width=200)
+    return (
+        "no longer read: callers of the proxy now authenticate with a key of their own, and each client "
+        "says which headers it may assert. The equivalent entry is:\n"
+        + "\n".join("      " + line for line in text.rstrip().splitlines())
+        + "\n    Better still, fix what a caller may not choose (attributes: {project: …}) and drop its header."
+    )
 
 
 class Settings(_Strict):
@@ -523,6 +683,26 @@ def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], 
     return messages
 
 
+def _proxy_client_problems(settings: Settings) -> list[tuple[tuple[str | int, ...], str]]:
+    """Proxy clients naming dimensions the daemon does not keep: (key path, reason) for each."""
+    dims = settings.dimensions
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for i, client in enumerate(settings.proxy.clients):
+        at: tuple[str | int, ...] = ("proxy", "clients", i)
+        for dimension in client.attributes:
+            if dimension not in dims:
+                problems.append(((*at, "attributes", dimension), f"{dimension!r} is not one of dimensions {dims}"))
+        for header, dimension in client.identity.headers.items():
+            if dimension not in dims:
+                problems.append(
+                    ((*at, "identity", "headers", header), f"{dimension!r} is not one of dimensions {dims}")
+                )
+        for j, dimension in enumerate(client.require):
+            if dimension not in dims:
+                problems.append(((*at, "require", j), f"{dimension!r} is not one of dimensions {dims}"))
+    return problems
+
+
 def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> LoadedSettings:
     """Load the config file (`path`, else ./claude-monitor.yaml if present, else defaults) and env overrides."""
     env = dict(os.environ if environ is None else environ)
@@ -564,6 +744,13 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         for name in overrides:
             messages = [m.replace(f": {name}:", f": {name} (from {ENV_PREFIX}{name.upper()}):", 1) for m in messages]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages)) from None
+    if problems := _proxy_client_problems(settings):
+        positions = key_lines(text)
+        messages = []
+        for loc, reason in problems:
+            number = next((positions[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in positions), None)
+            messages.append(f"{where}:{number}: {_format_loc(loc)}: {reason}" if number else f"{where}: {reason}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages))
     return LoadedSettings(
         settings,
         path if path is not None and path.exists() else None,

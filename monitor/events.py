@@ -135,7 +135,10 @@ def parse_timestamp(value: Any) -> datetime:
         raise _Bad(f"timestamp: {value[:40]!r} is not an RFC 3339 date-time (e.g. 2026-11-24T10:15:02Z)") from None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 with an offset that takes it out of datetime's range
+        raise _Bad(f"timestamp: {value[:40]!r} is out of range once converted to UTC") from None
 
 
 class EventParser:

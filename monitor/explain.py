@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from decimal import Decimal
 
-from monitor.config import BudgetConfig, LimitConfig, LoadedSettings, parse_duration
+from monitor.config import BudgetConfig, LimitConfig, LoadedSettings, ProxyClientConfig, ProxyConfig, parse_duration
 from monitor.pricing import PriceTable
 from monitor.redaction import database_url, webhook_url
 
@@ -44,7 +46,39 @@ def _percent(fraction: Decimal) -> str:
     return f"{(fraction * 100).normalize():f}%"
 
 
-def explain(loaded: LoadedSettings, prices: PriceTable) -> str:
+def _proxy(proxy: ProxyConfig, environ: Mapping[str, str]) -> list[str]:
+    """The proxy's clients in words: how each authenticates (never its key), what is fixed, what it may assert."""
+    unpriced = "passed" if proxy.allow_unpriced_models else "refused 400"
+    lines = [
+        f"proxy: listen {proxy.listen}, upstream {proxy.upstream}, fail_mode {proxy.fail_mode}; "
+        f"models the price table does not know are {unpriced}; bodies up to {proxy.max_body_bytes:,} bytes",
+    ]
+    if not proxy.clients:
+        lines.append("proxy clients: none (every call to the proxy is refused 401)")
+        return lines
+    lines.append("proxy clients (a call without one of their keys is refused 401):")
+    lines += [f"  - {_client(client, environ)}" for client in proxy.clients]
+    return lines
+
+
+def _client(client: ProxyClientConfig, environ: Mapping[str, str]) -> str:
+    if client.key_env is not None:
+        state = "set" if environ.get(client.key_env, "").strip() else "NOT SET: the proxy will not start"
+        key = f"key from ${client.key_env} ({state})"
+    else:
+        assert client.key_sha256 is not None
+        key = f"key with sha256 {client.key_sha256[:8]}…"
+    parts = [f"{client.name}: {key}"]
+    fixed = ", ".join(f"{k}={v}" for k, v in client.attributes.items())
+    parts.append(f"sets {fixed}" if fixed else "sets no attribute")
+    asserted = ", ".join(f"{dimension} from {header}" for header, dimension in client.identity.headers.items())
+    parts.append(f"may assert {asserted}" if asserted else "asserts nothing (identity headers are ignored)")
+    if client.require:
+        parts.append(f"a call without {', '.join(client.require)} is refused 400")
+    return "; ".join(parts)
+
+
+def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, str] = os.environ) -> str:
     """A plain-text account of every setting that matters."""
     s = loaded.settings
     lines = [f"config: {loaded.path or 'none found; built-in defaults'}"]
@@ -112,4 +146,5 @@ def explain(loaded: LoadedSettings, prices: PriceTable) -> str:
             + ", ".join(throttling)
             + " (spend + open reservations + the call must stay within limit x throttle_at)"
         )
+    lines += _proxy(s.proxy, environ)
     return "\n".join(lines) + "\n"

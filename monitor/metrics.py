@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.admission import Admission
 from monitor.budgets import scope_key
-from monitor.evaluation import BudgetEngine
+from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.ingest.writer import LATENCY_BUCKETS, UNPRICED_LABEL
 from monitor.pricing import UNPRICED
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
@@ -440,3 +440,30 @@ class AdmissionCollector(Collector):
         leases = GaugeMetricFamily("claude_admission_open_leases", "Leases open now (admitted, not yet settled).")
         leases.add_metric([], float(stats.open_leases))
         yield leases
+
+
+class DefinitionsCollector(Collector):
+    """`claude_monitor_budget_definitions_mismatched` and `claude_monitor_budget_definition_mismatch{budget,change}`:
+    budgets this replica's config defines differently from the database, which it therefore leaves alone."""
+
+    def __init__(self, mismatched: Callable[[], Sequence[DefinitionChange]]) -> None:
+        self._mismatched = mismatched
+
+    def collect(self) -> Iterator[Metric]:
+        """The count (0 when the config agrees) and one series per differing budget, at scrape time."""
+        changes = list(self._mismatched())
+        count = GaugeMetricFamily(
+            "claude_monitor_budget_definitions_mismatched",
+            "Budgets whose definition in this replica's config differs from the one stored in the database "
+            "(new, changed or removed); only the leader applies definitions, so this replica leaves them alone.",
+        )
+        count.add_metric([], float(len(changes)))
+        yield count
+        each = GaugeMetricFamily(
+            "claude_monitor_budget_definition_mismatch",
+            "1 for each budget this replica's config defines differently from the database, by how it differs.",
+            labels=["budget", "change"],
+        )
+        for change in changes:
+            each.add_metric([change.budget, change.change], 1.0)
+        yield each

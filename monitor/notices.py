@@ -20,6 +20,7 @@ _ALERTNAMES = {
     "forecast": "ClaudeBudgetForecastOverrun",
     "throttle": "ClaudeBudgetThrottleActive",
 }
+_AGGREGATE_ALERTNAMES = {"threshold": "ClaudeBudgetScopesOverThreshold", "throttle": "ClaudeBudgetScopesThrottled"}
 
 
 def fraction_text(value: Decimal) -> str:
@@ -47,6 +48,10 @@ class Notice:
     forecast_pico: int
     fired_at: datetime
     resolved_at: datetime | None
+    per: str | None = None  # set: the aggregated notice of a `per:` budget
+    scopes_over: int = 0
+    top: tuple[dict[str, Any], ...] = ()  # {"scope", "amount", "spend_pico"}, biggest first
+    superseded_by: Decimal | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Notice:
@@ -68,6 +73,10 @@ class Notice:
             row.forecast_pico,
             row.fired_at,
             row.resolved_at,
+            row.per,
+            row.scopes_over or 0,
+            tuple(json.loads(row.top)) if row.top else (),
+            Decimal(row.superseded_by) if row.superseded_by else None,
         )
 
     @property
@@ -83,8 +92,28 @@ def _forecast_usd(pico: int) -> str:
     return format_usd(pico // 10**6 * 10**6)  # an estimate: micro-dollars, as in `budgets --format json`
 
 
+def _limit_usd(notice: Notice) -> str | None:
+    return format_usd(notice.limit_amount) if notice.measure == "usd" else None
+
+
 def generic_payload(notice: Notice, now: datetime) -> dict[str, Any]:
-    """Kind `generic`: exactly the object of SPEC §4."""
+    """Kind `generic`: one scope's notice, or a `per:` budget's aggregated one."""
+    if notice.per is not None:
+        return {
+            "kind": notice.kind,
+            "status": notice.status,
+            "budget": notice.budget,
+            "per": notice.per,
+            "threshold": float(notice.threshold),
+            "scopes_over": notice.scopes_over,
+            "top": [
+                {"scope": t["scope"], "spend_usd": format_usd(t["spend_pico"]), "limit_usd": _limit_usd(notice)}
+                for t in notice.top
+            ],
+            "window_start": iso(notice.window_start),
+            "window_end": iso(notice.window_end),
+            "sent_at": iso(now),
+        }
     return {
         "kind": notice.kind,
         "status": notice.status,
@@ -92,7 +121,7 @@ def generic_payload(notice: Notice, now: datetime) -> dict[str, Any]:
         "scope": notice.scope,
         "threshold": float(notice.threshold),
         "spend_usd": format_usd(notice.spend_pico),
-        "limit_usd": format_usd(notice.limit_amount) if notice.measure == "usd" else None,
+        "limit_usd": _limit_usd(notice),
         "forecast_usd": _forecast_usd(notice.forecast_pico),
         "window_start": iso(notice.window_start),
         "window_end": iso(notice.window_end),
@@ -128,8 +157,38 @@ def _facts(notice: Notice) -> tuple[str, str, str]:
     )
 
 
+def _scopes(notice: Notice, count: int) -> str:
+    return f"{count} {notice.per} scope{'' if count == 1 else 's'}"
+
+
+def _aggregate_headline(notice: Notice) -> str:
+    percent = _percent(notice.threshold)
+    over = _scopes(notice, notice.scopes_over)
+    if notice.status == "firing":
+        what = "are throttled" if notice.kind == "throttle" else f"reached {percent} of their own limit"
+        return f"Budget {notice.budget}: {over} {what}"
+    was = f"were throttled at {percent}" if notice.kind == "throttle" else f"reached {percent} of their own limit"
+    why = "the window ended" if notice.calendar else "no scope is over it any more"
+    if notice.calendar and notice.resolved_at is not None and notice.resolved_at < notice.window_end:
+        why = "the budget is no longer configured"
+    return f"Resolved: budget {notice.budget}: {over} {was} — {why}"
+
+
+def top_text(notice: Notice) -> str:
+    """The biggest scopes of an aggregated notice, one per line."""
+    lines = []
+    for entry in notice.top:
+        spent = f"${format_usd(entry['spend_pico'])}"
+        if notice.measure != "usd":
+            spent = f"{entry['amount']:,} {_unit(notice.measure)} ({spent})"
+        lines.append(f"{_scope_text(entry['scope'])}: {spent}")
+    return "\n".join(lines) or "none"
+
+
 def headline(notice: Notice) -> str:
     """One line saying what happened, for Slack text and Alertmanager's summary."""
+    if notice.per is not None:
+        return _aggregate_headline(notice)
     where = f"budget {notice.budget} ({_scope_text(notice.scope)})"
     percent = _percent(notice.threshold)
     if notice.status == "firing":
@@ -144,7 +203,9 @@ def headline(notice: Notice) -> str:
         "forecast": "was forecast to pass its limit",
         "throttle": f"was throttled at {percent} of its limit",
     }[notice.kind]
-    if not notice.calendar:
+    if notice.superseded_by is not None:
+        why = f"superseded by its {_percent(notice.superseded_by)} notice"
+    elif not notice.calendar:
         why = "its rolling window is back under it"
     elif notice.resolved_at is not None and notice.resolved_at < notice.window_end:
         why = "the budget is no longer configured"
@@ -155,6 +216,15 @@ def headline(notice: Notice) -> str:
 
 def description(notice: Notice, zone: ZoneInfo) -> str:
     """The facts in one paragraph."""
+    if notice.per is not None:
+        end = notice.window_end.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+        _, limit, _ = _facts(notice)
+        biggest = "; ".join(top_text(notice).splitlines())
+        return (
+            f"{_scopes(notice, notice.scopes_over)} at or over {_percent(notice.threshold)} of their own limit "
+            f"({limit} each) in the window ending {end} ({iso(notice.window_end)}). Biggest: {biggest}. "
+            "All of them: claude-monitor budgets, or GET /v1/budgets."
+        )
     spent, limit, forecast = _facts(notice)
     end = notice.window_end.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
     text = f"Spent {spent} of {limit}; threshold {_percent(notice.threshold)}"
@@ -178,6 +248,32 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
     icon = ":white_check_mark:" if notice.status == "resolved" else ":rotating_light:"
     title = _escape(headline(notice))
     end = notice.window_end.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+    if notice.per is not None:
+        icon = ":white_check_mark:" if notice.status == "resolved" else ":warning:"
+        title = _escape(headline(notice))
+        fields = [
+            _mrkdwn(f"*Budget*\n{notice.budget}"),
+            _mrkdwn(f"*Per*\n{notice.per}"),
+            _mrkdwn(f"*Threshold*\n{_percent(notice.threshold)}"),
+            _mrkdwn(f"*Scopes over*\n{notice.scopes_over}"),
+            _mrkdwn(f"*Limit (each)*\n{limit}"),
+            _mrkdwn(f"*Window ends*\n{end} ({iso(notice.window_end)})"),
+            _mrkdwn(f"*Biggest*\n{_escape(top_text(notice))}"),
+            _mrkdwn(f"*Status*\n{notice.status}"),
+        ]
+        return {
+            "text": f"{icon} {title}",
+            "blocks": [
+                {"type": "section", "text": _mrkdwn(f"{icon} *{title}*")},
+                {"type": "section", "fields": fields},
+                {
+                    "type": "context",
+                    "elements": [
+                        _mrkdwn(f"claude-monitor · {notice.kind} digest of {notice.per} scopes · sent {iso(now)}")
+                    ],
+                },
+            ],
+        }
     fields = [
         _mrkdwn(f"*Budget*\n{notice.budget}"),
         _mrkdwn(f"*Scope*\n{_escape(_scope_text(notice.scope))}"),
@@ -203,15 +299,26 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
 
 def alertmanager_payload(notice: Notice, zone: ZoneInfo, generator_url: str) -> list[dict[str, Any]]:
     """Kind `alertmanager`: the body of POST /api/v2/alerts, one alert; `endsAt` in the past resolves it."""
-    alert: dict[str, Any] = {
-        "labels": {
-            "alertname": _ALERTNAMES[notice.kind],
+    labels: dict[str, str] = {
+        "alertname": _ALERTNAMES[notice.kind],
+        "budget": notice.budget,
+        "scope": scope_key(notice.scope),
+        "kind": notice.kind,
+        "threshold": fraction_text(notice.threshold),
+        "severity": "critical" if notice.kind == "throttle" or notice.threshold >= 1 else "warning",
+    }
+    if notice.per is not None:
+        # Never a page, and never a user in a label: the budget, what it is per, and how far.
+        labels = {
+            "alertname": _AGGREGATE_ALERTNAMES[notice.kind],
             "budget": notice.budget,
-            "scope": scope_key(notice.scope),
+            "per": notice.per,
             "kind": notice.kind,
             "threshold": fraction_text(notice.threshold),
-            "severity": "critical" if notice.kind == "throttle" or notice.threshold >= 1 else "warning",
-        },
+            "severity": "warning" if notice.kind == "throttle" or notice.threshold >= 1 else "info",
+        }
+    alert: dict[str, Any] = {
+        "labels": labels,
         "annotations": {"summary": headline(notice), "description": description(notice, zone)},
         "startsAt": iso(notice.fired_at),
         "generatorURL": generator_url,

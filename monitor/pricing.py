@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import difflib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -100,6 +101,11 @@ class PriceTable:
     def resolve(self, model_id: str) -> str | None:
         """The price-table name of a model id, alias or dated snapshot; None when unknown."""
         return self._names.get(model_id)
+
+    def nearest(self, model_id: str) -> str | None:
+        """The price-table name of the known id (name, alias or snapshot) closest in spelling to `model_id`."""
+        close = difflib.get_close_matches(model_id, list(self._names), n=1, cutoff=0.6)
+        return self._names[close[0]] if close else None
 
     def label(self, model: str) -> str:
         """A model's metric label: its price-table name, or `unpriced` for a model the table does not know."""

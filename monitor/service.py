@@ -18,19 +18,26 @@ from sqlalchemy import Engine, delete, text
 
 from monitor.admission import Admission
 from monitor.alerts import Notifier, validate_webhooks
-from monitor.budgets import compile_budgets
+from monitor.budgets import BudgetIndex, compile_budgets
 from monitor.clock import Clock, system_clock
 from monitor.config import ConfigError, LoadedSettings, Settings, parse_duration
-from monitor.evaluation import BudgetEngine
+from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.events import EventParser
 from monitor.http.api import Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
 from monitor.limits import compile_limits
-from monitor.metrics import AdmissionCollector, MonitorCollector, SnapshotErrorsCollector, WindowCollector
+from monitor.metrics import (
+    AdmissionCollector,
+    DefinitionsCollector,
+    MonitorCollector,
+    SnapshotErrorsCollector,
+    WindowCollector,
+)
 from monitor.pricing import PriceTable, load_price_table
-from monitor.store.db import create_db_engine, schema_is_current, upgrade
+from monitor.redaction import database_url
+from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
 from monitor.throttle import ThrottleState
 
@@ -67,12 +74,23 @@ class Store:
 def open_store(
     loaded: LoadedSettings, clock: Clock = system_clock, migrate: bool = True, snapshot_file: Path | None = None
 ) -> Store:
-    """Connect, bring the schema to head, and build the parse, price, write and budget path."""
+    """Connect, bring the schema to head, and build the parse, price, write and budget path.
+
+    With `migrate=False` nothing is written on opening: a missing database, or a schema not at head, raises
+    SchemaNotCurrent (the read-only commands refuse rather than migrate).
+    """
     settings = loaded.settings
     prices = build_price_table(loaded)
-    engine = create_db_engine(settings.database_url)
     if migrate:
+        engine = create_db_engine(settings.database_url)
         upgrade(engine)
+    else:
+        engine = create_db_engine(settings.database_url, make_directory=False)
+        try:
+            require_current_schema(engine, database_url(settings.database_url))
+        except BaseException:
+            engine.dispose()
+            raise
     parser = EventParser(settings.dimensions, clock)
     budgets = BudgetEngine(
         engine, compile_budgets(settings.budgets, prices), settings.zone, clock, ThrottleState(snapshot_file)
@@ -119,8 +137,18 @@ class Jobs:
             registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.interval = Gauge(
+            "claude_monitor_job_interval_seconds",
+            "How often each scheduled task runs: its freshness is judged against this.",
+            ["task"],
+            registry=registry,
+        )
         self.failures: dict[str, str] = {}
         self.succeeded_at: dict[str, float] = {}
+
+    def every(self, task: str, seconds: float) -> None:
+        """Record a task's schedule."""
+        self.interval.labels(task).set(seconds)
 
     def run(self, task: str, job: Callable[[], Any]) -> bool:
         """Run one task now; a failure is logged and kept, never raised into the scheduler."""
@@ -139,6 +167,10 @@ class Jobs:
         return True
 
 
+def _kinds(changes: list[DefinitionChange]) -> list[tuple[str, str]]:
+    return [(change.budget, change.change) for change in changes]
+
+
 class Daemon:
     """`serve`: HTTP API, source tailers and scheduled jobs over one store."""
 
@@ -154,6 +186,7 @@ class Daemon:
         validate_webhooks(settings.alerts.webhooks, where)  # a bad receiver fails `serve` before anything is touched
         self.store = open_store(loaded, clock, snapshot_file=Path(settings.throttle.snapshot_file))
         self.budgets = self.store.budgets
+        self.mismatched: list[DefinitionChange] = []  # how this replica's budgets differ from the stored ones
         self.registry = CollectorRegistry(auto_describe=True)
         self.tailers = [
             Tailer(source, self.store.parser, self.store.writer, self.store.engine, clock, on_batch=self._after_batch)
@@ -184,6 +217,7 @@ class Daemon:
             spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
         )
         self.registry.register(AdmissionCollector(self.admission))
+        self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)
         self.every = parse_duration(settings.schedule.evaluate_every)
         http = settings.http
@@ -239,6 +273,7 @@ class Daemon:
             settings.zone,
             where=where,
             generator_url="http://{}:{}/v1/budgets".format(*self.address),
+            digest_every=parse_duration(settings.alerts.digest_every),
         )
         self.leadership = Leadership(self.store.engine)
         self.scheduler = BackgroundScheduler(
@@ -270,6 +305,7 @@ class Daemon:
         """The scheduled evaluation: recount from the store, refresh metrics, rewrite the snapshot."""
         self.admission.sweep()  # leases not renewed return their slots even when no call comes to notice
         try:
+            self.definitions()
             self.budgets.evaluate()
             self.collector.refresh()
             self.windows.refresh()
@@ -278,6 +314,29 @@ class Daemon:
             raise
         self.budgets.failing = False
         self.jobs.run("notify", self._notify)
+
+    def definitions(self) -> None:
+        """Apply the config's budget definitions if they differ from the stored ones — on the leader only.
+
+        Another replica whose config differs touches nothing: it lists the differences (/readyz, a metric) and does
+        not count its events toward the budgets it disagrees on, whose counts the leader keeps.
+        """
+        changes = self.budgets.pending_definition_changes()
+        if changes and self.leadership.is_leader():
+            for change in changes:
+                log.warning("applying the configured budgets: %s", change.describe())
+            self.budgets.apply_definitions()
+            changes = []
+        elif changes and _kinds(changes) != _kinds(self.mismatched):
+            log.warning(
+                "this replica's config differs from the budget definitions in the database; the leader's stand and "
+                "this replica does not count toward these budgets: %s",
+                "; ".join(change.describe() for change in changes),
+            )
+        if _kinds(changes) != _kinds(self.mismatched):
+            skip = {change.budget for change in changes}
+            self.store.writer.set_budgets(BudgetIndex([b for b in self.budgets.budgets if b.name not in skip]))
+        self.mismatched = changes
 
     def _notify(self) -> None:
         last = self.budgets.last
@@ -343,17 +402,23 @@ class Daemon:
                 problems.append(f"last successful evaluation was {age:.0f} s ago")
         for task, failure in self.jobs.failures.items():
             problems.append(f"task {task} failing: {failure}")
-        return not problems, {"problems": problems}
+        # Not a problem for readiness: the replica answers from the leader's counts; listed for the operator.
+        differs = [change.describe() for change in self.mismatched]
+        return not problems, {"problems": problems, "budget_definitions_differ": differs}
 
     # --- life cycle --------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recount changed budgets, evaluate once, then start the HTTP server, the tailers and the schedule."""
+        """Apply changed budget definitions (leader), evaluate once, then start HTTP, the tailers and the schedule."""
         self._heads_ok = schema_is_current(self.store.engine)
-        recounted = self.budgets.sync_definitions()
-        if recounted:
-            log.info("recounted budgets: %s", ", ".join(recounted))
-        self.jobs.run("evaluate", self.evaluate)
+        self.jobs.every("evaluate", self.every.total_seconds())
+        self.jobs.every("notify", self.every.total_seconds())  # runs after each evaluation
+        self.jobs.every("retention", 3600)
+        if self.notifier.enabled:
+            self.jobs.every("deliver", DELIVER_EVERY_S)
+        if self.tailers:
+            self.jobs.every("tail", TAIL_INTERVAL_S)
+        self.jobs.run("evaluate", self.evaluate)  # the leader applies changed budget definitions first
         self.scheduler.add_job(
             self.jobs.run,
             "interval",

@@ -104,6 +104,11 @@ def stream_events(model: str, message_id: str, output_tokens: int) -> list[tuple
     ]
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # hundreds of the proxy's connections may arrive at once
+
+
 class FakeAnthropic:
     """The server, on a free loopback port, in a background thread."""
 
@@ -111,13 +116,14 @@ class FakeAnthropic:
         self.api_key = api_key
         self.requests: list[Seen] = []
         self.streams: dict[str, bytes] = {}  # request-id -> the raw SSE bytes sent
+        self.cut: list[str] = []  # request-ids of streams whose reader went away before the end
         self.hold: threading.Event | None = None  # when set to an Event, streams pause until it is set
         self.dropping = False  # when True, every request's connection is closed without an answer
         self._failures: list[Failure] = []
         self._lock = threading.Lock()
         self._count = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
+        self.hold_timeout = 10.0  # how long a held stream waits for `hold` at most
+        self.server = _Server(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
@@ -221,9 +227,16 @@ def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
                 stream_events(request["model"], "msg_" + request_id, int(request["max_tokens"]))
             ):
                 if number == HELD_AFTER and hold is not None:
-                    hold.wait(10)
+                    hold.wait(fake.hold_timeout)
                 chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-                self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                try:
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                except OSError:  # the reader closed the stream: Anthropic would stop generating
+                    with fake._lock:
+                        fake.cut.append(request_id)
+                    self.close_connection = True
+                    return
                 sent += chunk
             with fake._lock:  # before the last chunk, so a reader that saw the end finds it
                 fake.streams[request_id] = sent

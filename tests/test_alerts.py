@@ -1,5 +1,6 @@
 """The notifier against a real HTTP receiver on loopback: once per window, across restarts, retries with backoff,
-resolved at the window's reset in the configured timezone, the receivers' payloads, and a bad URL failing `serve`."""
+resolved at the window's reset in the configured timezone, only the highest threshold crossed, one aggregated
+notice per threshold for a `per:` budget, the receivers' payloads, and a bad URL failing `serve`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import pytest
 from sqlalchemy import select
 
 from monitor.alerts import Notice, Notifier, backoff, slack_payload, validate_webhooks
-from monitor.config import ConfigError, WebhookConfig, load_settings
+from monitor.config import ConfigError, WebhookConfig, load_settings, parse_duration
 from monitor.service import Store, open_store
 from monitor.store.models import alert_deliveries, alert_notices
 from tests.conftest import FakeClock, run_cli
@@ -185,7 +186,14 @@ def open_monitor(
     store = open_store(loaded, clock=clock, snapshot_file=directory / "throttle.json")
     store.budgets.sync_definitions()
     settings = loaded.settings
-    notifier = Notifier(store.engine, settings.alerts.webhooks, store.budgets.budgets, settings.zone, where=str(path))
+    notifier = Notifier(
+        store.engine,
+        settings.alerts.webhooks,
+        store.budgets.budgets,
+        settings.zone,
+        where=str(path),
+        digest_every=parse_duration(settings.alerts.digest_every),
+    )
     return Monitor(store, notifier, clock)
 
 
@@ -199,20 +207,22 @@ def monitor(tmp_path: Path, evening: FakeClock, receiver: Receiver) -> Iterator[
 # --- once per threshold per window ---------------------------------------------------------------------------
 
 
-def test_one_notice_per_threshold_per_window_however_often_evaluated(monitor: Monitor, receiver: Receiver) -> None:
-    monitor.spend("8.5")  # 85% of $10: past 0.5 and 0.8 at once
+def test_one_notice_per_window_for_the_highest_threshold_however_often_evaluated(
+    monitor: Monitor, receiver: Receiver
+) -> None:
+    monitor.spend("8.5")  # 85% of $10: past 0.5 and 0.8 at once: only 0.8 notifies
     for _ in range(5):
         monitor.cycle()
         monitor.clock.advance(seconds=15)
     bodies = sorted(receiver.accepted(), key=lambda b: b["threshold"])
-    assert [(b["kind"], b["threshold"]) for b in bodies] == [("threshold", 0.5), ("threshold", 0.8)]
+    assert [(b["kind"], b["threshold"]) for b in bodies] == [("threshold", 0.8)]
     # Forecast by hand: $8.5 in the 21 h since Berlin's midnight (23:00 UTC), 3 h to go: 8.5 + 8.5 x 3/21.
     assert bodies[0] == {
         "kind": "threshold",
         "status": "firing",
         "budget": "lingo-daily",
         "scope": {"project": "lingo"},
-        "threshold": 0.5,
+        "threshold": 0.8,
         "spend_usd": "8.500000",
         "limit_usd": "10.000000",
         "forecast_usd": "9.714285",
@@ -227,9 +237,38 @@ def test_one_notice_per_threshold_per_window_however_often_evaluated(monitor: Mo
         monitor.cycle()
         monitor.clock.advance(seconds=15)
     bodies = receiver.accepted()
-    assert [(b["kind"], b["threshold"]) for b in bodies[2:]] == [("throttle", 1.0)]
-    assert bodies[2]["spend_usd"] == "10.000000" and bodies[2]["sent_at"] == "2026-11-26T20:01:15Z"
-    assert len(receiver.requests) == 3
+    assert [(b["kind"], b["threshold"]) for b in bodies[1:]] == [("throttle", 1.0)]
+    assert bodies[1]["spend_usd"] == "10.000000" and bodies[1]["sent_at"] == "2026-11-26T20:01:15Z"
+    assert len(receiver.requests) == 2
+
+
+def test_a_higher_threshold_supersedes_the_lower_ones_notice(
+    tmp_path: Path, evening: FakeClock, receiver: Receiver
+) -> None:
+    hooks = [(receiver.url + "/hook", "generic"), (receiver.url + "/api/v2/alerts", "alertmanager")]
+    monitor = open_monitor(tmp_path, evening, hooks)
+    try:
+        monitor.spend("6")  # 60%: 0.5
+        monitor.cycle()
+        evening.advance(minutes=10)
+        monitor.spend("2.5")  # 85%: 0.8 fires, and 0.5 is resolved rather than left firing to the window's end
+        monitor.cycle()
+        for _ in range(3):
+            evening.advance(seconds=15)
+            monitor.cycle()
+    finally:
+        monitor.close()
+    generic = [(b["threshold"], b["status"]) for b in receiver.accepted("/hook")]
+    assert generic == [(0.5, "firing"), (0.5, "resolved"), (0.8, "firing")]
+    superseded = receiver.accepted("/hook")[1]
+    assert superseded["spend_usd"] == "8.500000" and superseded["sent_at"] == "2026-11-26T20:10:00Z"
+    alerts = [alert for body in receiver.accepted("/api/v2/alerts") for alert in body]
+    assert [(a["labels"]["threshold"], a["endsAt"]) for a in alerts] == [
+        ("0.5", "2026-11-26T23:00:00Z"),  # held to the window's end ...
+        ("0.5", "2026-11-26T20:10:00Z"),  # ... until superseded: Alertmanager drops it now
+        ("0.8", "2026-11-26T23:00:00Z"),
+    ]
+    assert alerts[1]["annotations"]["summary"].endswith("— superseded by its 80% notice")
 
 
 def test_no_notice_repeated_after_a_restart_and_a_pending_one_survives_it(
@@ -241,10 +280,13 @@ def test_no_notice_repeated_after_a_restart_and_a_pending_one_survives_it(
     first.cycle()
     assert [b["threshold"] for b in receiver.accepted()] == [0.5]
     receiver.status = 503
-    first.spend("4")  # the limit: a throttle notice, which the receiver refuses for now
+    first.spend("4")  # the limit: 0.8 supersedes 0.5, and a throttle notice; the receiver refuses them for now
     first.cycle()
-    # The throttle notice goes first and is refused; 0.8 is not tried against a receiver that just failed.
-    assert [(r.status, r.body["kind"]) for r in receiver.requests] == [(200, "threshold"), (503, "throttle")]
+    # 0.5's resolution goes first and is refused; the others are not tried against a receiver that just failed.
+    assert [(r.status, r.body["status"], r.body["threshold"]) for r in receiver.requests] == [
+        (200, "firing", 0.5),
+        (503, "resolved", 0.5),
+    ]
     first.close()
 
     receiver.status = 200
@@ -254,9 +296,14 @@ def test_no_notice_repeated_after_a_restart_and_a_pending_one_survives_it(
         for _ in range(4):
             second.cycle()
             evening.advance(seconds=15)
-        kinds = sorted((b["kind"], b["threshold"]) for b in receiver.accepted())
-        assert kinds == [("threshold", 0.5), ("threshold", 0.8), ("throttle", 1.0)]
-        assert len(receiver.requests) == 4
+        kinds = sorted((b["kind"], b["threshold"], b["status"]) for b in receiver.accepted())
+        assert kinds == [
+            ("threshold", 0.5, "firing"),
+            ("threshold", 0.5, "resolved"),
+            ("threshold", 0.8, "firing"),
+            ("throttle", 1.0, "firing"),
+        ]
+        assert len(receiver.requests) == 5
     finally:
         second.close()
 
@@ -383,16 +430,16 @@ def test_resolved_notices_when_the_day_ends_in_new_york_not_at_utc_midnight(tmp_
         assert sorted((b["budget"], b["kind"], b["threshold"]) for b in resolved) == sorted(
             (b["budget"], b["kind"], b["threshold"]) for b in fired
         )
-        user = next(b for b in resolved if b["kind"] == "throttle")
-        assert user == {
+        users = next(b for b in resolved if b["kind"] == "throttle")
+        assert users == {
             "kind": "throttle",
             "status": "resolved",
             "budget": "per-user-daily",
-            "scope": {"project": "lingo", "user": "u-1"},  # resolved though u-1 has not spent today
+            "per": "user",
             "threshold": 1.0,
-            "spend_usd": "6.000000",  # what the ended window came to
-            "limit_usd": "0.500000",
-            "forecast_usd": "6.000000",
+            "scopes_over": 1,
+            # what the ended window came to, though u-1 has not spent today
+            "top": [{"scope": {"project": "lingo", "user": "u-1"}, "spend_usd": "6.000000", "limit_usd": "0.500000"}],
             "window_start": "2026-11-26T05:00:00Z",
             "window_end": "2026-11-27T05:00:00Z",
             "sent_at": "2026-11-27T05:00:15Z",
@@ -414,24 +461,105 @@ def test_resolved_notices_when_the_day_ends_in_new_york_not_at_utc_midnight(tmp_
         monitor.close()
 
 
-def test_a_stampede_of_per_user_crossings_is_sent_100_per_evaluation(
-    tmp_path: Path, evening: FakeClock, receiver: Receiver, caplog: pytest.LogCaptureFixture
+LEARNERS = """\
+budgets:
+  - name: per-user-daily
+    match: {project: lingo}
+    per: user
+    window: day
+    limit_usd: 0.50
+    alert_at: [0.5, 0.8]
+    throttle_at: 1.0
+"""
+
+
+def test_fifty_learners_crossing_a_per_user_budget_make_one_aggregated_notice_per_threshold(
+    tmp_path: Path, evening: FakeClock, receiver: Receiver
 ) -> None:
-    monitor = open_monitor(tmp_path, evening, [(receiver.url + "/hook", "generic")], "budgets:\n" + PER_USER)
+    hooks = [
+        (receiver.url + "/hook", "generic"),
+        (receiver.url + "/slack", "slack"),
+        (receiver.url + "/api/v2/alerts", "alertmanager"),
+    ]
+    monitor = open_monitor(tmp_path, evening, hooks, LEARNERS)
+    # learner-i spends $0.26 + $0.005 i of a $0.50 day: all 50 past 50 %, learners 28-49 past 80 % ($0.40),
+    # learners 48 and 49 at their limit ($0.50, $0.505): throttled.
+    spend = {i: Decimal("0.26") + Decimal("0.005") * i for i in range(50)}
     try:
-        caplog.set_level(logging.WARNING, logger="monitor.alerts")
-        monitor.spend("0.30", user="learner", count=150)  # 60% each: past 0.5
+        for batch in range(5):  # ten learners every 15 s
+            for i in range(batch * 10, batch * 10 + 10):
+                monitor.spend(spend[i], user=f"learner-{i}")
+            monitor.cycle()
+            evening.advance(seconds=15)
+        first = [(b["kind"], b["threshold"], b["scopes_over"]) for b in receiver.accepted("/hook")]
+        # 0.5 when the first ten crossed; 0.8 when learners 28-29 did; throttle when 48-49 did. Nothing per learner.
+        assert first == [("threshold", 0.5, 10), ("threshold", 0.8, 2), ("throttle", 1.0, 2)]
+
+        for _ in range(4):  # more crossed, but the last notices went out minutes ago
+            monitor.cycle()
+            evening.advance(minutes=15)
+        assert len(receiver.accepted("/hook")) == 3
+        evening.now = datetime(2026, 11, 26, 21, 1, tzinfo=UTC)  # an hour after the last: one update each
+        for _ in range(3):
+            monitor.cycle()
+            evening.advance(seconds=15)
+        updates = receiver.accepted("/hook")[3:]
+        assert [(b["kind"], b["threshold"], b["scopes_over"]) for b in updates] == [
+            ("threshold", 0.5, 50),
+            ("threshold", 0.8, 22),
+        ]  # the throttled count did not grow: no update
+        top = [
+            {"scope": {"project": "lingo", "user": f"learner-{i}"}, "limit_usd": "0.500000"} for i in range(49, 44, -1)
+        ]
+        for entry, usd in zip(top, ("0.505000", "0.500000", "0.495000", "0.490000", "0.485000"), strict=True):
+            entry["spend_usd"] = usd
+        assert updates[0] == {
+            "kind": "threshold",
+            "status": "firing",
+            "budget": "per-user-daily",
+            "per": "user",
+            "threshold": 0.5,
+            "scopes_over": 50,
+            "top": top,
+            "window_start": "2026-11-25T23:00:00Z",
+            "window_end": "2026-11-26T23:00:00Z",
+            "sent_at": "2026-11-26T21:01:00Z",
+        }
+
+        evening.now = datetime(2026, 11, 26, 23, 0, 10, tzinfo=UTC)  # midnight in Berlin: the day is over
         monitor.cycle()
-        assert len(receiver.requests) == 100
-        assert "100 notices queued, 50 deferred to the next evaluation" in caplog.text
-        evening.advance(seconds=15)
-        monitor.cycle()
-        evening.advance(seconds=15)
-        monitor.cycle()
-        users = [b["scope"]["user"] for b in receiver.accepted()]
-        assert len(users) == 150 and set(users) == {f"learner-{i}" for i in range(150)}
     finally:
         monitor.close()
+    resolved = receiver.accepted("/hook")[5:]
+    assert sorted((b["status"], b["kind"], b["threshold"], b["scopes_over"]) for b in resolved) == [
+        ("resolved", "threshold", 0.5, 50),
+        ("resolved", "threshold", 0.8, 22),
+        ("resolved", "throttle", 1.0, 2),
+    ]
+    assert len(receiver.accepted("/hook")) == 8  # not 50 + 22 + 2 notices, each resolved
+
+    alerts = [alert for body in receiver.accepted("/api/v2/alerts") for alert in body]
+    assert len(alerts) == 8
+    assert {alert["labels"]["severity"] for alert in alerts} == {"info", "warning"}  # never critical: no page
+    assert {tuple(sorted(alert["labels"].items())) for alert in alerts} == {
+        (("alertname", "ClaudeBudgetScopesOverThreshold"), ("budget", "per-user-daily"), ("kind", "threshold"),
+         ("per", "user"), ("severity", "info"), ("threshold", "0.5")),
+        (("alertname", "ClaudeBudgetScopesOverThreshold"), ("budget", "per-user-daily"), ("kind", "threshold"),
+         ("per", "user"), ("severity", "info"), ("threshold", "0.8")),
+        (("alertname", "ClaudeBudgetScopesThrottled"), ("budget", "per-user-daily"), ("kind", "throttle"),
+         ("per", "user"), ("severity", "warning"), ("threshold", "1")),
+    }  # fmt: skip
+    assert not any("learner" in value for alert in alerts for value in alert["labels"].values())
+    update = next(a for a in alerts if a["labels"]["threshold"] == "0.5" and "50 user" in a["annotations"]["summary"])
+    assert update["annotations"]["summary"] == "Budget per-user-daily: 50 user scopes reached 50% of their own limit"
+    assert "project=lingo, user=learner-49: $0.505000" in update["annotations"]["description"]
+
+    slack = receiver.accepted("/slack")
+    assert len(slack) == 8
+    assert slack[3]["text"] == ":warning: Budget per-user-daily: 50 user scopes reached 50% of their own limit"
+    fields = "\n".join(field["text"] for field in slack[3]["blocks"][1]["fields"])
+    for fact in ("per-user-daily", "*Scopes over*\n50", "$0.500000", "user=learner-49: $0.505000", "50%"):
+        assert fact in fields, fact
 
 
 # --- payloads ---------------------------------------------------------------------------------------------------
@@ -655,5 +783,5 @@ def test_once_per_window_across_restarts_on_postgres(
                 evening.advance(seconds=15)
         finally:
             monitor.close()
-    assert sorted(b["threshold"] for b in receiver.accepted()) == [0.5, 0.8]
-    assert len(receiver.requests) == 2
+    assert [b["threshold"] for b in receiver.accepted()] == [0.8]  # the highest crossed, once
+    assert len(receiver.requests) == 1

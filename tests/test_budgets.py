@@ -225,7 +225,7 @@ def test_new_budget_is_counted_from_events_already_stored(tmp_path: Path, clock:
         store.close()
 
 
-def test_forecast_from_the_window_average_then_the_recent_burn(tmp_path: Path) -> None:
+def test_forecast_is_the_window_average_held_to_its_end(tmp_path: Path) -> None:
     # At 05:00 UTC on 26 Nov, $10 has been spent this month (Berlin time).
     clock = FakeClock(datetime(2026, 11, 26, 5, tzinfo=UTC))
     store = open_with(tmp_path, clock)
@@ -235,20 +235,32 @@ def test_forecast_from_the_window_average_then_the_recent_burn(tmp_path: Path) -
         store.budgets.evaluate()
         monthly = {s.budget.name: s for s in store.budgets.states()}["lingo-monthly"]
         # Month so far: 1 Nov 00:00 local = 31 Oct 23:00 UTC .. 26 Nov 05:00 UTC = 606 h; rest of the month:
-        # 26 Nov 05:00 UTC .. 30 Nov 23:00 UTC = 114 h. First sight: the window's average, $10 / 606 h, for 114 h.
+        # 26 Nov 05:00 UTC .. 30 Nov 23:00 UTC = 114 h. The window's average, $10 / 606 h, for 114 h.
         expected = Decimal(10) + Decimal(10) * 114 / 606
         assert abs(Decimal(monthly.forecast_cost_pico) / 10**12 - expected) < Decimal("0.000001")
-        # An hour later with $5 more: the burn rate moves toward the last hour's $5/h (weight 1 - e^-1).
+        # An hour later with $5 more: still the window's average ($15 / 607 h), not the last hour's $5/h.
         clock.advance(hours=1)
         send(store, clock.now - timedelta(minutes=1), output_tokens=1_000_000, project="lingo", user="big")
         store.budgets.evaluate()
         monthly = {s.budget.name: s for s in store.budgets.states()}["lingo-monthly"]
-        import math
+        expected = Decimal(15) + Decimal(15) * 113 / 607
+        assert abs(Decimal(monthly.forecast_cost_pico) / 10**12 - expected) < Decimal("0.000001")
+    finally:
+        store.close()
 
-        first_rate = 10 / 606  # dollars per hour
-        rate = first_rate + (1 - math.exp(-1)) * (5 - first_rate)
-        expected_later = 15 + rate * 113
-        assert abs(monthly.forecast_cost_pico / 10**12 - expected_later) < 1e-6
+
+def test_a_young_window_is_averaged_over_a_day_at_least(tmp_path: Path) -> None:
+    # 1 Dec 01:00 in Berlin (00:00 UTC): one hour into the month, $10 spent. Averaged over one hour the month would
+    # end at $7,210; averaged over the first day it ends at $10 + $10 x 743 h / 24 h.
+    clock = FakeClock(datetime(2026, 12, 1, 0, tzinfo=UTC))
+    store = open_with(tmp_path, clock)
+    try:
+        store.budgets.sync_definitions()
+        send(store, clock.now - timedelta(minutes=30), output_tokens=2_000_000, project="lingo", user="big")
+        store.budgets.evaluate()
+        monthly = {s.budget.name: s for s in store.budgets.states()}["lingo-monthly"]
+        expected = Decimal(10) + Decimal(10) * 743 / 24
+        assert abs(Decimal(monthly.forecast_cost_pico) / 10**12 - expected) < Decimal("0.000001")
     finally:
         store.close()
 

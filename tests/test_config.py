@@ -111,6 +111,15 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ("alerts: {webhooks: [{url: 'not a url', kind: slack}]}\n", ["alerts.webhooks[0].url", "http(s) URL"]),
         ("alerts: {webhooks: [{url: 'https://x', kind: pager}]}\n", ["alerts.webhooks[0].kind"]),
         ("metrics: {labels: [user_tier]}\n", ["metrics.labels", "'user_tier' is not one of dimensions"]),
+        (
+            "timezone: UTC\nmetrics:\n  labels: [project, user, api_key]\n",
+            ["c.yaml:3", "metrics.labels", "'user', 'api_key': one value per user", "high_cardinality: [user"],
+        ),
+        (
+            "metrics:\n  allow_high_cardinality: [user]\n  labels: [project, user, api_key]\n",
+            ["c.yaml:3", "metrics.labels", "'api_key': one value per user or key"],
+        ),
+        ("alerts: {digest_every: soon}\n", ["c.yaml:1", "alerts.digest_every", "not a duration"]),
         ("pricing: {models: {m: {rates: []}}}\n", ["pricing.models.m.rates", "at least 1"]),
         (
             "pricing: {models: {m: {rates: [{since: 2026-01-01, input: 1}]}}}\n",
@@ -133,6 +142,9 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         "webhook-url",
         "webhook-kind",
         "metric-label",
+        "metric-label-per-user",
+        "metric-label-per-key",
+        "digest-every",
         "no-rates",
         "missing-rate",
         "listen",
@@ -144,6 +156,12 @@ def test_bad_config_names_file_key_and_reason(tmp_path: Path, text: str, expecte
     message = error_of(tmp_path, text)
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_a_per_user_metric_label_is_accepted_when_the_operator_says_so(tmp_path: Path) -> None:
+    loaded = load(tmp_path, "metrics: {allow_high_cardinality: [user], labels: [project, user]}\n")
+    assert loaded.settings.metrics.labels == ["project", "user"]
+    assert loaded.settings.alerts.digest_every == "1h"
 
 
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:

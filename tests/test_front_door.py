@@ -129,9 +129,7 @@ def read_one_response(sock: socket.socket, timeout: float = 10) -> bytes:
 
 def post_raw(serve: Serve, head_extra: str) -> socket.socket:
     sock = socket.create_connection(address(serve))
-    sock.sendall(
-        f"POST /v1/usage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n{head_extra}\r\n".encode()
-    )
+    sock.sendall(f"POST /v1/usage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n{head_extra}\r\n".encode())
     return sock
 
 
@@ -358,4 +356,3 @@ def test_past_max_connections_a_new_request_gets_503_at_once(guarded: Serve) -> 
         for sock in held:
             sock.close()
     wait_until(lambda: guarded.get("/healthz").status == 200, timeout=5)
-

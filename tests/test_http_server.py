@@ -131,7 +131,7 @@ def test_read_body_counts_a_chunked_body_against_the_limit(gated: tuple[HttpServ
 @pytest.mark.parametrize(
     "http_block, message",
     [
-        ('{check_require: [team]}', "http.check_require: 'team' is not 'model' or one of dimensions"),
+        ("{check_require: [team]}", "http.check_require: 'team' is not 'model' or one of dimensions"),
         ("{header_timeout: soon}", "'soon' is not a duration"),
         ('{metrics_listen: "9465"}', "'9465' is not HOST:PORT"),
         ("{max_events_per_request: 0}", "max_events_per_request"),

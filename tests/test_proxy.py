@@ -9,35 +9,35 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anthropic
 import pytest
-from anthropic.types import MessageParam
 
-from monitor.proxy import MAX_BODY_BYTES
-from monitor.upstream import SseUsage
+from monitor.http.sse import SseUsage
 from tests.conftest import run_cli, write_config
 from tests.fake_anthropic import COUNT_TOKENS_ANSWER, FakeAnthropic
-from tests.serve_harness import TOKEN, Serve, wait_until
-
-PROXY_KEY = "sk-ant-api03-the-proxy-side-secret-0123456789abcdef"
-CLIENT_KEY = "sk-ant-api03-a-client-side-key-that-must-not-travel"
-KEY_ENV = "TEST_PROXY_ANTHROPIC_KEY"
-HAIKU = "claude-haiku-4-5-20251001"
-ASK: list[MessageParam] = [{"role": "user", "content": "Ist der Satz richtig: 'Ich habe gegangen'?"}]
+from tests.proxy_harness import (
+    ASK,
+    CLIENT_KEY,
+    HAIKU,
+    KEY_ENV,
+    PROXY_KEY,
+    ProxyProcess,
+    Stack,
+    proxy_config,
+    read_until,
+    sdk,
+    stored_row,
+    tokens,
+    within,
+)
+from tests.serve_harness import Serve, wait_until
 
 SERVE_CONFIG = """\
 http: {listen: "127.0.0.1:0"}
@@ -57,110 +57,6 @@ budgets:
     limit_requests: 1
     throttle_at: 1.0
 """
-
-
-def proxy_config(directory: Path, upstream: str, monitor_url: str) -> Path:
-    path = directory / "proxy.yaml"
-    path.write_text(
-        f"""\
-throttle: {{snapshot_file: throttle.json}}
-proxy:
-  listen: "127.0.0.1:0"
-  upstream: "{upstream}"
-  api_key_env: {KEY_ENV}
-  monitor_url: "{monitor_url}"
-  identity: {{headers: {{X-App-User: user, X-App-Project: project, X-App-Feature: feature}}}}
-  fail_mode: open
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-class ProxyProcess:
-    """`python -m monitor proxy --config PATH -v` as a child process, its log in a file."""
-
-    def __init__(self, config: Path, cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_MONITOR_", "ANTHROPIC_"))}
-        env.update({KEY_ENV: PROXY_KEY, "CLAUDE_MONITOR_INGEST_TOKEN": TOKEN})
-        self.log = cwd / "proxy.log"
-        self._log_file = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "proxy", "--config", str(config), "-v"],
-            cwd=cwd,
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while not (found := re.search(r"listening on (http://[\d.]+:(\d+))", self.output())):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"proxy did not start:\n{self.output()}")
-            time.sleep(0.05)
-        self.url, self.port = found.group(1), int(found.group(2))
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-        self._log_file.close()
-        return self.proc.returncode
-
-
-@dataclass
-class Stack:
-    fake: FakeAnthropic
-    serve: Serve
-    proxy: ProxyProcess
-    directory: Path
-
-    def sdk(self, user: str, project: str = "lingo", **options: Any) -> anthropic.Anthropic:
-        """The real SDK, pointed at the proxy, with a key of its own and the app's identity headers."""
-        return sdk(self.proxy.url, user, project, **options)
-
-    def row(self, request_id: str) -> dict[str, Any] | None:
-        return stored_row(self.directory, request_id)
-
-
-def sdk(url: str, user: str, project: str = "lingo", **options: Any) -> anthropic.Anthropic:
-    headers = {"X-App-User": user, "X-App-Project": project, "X-App-Feature": "grammar-check"}
-    return anthropic.Anthropic(base_url=url, api_key=CLIENT_KEY, default_headers=headers, **options)
-
-
-def stored_row(directory: Path, request_id: str) -> dict[str, Any] | None:
-    database = sqlite3.connect(directory / "monitor.db")
-    database.row_factory = sqlite3.Row
-    try:
-        row = database.execute("SELECT * FROM events WHERE request_id = ?", (request_id,)).fetchone()
-    finally:
-        database.close()
-    return None if row is None else dict(row)
-
-
-def tokens(row: Mapping[str, Any]) -> tuple[int, ...]:
-    names = ("input_tokens", "output_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "cache_read_tokens")
-    return (*(row[name] for name in names), row["web_search_requests"])
-
-
-def within(seconds: float, call: Callable[[], object]) -> object:
-    """What `call` returned or raised, failing the test if it takes longer than `seconds`."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except Exception as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert outcome, f"the call did not return within {seconds} s"
-    return outcome[0]
 
 
 @pytest.fixture
@@ -235,9 +131,7 @@ def test_a_stream_passes_through_byte_for_byte_as_it_arrives(stack: Stack) -> No
     )
     response = connection.getresponse()
     assert response.status == 200 and response.getheader("content-type", "").startswith("text/event-stream")
-    received = b""
-    while b"event: ping\n" not in received:  # what the fake has sent so far arrives while it holds the rest
-        received += response.read1(65536)
+    received = read_until(response, b"event: ping\n")  # what the fake sent so far arrives while it holds the rest
     assert b"content_block_delta" not in received
     stack.fake.hold.set()
     received += response.read()
@@ -284,7 +178,12 @@ def test_over_budget_the_sdk_raises_rate_limit_error_at_once_and_anthropic_is_no
         s.get_final_message()
     assert len(stack.fake.seen("/v1/messages")) == upstream_calls  # nothing more reached Anthropic
     # The SDK (max_retries 2 by default) did not retry: the proxy answered exactly one 429 per call.
-    assert stack.proxy.output().count("POST /v1/messages 429 feature=grammar-check project=lingo user=u-9:") == 2
+    assert (
+        stack.proxy.output().count(
+            "POST /v1/messages 429 client=app-backend feature=grammar-check project=lingo user=u-9:"
+        )
+        == 2
+    )
     assert client.messages.count_tokens(model=HAIKU, messages=ASK).input_tokens == COUNT_TOKENS_ANSWER  # not checked
 
     assert stack.sdk("u-10").messages.create(model=HAIKU, max_tokens=10, messages=ASK).usage.output_tokens == 10
@@ -338,7 +237,7 @@ def test_failed_calls_are_recorded_with_their_status_and_zero_usage(stack: Stack
     # Other routes are not forwarded.
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/messages/batches"), ("POST", "/v1/complete")):
         connection = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=30)
-        connection.request(method, path, body=b"{}" if method == "POST" else None)
+        connection.request(method, path, body=b"{}" if method == "POST" else None, headers={"x-api-key": CLIENT_KEY})
         answer = connection.getresponse()
         assert answer.status == 404
         assert json.loads(answer.read())["error"]["type"] == "not_found_error"
@@ -347,7 +246,8 @@ def test_failed_calls_are_recorded_with_their_status_and_zero_usage(stack: Stack
     # An over-size body is refused from its Content-Length alone, in the same shape.
     connection = http.client.HTTPConnection("127.0.0.1", stack.proxy.port, timeout=30)
     connection.putrequest("POST", "/v1/messages")
-    connection.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+    connection.putheader("Content-Length", str(64 * 1024 * 1024 + 1))
+    connection.putheader("x-api-key", CLIENT_KEY)
     connection.endheaders()
     too_big = connection.getresponse()
     assert too_big.status == 413 and json.loads(too_big.read())["error"]["type"] == "request_too_large"
@@ -402,11 +302,11 @@ def test_with_the_daemon_down_fail_open_passes_and_spools_for_the_daemon_to_tail
         fake.hold = threading.Event()
         connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
         stream_body = json.dumps({"model": HAIKU, "max_tokens": 7, "stream": True, "messages": ASK})
-        connection.request("POST", "/v1/messages", body=stream_body, headers={"X-App-User": "u-d"})
+        connection.request(
+            "POST", "/v1/messages", body=stream_body, headers={"X-App-User": "u-d", "x-api-key": CLIENT_KEY}
+        )
         response = connection.getresponse()
-        received = b""
-        while b"event: ping\n" not in received:
-            received += response.read1(65536)
+        received = read_until(response, b"event: ping\n")
         proxy.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: "SIGTERM received" in proxy.output())
         assert proxy.proc.poll() is None

@@ -26,7 +26,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,9 +296,19 @@ class HttpServer:
     `stop()` drains. Signals stay with the caller: uvicorn installs no handlers off the main thread.
     """
 
-    def __init__(self, app: App, host: str, port: int, limits: ServerLimits, name: str) -> None:
+    def __init__(
+        self,
+        app: App,
+        host: str,
+        port: int,
+        limits: ServerLimits,
+        name: str,
+        on_stop: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
+        """`on_stop`, when given, runs on the server's event loop after the drain (to close what the app opened)."""
         self.limits = limits
         self.name = name
+        self._on_stop = on_stop
         self._socket = _bind(host, port, limits.backlog)
         bound = self._socket.getsockname()
         self.address: tuple[str, int] = (str(bound[0]), int(bound[1]))
@@ -341,7 +351,11 @@ class HttpServer:
     def _run(self) -> None:
         try:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(self._server.serve(sockets=[self._socket]))
+                try:
+                    runner.run(self._server.serve(sockets=[self._socket]))
+                finally:
+                    if self._on_stop is not None:
+                        runner.run(self._on_stop())
         except BaseException:
             log.exception("%s: the HTTP server stopped on an error", self.name)
 

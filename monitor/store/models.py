@@ -220,6 +220,11 @@ alert_notices = Table(
     Column("first_sent_at", UTCDateTime(), comment="first delivery of the firing notice to any webhook"),
     Column("resolved_at", UTCDateTime()),
     Column("resolved_sent_at", UTCDateTime(), comment="first delivery of the resolved notice to any webhook"),
+    Column("per", String(64), comment="a per: budget's dimension: an aggregated notice"),
+    Column("scopes_over", Integer, comment="aggregated: scopes at or over the threshold"),
+    Column("top", Text, comment="aggregated: JSON list of the biggest scopes"),
+    Column("updated_at", UTCDateTime(), comment="aggregated: facts last sent as an update"),
+    Column("superseded_by", String(32), comment="the higher threshold that resolved it"),
     UniqueConstraint("budget", "scope", "window_start", "kind", "threshold"),
     Index("ix_alert_notices_status_resolved_at", "status", "resolved_at"),
 )

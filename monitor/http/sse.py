@@ -1,15 +1,11 @@
-"""The proxy's side of Anthropic's API: pooled upstream connections, and usage read from SSE as it passes."""
+"""Usage read from Anthropic's server-sent events as they pass through the proxy, cut anywhere."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 from typing import Any
 
-from monitor.httppool import ConnectionPool
-
-UPSTREAM_TIMEOUT = 600.0  # a long non-streaming answer can take minutes
 _EOL = re.compile(rb"\r\n|\r|\n")
 _ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0}
 
@@ -80,44 +76,3 @@ class SseUsage:
         usage = dict(self._start or _ZERO_USAGE)
         usage.update({key: value for key, value in (self._delta or {}).items() if value is not None})
         return usage
-
-
-class Upstream:
-    """Keep-alive connections to Anthropic (or a stand-in), each carrying the proxy's own key."""
-
-    def __init__(self, url: str, api_key: str, timeout: float = UPSTREAM_TIMEOUT) -> None:
-        self._pool = ConnectionPool(url, timeout, max_idle=16)
-        self._key = api_key
-
-    def send(
-        self, path: str, body: bytes, headers: list[tuple[str, str]]
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """POST and read the status line and headers; OSError / HTTPException when Anthropic cannot be reached."""
-        for attempt in range(2):
-            connection, reused = self._pool.acquire()
-            try:
-                connection.putrequest("POST", self._pool.base_path + path, skip_accept_encoding=True)
-                for name, value in headers:
-                    connection.putheader(name, value)
-                connection.putheader("Accept-Encoding", "identity")
-                connection.putheader("x-api-key", self._key)
-                connection.putheader("Content-Length", str(len(body)))
-                connection.endheaders(body)
-                return connection, connection.getresponse()
-            except (ConnectionError, http.client.BadStatusLine):
-                connection.close()
-                if reused and attempt == 0:
-                    continue  # an idle connection the other side had closed: the request never arrived
-                raise
-            except BaseException:
-                connection.close()
-                raise
-        raise AssertionError("unreachable")
-
-    def release(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
-        """Keep a connection whose response was read to its end; close any other."""
-        self._pool.release(connection, response)
-
-    def close(self) -> None:
-        """Close the idle connections."""
-        self._pool.close()
