@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from monitor import __version__
+from monitor.estimate import input_token_bound
 from monitor.httppool import ConnectionPool
 
 if TYPE_CHECKING:
@@ -51,6 +52,27 @@ class MonitorError(Exception):
         self.status = status
         self.retry_after = retry_after
         self.body = body
+
+
+class AdmissionRefused(MonitorError):
+    """POST /v1/admit said no: `kind` (rate, concurrency, budget or cap), the limit or budget `name` that refused,
+    `retry_after` seconds, and `status` 429 (or 400 for a cap, which no retry of the same call passes)."""
+
+    def __init__(self, message: str, *, status: int, kind: str, name: str, retry_after: int, body: Any) -> None:
+        super().__init__(message, status=status, retry_after=retry_after, body=body)
+        self.kind = kind
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An admitted call's lease: pass `id` to `release()` when the call ends (and as the usage event's `lease`), and
+    `renew()` it every `renew_every` seconds while a long call runs."""
+
+    id: str
+    reserved_usd: str
+    expires_at: datetime | None
+    renew_every: float
 
 
 @dataclass(frozen=True)
@@ -388,15 +410,19 @@ class MonitorClient:
         latency_ms: float | None = None,
         batch: bool = False,
         timestamp: datetime | None = None,
+        lease: str | None = None,
     ) -> dict[str, Any]:
-        """Record a Messages API response; request_id defaults to `message._request_id` (the request-id header)."""
+        """Record a Messages API response; request_id defaults to `message._request_id` (the request-id header).
+        `lease` (from `admit()`) settles the call's reservation if `release()` has not."""
         request_id = request_id or getattr(message, "_request_id", None)
         if not request_id:
             raise ValueError(
                 "the message has no _request_id (the request-id response header): pass request_id= explicitly"
             )
         usage = message.usage.model_dump(mode="json")
-        return self.record(self._event(request_id, message.model, usage, attributes, 200, latency_ms, batch, timestamp))
+        return self.record(
+            self._event(request_id, message.model, usage, attributes, 200, latency_ms, batch, timestamp, lease)
+        )
 
     def record_stream(
         self,
@@ -405,6 +431,7 @@ class MonitorClient:
         attributes: Mapping[str, str],
         request_id: str | None = None,
         latency_ms: float | None = None,
+        lease: str | None = None,
     ) -> dict[str, Any]:
         """Record a streamed response from its raw events (SDK objects, or the SSE `data` objects as dicts).
 
@@ -429,10 +456,16 @@ class MonitorClient:
         request_id = request_id or _stream_request_id(events)
         if not request_id:
             raise ValueError("no request_id: pass the request-id response header as request_id=")
-        return self.record(self._event(request_id, model, usage, attributes, 200, latency_ms, False, None))
+        return self.record(self._event(request_id, model, usage, attributes, 200, latency_ms, False, None, lease))
 
     def record_failure(
-        self, *, model: str, status: int, attributes: Mapping[str, str], request_id: str | None = None
+        self,
+        *,
+        model: str,
+        status: int,
+        attributes: Mapping[str, str],
+        request_id: str | None = None,
+        lease: str | None = None,
     ) -> dict[str, Any]:
         """Record a failed call (429, 529, 500 …) with zero usage; pass Anthropic's request-id when it sent one.
 
@@ -440,7 +473,7 @@ class MonitorClient:
         """
         request_id = request_id or f"failed-{uuid.uuid4().hex}"
         usage = {"input_tokens": 0, "output_tokens": 0}
-        return self.record(self._event(request_id, model, usage, attributes, status, None, False, None))
+        return self.record(self._event(request_id, model, usage, attributes, status, None, False, None, lease))
 
     def _event(
         self,
@@ -452,6 +485,7 @@ class MonitorClient:
         latency_ms: float | None,
         batch: bool,
         timestamp: datetime | None,
+        lease: str | None = None,
     ) -> dict[str, Any]:
         when = timestamp if timestamp is not None else datetime.fromtimestamp(self.clock(), UTC)
         event: dict[str, Any] = {
@@ -465,7 +499,107 @@ class MonitorClient:
         }
         if latency_ms is not None:
             event["latency_ms"] = latency_ms
+        if lease is not None:
+            event["lease"] = lease
         return event
+
+    # --- admission ---------------------------------------------------------------------------------------------
+
+    def admit(
+        self,
+        *,
+        model: str,
+        max_tokens: int,
+        request: Mapping[str, Any] | None = None,
+        estimated_input_tokens: int | None = None,
+        batch: bool = False,
+        speed: str | None = None,
+        inference_geo: str | None = None,
+        **attributes: str,
+    ) -> Lease:
+        """Ask the daemon to admit one call before sending it; the Lease, or AdmissionRefused.
+
+        Give the Messages API body as `request` (its input is bounded from its bytes, see `monitor.estimate`) or
+        your own `estimated_input_tokens`, which must never be below what the call is billed for. Raises
+        MonitorError (status None) when the daemon cannot be reached: your fail-open or fail-closed policy decides.
+        """
+        if estimated_input_tokens is None:
+            if request is None:
+                raise ValueError("pass request= (the Messages API body) or estimated_input_tokens=")
+            estimated_input_tokens = input_token_bound(request)
+        body = {
+            "attributes": dict(attributes),
+            "model": model,
+            "max_tokens": max_tokens,
+            "estimated_input_tokens": estimated_input_tokens,
+            "batch": batch,
+            "speed": speed,
+            "inference_geo": inference_geo,
+        }
+        status, headers, answer = self._post("/v1/admit", body)
+        if status == 200 and isinstance(answer, dict) and isinstance(answer.get("lease"), str):
+            return Lease(
+                answer["lease"],
+                str(answer.get("reserved_usd")),
+                _parse_time(answer.get("expires_at")),
+                float(answer.get("renew_every_s") or 1),
+            )
+        refused = answer.get("refused_by") if isinstance(answer, dict) else None
+        if status in (400, 429) and isinstance(refused, dict):
+            assert isinstance(answer, dict)
+            raise AdmissionRefused(
+                str(answer.get("message")),
+                status=status,
+                kind=str(refused.get("kind")),
+                name=str(refused.get("name")),
+                retry_after=int(answer.get("retry_after") or 0),
+                body=answer,
+            )
+        raise self._error("/v1/admit", status, headers, answer)
+
+    def release(
+        self, lease: Lease | str, *, request_id: str | None = None, usage: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Return a lease when its call ends, with the upstream request id and `usage` (the Messages API usage
+        object; None for a call that failed without any). Settling twice is harmless: the second is a no-op.
+        A lease the daemon no longer knows (expired long ago) answers {"settled_by": "unknown"}."""
+        lease_id = lease.id if isinstance(lease, Lease) else lease
+        body = {"lease": lease_id, "request_id": request_id, "usage": dict(usage) if usage is not None else None}
+        status, headers, answer = self._post("/v1/release", body)
+        if status == 200 and isinstance(answer, dict):
+            return answer
+        if status == 404:
+            return {"lease": lease_id, "settled_by": "unknown"}
+        raise self._error("/v1/release", status, headers, answer)
+
+    def renew(self, lease: Lease | str) -> datetime | None:
+        """Keep a running call's lease; its new expiry, or None when it has already ended (the call may finish)."""
+        lease_id = lease.id if isinstance(lease, Lease) else lease
+        status, headers, answer = self._post(f"/v1/admit/{lease_id}/renew", {})
+        if status == 200 and isinstance(answer, dict):
+            return _parse_time(answer.get("expires_at"))
+        if status == 404:
+            return None
+        raise self._error("/v1/admit/<lease>/renew", status, headers, answer)
+
+    def _post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, str], Any]:
+        try:
+            status, headers, data = self._http.request(
+                "POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
+        except (OSError, http.client.HTTPException) as exc:
+            raise MonitorError(f"POST {self.url}{path} failed: {_describe(exc)}") from exc
+        return status, headers, _json_or_text(data)
+
+    def _error(self, path: str, status: int, headers: Mapping[str, str], answer: Any) -> MonitorError:
+        error = answer.get("error") if isinstance(answer, dict) else answer
+        retry = headers.get("retry-after")
+        return MonitorError(
+            f"POST {self.url}{path} answered HTTP {status}: {error}",
+            status=status,
+            retry_after=int(retry) if retry and retry.isdigit() else None,
+            body=answer,
+        )
 
 
 class _Connections:

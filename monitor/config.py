@@ -145,7 +145,6 @@ class MetricsConfig(_Strict):
     max_values_per_label: int = Field(default=200, ge=1, le=100_000)
     max_unpriced_models: int = Field(default=50, ge=1, le=100_000)
 
-
     @field_validator("labels")
     @classmethod
     def _bounded(cls, value: list[str], info: ValidationInfo) -> list[str]:
@@ -309,6 +308,58 @@ class BudgetConfig(_Strict):
     def parsed_window(self) -> Window:
         """The window as a value."""
         return parse_window(self.window)
+
+
+class LimitConfig(_Strict):
+    """Admission limits for the calls a scope may start: rates, calls in flight, and per-call caps."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    match: dict[str, str] = {}
+    per: str | None = None
+    requests_per_minute: Annotated[int, Field(gt=0)] | None = None
+    burst: Annotated[int, Field(gt=0)] | None = None
+    input_tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
+    input_tokens_burst: Annotated[int, Field(gt=0)] | None = None
+    concurrent: Annotated[int, Field(gt=0)] | None = None
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    max_input_tokens: Annotated[int, Field(gt=0)] | None = None
+    max_request_usd: Annotated[Decimal, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _something_to_enforce(self) -> LimitConfig:
+        if self.burst is not None and self.requests_per_minute is None:
+            raise ValueError("burst sizes the requests_per_minute bucket: give requests_per_minute too")
+        if self.input_tokens_burst is not None and self.input_tokens_per_minute is None:
+            raise ValueError(
+                "input_tokens_burst sizes the input_tokens_per_minute bucket: give input_tokens_per_minute too"
+            )
+        if all(getattr(self, key) is None for key in LIMIT_KINDS):
+            raise ValueError(f"a limit enforces nothing without one of: {', '.join(LIMIT_KINDS)}")
+        return self
+
+
+LIMIT_KINDS = (
+    "requests_per_minute",
+    "input_tokens_per_minute",
+    "concurrent",
+    "max_tokens",
+    "max_input_tokens",
+    "max_request_usd",
+)
+
+
+class AdmissionConfig(_Strict):
+    """Leases handed out by POST /v1/admit."""
+
+    lease_ttl: str = "10m"  # a lease not renewed (or settled) within this returns its slot and reservation
+    max_open_leases: int = Field(default=100_000, gt=0)  # past it admit answers 503: memory stays bounded
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _ttl(cls, value: str) -> str:
+        if parse_duration(value) < timedelta(seconds=3):
+            raise ValueError(f"{value!r} is too short: a running call renews every lease_ttl/3; use 3s or more")
+        return value
 
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an HTTP token
@@ -476,6 +527,8 @@ class Settings(_Strict):
     alerts: AlertsConfig = AlertsConfig()
     pricing: PricingConfig = PricingConfig()
     budgets: list[BudgetConfig] = []
+    limits: list[LimitConfig] = []
+    admission: AdmissionConfig = AdmissionConfig()
     proxy: ProxyConfig = ProxyConfig()
 
     @field_validator("timezone")
@@ -529,6 +582,19 @@ class Settings(_Strict):
                 problems.append(f"{where}.per: {budget.per!r} is not 'model' or one of dimensions {self.dimensions}")
             if budget.per is not None and budget.per in budget.match:
                 problems.append(f"{where}.per: {budget.per!r} is also fixed by match")
+        limit_names: set[str] = set()
+        for i, limit in enumerate(self.limits):
+            where = f"limits[{i}] ({limit.name})"
+            if limit.name in limit_names:
+                problems.append(f"{where}: the name is used by another limit")
+            limit_names.add(limit.name)
+            for key in limit.match:
+                if key not in dims and key != "model":
+                    problems.append(f"{where}.match: {key!r} is not 'model' or one of dimensions {self.dimensions}")
+            if limit.per is not None and limit.per not in dims and limit.per != "model":
+                problems.append(f"{where}.per: {limit.per!r} is not 'model' or one of dimensions {self.dimensions}")
+            if limit.per is not None and limit.per in limit.match:
+                problems.append(f"{where}.per: {limit.per!r} is also fixed by match")
         aliases: dict[str, str] = {}
         for model, entry in self.pricing.models.items():
             if model == "unpriced" or "unpriced" in entry.aliases:
@@ -573,6 +639,24 @@ def _format_loc(loc: tuple[str | int, ...]) -> str:
     return out
 
 
+_PROBLEM_KEY = re.compile(r"^(\w+)\[(\d+)\](?: \([^)]*\))?(?:\.(\w+))?: ")
+
+
+def _cross_check_lines(reason: str, lines: dict[tuple[str | int, ...], int], where: str) -> list[str] | None:
+    """The problems of the cross-checks (one message, `; `-separated), each with the line of the key it names."""
+    problems = reason.split("; ")
+    out = []
+    for problem in problems:
+        match = _PROBLEM_KEY.match(problem)
+        if match is None:
+            return None
+        section, index, key = match.group(1), int(match.group(2)), match.group(3)
+        line = lines.get((section, index, key)) if key else None
+        line = line or lines.get((section, index))
+        out.append(f"{where}:{line}: {problem}" if line else f"{where}: {problem}")
+    return out
+
+
 def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], where: str) -> list[str]:
     messages = []
     for error in exc.errors():
@@ -586,6 +670,10 @@ def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], 
             probe = probe[:-1]
         key = _format_loc(loc) or "(top level)"
         reason = str(error["msg"]).removeprefix("Value error, ")
+        located = _cross_check_lines(reason, lines, where) if not loc else None
+        if located:
+            messages.extend(located)
+            continue
         if error["type"] == "extra_forbidden":
             reason = "unknown key (check its spelling; the README's Configuration section lists every key)"
         elif error["type"] == "missing":

@@ -54,6 +54,7 @@ class Event:
     latency_ms: float | None = None
     attributes: dict[str, str] | None = None
     attributes_dropped: int = 0
+    lease: str | None = None  # the admission lease the call ran under: its usage settles the reservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +232,9 @@ class EventParser:
                 raise _Bad(f"latency_ms: {json.dumps(latency)[:40]} is not a non-negative number")
             latency = float(latency)
         attributes, dropped = self._attributes(obj.get("attributes"))
+        lease = obj.get("lease")
+        if lease is not None and (not isinstance(lease, str) or not 0 < len(lease) <= MAX_ID_CHARS):
+            raise _Bad(f"lease: {json.dumps(lease)[:40]} is not a lease id (a string from POST /v1/admit) or null")
         return Event(
             request_id,
             timestamp,
@@ -250,6 +254,7 @@ class EventParser:
             latency,
             attributes,
             dropped,
+            lease,
         )
 
     def _attributes(self, value: Any) -> tuple[dict[str, str], int]:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from decimal import Decimal
 
-from monitor.config import BudgetConfig, LoadedSettings, ProxyClientConfig, ProxyConfig
+from monitor.config import BudgetConfig, LimitConfig, LoadedSettings, ProxyClientConfig, ProxyConfig, parse_duration
 from monitor.pricing import PriceTable
 from monitor.redaction import database_url, webhook_url
 
@@ -18,6 +18,28 @@ def _limit(budget: BudgetConfig) -> str:
         kind, amount = next(iter(budget.limit_tokens.items()))
         return f"{amount:,} {kind} tokens"
     return f"{budget.limit_requests:,} requests"
+
+
+def _enforces(limit: LimitConfig) -> list[str]:
+    parts = []
+    if limit.requests_per_minute is not None:
+        burst = limit.burst or limit.requests_per_minute
+        parts.append(f"{limit.requests_per_minute:,} requests a minute (bursts of up to {burst:,})")
+    if limit.input_tokens_per_minute is not None:
+        burst = limit.input_tokens_burst or limit.input_tokens_per_minute
+        parts.append(
+            f"{limit.input_tokens_per_minute:,} input tokens a minute, estimated at admission "
+            f"(bursts of up to {burst:,})"
+        )
+    if limit.concurrent is not None:
+        parts.append(f"{limit.concurrent:,} calls in flight at once")
+    if limit.max_tokens is not None:
+        parts.append(f"max_tokens at most {limit.max_tokens:,} (a call asking more is refused 400)")
+    if limit.max_input_tokens is not None:
+        parts.append(f"estimated input at most {limit.max_input_tokens:,} tokens")
+    if limit.max_request_usd is not None:
+        parts.append(f"worst-case cost of one call at most ${limit.max_request_usd}")
+    return parts
 
 
 def _percent(fraction: Decimal) -> str:
@@ -104,5 +126,25 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
             parts.append("alert at " + ", ".join(_percent(fraction) for fraction in b.alert_at))
         parts.append(f"throttle at {_percent(b.throttle_at)}" if b.throttle_at is not None else "alert only")
         lines.append("; ".join(parts))
+    if not s.limits:
+        lines.append("admission limits: none (POST /v1/admit still reserves against budgets that throttle)")
+    else:
+        lines.append("admission limits (checked by POST /v1/admit before a call starts):")
+    for entry in s.limits:
+        scope = ", ".join(f"{k}={v}" for k, v in entry.match.items()) or "all traffic"
+        who = f"each {entry.per} of {scope}" if entry.per else scope
+        lines.append(f"  - {entry.name}: {who}: " + "; ".join(_enforces(entry)))
+    ttl = parse_duration(s.admission.lease_ttl)
+    lines.append(
+        f"admission leases: expire {s.admission.lease_ttl} after admit or their last renewal "
+        f"(running calls renew every {int(ttl.total_seconds() // 3)}s); at most {s.admission.max_open_leases:,} open"
+    )
+    throttling = [b.name for b in s.budgets if b.throttle_at is not None]
+    if throttling:
+        lines.append(
+            "admission reserves each call's worst case against: "
+            + ", ".join(throttling)
+            + " (spend + open reservations + the call must stay within limit x throttle_at)"
+        )
     lines += _proxy(s.proxy, environ)
     return "\n".join(lines) + "\n"

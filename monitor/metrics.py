@@ -25,6 +25,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from monitor.admission import Admission
+from monitor.budgets import scope_key
 from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.ingest.writer import LATENCY_BUCKETS, UNPRICED_LABEL
 from monitor.pricing import UNPRICED
@@ -390,6 +392,54 @@ class SnapshotErrorsCollector(Collector):
         )
         family.add_metric([], float(self._throttle.snapshot_errors))
         yield family
+
+
+class AdmissionCollector(Collector):
+    """Admission outcomes, calls in flight per limit, and what open leases reserve against budgets without per:.
+
+    Kept in this process's memory, like the leases themselves (the daemon that hands out leases owns the counts).
+    """
+
+    OUTCOMES = ("admitted", "rate_limited", "concurrency", "too_large", "budget")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        """Read at scrape time from the admission state (a lock held for a copy, never a table scan)."""
+        stats = self._admission.stats()
+        total = CounterMetricFamily(
+            "claude_admission",
+            "Admission decisions: per limit (or budget) that decided, by outcome; an admitted call counts once "
+            "under every limit it matched.",
+            labels=["limit", "outcome"],
+        )
+        for limit in self._admission.limits:
+            total.add_metric([limit.name, "admitted"], float(stats.outcomes.get((limit.name, "admitted"), 0)))
+        for (name, outcome), value in sorted(stats.outcomes.items()):
+            if outcome != "admitted":
+                total.add_metric([name, outcome], float(value))
+        yield total
+        inflight = GaugeMetricFamily(
+            "claude_admission_inflight",
+            "Calls holding a concurrency slot of the limit (all its scopes).",
+            labels=["limit"],
+        )
+        for name, value in sorted(stats.inflight.items()):
+            inflight.add_metric([name], float(value))
+        yield inflight
+        reserved = GaugeMetricFamily(
+            "claude_budget_reserved_usd",
+            "Worst-case cost that calls in flight reserve against a budget (budgets without per:); never spend.",
+            labels=["budget", "scope"],
+        )
+        shown = {(budget.name, scope_key(dict(budget.match))): 0 for budget in self._admission.reserving_budgets}
+        for (budget_name, key), pico in sorted({**shown, **stats.reserved_pico}.items()):
+            reserved.add_metric([budget_name, scope_label(json.loads(key))], pico / PICO)
+        yield reserved
+        leases = GaugeMetricFamily("claude_admission_open_leases", "Leases open now (admitted, not yet settled).")
+        leases.add_metric([], float(stats.open_leases))
+        yield leases
 
 
 class DefinitionsCollector(Collector):

@@ -16,6 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
+from monitor.admission import Admission
 from monitor.alerts import Notifier, validate_webhooks
 from monitor.budgets import BudgetIndex, compile_budgets
 from monitor.clock import Clock, system_clock
@@ -26,7 +27,14 @@ from monitor.http.api import Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
-from monitor.metrics import DefinitionsCollector, MonitorCollector, SnapshotErrorsCollector, WindowCollector
+from monitor.limits import compile_limits
+from monitor.metrics import (
+    AdmissionCollector,
+    DefinitionsCollector,
+    MonitorCollector,
+    SnapshotErrorsCollector,
+    WindowCollector,
+)
 from monitor.pricing import PriceTable, load_price_table
 from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
@@ -193,6 +201,22 @@ class Daemon:
         )
         self.registry.register(self.windows)
         self.registry.register(SnapshotErrorsCollector(self.budgets.throttle))
+        sqlite = self.store.engine.dialect.name == "sqlite"
+        self.admission = Admission(
+            compile_limits(settings.limits, self.store.prices),
+            self.budgets.index,
+            self.store.prices,
+            self.store.parser,
+            self.store.engine,
+            settings.zone,
+            clock,
+            parse_duration(settings.admission.lease_ttl),
+            settings.admission.max_open_leases,
+            # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
+            # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
+            spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
+        )
+        self.registry.register(AdmissionCollector(self.admission))
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)
         self.every = parse_duration(settings.schedule.evaluate_every)
@@ -223,12 +247,13 @@ class Daemon:
             check_require=http.check_require,
             read_token=read_token,
             read_token_env=http.read_token_env,
+            admission=self.admission,
         )
         # SQLite serialises writers: one ingest thread queues batches instead of spinning on the file lock.
         limits = http_limits(settings)
         self.app = ApiApp(
             self.api,
-            ingest_workers=1 if self.store.engine.dialect.name == "sqlite" else 4,
+            ingest_workers=1 if sqlite else 4,
             body_timeout=limits.header_timeout,  # a body that stalls is held no longer than headers may be
         )
         self.server = self._listen(self.app, "listen", http.listen)
@@ -278,6 +303,7 @@ class Daemon:
 
     def evaluate(self) -> None:
         """The scheduled evaluation: recount from the store, refresh metrics, rewrite the snapshot."""
+        self.admission.sweep()  # leases not renewed return their slots even when no call comes to notice
         try:
             self.definitions()
             self.budgets.evaluate()
@@ -352,6 +378,7 @@ class Daemon:
 
     def _after_batch(self, result: BatchResult) -> None:
         self.budgets.on_batch(result.touched)
+        self.admission.on_batch(result.touched, result.settles)
 
     def _lag(self) -> dict[str, float]:
         return {tailer.source.label: tailer.lag_seconds() for tailer in self.tailers}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from urllib.parse import parse_qsl
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
+from monitor.admission import Admission, Admitted, BadAdmit, NeedsRead, Refused, Unavailable, parse_admit
 from monitor.evaluation import BudgetEngine, state_json
 from monitor.events import EventParser, Rejected, redact
 from monitor.http.server import (
@@ -52,6 +54,7 @@ MAX_DEAD_LETTERS = 1000  # dead letters written per request; past it one summary
 CHECK_BODY_KEEP_ALIVE = 64 * 1024  # a check with a larger (or chunked) body closes its connection after answering
 OPS_ROUTES = ("/metrics", "/healthz", "/readyz")  # open even with a read token
 BEARER = {"WWW-Authenticate": 'Bearer realm="claude-monitor"'}
+MAX_ADMIT_BODY = 64 * 1024  # an admit, release or renew body is a few hundred bytes
 T = TypeVar("T")
 
 
@@ -82,7 +85,9 @@ class Api:
         check_require: Sequence[str] = (),
         read_token: str | None = None,
         read_token_env: str | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self.admission = admission
         self.parser = parser
         self.writer = writer
         self.budgets = budgets
@@ -151,6 +156,8 @@ class Api:
             log.error("ingest failed, storage unavailable: %s", str(exc).splitlines()[0])
             return error_response(503, "storage unavailable; nothing was stored, retry", {"Retry-After": "5"})
         self.budgets.on_batch(result.touched)  # flags flip before the answer returns
+        if self.admission is not None:
+            self.admission.on_batch(result.touched, result.settles)  # leases the events name are settled
         self.on_ingest(result)
         rejected = [
             {"index": int(location.rsplit("#", 1)[1]), "error": reason}
@@ -231,6 +238,71 @@ class Api:
         if self.budgets.failing:
             out["X-Monitor-Stale"] = "storage unavailable; answering from the last known state"
         return out
+
+    # --- POST /v1/admit, /v1/release, /v1/admit/<lease>/renew -----------------------------------------------------
+
+    def admit_answer(self, outcome: Admitted | Refused | Unavailable) -> Response:
+        """200 with the lease, 429/400 with what refused, or 503."""
+        if isinstance(outcome, Admitted):
+            return json_response(
+                200,
+                {
+                    "lease": outcome.lease,
+                    "reserved_usd": format_usd(outcome.reserved_pico),
+                    "expires_at": iso(outcome.expires_at),
+                    "renew_every_s": self._renew_every(),
+                },
+            )
+        if isinstance(outcome, Unavailable):
+            return error_response(503, outcome.message, {"Retry-After": str(outcome.retry_after)})
+        body = {
+            "refused_by": {"kind": outcome.kind, "name": outcome.name},
+            "retry_after": outcome.retry_after,
+            "message": outcome.message,
+        }
+        headers = {"Retry-After": str(outcome.retry_after)} if outcome.status == 429 else None
+        return json_response(outcome.status, body, headers)
+
+    def _renew_every(self) -> int:
+        assert self.admission is not None
+        return max(1, int(self.admission.lease_ttl.total_seconds() // 3))
+
+    def release(self, body: Any) -> Response:
+        """Settle a lease with the call's usage; the second of release and usage event is a no-op."""
+        assert self.admission is not None
+        if not isinstance(body, dict) or not isinstance(body.get("lease"), str):
+            return error_response(400, "lease: required, the id POST /v1/admit returned")
+        request_id = body.get("request_id")
+        if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 255):
+            return error_response(400, "request_id: must be the upstream request id (a string) or null")
+        lease = body["lease"]
+        try:
+            how, cost = self.admission.release(lease, request_id, body.get("usage"))
+        except BadAdmit as exc:
+            return error_response(400, f"usage: {exc}; the lease is still open")
+        if how == "unknown":
+            return error_response(
+                404,
+                f"lease {lease[:80]!r} is unknown here (never admitted, or ended so long ago it is forgotten); "
+                "nothing to release",
+            )
+        answer: dict[str, Any] = {"lease": lease, "settled_by": how}
+        if cost is not None:
+            answer["cost_usd"] = format_usd(cost)
+        return json_response(200, answer)
+
+    def renew(self, lease: str) -> Response:
+        """Keep a running call's lease: 200 with the new expiry, 404 when it has ended."""
+        assert self.admission is not None
+        expires = self.admission.renew(lease)
+        if expires is None:
+            how = self.admission.settled_how(lease)
+            why = f"it has ended ({how})" if how else "it is unknown here"
+            return error_response(
+                404,
+                f"lease {lease[:80]!r} cannot be renewed: {why}; the running call may finish, admit the next one",
+            )
+        return json_response(200, {"lease": lease, "expires_at": iso(expires), "renew_every_s": self._renew_every()})
 
     # --- the rest -----------------------------------------------------------------------------------------------
 
@@ -313,6 +385,10 @@ class ApiApp:
             if method != "POST":
                 return _method_not_allowed(method, path, "POST")
             return await self._ingest(scope, receive)
+        if api.admission is not None and (path in ("/v1/admit", "/v1/release") or path.startswith("/v1/admit/")):
+            if method != "POST":
+                return _method_not_allowed(method, path, "POST")
+            return await self._admission(scope, receive, path)
         if method not in ("GET", "HEAD"):
             return error_response(404, f"no route {method} {path}", close=True)
         if path in ("/v1/throttle", "/v1/budgets"):
@@ -346,6 +422,46 @@ class ApiApp:
         if close:
             response = replace(response, close=True)
         return response
+
+    async def _admission(self, scope: Scope, receive: Receive, path: str) -> Response:
+        api = self.api
+        admission = api.admission
+        assert admission is not None
+        denied = api.authorized(header(scope, "authorization"))
+        if denied is not None:
+            return denied
+        try:
+            length = content_length(scope)
+        except BadLength as exc:
+            return error_response(400, str(exc), close=True)
+        if length is not None and length > MAX_ADMIT_BODY:
+            return error_response(413, f"body of {length:,} bytes; {path} takes at most {MAX_ADMIT_BODY:,}", close=True)
+        try:
+            raw = await read_body(receive, MAX_ADMIT_BODY, self.body_timeout)
+        except BodyTimeout as exc:
+            return error_response(408, f"{exc}; send the whole body promptly", close=True)
+        except BodyTooLarge as exc:
+            return error_response(413, f"{exc}; {path} takes at most {MAX_ADMIT_BODY:,} bytes", close=True)
+        if path.startswith("/v1/admit/"):
+            lease, _, action = path.removeprefix("/v1/admit/").partition("/")
+            if action != "renew" or not lease:
+                return error_response(404, f"no route {path}: renew a lease with POST /v1/admit/<lease>/renew")
+            return api.renew(lease)
+        try:
+            body = json.loads(raw) if raw else None
+        except (ValueError, RecursionError) as exc:
+            return error_response(400, f"body is not JSON: {exc}")
+        if path == "/v1/release":
+            return api.release(body)
+        try:
+            request = parse_admit(body, api.dimensions)
+        except BadAdmit as exc:
+            return error_response(400, f"POST /v1/admit: {exc}")
+        outcome = admission.admit(request)  # in memory, on the loop
+        if isinstance(outcome, NeedsRead):  # a scope not seen yet: one indexed read, off the loop
+            outcome = await self._off_loop(self._read_pool, lambda: admission.admit(request, read=True))
+        assert not isinstance(outcome, NeedsRead)
+        return api.admit_answer(outcome)
 
     async def _ingest(self, scope: Scope, receive: Receive) -> Response:
         api = self.api

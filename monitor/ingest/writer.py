@@ -80,6 +80,8 @@ class BatchResult:
     rejections: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
     # Budget scopes the batch added to, with their window totals after it: (budget, scope key) -> usage.
     touched: dict[tuple[str, str], Usage] = field(default_factory=dict)
+    # Every stored or duplicate event of the batch: (request_id, lease, prompt tokens), for admission to settle.
+    settles: list[tuple[str, str | None, int]] = field(default_factory=list)
 
     def add(self, other: BatchResult, keep_rejections: bool = False) -> None:
         """Add another result's counts to this one."""
@@ -91,6 +93,7 @@ class BatchResult:
         if keep_rejections:
             self.rejections.extend(other.rejections)
         self.touched.update(other.touched)
+        self.settles.extend(other.settles)
 
     def as_dict(self) -> dict[str, int]:
         """The SPEC §5 summary."""
@@ -244,6 +247,10 @@ class Writer:
             if letters:
                 connection.execute(self._insert_letter, letters)
             new = [(event, price) for event, price in fresh if event.request_id in inserted]
+            result.settles = [
+                (e.request_id, e.lease, e.input_tokens + e.cache_write_5m_tokens + e.cache_write_1h_tokens)
+                for e, _ in fresh
+            ]
             result.accepted = len(new)
             result.duplicates += len(rows) - len(new)
             result.unpriced = sum(1 for _, price in new if price.cost_pico is None)
