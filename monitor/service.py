@@ -26,7 +26,13 @@ from monitor.http.api import Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
-from monitor.metrics import DefinitionsCollector, MonitorCollector, SnapshotErrorsCollector, WindowCollector
+from monitor.metrics import (
+    DefinitionsCollector,
+    IngestQueueCollector,
+    MonitorCollector,
+    SnapshotErrorsCollector,
+    WindowCollector,
+)
 from monitor.pricing import PriceTable, load_price_table
 from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
@@ -220,17 +226,20 @@ class Daemon:
             clock=clock,
             readiness=self.readiness,
             max_events_per_request=http.max_events_per_request,
+            group_commit_max_events=http.group_commit_max_events,
             check_require=http.check_require,
             read_token=read_token,
             read_token_env=http.read_token_env,
         )
-        # SQLite serialises writers: one ingest thread queues batches instead of spinning on the file lock.
+        # SQLite serialises writers: one ingest thread (each of its transactions holding every request that waited
+        # meanwhile) instead of several spinning on the file lock.
         limits = http_limits(settings)
         self.app = ApiApp(
             self.api,
             ingest_workers=1 if self.store.engine.dialect.name == "sqlite" else 4,
             body_timeout=limits.header_timeout,  # a body that stalls is held no longer than headers may be
         )
+        self.registry.register(IngestQueueCollector(lambda: self.app.ingest_queue))
         self.server = self._listen(self.app, "listen", http.listen)
         self.ops_app: ApiApp | None = None
         self.ops_server: HttpServer | None = None
