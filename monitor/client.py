@@ -200,6 +200,8 @@ class MonitorClient:
         self._read_headers = {"Authorization": f"Bearer {read_token}"} if read_token else {}
         self._state: _State | None = None  # replaced whole, so check() reads it without a lock
         self._refresh_lock = threading.Lock()
+        self._refreshes_started = 0  # refreshes begun so far (under the lock)
+        self._fresh_from = 0  # the number of the last refresh that succeeded
         self._fetches = self._not_modified = self._failures = 0
         self._last_error: str | None = None
         self._snapshot_lock = threading.Lock()
@@ -223,10 +225,21 @@ class MonitorClient:
         `claude-haiku-4-5`, not a dated id or alias: nothing is resolved here).
         """
         now = self.clock()
-        caller = dict(attributes)
-        if model is not None:
-            caller["model"] = model
         state, source, why = self._usable_state(now)
+        return self._verdict(state, source, why, _caller(model, attributes), now)
+
+    def check_in_memory(self, *, model: str | None = None, **attributes: str) -> Verdict | None:
+        """As `check`, from the daemon's state held in memory only: None when that copy is older than
+        max_staleness (then call `check`, which may read the snapshot file). Never blocks: fit for an event loop."""
+        now = self.clock()
+        state = self._state
+        if state is None or (age := max(now - state.obtained, 0.0)) > self.max_staleness:
+            return None
+        return self._verdict(state, "daemon", f"daemon state {age:.1f} s old", _caller(model, attributes), now)
+
+    def _verdict(
+        self, state: _State | None, source: Source, why: str, caller: Mapping[str, str], now: float
+    ) -> Verdict:
         if state is None:
             if self.fail_mode == "open":
                 return Verdict(True, None, None, None, None, f"{why}; allowing (fail_mode open)", True, "none")
@@ -301,39 +314,51 @@ class MonitorClient:
         file and then to fail_mode.
         """
         with self._refresh_lock:
-            current = self._state
-            headers = {"Accept": "application/json", **self._read_headers}
-            if current is not None and current.etag:
-                headers["If-None-Match"] = current.etag
-            sent = self.clock()  # the answer is at least this new
-            try:
-                status, answer_headers, body = self._http.request("GET", "/v1/throttle", headers=headers)
-                if status == 304 and current is not None:
-                    self._state = replace(current, obtained=sent)
-                    self._not_modified += 1
-                elif status == 200:
-                    self._state = _parse_state(json.loads(body), etag=answer_headers.get("etag"), obtained=sent)
-                    self._fetches += 1
-                else:
-                    raise ValueError(f"GET /v1/throttle answered HTTP {status}")
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                self._failures += 1
-                error = _describe(exc)
-                if self._last_error is None:
-                    log.warning(
-                        "claude-monitor daemon %s unavailable: %s; deciding from the local copy", self.url, error
-                    )
-                else:
-                    log.debug("claude-monitor daemon %s still unavailable: %s", self.url, error)
-                self._last_error = error
-                if current is not None and current.etag is not None:
-                    # A restarted daemon counts versions from scratch: the next answer must be a full one.
-                    self._state = replace(current, etag=None)
-                return False
-            if self._last_error is not None:
-                log.info("claude-monitor daemon %s answers again", self.url)
-                self._last_error = None
-            return True
+            return self._refresh_locked()
+
+    def _refresh_since(self, mark: int) -> bool:
+        """Make sure a refresh begun after `mark` (a value of `_refreshes_started`) has succeeded: one that did
+        while this thread waited for the lock will do; else refresh now."""
+        with self._refresh_lock:
+            if self._fresh_from > mark:
+                return True
+            return self._refresh_locked()
+
+    def _refresh_locked(self) -> bool:
+        self._refreshes_started += 1
+        started = self._refreshes_started
+        current = self._state
+        headers = {"Accept": "application/json", **self._read_headers}
+        if current is not None and current.etag:
+            headers["If-None-Match"] = current.etag
+        sent = self.clock()  # the answer is at least this new
+        try:
+            status, answer_headers, body = self._http.request("GET", "/v1/throttle", headers=headers)
+            if status == 304 and current is not None:
+                self._state = replace(current, obtained=sent)
+                self._not_modified += 1
+            elif status == 200:
+                self._state = _parse_state(json.loads(body), etag=answer_headers.get("etag"), obtained=sent)
+                self._fetches += 1
+            else:
+                raise ValueError(f"GET /v1/throttle answered HTTP {status}")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self._failures += 1
+            error = _describe(exc)
+            if self._last_error is None:
+                log.warning("claude-monitor daemon %s unavailable: %s; deciding from the local copy", self.url, error)
+            else:
+                log.debug("claude-monitor daemon %s still unavailable: %s", self.url, error)
+            self._last_error = error
+            if current is not None and current.etag is not None:
+                # A restarted daemon counts versions from scratch: the next answer must be a full one.
+                self._state = replace(current, etag=None)
+            return False
+        if self._last_error is not None:
+            log.info("claude-monitor daemon %s answers again", self.url)
+            self._last_error = None
+        self._fresh_from = started
+        return True
 
     @property
     def stats(self) -> ClientStats:
@@ -398,7 +423,9 @@ class MonitorClient:
             raise MonitorError(f"POST {self.url}/v1/usage answered {status} with a body that is not a JSON object")
         for rejected in answer.get("rejected") or ():
             log.warning("claude-monitor rejected event %s: %s", event.get("request_id"), rejected.get("error"))
-        self.refresh()
+        # The daemon flips throttle flags before its answer: a refresh begun after the answer sees a budget this
+        # event crossed. Concurrent records share one such refresh instead of queueing one each.
+        self._refresh_since(self._refreshes_started)
         return answer
 
     def record_message(
@@ -673,6 +700,13 @@ def _parse_state(document: Any, *, etag: str | None, obtained: float) -> _State:
         index.setdefault(keys, {}).setdefault(tuple(flag.scope[key] for key in keys), []).append(flag)
     frozen = {keys: {values: tuple(group) for values, group in by.items()} for keys, by in index.items()}
     return _State(version, generated, tuple(flags), etag, obtained, frozen)
+
+
+def _caller(model: str | None, attributes: Mapping[str, str]) -> dict[str, str]:
+    caller = dict(attributes)
+    if model is not None:
+        caller["model"] = model
+    return caller
 
 
 def _field(document: Mapping[str, Any], key: str, kind: type) -> Any:

@@ -114,6 +114,7 @@ class HttpConfig(_Strict):
     keepalive_timeout: str = "30s"
     max_connections: int = Field(default=1000, gt=0)
     max_events_per_request: int = Field(default=10_000, gt=0)
+    group_commit_max_events: int = Field(default=10_000, gt=0)
     check_require: list[str] = []
     read_token_env: str | None = None
     metrics_listen: str | None = None

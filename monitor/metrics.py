@@ -467,3 +467,24 @@ class DefinitionsCollector(Collector):
         for change in changes:
             each.add_metric([change.budget, change.change], 1.0)
         yield each
+
+
+class IngestQueueCollector(Collector):
+    """`claude_monitor_ingest_requests{state}`: HTTP ingest requests of this process waiting for the writer and in
+    the transactions being written (group commit puts every waiting request in the next transaction)."""
+
+    def __init__(self, queue: Callable[[], tuple[int, int]]) -> None:
+        self._queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        """The two values, read at scrape time."""
+        waiting, writing = self._queue()
+        family = GaugeMetricFamily(
+            "claude_monitor_ingest_requests",
+            "POST /v1/usage requests parsed and waiting for the writer (state=waiting) or in the transactions "
+            "being written now (state=writing).",
+            labels=["state"],
+        )
+        family.add_metric(["waiting"], float(waiting))
+        family.add_metric(["writing"], float(writing))
+        yield family

@@ -31,6 +31,7 @@ from monitor.limits import compile_limits
 from monitor.metrics import (
     AdmissionCollector,
     DefinitionsCollector,
+    IngestQueueCollector,
     MonitorCollector,
     SnapshotErrorsCollector,
     WindowCollector,
@@ -244,18 +245,21 @@ class Daemon:
             clock=clock,
             readiness=self.readiness,
             max_events_per_request=http.max_events_per_request,
+            group_commit_max_events=http.group_commit_max_events,
             check_require=http.check_require,
             read_token=read_token,
             read_token_env=http.read_token_env,
             admission=self.admission,
         )
-        # SQLite serialises writers: one ingest thread queues batches instead of spinning on the file lock.
+        # SQLite serialises writers: one ingest thread (each of its transactions holding every request that waited
+        # meanwhile) instead of several spinning on the file lock.
         limits = http_limits(settings)
         self.app = ApiApp(
             self.api,
             ingest_workers=1 if sqlite else 4,
             body_timeout=limits.header_timeout,  # a body that stalls is held no longer than headers may be
         )
+        self.registry.register(IngestQueueCollector(lambda: self.app.ingest_queue))
         self.server = self._listen(self.app, "listen", http.listen)
         self.ops_app: ApiApp | None = None
         self.ops_server: HttpServer | None = None

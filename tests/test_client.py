@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -149,6 +150,40 @@ def test_a_crossing_message_denies_that_user_at_once_and_no_one_else(
         "duplicates": 1,
         "rejected": [],
     }
+
+
+def test_concurrent_records_each_see_their_own_crossing_in_memory(serve: Serve, clients: list[MonitorClient]) -> None:
+    # Sixteen threads of one client record at once, each the event that spends its own user's daily $0.01; the
+    # refresh after a record may be shared with other threads, but it must have begun after that record's answer:
+    # the thread's next check, from memory, is denied.
+    client = make(clients, serve.url, background=True, refresh_interval=3600)
+    users = [f"u-{n}" for n in range(16)]
+    assert all(client.check_in_memory(project="lingo", user=user) is not None for user in users)
+
+    def one(user: str) -> tuple[bool, bool]:
+        before = client.check_in_memory(model="claude-haiku-4-5", project="lingo", user=user)
+        client.record_message(message(2_000, f"req_{user}"), attributes={"project": "lingo", "user": user})
+        after = client.check_in_memory(model="claude-haiku-4-5", project="lingo", user=user)
+        assert before is not None and after is not None
+        return before.allowed, after.allowed
+
+    with ThreadPoolExecutor(len(users)) as pool:
+        outcomes = list(pool.map(one, users))
+    assert outcomes == [(True, False)] * len(users)
+    stats = client.stats
+    assert 1 <= stats.fetches + stats.not_modified <= 1 + len(users)  # the first fetch, then at most one each
+
+
+def test_check_in_memory_defers_to_check_once_the_daemon_state_is_stale(
+    serve: Serve, tmp_path: Path, clients: list[MonitorClient]
+) -> None:
+    clock = Clock(time.time())
+    client = make(clients, serve.url, clock=clock, max_staleness=30, snapshot_file=tmp_path / "throttle.json")
+    fresh = client.check_in_memory(project="lingo", user="u-1")
+    assert fresh is not None and (fresh.allowed, fresh.source) == (True, "daemon")
+    clock.now += 31
+    assert client.check_in_memory(project="lingo", user="u-1") is None
+    assert client.check(project="lingo", user="u-1").source in ("snapshot", "none")
 
 
 def test_record_message_options_and_its_request_id(serve: Serve, tmp_path: Path, clients: list[MonitorClient]) -> None:

@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -42,7 +42,8 @@ from monitor.http.server import (
     read_body,
 )
 from monitor.ingest.body import NotJsonNorNdjson, TooManyEvents, split_body
-from monitor.ingest.writer import BatchResult, LetterCap, Writer
+from monitor.ingest.group import GroupCommit
+from monitor.ingest.writer import Batch, BatchResult, LetterCap, Writer
 from monitor.pricing import PriceTable, format_usd
 from monitor.throttle import iso
 
@@ -61,6 +62,46 @@ T = TypeVar("T")
 def _bearer_matches(header_value: str | None, token: bytes) -> bool:
     scheme, _, given = (header_value or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+
+@dataclass(frozen=True)
+class IngestRequest:
+    """One ingest request, parsed and waiting to be written (perhaps in one transaction with others).
+
+    `refused` is set for a body that is not JSON nor NDJSON at all: its one dead letter is written, and it is
+    answered 400 with that reason.
+    """
+
+    batch: Batch
+    refused: str | None = None
+
+    @property
+    def size(self) -> int:
+        """Its events (and dead letters), as counted against a group's cap."""
+        return len(self.batch.items)
+
+    def answer(self, result: BatchResult) -> Response:
+        """Its answer once written: 202 with what became of its own events, or 400 for a refused body."""
+        if self.refused is not None:
+            return json_response(400, {"error": self.refused, "dead_lettered": True})
+        rejected = [
+            {"index": int(location.rsplit("#", 1)[1]), "error": reason}
+            for location, reason in result.rejections[:MAX_REJECTIONS_LISTED]
+        ]
+        answer: dict[str, Any] = {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
+        if result.rejected:
+            answer["rejected_total"] = result.rejected
+        return json_response(202, answer)
+
+    def storage_unavailable(self) -> Response:
+        """Its 503 when the write failed."""
+        if self.refused is not None:
+            return error_response(503, "storage unavailable; retry", {"Retry-After": "5"})
+        return error_response(503, "storage unavailable; nothing was stored, retry", {"Retry-After": "5"})
+
+
+def _whole_body_rejected(text: str, reason: str, where: str) -> IngestRequest:
+    return IngestRequest(Batch([(f"{where} #0", Rejected(reason, redact(text[:RAW_KEEP])))]), refused=reason)
 
 
 class Api:
@@ -82,6 +123,7 @@ class Api:
         readiness: Callable[[], tuple[bool, dict[str, Any]]],
         on_ingest: Callable[[BatchResult], None] = lambda result: None,
         max_events_per_request: int = 10_000,
+        group_commit_max_events: int = 10_000,
         check_require: Sequence[str] = (),
         read_token: str | None = None,
         read_token_env: str | None = None,
@@ -97,6 +139,7 @@ class Api:
         self._token_env = token_env
         self.max_body_bytes = max_body_bytes
         self.max_events_per_request = max_events_per_request
+        self.group_commit_max_events = group_commit_max_events
         self.check_require = tuple(check_require)
         self._read_token = read_token.encode() if read_token else None
         self._read_token_env = read_token_env
@@ -129,6 +172,11 @@ class Api:
 
     def ingest(self, body: bytes, remote: str) -> Response:
         """Ingest one event, a JSON array, or NDJSON; answer only after the batch is committed."""
+        prepared = self.prepare(body, remote)
+        return prepared if isinstance(prepared, Response) else self.commit([prepared])[0]
+
+    def prepare(self, body: bytes, remote: str) -> Response | IngestRequest:
+        """Parse an ingest body into what `commit` writes, or the answer when nothing is to be written."""
         if self.draining:
             return self.draining_response()
         request = uuid.uuid4().hex[:12]
@@ -136,9 +184,7 @@ class Api:
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return self._whole_body_rejected(
-                body.decode("utf-8", "replace"), f"body is not UTF-8 (byte {exc.start})", where
-            )
+            return _whole_body_rejected(body.decode("utf-8", "replace"), f"body is not UTF-8 (byte {exc.start})", where)
         try:
             items = split_body(text, self.parser, where, self.max_events_per_request)
         except TooManyEvents as exc:
@@ -148,37 +194,38 @@ class Api:
                 "(nothing was stored)",
             )
         except NotJsonNorNdjson as exc:
-            return self._whole_body_rejected(text, str(exc), where)
+            return _whole_body_rejected(text, str(exc), where)
         cap = LetterCap(MAX_DEAD_LETTERS, f"{where} (the rest)", redact(text[:RAW_KEEP]))
+        return IngestRequest(Batch(items, cap))
+
+    def commit(self, requests: Sequence[IngestRequest]) -> list[Response]:
+        """Write prepared requests in one transaction, flip throttle flags, then each request's own answer.
+
+        Should the group fail for a reason other than storage, each request is written alone, so that one
+        request's failure is its own.
+        """
         try:
-            result = self.writer.write(items, HTTP_SOURCE, cap=cap)
+            results = self.writer.write_group([request.batch for request in requests], HTTP_SOURCE)
         except SQLAlchemyError as exc:
             log.error("ingest failed, storage unavailable: %s", str(exc).splitlines()[0])
-            return error_response(503, "storage unavailable; nothing was stored, retry", {"Retry-After": "5"})
-        self.budgets.on_batch(result.touched)  # flags flip before the answer returns
-        if self.admission is not None:
-            self.admission.on_batch(result.touched, result.settles)  # leases the events name are settled
-        self.on_ingest(result)
-        rejected = [
-            {"index": int(location.rsplit("#", 1)[1]), "error": reason}
-            for location, reason in result.rejections[:MAX_REJECTIONS_LISTED]
-        ]
-        answer: dict[str, Any] = {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
-        if result.rejected:
-            answer["rejected_total"] = result.rejected
-        return json_response(202, answer)
+            return [request.storage_unavailable() for request in requests]
+        except Exception:
+            if len(requests) == 1:
+                raise
+            log.exception("ingest of %d requests in one transaction failed; writing them one by one", len(requests))
+            return [self.commit([request])[0] for request in requests]
+        if results:
+            self.budgets.on_batch(results[0].touched)  # flags flip before any answer returns
+            if self.admission is not None:  # leases the events name are settled
+                self.admission.on_batch(results[0].touched, [s for result in results for s in result.settles])
+        for request, result in zip(requests, results, strict=True):
+            if request.refused is None:
+                self.on_ingest(result)
+        return [request.answer(result) for request, result in zip(requests, results, strict=True)]
 
     def draining_response(self) -> Response:
         """503 while the daemon shuts down."""
         return error_response(503, "shutting down; retry against another replica", {"Retry-After": "5"})
-
-    def _whole_body_rejected(self, text: str, reason: str, where: str) -> Response:
-        raw = redact(text[:RAW_KEEP])
-        try:
-            self.writer.write([(f"{where} #0", Rejected(reason, raw))], HTTP_SOURCE)
-        except SQLAlchemyError:
-            return error_response(503, "storage unavailable; retry", {"Retry-After": "5"})
-        return json_response(400, {"error": reason, "dead_lettered": True})
 
     # --- GET /v1/check ------------------------------------------------------------------------------------------
 
@@ -334,10 +381,12 @@ class Api:
 class ApiApp:
     """The ASGI app over `Api`: routing, body limits, and which work goes to which worker threads.
 
-    A request body that pauses for `body_timeout` seconds is answered 408. Ingest runs on `ingest_workers`
-    threads (1 suits SQLite, whose writes serialise anyway); budgets, metrics and readiness on a small pool of
-    their own, so a slow scrape never holds up ingest or checks. With `ops_only` it serves just /metrics,
-    /healthz and /readyz (for a listener of their own).
+    A request body that pauses for `body_timeout` seconds is answered 408. An ingest body is parsed on
+    `parse_workers` threads, then written by group commit: requests that wait while a write is in progress go
+    together in the next transaction (at most `api.group_commit_max_events` events), on `ingest_workers` threads
+    (1 suits SQLite, whose writes serialise anyway: that many transactions at once). Budgets, metrics and readiness
+    run on a small pool of their own, so a slow scrape never holds up ingest or checks. With `ops_only` it serves
+    just /metrics, /healthz and /readyz (for a listener of their own).
     """
 
     def __init__(
@@ -347,15 +396,26 @@ class ApiApp:
         read_workers: int = 2,
         ops_only: bool = False,
         body_timeout: float | None = 10.0,
+        parse_workers: int = 2,
     ) -> None:
         self.api = api
         self.ops_only = ops_only
         self.body_timeout = body_timeout  # seconds a request body may pause before 408
+        self._parse_pool = ThreadPoolExecutor(parse_workers, thread_name_prefix="ingest-parse")
         self._ingest_pool = ThreadPoolExecutor(ingest_workers, thread_name_prefix="ingest")
         self._read_pool = ThreadPoolExecutor(read_workers, thread_name_prefix="api-read")
+        self._group: GroupCommit[IngestRequest, Response] = GroupCommit(
+            api.commit, lambda request: request.size, api.group_commit_max_events, self._ingest_pool, ingest_workers
+        )
+
+    @property
+    def ingest_queue(self) -> tuple[int, int]:
+        """Ingest requests (waiting for the writer, in the transactions being written)."""
+        return self._group.waiting, self._group.writing
 
     def close(self) -> None:
         """Wait for work in progress and stop the worker threads (after the server has drained)."""
+        self._parse_pool.shutdown(wait=True)
         self._ingest_pool.shutdown(wait=True)
         self._read_pool.shutdown(wait=True)
 
@@ -495,7 +555,10 @@ class ApiApp:
                 413, f"{exc} (http.max_body_bytes); send smaller batches (nothing was stored)", close=True
             )
         remote = (scope.get("client") or ("?", 0))[0]
-        return await self._off_loop(self._ingest_pool, lambda: api.ingest(body, remote))
+        prepared = await self._off_loop(self._parse_pool, lambda: api.prepare(body, remote))
+        if isinstance(prepared, Response):
+            return prepared
+        return await self._group.submit(prepared)
 
 
 def _method_not_allowed(method: str, path: str, allowed: str) -> Response:

@@ -119,6 +119,14 @@ class LetterCap:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """One batch of a group written in one transaction (e.g. one HTTP request's events), with its letter cap."""
+
+    items: Sequence[Item]
+    cap: LetterCap | None = None
+
+
+@dataclass(frozen=True)
 class Offset:
     """How far a tailed file has been read: stored with the events read up to there."""
 
@@ -187,77 +195,55 @@ class Writer:
         self, items: Sequence[Item], source: str, offsets: Sequence[Offset] = (), cap: LetterCap | None = None
     ) -> BatchResult:
         """Store a batch: new events priced, duplicates skipped, rejections dead-lettered; all or nothing."""
-        result = BatchResult()
+        return self.write_group([Batch(items, cap)], source, offsets)[0]
+
+    def write_group(self, batches: Sequence[Batch], source: str, offsets: Sequence[Offset] = ()) -> list[BatchResult]:
+        """Store several batches in one transaction (all or nothing); one result per batch, in order.
+
+        Each result is what that batch would have got written alone right after the ones before it: a request_id
+        that an earlier batch of the group carries too is a duplicate in the later one. `touched` is the group's
+        (the window totals after all of it), the same in every result.
+        """
         now = self._clock()
+        results = [BatchResult() for _ in batches]
         rows: list[dict[str, Any]] = []
         letters: list[dict[str, Any]] = []
-        fresh: list[tuple[Event, Price]] = []
+        fresh: list[tuple[Event, Price, int]] = []  # (event, its price, index of its batch)
         seen: set[str] = set()
-        for location, item in items:
-            if isinstance(item, Rejected):
-                letters.append(
-                    {
-                        "received_at": now,
-                        "source": source,
-                        "location": location[:1024],
-                        "reason": item.reason,
-                        "raw": item.raw,
-                        "request_id": item.request_id,
-                        "fingerprint": _fingerprint(source, location, item.raw),
-                    }
-                )
-                result.rejections.append((location, item.reason))
-                continue
-            if item.request_id in seen:
-                result.duplicates += 1
-                continue
-            seen.add(item.request_id)
-            price = self._prices.price(item)
-            fresh.append((item, price))
-            rows.append(_row(item, price, now, source, self._prices.modifiers(item.speed, item.inference_geo)))
-        result.rejected = len(letters)
+        for index, (batch, result) in enumerate(zip(batches, results, strict=True)):
+            own_letters = self._sort_batch(batch, result, source, now, seen, rows, fresh, index)
+            result.rejected = len(own_letters)
+            letters.extend(_capped(own_letters, batch.cap, source, now))
         # Every writer takes request_ids in one order: two PostgreSQL transactions inserting overlapping events in
         # opposite orders would otherwise each wait for a key the other holds (a deadlock). Dead letters keep their
         # arrival order (their ids are the order they are read back in).
         rows.sort(key=lambda row: row["request_id"])
         admitted: dict[str, frozenset[str]] = {}
-        if cap is not None and len(letters) > cap.limit:
-            more = len(letters) - cap.limit
-            reason = (
-                f"{more:,} more rejected lines in this batch were not dead-lettered one by one (the first "
-                f"{cap.limit:,} were; all {len(letters):,} are counted); raw holds the start of the batch"
-            )
-            del letters[cap.limit :]
-            location = cap.location[:1024]
-            letters.append(
-                {
-                    "received_at": now,
-                    "source": source,
-                    "location": location,
-                    "reason": reason,
-                    "raw": cap.raw,
-                    "request_id": None,
-                    "fingerprint": _fingerprint(source, location, cap.raw),
-                }
-            )
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()
             if rows:
                 inserted = set(connection.execute(self._insert, rows).scalars())
             if letters:
                 connection.execute(self._insert_letter, letters)
-            new = [(event, price) for event, price in fresh if event.request_id in inserted]
-            result.settles = [
-                (e.request_id, e.lease, e.input_tokens + e.cache_write_5m_tokens + e.cache_write_1h_tokens)
-                for e, _ in fresh
-            ]
-            result.accepted = len(new)
-            result.duplicates += len(rows) - len(new)
-            result.unpriced = sum(1 for _, price in new if price.cost_pico is None)
-            result.attributes_dropped = sum(event.attributes_dropped for event, _ in new)
-            admitted, labelled = self._count(connection, new, result, source, now)
+            new: list[tuple[Event, Price]] = []
+            for event, price, index in fresh:
+                result = results[index]
+                prompt = event.input_tokens + event.cache_write_5m_tokens + event.cache_write_1h_tokens
+                result.settles.append((event.request_id, event.lease, prompt))  # stored or duplicate: both settle
+                if event.request_id in inserted:
+                    new.append((event, price))
+                    result.accepted += 1
+                    if price.cost_pico is None:
+                        result.unpriced += 1
+                    result.attributes_dropped += event.attributes_dropped
+                else:  # already stored by an earlier batch (or another writer)
+                    result.duplicates += 1
+            total = BatchResult()
+            for result in results:
+                total.add(result)
+            admitted, labelled = self._count(connection, new, total, source, now)
             self._add_to_rollup(connection, new, labelled)
-            result.touched = self._add_to_budgets(connection, new, now)
+            touched = self._add_to_budgets(connection, new, now)
             if offsets:
                 connection.execute(
                     self._set_offset,
@@ -268,7 +254,36 @@ class Writer:
                 )
         if admitted:
             self.labels.publish(admitted)  # committed: other batches of this process may now use them
-        return result
+        for result in results:
+            result.touched = touched
+        return results
+
+    def _sort_batch(
+        self,
+        batch: Batch,
+        result: BatchResult,
+        source: str,
+        now: datetime,
+        seen: set[str],
+        rows: list[dict[str, Any]],
+        fresh: list[tuple[Event, Price, int]],
+        index: int,
+    ) -> list[dict[str, Any]]:
+        """Price one batch's new events into `rows`/`fresh`, count its repeats; its dead letters."""
+        letters: list[dict[str, Any]] = []
+        for location, item in batch.items:
+            if isinstance(item, Rejected):
+                letters.append(_letter(now, source, location[:1024], item.reason, item.raw, item.request_id))
+                result.rejections.append((location, item.reason))
+                continue
+            if item.request_id in seen:
+                result.duplicates += 1
+                continue
+            seen.add(item.request_id)
+            price = self._prices.price(item)
+            fresh.append((item, price, index))
+            rows.append(_row(item, price, now, source, self._prices.modifiers(item.speed, item.inference_geo)))
+        return letters
 
     def _add_to_budgets(
         self,
@@ -442,6 +457,30 @@ class Writer:
                 [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
             )
         return admitted, labelled
+
+
+def _letter(now: datetime, source: str, location: str, reason: str, raw: str, request_id: str | None) -> dict[str, Any]:
+    return {
+        "received_at": now,
+        "source": source,
+        "location": location,
+        "reason": reason,
+        "raw": raw,
+        "request_id": request_id,
+        "fingerprint": _fingerprint(source, location, raw),
+    }
+
+
+def _capped(letters: list[dict[str, Any]], cap: LetterCap | None, source: str, now: datetime) -> list[dict[str, Any]]:
+    """A batch's dead letters, at most `cap.limit` of them and then one summary letter."""
+    if cap is None or len(letters) <= cap.limit:
+        return letters
+    more = len(letters) - cap.limit
+    reason = (
+        f"{more:,} more rejected lines in this batch were not dead-lettered one by one (the first "
+        f"{cap.limit:,} were; all {len(letters):,} are counted); raw holds the start of the batch"
+    )
+    return [*letters[: cap.limit], _letter(now, source, cap.location[:1024], reason, cap.raw, None)]
 
 
 def _fingerprint(source: str, location: str, raw: str) -> str:
