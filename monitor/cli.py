@@ -14,17 +14,21 @@ from pathlib import Path
 from typing import cast
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor import report as report_mod
 from monitor.alerts import validate_webhooks
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
-from monitor.evaluation import state_json
+from monitor.evaluation import DefinitionChange, state_json
 from monitor.explain import explain
 from monitor.ingest.files import ingest_files
 from monitor.redaction import Redactor, database_url, webhook_url
-from monitor.service import build_price_table, open_store
+from monitor.service import Store, build_price_table, open_store
+from monitor.store.db import SchemaNotCurrent
+from monitor.store.models import budget_definitions, events
+from monitor.throttle import iso
 from monitor.windows import Calendar, calendar_window
 
 log = logging.getLogger("monitor")
@@ -54,10 +58,11 @@ def _parse_when(text: str, zone: ZoneInfo, flag: str) -> datetime:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the config and explain it."""
+    """Validate the config and explain it; say what it would change against the stored budget definitions."""
     loaded = _settings(args)
     prices = build_price_table(loaded)
     validate_webhooks(loaded.settings.alerts.webhooks, str(loaded.path or "built-in defaults"))
+    changes, note = _stored_definition_changes(loaded)
     if args.format == "json":
         print(
             json.dumps(
@@ -66,14 +71,65 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                     "path": str(loaded.path) if loaded.path else None,
                     "env_overrides": list(loaded.env_overrides),
                     "settings": _shown_settings(loaded),
+                    "budget_definitions": {
+                        "compared": changes is not None,
+                        "note": note,
+                        "changes": [change.as_dict() for change in changes or []],
+                    },
                 },
                 indent=2,
             )
         )
     else:
         sys.stdout.write(explain(loaded, prices))
+        sys.stdout.write(_definitions_text(changes, note))
         print("config OK")
     return 0
+
+
+def _stored_definition_changes(loaded: LoadedSettings) -> tuple[list[DefinitionChange] | None, str]:
+    """How the config's budgets differ from the database's, read without writing; None and why when it cannot tell.
+
+    A database that is missing, behind or unreachable is no error here: check-config checks the config.
+    """
+    shown = database_url(loaded.settings.database_url)
+    try:
+        store = open_store(loaded, migrate=False)
+    except SchemaNotCurrent as exc:
+        return None, f"not compared with the stored budget definitions: {exc}"
+    except SQLAlchemyError as exc:
+        reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return None, f"not compared with the stored budget definitions: {shown} did not answer ({reason})"
+    try:
+        return store.budgets.pending_definition_changes(), f"compared with the budget definitions stored in {shown}"
+    except SQLAlchemyError as exc:
+        return None, f"not compared with the stored budget definitions: {shown}: {exc.__class__.__name__}"
+    finally:
+        store.close()
+
+
+def _definitions_text(changes: list[DefinitionChange] | None, note: str) -> str:
+    """check-config's paragraph on the stored budget definitions."""
+    lines = ["", "Budget definitions", f"  {note}"]
+    if changes is not None and not changes:
+        lines.append("  no change: the database counts exactly these budgets")
+    for change in changes or []:
+        since = iso(change.since)
+        if change.change == "new":
+            lines.append(f"  new budget {change.budget}: on the next serve start the leader will count it from {since}")
+        elif change.change == "changed":
+            lines.append(
+                f"  changed budget {change.budget} (match, per, window or bucket): on the next serve start the leader "
+                f"will recount it from {since}"
+            )
+        else:
+            lines.append(
+                f"  removed budget {change.budget}: on the next serve start the leader would drop its counts "
+                f"({change.rows:,} budget_usage rows)"
+            )
+    if changes:
+        lines.append("  (no command but serve's leader, or an explicit `ingest --recount`, applies these)")
+    return "\n".join(lines) + "\n"
 
 
 def _shown_settings(loaded: LoadedSettings) -> dict[str, object]:
@@ -94,10 +150,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """One-shot backfill of JSONL files."""
+    """One-shot backfill of JSONL files; budget state is rewritten only with --recount."""
     store = open_store(_settings(args))
     try:
-        store.budgets.sync_definitions()
+        changes = store.budgets.pending_definition_changes()
+        if changes and args.recount:
+            for change in changes:
+                print(f"--recount: {change.describe()}", file=sys.stderr)
+            store.budgets.apply_definitions()
+        elif changes and _nothing_counted(store):
+            store.budgets.apply_definitions()  # a new database: recording the definitions rewrites nothing
+        elif changes:
+            print(_definitions_refusal(store, changes), file=sys.stderr)
+            return 2
         result, failed = ingest_files(
             [Path(p) for p in args.files],
             store.parser,
@@ -120,6 +185,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _nothing_counted(store: Store) -> bool:
+    """True for a database that holds no events and no budget definitions yet."""
+    with store.engine.connect() as connection:
+        has_events = connection.execute(select(events.c.request_id).limit(1)).first() is not None
+        has_definitions = connection.execute(select(budget_definitions.c.budget).limit(1)).first() is not None
+    return not has_events and not has_definitions
+
+
+def _definitions_refusal(store: Store, changes: list[DefinitionChange]) -> str:
+    """Why a command will not run with a config whose budgets differ from the database's, and what to do."""
+    listed = "".join(f"\n  {change.describe()}" for change in changes)
+    return (
+        f"claude-monitor: the config's budgets differ from the definitions stored in "
+        f"{database_url(store.settings.database_url)}, whose counts the running daemon uses:{listed}\n"
+        "nothing was ingested. Use the config the daemon runs with; or change the daemon's config and restart it "
+        "(its leader applies the new definitions); or rerun with --recount to rewrite these budgets' counts now."
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """The spend table."""
     loaded = _settings(args)
@@ -140,7 +224,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         until = _parse_when(args.until, zone, "--until")
     if since and until and since >= until:
         raise UsageError(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
-    store = open_store(loaded)
+    store = open_store(loaded, migrate=False)
     try:
         built = report_mod.build_report(store.engine, since=since, until=until, by=by)
     finally:
@@ -159,16 +243,29 @@ def _cents(amount: str) -> str:
 
 
 def cmd_budgets(args: argparse.Namespace) -> int:
-    """Every budget: spend, limit, utilization, forecast, window end, throttled — evaluated from the store now."""
-    store = open_store(_settings(args))
+    """Every budget: spend, limit, utilization, forecast, window end, throttled — evaluated from the store now.
+
+    Reads only. Budgets the config defines differently from the database are left out, with a warning: their stored
+    counts were made for another definition.
+    """
+    store = open_store(_settings(args), migrate=False)
     try:
-        store.budgets.sync_definitions()
+        changes = store.budgets.pending_definition_changes()
         store.budgets.evaluate()
         now = system_clock()
         flags = store.budgets.throttle.flags
-        rows = [state_json(state, flags, now) for state in store.budgets.states()]
+        differ = {change.budget for change in changes}
+        rows = [state_json(s, flags, now) for s in store.budgets.states() if s.budget.name not in differ]
     finally:
         store.close()
+    for change in changes:
+        print(f"claude-monitor: warning: {change.describe()}; not shown", file=sys.stderr)
+    if changes:
+        print(
+            "claude-monitor: warning: this config's budgets differ from the database's (above); the running "
+            "daemon's view is at GET /v1/budgets, and `claude-monitor check-config` explains the difference",
+            file=sys.stderr,
+        )
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
@@ -338,6 +435,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--batch-size", type=int, default=5000, help="events per transaction (default 5000)")
+    p.add_argument(
+        "--recount",
+        action="store_true",
+        help="when the config's budgets differ from the database's: delete and recount the new or changed budgets "
+        "from the stored events and drop the counts of budgets not in the config (listed before it starts); "
+        "without it such a config is refused with exit 2",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("report", parents=[common], help="spend by dimension and model")
@@ -414,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"claude-monitor: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except SchemaNotCurrent as exc:
+        print(f"claude-monitor: {redact(str(exc))}", file=sys.stderr)
+        return 3
     except SQLAlchemyError as exc:
         print(
             f"claude-monitor: database error: {exc.__class__.__name__}: {redact(str(exc).splitlines()[0])}",

@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy import Connection, Engine, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.budgets import Budget, BudgetIndex, BurnRates, ScopeState, evaluate_scope, scope_key
@@ -25,6 +25,40 @@ from monitor.usage import USAGE_FIELDS, Usage
 
 log = logging.getLogger(__name__)
 TOP_SCOPES = 10  # of a `per:` budget, the biggest spenders are always shown, whatever their utilization
+ChangeKind = Literal["new", "changed", "removed"]
+
+
+@dataclass(frozen=True)
+class DefinitionChange:
+    """One budget whose configured definition differs from the one its stored counts were made for."""
+
+    budget: str
+    change: ChangeKind
+    since: datetime | None = None  # new or changed: where a recount would start
+    rows: int = 0  # removed: the budget_usage rows applying the config would delete
+
+    def describe(self) -> str:
+        """What applying the config would do to this budget, in one sentence."""
+        if self.change == "removed":
+            return f"budget {self.budget} is stored but not configured: applying would drop its {self.rows:,} rows"
+        verb = "count it" if self.change == "new" else "recount it"
+        when = iso(self.since) if self.since is not None else "its window start"
+        return f"budget {self.budget} is {self.change}: applying would {verb} from the stored events since {when}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The change as JSON."""
+        return {
+            "budget": self.budget,
+            "change": self.change,
+            "since": iso(self.since) if self.since is not None else None,
+            "rows": self.rows if self.change == "removed" else None,
+        }
+
+
+def stored_definitions(connection: Connection) -> dict[str, str]:
+    """Budget name -> the definition digest its budget_usage rows were counted for."""
+    query = select(budget_definitions.c.budget, budget_definitions.c.definition)
+    return {name: definition for name, definition in connection.execute(query)}
 
 
 @dataclass(frozen=True)
@@ -81,18 +115,37 @@ class BudgetEngine:
 
     # --- keeping budget_usage true to the configured budgets ---------------------------------------------------
 
-    def sync_definitions(self) -> list[str]:
-        """Recount every budget that is new or whose match, per or window changed; forget removed ones."""
+    def pending_definition_changes(self) -> list[DefinitionChange]:
+        """How the configured budgets differ from the definitions budget_usage was counted for; reads only."""
+        now = self._clock()
+        with self._engine.connect() as connection:
+            stored = stored_definitions(connection)
+            changes = []
+            for budget in self.budgets:
+                if stored.get(budget.name) != budget.definition:
+                    kind: ChangeKind = "changed" if budget.name in stored else "new"
+                    changes.append(DefinitionChange(budget.name, kind, budget.first_bucket(now, self._zone)))
+            for name in sorted(set(stored) - set(self._by_name)):
+                rows = connection.execute(
+                    select(func.count()).select_from(budget_usage).where(budget_usage.c.budget == name)
+                ).scalar_one()
+                changes.append(DefinitionChange(name, "removed", rows=int(rows)))
+        return changes
+
+    def apply_definitions(self) -> list[str]:
+        """Recount every budget that is new or whose match, per or window changed; forget removed ones.
+
+        This rewrites budget state that every replica reads: the daemon's leader runs it at start (and whenever it
+        finds the stored definitions differ from its config), and `ingest --recount` on request; nothing else does.
+        """
         now = self._clock()
         recounted = []
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
-            stored = {
-                row[0]: row[1]
-                for row in connection.execute(select(budget_definitions.c.budget, budget_definitions.c.definition))
-            }
+            stored = stored_definitions(connection)
             for name in set(stored) - set(self._by_name):
                 connection.execute(delete(budget_usage).where(budget_usage.c.budget == name))
                 connection.execute(delete(budget_definitions).where(budget_definitions.c.budget == name))
+                log.info("budget %s is no longer configured: its counts are dropped", name)
             add = upsert_adding(budget_usage, connection.dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
             for budget in self.budgets:
                 if stored.get(budget.name) == budget.definition:
@@ -120,6 +173,8 @@ class BudgetEngine:
                 recounted.append(budget.name)
                 log.info("budget %s: counted %d scope buckets from %s", budget.name, len(rows), since.isoformat())
         return recounted
+
+    sync_definitions = apply_definitions  # the name it had before reading and applying were separate
 
     def _recount(self, connection: Connection, budget: Budget, since: datetime) -> dict[tuple[str, datetime], Usage]:
         query = select(

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.evaluation import BudgetEngine
+from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.ingest.writer import LATENCY_BUCKETS, UNPRICED_LABEL
 from monitor.pricing import UNPRICED
 from monitor.reconcile.runner import Reconciler, Snapshot
@@ -391,6 +391,33 @@ class SnapshotErrorsCollector(Collector):
         )
         family.add_metric([], float(self._throttle.snapshot_errors))
         yield family
+
+
+class DefinitionsCollector(Collector):
+    """`claude_monitor_budget_definitions_mismatched` and `claude_monitor_budget_definition_mismatch{budget,change}`:
+    budgets this replica's config defines differently from the database, which it therefore leaves alone."""
+
+    def __init__(self, mismatched: Callable[[], Sequence[DefinitionChange]]) -> None:
+        self._mismatched = mismatched
+
+    def collect(self) -> Iterator[Metric]:
+        """The count (0 when the config agrees) and one series per differing budget, at scrape time."""
+        changes = list(self._mismatched())
+        count = GaugeMetricFamily(
+            "claude_monitor_budget_definitions_mismatched",
+            "Budgets whose definition in this replica's config differs from the one stored in the database "
+            "(new, changed or removed); only the leader applies definitions, so this replica leaves them alone.",
+        )
+        count.add_metric([], float(len(changes)))
+        yield count
+        each = GaugeMetricFamily(
+            "claude_monitor_budget_definition_mismatch",
+            "1 for each budget this replica's config defines differently from the database, by how it differs.",
+            labels=["budget", "change"],
+        )
+        for change in changes:
+            each.add_metric([change.budget, change.change], 1.0)
+        yield each
 
 
 class ReconcileCollector(Collector):

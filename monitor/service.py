@@ -17,19 +17,26 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
 from monitor.alerts import Notifier, validate_webhooks
-from monitor.budgets import compile_budgets
+from monitor.budgets import BudgetIndex, compile_budgets
 from monitor.clock import Clock, system_clock
 from monitor.config import ConfigError, LoadedSettings, Settings, parse_duration
-from monitor.evaluation import BudgetEngine
+from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.events import EventParser
 from monitor.http.api import Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
-from monitor.metrics import MonitorCollector, ReconcileCollector, SnapshotErrorsCollector, WindowCollector
+from monitor.metrics import (
+    DefinitionsCollector,
+    MonitorCollector,
+    ReconcileCollector,
+    SnapshotErrorsCollector,
+    WindowCollector,
+)
 from monitor.pricing import PriceTable, load_price_table
 from monitor.reconcile.runner import Reconciler
-from monitor.store.db import create_db_engine, schema_is_current, upgrade
+from monitor.redaction import database_url
+from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
 from monitor.throttle import ThrottleState
 
@@ -66,12 +73,23 @@ class Store:
 def open_store(
     loaded: LoadedSettings, clock: Clock = system_clock, migrate: bool = True, snapshot_file: Path | None = None
 ) -> Store:
-    """Connect, bring the schema to head, and build the parse, price, write and budget path."""
+    """Connect, bring the schema to head, and build the parse, price, write and budget path.
+
+    With `migrate=False` nothing is written on opening: a missing database, or a schema not at head, raises
+    SchemaNotCurrent (the read-only commands refuse rather than migrate).
+    """
     settings = loaded.settings
     prices = build_price_table(loaded)
-    engine = create_db_engine(settings.database_url)
     if migrate:
+        engine = create_db_engine(settings.database_url)
         upgrade(engine)
+    else:
+        engine = create_db_engine(settings.database_url, make_directory=False)
+        try:
+            require_current_schema(engine, database_url(settings.database_url))
+        except BaseException:
+            engine.dispose()
+            raise
     parser = EventParser(settings.dimensions, clock)
     budgets = BudgetEngine(
         engine, compile_budgets(settings.budgets, prices), settings.zone, clock, ThrottleState(snapshot_file)
@@ -138,6 +156,10 @@ class Jobs:
         return True
 
 
+def _kinds(changes: list[DefinitionChange]) -> list[tuple[str, str]]:
+    return [(change.budget, change.change) for change in changes]
+
+
 class Daemon:
     """`serve`: HTTP API, source tailers and scheduled jobs over one store."""
 
@@ -153,6 +175,7 @@ class Daemon:
         validate_webhooks(settings.alerts.webhooks, where)  # a bad receiver fails `serve` before anything is touched
         self.store = open_store(loaded, clock, snapshot_file=Path(settings.throttle.snapshot_file))
         self.budgets = self.store.budgets
+        self.mismatched: list[DefinitionChange] = []  # how this replica's budgets differ from the stored ones
         self.registry = CollectorRegistry(auto_describe=True)
         self.tailers = [
             Tailer(source, self.store.parser, self.store.writer, self.store.engine, clock, on_batch=self._after_batch)
@@ -167,6 +190,7 @@ class Daemon:
         )
         self.registry.register(self.windows)
         self.registry.register(SnapshotErrorsCollector(self.budgets.throttle))
+        self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)
         self.every = parse_duration(settings.schedule.evaluate_every)
         self.reconciler = Reconciler(
@@ -263,6 +287,7 @@ class Daemon:
     def evaluate(self) -> None:
         """The scheduled evaluation: recount from the store, refresh metrics, rewrite the snapshot."""
         try:
+            self.definitions()
             self.budgets.evaluate()
             self.collector.refresh()
             self.windows.refresh()
@@ -271,6 +296,29 @@ class Daemon:
             raise
         self.budgets.failing = False
         self.jobs.run("notify", self._notify)
+
+    def definitions(self) -> None:
+        """Apply the config's budget definitions if they differ from the stored ones — on the leader only.
+
+        Another replica whose config differs touches nothing: it lists the differences (/readyz, a metric) and does
+        not count its events toward the budgets it disagrees on, whose counts the leader keeps.
+        """
+        changes = self.budgets.pending_definition_changes()
+        if changes and self.leadership.is_leader():
+            for change in changes:
+                log.warning("applying the configured budgets: %s", change.describe())
+            self.budgets.apply_definitions()
+            changes = []
+        elif changes and _kinds(changes) != _kinds(self.mismatched):
+            log.warning(
+                "this replica's config differs from the budget definitions in the database; the leader's stand and "
+                "this replica does not count toward these budgets: %s",
+                "; ".join(change.describe() for change in changes),
+            )
+        if _kinds(changes) != _kinds(self.mismatched):
+            skip = {change.budget for change in changes}
+            self.store.writer.set_budgets(BudgetIndex([b for b in self.budgets.budgets if b.name not in skip]))
+        self.mismatched = changes
 
     def _notify(self) -> None:
         last = self.budgets.last
@@ -349,17 +397,16 @@ class Daemon:
                 problems.append(f"last successful evaluation was {age:.0f} s ago")
         for task, failure in self.jobs.failures.items():
             problems.append(f"task {task} failing: {failure}")
-        return not problems, {"problems": problems}
+        # Not a problem for readiness: the replica answers from the leader's counts; listed for the operator.
+        differs = [change.describe() for change in self.mismatched]
+        return not problems, {"problems": problems, "budget_definitions_differ": differs}
 
     # --- life cycle --------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recount changed budgets, evaluate once, then start the HTTP server, the tailers and the schedule."""
+        """Apply changed budget definitions (leader), evaluate once, then start HTTP, the tailers and the schedule."""
         self._heads_ok = schema_is_current(self.store.engine)
-        recounted = self.budgets.sync_definitions()
-        if recounted:
-            log.info("recounted budgets: %s", ", ".join(recounted))
-        self.jobs.run("evaluate", self.evaluate)
+        self.jobs.run("evaluate", self.evaluate)  # the leader applies changed budget definitions first
         self.scheduler.add_job(
             self.jobs.run,
             "interval",

@@ -14,12 +14,15 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 
-def create_db_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout, and real BEGIN IMMEDIATE write transactions."""
+def create_db_engine(url: str, *, make_directory: bool = True, **kwargs: Any) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout, and real BEGIN IMMEDIATE write transactions.
+
+    `make_directory` creates a SQLite file's directory; the read-only commands pass False.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
-        if database and database != ":memory:":
+        if make_directory and database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, **kwargs)
         _configure_sqlite(engine)
@@ -71,6 +74,41 @@ def upgrade(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+class SchemaNotCurrent(Exception):
+    """The database is missing, or its schema is not the one this version reads, and the command does not migrate."""
+
+
+def require_current_schema(engine: Engine, shown_url: str) -> None:
+    """Refuse (SchemaNotCurrent) unless the database exists and is at the migrations' head; reads only.
+
+    `shown_url` is the database URL as it may appear in a message (without its password).
+    """
+    file = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if file and file != ":memory:" and not Path(file).expanduser().exists():  # connecting would create it
+        raise SchemaNotCurrent(
+            f"no database at {shown_url}: this command only reads; "
+            "create it with `claude-monitor migrate` (or start `claude-monitor serve`)"
+        )
+    script = ScriptDirectory.from_config(alembic_config(engine.url.render_as_string(hide_password=False)))
+    with engine.connect() as connection:
+        current = set(MigrationContext.configure(connection).get_current_heads())
+    heads = set(script.get_heads())
+    if current == heads:
+        return
+    known = {revision.revision for revision in script.walk_revisions()}
+    shown = ", ".join(sorted(current)) or "none (no claude-monitor tables)"
+    if current - known:
+        raise SchemaNotCurrent(
+            f"{shown_url}: schema revision {shown} is newer than this claude-monitor knows "
+            f"(its head is {', '.join(sorted(heads))}): upgrade claude-monitor to read it"
+        )
+    raise SchemaNotCurrent(
+        f"{shown_url}: schema revision {shown}, this claude-monitor reads {', '.join(sorted(heads))}; "
+        "this command only reads and does not migrate: run `claude-monitor migrate` "
+        "(or restart `claude-monitor serve`, which migrates at start)"
+    )
 
 
 def schema_is_current(engine: Engine) -> bool:
