@@ -381,8 +381,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     loaded = _settings(args)
     config = loaded.settings.reconcile
     key = os.environ.get(config.admin_key_env) or None
-    if key is not None:
-        args.redact.add_secret(key, "sk-ant-…(reconcile admin key)")
+    if key is None:
+        raise ConfigError(str(NoAdminKey(config.admin_key_env)))
+    args.redact.add_secret(key, "sk-ant-…(reconcile admin key)")
     store = open_store(loaded)
     try:
         reconciler = Reconciler(store.engine, store.prices, config, system_clock, key)
@@ -397,8 +398,6 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             raise UsageError(f"--since {first} is not before --until {end} (the --until day is not included)")
         try:
             reconciler.fetch(first, end)
-        except NoAdminKey as exc:
-            raise ConfigError(str(exc)) from None
         except AnalyticsError as exc:
             print(f"claude-monitor: {args.redact(str(exc))}; nothing was written", file=sys.stderr)
             return 4

@@ -464,8 +464,12 @@ class ReconcileCollector(Collector):
             "claude_reconcile_tolerance_ratio", "reconcile.tolerance: a drift above it on a settled day is a finding."
         )
         interval = GaugeMetricFamily("claude_reconcile_interval_seconds", "reconcile.every: how often it runs.")
-        families: list[Metric] = [drift, unlogged, day, last, tolerance, interval]
+        enabled = GaugeMetricFamily(
+            "claude_reconcile_enabled", "1 when this replica has the admin key: it fetches whenever it leads."
+        )
+        families: list[Metric] = [drift, unlogged, day, last, tolerance, interval, enabled]
         if snapshot is not None:
+            enabled.add_metric([], 1.0 if self._reconciler.enabled else 0.0)
             tolerance.add_metric([], float(self._reconciler.config.tolerance))
             interval.add_metric([], self._interval)
             if snapshot.last_success is not None:

@@ -31,6 +31,9 @@ from monitor.reconcile.runner import Reconciler
 from monitor.service import Daemon, open_store
 from tests.conftest import FakeClock, jsonl, run_cli, write_config
 from tests.fake_analytics import BETA, COST_PATH, USAGE_PATH, FakeAnalytics, Row
+from tests.test_postgres import pg_config
+
+pytest_plugins = ["tests.pg"]
 
 ADMIN_KEY = "sk-ant-admin01-Zq7vTESTONLYnotarealkey0123456789"
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -117,6 +120,44 @@ def test_a_day_that_matches_shows_drift_exactly_zero(tmp_path: Path, fake: FakeA
         ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "web_search_requests"), 0
     )
     assert shown["settled"] is True and shown["finding"] is False
+
+
+def test_on_postgres_a_refetch_replaces_and_a_match_is_exactly_zero(
+    tmp_path: Path, fake: FakeAnalytics, pg_url: str
+) -> None:
+    # Two haiku-4-5 requests on 20 Nov: 2 x 1,000,000 output tokens at $5/M = $10.00 = 1000 cents; one batch call of
+    # 1,000,000 output tokens at half price = $2.50. Anthropic first reports the standard row 1 cent short, then
+    # (settled late) exactly.
+    path = jsonl(
+        tmp_path / "u.jsonl",
+        ev("p1", "2026-11-20T01:00:00Z", output_tokens=1_000_000),
+        ev("p2", "2026-11-20T22:00:00Z", output_tokens=1_000_000),
+        ev("p3", "2026-11-20T02:00:00Z", output_tokens=1_000_000, service_tier="batch"),
+    )
+    fake.rows = [
+        Row(date(2026, 11, 20), "claude-haiku-4-5", "standard", Decimal("999"), 2, output_tokens=2_000_000),
+        Row(date(2026, 11, 20), "claude-haiku-4-5", "batch", Decimal("250"), 1, output_tokens=1_000_000),
+    ]
+    loaded = load_settings(pg_config(tmp_path, pg_url, f"sources: []\nreconcile: {{base_url: '{fake.url}'}}\n"))
+    clock = FakeClock(NOW)
+    store = open_store(loaded, clock=clock)
+    try:
+        ingest_files([path], store.parser, store.writer)
+        reconciler = Reconciler(store.engine, store.prices, loaded.settings.reconcile, clock, ADMIN_KEY)
+        day = (date(2026, 11, 20), date(2026, 11, 21))
+        reconciler.fetch(*day)
+        first = {r.service_tier: row_json(r) for r in reconciler.compare(*day)}
+        assert (first["standard"]["drift_usd"], first["standard"]["finding"]) == ("-0.01", True)
+        fake.rows[0].list_amount_cents = Decimal("1000")
+        reconciler.fetch(*day)
+        second = {r.service_tier: row_json(r) for r in reconciler.compare(*day)}
+        assert {tier: (r["anthropic_usd"], r["ours_usd"], r["drift_usd"]) for tier, r in second.items()} == {
+            "standard": ("10", "10", "0"),
+            "batch": ("2.5", "2.5", "0"),
+        }
+        assert not any(r["finding"] for r in second.values())
+    finally:
+        store.close()
 
 
 # --- the wire: pages, the 429 retry, the beta header and the key ------------------------------------------------
@@ -383,6 +424,7 @@ def test_daemon_job_gauges_and_the_key_kept_secret(
         assert metrics["claude_reconcile_unlogged_requests", (("model", "claude-haiku-4-5"),)] == 1
         assert metrics["claude_reconcile_tolerance_ratio", ()] == 0.001
         assert metrics["claude_reconcile_interval_seconds", ()] == 6 * 3600
+        assert metrics["claude_reconcile_enabled", ()] == 1
 
         # Anthropic away at the next run: the stored figures and the last success stay as they were.
         fake.close()
@@ -411,7 +453,9 @@ def test_no_admin_key_no_job(tmp_path: Path) -> None:
         daemon.start()
         assert daemon.scheduler.get_job("reconcile") is None
         assert daemon.scheduler.get_job("reconcile_metrics") is not None
-        assert not any(name.startswith("claude_reconcile_drift") for name, _ in scrape(daemon))
+        metrics = scrape(daemon)
+        assert metrics["claude_reconcile_enabled", ()] == 0
+        assert not any(name.startswith("claude_reconcile_drift") for name, _ in metrics)
     finally:
         daemon.stop()
 

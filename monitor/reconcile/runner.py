@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 class NoAdminKey(Exception):
     """The environment variable named by reconcile.admin_key_env is not set."""
 
+    def __init__(self, variable: str) -> None:
+        super().__init__(
+            f"${variable} is not set: put an Admin API key (sk-ant-admin…) or a key with read:analytics there "
+            "(reconcile.admin_key_env names the variable)"
+        )
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -66,10 +72,7 @@ class Reconciler:
         """Read Anthropic's figures for [first, end) (every page, every 31-day span), then replace those days in one
         transaction. Raises AnalyticsError (nothing written) when Anthropic cannot be reached or refuses the key."""
         if self._admin_key is None:
-            raise NoAdminKey(
-                f"${self.config.admin_key_env} is not set: put an Admin API key (sk-ant-admin…) or a key with "
-                "read:analytics there (reconcile.admin_key_env names the variable)"
-            )
+            raise NoAdminKey(self.config.admin_key_env)
         client = self._client_factory(self._admin_key, self.config.base_url, self._prices)
         try:
             fetched: Fetched = client.fetch(first, end)
@@ -85,7 +88,7 @@ class Reconciler:
         """Our figures against Anthropic's stored ones, for the days of [first, end) some fetch covered."""
         with self._engine.connect() as connection:
             theirs = store.read(connection, first, end)
-            covered = store.coverage(connection, first, end).days
+            covered = store.coverage(connection, first, end)
             ours = utc_days(connection, first, end)
         return compare(theirs, ours, covered, self._clock(), self.config.settle_hours, self.config.tolerance)
 
@@ -113,7 +116,7 @@ class Reconciler:
             day = store.last_fetched_day(
                 connection, last_settled_day(now, self.config.settle_hours) + timedelta(days=1)
             )
-            last = store.coverage(connection, now.date(), now.date()).last_success
+            last = store.last_success(connection)
         if day is None:
             return Snapshot(None, (), last)
         return Snapshot(day, tuple(self.compare(day, day + timedelta(days=1))), last)

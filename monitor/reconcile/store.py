@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
@@ -72,16 +71,8 @@ def read(connection: Connection, first: date, end: date) -> dict[FigureKey, Figu
     return out
 
 
-@dataclass(frozen=True)
-class Coverage:
-    """The UTC days some successful fetch covered, and when the newest fetch succeeded."""
-
-    days: frozenset[date]
-    last_success: datetime | None
-
-
-def coverage(connection: Connection, first: date, end: date) -> Coverage:
-    """Which days of [first, end) were fetched at least once, and the newest fetch's time (any range)."""
+def coverage(connection: Connection, first: date, end: date) -> frozenset[date]:
+    """Which days of [first, end) some successful fetch covered."""
     days: set[date] = set()
     query = select(reconcile_fetches.c.first_day, reconcile_fetches.c.end_day).where(
         reconcile_fetches.c.first_day < end, reconcile_fetches.c.end_day > first
@@ -91,8 +82,13 @@ def coverage(connection: Connection, first: date, end: date) -> Coverage:
         while day < min(stop, end):
             days.add(day)
             day += timedelta(days=1)
-    last = connection.execute(select(func.max(reconcile_fetches.c.fetched_at))).scalar()
-    return Coverage(frozenset(days), last)
+    return frozenset(days)
+
+
+def last_success(connection: Connection) -> datetime | None:
+    """When the newest successful fetch was stored (any range, any replica)."""
+    moment: datetime | None = connection.execute(select(func.max(reconcile_fetches.c.fetched_at))).scalar()
+    return moment
 
 
 def last_fetched_day(connection: Connection, until: date) -> date | None:
