@@ -6,6 +6,7 @@ events table (not through the rollup or the comparison) — plus deliberate diff
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sqlite3
@@ -205,7 +206,7 @@ def test_three_pages_a_429_retried_and_refetching_replaces_the_days(tmp_path: Pa
 
 
 def test_a_refused_key_and_an_unreachable_api_are_exit_4_and_write_nothing(tmp_path: Path, fake: FakeAnalytics) -> None:
-    day = date.today() - timedelta(days=3)
+    day = system_clock().date() - timedelta(days=3)
     fake.rows = [Row(day, "claude-haiku-4-5", "standard", Decimal("1.5"), 3)]
     config = config_for(tmp_path, fake.url)
     first = run_cli("reconcile", "--config", str(config), "--format", "json", env={"ANTHROPIC_ADMIN_KEY": ADMIN_KEY})
@@ -342,6 +343,7 @@ def test_thirty_one_days_name_exactly_the_two_findings(tmp_path: Path, fake: Fak
     by_key = {(d["date"], d["model"], d["service_tier"]): d for d in doc["days"]}
     assert len(by_key) == len(rows) == len(doc["days"])
     findings = [d for d in doc["days"] if d["finding"]]
+    print(json.dumps({"findings": findings, "young": [d for d in doc["days"] if d["date"] == young_day.isoformat()]}))
     assert doc["findings"] == 2
     assert [(d["date"], d["model"]) for d in findings] == [
         (price_day.isoformat(), HAIKU),
@@ -444,6 +446,19 @@ def test_daemon_job_gauges_and_the_key_kept_secret(
     assert ADMIN_KEY not in caplog.text
     for db_file in tmp_path.glob("monitor.db*"):
         assert secret not in db_file.read_bytes(), db_file.name
+
+
+def test_only_the_leader_fetches(tmp_path: Path, fake: FakeAnalytics, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = config_for(tmp_path, fake.url)
+    daemon = Daemon(load_settings(config, environ={}), clock=FakeClock(NOW), environ={"ANTHROPIC_ADMIN_KEY": ADMIN_KEY})
+    monkeypatch.setattr(daemon.leadership, "is_leader", lambda: False)
+    try:
+        daemon.reconcile()
+        assert fake.requests == []
+        assert reconcile_tables(tmp_path / "monitor.db") == ([], [])
+    finally:
+        daemon.server.stop()  # never started: closes the listening socket
+        daemon.store.close()
 
 
 def test_no_admin_key_no_job(tmp_path: Path) -> None:
