@@ -469,7 +469,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reconcile", parents=[common], help="our cost per UTC day and model against Anthropic's usage and cost reports"
     )
-    p.add_argument("--since", help="first UTC day, YYYY-MM-DD (default: reconcile.lookback_days ago)")
+    p.add_argument("--since", help="first UTC day, YYYY-MM-DD (default: lookback_days back, today included)")
     p.add_argument("--until", help="the UTC day after the last one, YYYY-MM-DD (default: tomorrow, so today is in)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_reconcile)
