@@ -364,6 +364,50 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _utc_day(text: str, flag: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: not a UTC date (YYYY-MM-DD, e.g. 2026-11-01)") from None
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Fetch Anthropic's daily figures for the range, store them, and compare them with ours (exit 4: Anthropic
+    unreachable or the key refused; nothing is written then)."""
+    from monitor.reconcile.compare import to_json, to_table
+    from monitor.reconcile.fetcher import EARLIEST, AnalyticsError
+    from monitor.reconcile.runner import NoAdminKey, Reconciler
+
+    loaded = _settings(args)
+    config = loaded.settings.reconcile
+    key = os.environ.get(config.admin_key_env) or None
+    if key is None:
+        raise ConfigError(str(NoAdminKey(config.admin_key_env)))
+    args.redact.add_secret(key, "sk-ant-…(reconcile admin key)")
+    store = open_store(loaded)
+    try:
+        reconciler = Reconciler(store.engine, store.prices, config, system_clock, key)
+        first, end = reconciler.default_range()
+        if args.since:
+            first = _utc_day(args.since, "--since")
+        if args.until:
+            end = _utc_day(args.until, "--until")
+        if first < EARLIEST:
+            raise UsageError(f"--since {first}: Anthropic's usage and cost reports start at {EARLIEST}")
+        if first >= end:
+            raise UsageError(f"--since {first} is not before --until {end} (the --until day is not included)")
+        try:
+            reconciler.fetch(first, end)
+        except AnalyticsError as exc:
+            print(f"claude-monitor: {args.redact(str(exc))}; nothing was written", file=sys.stderr)
+            return 4
+        rows = reconciler.compare(first, end)
+    finally:
+        store.close()
+    sys.stdout.write(to_json(rows) + "\n" if args.format == "json" else to_table(rows))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -421,6 +465,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("budgets", parents=[common], help="every budget: spend, limit, forecast, throttled")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_budgets)
+
+    p = sub.add_parser(
+        "reconcile", parents=[common], help="our cost per UTC day and model against Anthropic's usage and cost reports"
+    )
+    p.add_argument("--since", help="first UTC day, YYYY-MM-DD (default: lookback_days back, today included)")
+    p.add_argument("--until", help="the UTC day after the last one, YYYY-MM-DD (default: tomorrow, so today is in)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("simulate", parents=[common], help="write realistic synthetic usage to JSONL files")
     p.add_argument("--rate", type=float, default=1.0, help="events per second of simulated time (default 1)")

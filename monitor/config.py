@@ -514,6 +514,37 @@ def former_identity_message(value: Any) -> str:
     )
 
 
+class ReconcileConfig(_Strict):
+    """Reconciliation with Anthropic's Usage and Cost Analytics API."""
+
+    # The name of the environment variable holding the Admin API key; the key itself never appears in config.
+    admin_key_env: str = Field(default="ANTHROPIC_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    base_url: str = "https://api.anthropic.com"
+    every: str = "6h"
+    lookback_days: int = Field(default=7, ge=1, le=31)
+    settle_hours: int = Field(default=26, ge=0, le=24 * 31)
+    tolerance: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.001")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            scheme, host = parts.scheme, parts.hostname
+        except ValueError:
+            scheme, host = None, None
+        if scheme not in ("http", "https") or not host:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host; write it as https://api.anthropic.com")
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        if parse_duration(value) < timedelta(minutes=5):
+            raise ValueError(f"{value!r} is shorter than 5m; Anthropic refreshes these reports a few times an hour")
+        return value
+
+
 class Settings(_Strict):
     """Everything the daemon and the commands read from configuration."""
 
@@ -531,6 +562,7 @@ class Settings(_Strict):
     limits: list[LimitConfig] = []
     admission: AdmissionConfig = AdmissionConfig()
     proxy: ProxyConfig = ProxyConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
 
     @field_validator("timezone")
     @classmethod

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -30,6 +30,7 @@ from monitor.budgets import scope_key
 from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.ingest.writer import LATENCY_BUCKETS, UNPRICED_LABEL
 from monitor.pricing import UNPRICED
+from monitor.reconcile.runner import Reconciler, Snapshot
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
 from monitor.store.rollup import TOKEN_FIELDS, RollupCounts, window_totals
@@ -488,3 +489,78 @@ class IngestQueueCollector(Collector):
         family.add_metric(["waiting"], float(waiting))
         family.add_metric(["writing"], float(writing))
         yield family
+
+
+class ReconcileCollector(Collector):
+    """Reconciliation gauges for the latest settled UTC day a fetch covered, from the database (every replica renders
+    the same), refreshed by a scheduled job, never at scrape time."""
+
+    def __init__(self, reconciler: Reconciler, model_label: Callable[[str], str], interval_seconds: float) -> None:
+        self._reconciler = reconciler
+        self._model_label = model_label
+        self._interval = interval_seconds
+        self.snapshot: Snapshot | None = None
+
+    def refresh(self) -> None:
+        """Read the latest settled day's comparison and the newest fetch's time into a new snapshot."""
+        self.snapshot = self._reconciler.snapshot()
+
+    def describe(self) -> Iterator[Metric]:
+        """The families this collector exports."""
+        yield from self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        """The families with the last snapshot's samples."""
+        yield from self._families(self.snapshot)
+
+    def _families(self, snapshot: Snapshot | None) -> Iterator[Metric]:
+        drift = GaugeMetricFamily(
+            "claude_reconcile_drift_ratio",
+            "(Anthropic's list-price cost - ours) / Anthropic's, by model, on the latest settled UTC day reconciled.",
+            labels=["model"],
+        )
+        unlogged = GaugeMetricFamily(
+            "claude_reconcile_unlogged_requests",
+            "Requests Anthropic counted that we never logged, by model, on the latest settled UTC day reconciled.",
+            labels=["model"],
+        )
+        day = GaugeMetricFamily(
+            "claude_reconcile_day_timestamp_seconds", "Start (UTC) of the day the reconcile gauges describe."
+        )
+        last = GaugeMetricFamily(
+            "claude_reconcile_last_success_timestamp_seconds",
+            "When Anthropic's figures were last fetched and stored (any replica).",
+        )
+        tolerance = GaugeMetricFamily(
+            "claude_reconcile_tolerance_ratio", "reconcile.tolerance: a drift above it on a settled day is a finding."
+        )
+        interval = GaugeMetricFamily("claude_reconcile_interval_seconds", "reconcile.every: how often it runs.")
+        enabled = GaugeMetricFamily(
+            "claude_reconcile_enabled", "1 when this replica has the admin key: it fetches whenever it leads."
+        )
+        families: list[Metric] = [drift, unlogged, day, last, tolerance, interval, enabled]
+        if snapshot is not None:
+            enabled.add_metric([], 1.0 if self._reconciler.enabled else 0.0)
+            tolerance.add_metric([], float(self._reconciler.config.tolerance))
+            interval.add_metric([], self._interval)
+            if snapshot.last_success is not None:
+                last.add_metric([], snapshot.last_success.timestamp())
+            if snapshot.day is not None:
+                day.add_metric([], datetime(*snapshot.day.timetuple()[:3], tzinfo=UTC).timestamp())
+            theirs: dict[str, Decimal] = defaultdict(Decimal)
+            drifts: dict[str, Decimal] = defaultdict(Decimal)
+            missing: dict[str, int] = defaultdict(int)
+            for row in snapshot.rows:
+                model = self._model_label(row.model)
+                theirs[model] += row.anthropic_usd
+                drifts[model] += row.drift_usd
+                missing[model] += row.missing_requests or 0
+            for model in sorted(missing):
+                if theirs[model] != 0:
+                    drift.add_metric([model], float(drifts[model] / theirs[model]))
+                elif drifts[model] != 0:
+                    drift.add_metric([model], float("-inf") if drifts[model] < 0 else float("inf"))
+                else:
+                    drift.add_metric([model], 0.0)
+                unlogged.add_metric([model], missing[model])
+        yield from families

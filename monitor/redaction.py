@@ -68,6 +68,10 @@ class Redactor:
             if len(path) > 1:
                 self._add(path, f"/{HIDDEN}")
 
+    def add_secret(self, secret: str, shown: str = HIDDEN) -> None:
+        """Learn one more secret (a key read from the environment): shown as `shown` wherever it appears."""
+        self._add(secret, shown)
+
     def _add(self, secret: str, shown: str) -> None:
         if secret and secret != shown:
             self._literals[secret] = shown

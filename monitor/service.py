@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,12 @@ from monitor.metrics import (
     DefinitionsCollector,
     IngestQueueCollector,
     MonitorCollector,
+    ReconcileCollector,
     SnapshotErrorsCollector,
     WindowCollector,
 )
 from monitor.pricing import PriceTable, load_price_table
+from monitor.reconcile.runner import Reconciler
 from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
@@ -221,6 +223,18 @@ class Daemon:
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)
         self.every = parse_duration(settings.schedule.evaluate_every)
+        self.reconciler = Reconciler(
+            self.store.engine,
+            self.store.prices,
+            settings.reconcile,
+            clock,
+            env.get(settings.reconcile.admin_key_env) or None,
+        )
+        self.reconcile_every = parse_duration(settings.reconcile.every)
+        self.reconcile_metrics = ReconcileCollector(
+            self.reconciler, self.store.prices.label, self.reconcile_every.total_seconds()
+        )
+        self.registry.register(self.reconcile_metrics)
         http = settings.http
         token = env.get(http.ingest_token_env) or None
         if token is None:
@@ -369,6 +383,20 @@ class Daemon:
             rollup_cutoff = now - timedelta(days=self.settings.schedule.rollup_retention_days)
             connection.execute(delete(usage_rollup).where(usage_rollup.c.bucket_start < rollup_cutoff))
 
+    def reconcile(self) -> None:
+        """The reconcile job (leader only): fetch Anthropic's figures for the lookback window, store and compare them.
+        A failure (Anthropic away, key refused) is logged and leaves the stored figures as they were; the metrics'
+        last-success time then ages, which is what the alert watches. It does not make this replica unready."""
+        if not self.leadership.is_leader():
+            return
+        try:
+            self.reconciler.run()
+        except Exception as exc:
+            log.error(
+                "task reconcile failed: %s: %s", exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else ""
+            )
+        self.reconcile_metrics.refresh()
+
     def tail_once(self) -> None:
         """Poll every source once; one failing source does not hold up the others."""
         failed = []
@@ -431,6 +459,23 @@ class Daemon:
             id="evaluate",
         )
         self.scheduler.add_job(self.jobs.run, "interval", args=["retention", self.retention], hours=1, id="retention")
+        # Every replica renders the reconcile gauges from the database; only the leader fetches, when it has the key.
+        self.jobs.run("reconcile_metrics", self.reconcile_metrics.refresh)
+        self.scheduler.add_job(
+            self.jobs.run,
+            "interval",
+            args=["reconcile_metrics", self.reconcile_metrics.refresh],
+            minutes=1,
+            id="reconcile_metrics",
+        )
+        if self.reconciler.enabled:
+            self.scheduler.add_job(
+                self.reconcile,
+                "interval",
+                seconds=self.reconcile_every.total_seconds(),
+                id="reconcile",
+                next_run_time=datetime.now(UTC) + timedelta(minutes=1),  # the first run soon after start, off its path
+            )
         if self.notifier.enabled:
             self.scheduler.add_job(
                 self.jobs.run, "interval", args=["deliver", self.deliver], seconds=DELIVER_EVERY_S, id="deliver"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitor.metrics import MonitorCollector
+from monitor.metrics import MonitorCollector, ReconcileCollector
 from monitor.service import Jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +84,9 @@ def exported_metrics() -> set[str]:
         lag=dict,
         clock=lambda: datetime.now(UTC),
     )
+    reconcile = ReconcileCollector(cast(Any, None), str, 21600.0)  # describe() reads nothing either
     names = set()
-    for family in collector.describe():
+    for family in [*collector.describe(), *reconcile.describe()]:
         names |= set(sample_names(family.name, family.type))
     registry = CollectorRegistry()
     jobs = Jobs(registry)

@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import pytest
 import yaml
 
 from monitor import simulate
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, run_cli, write_config
+from tests.fake_analytics import FakeAnalytics, Row
 from tests.serve_harness import Serve, request, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
@@ -210,7 +212,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         count=800, start=now - timedelta(hours=3), end=now, seed=11, duplicate_fraction=0.02, bad_fraction=0.02
     )
     simulate.write_files(backfill, tmp / "usage", prefix="backfill")
-    serve = Serve(write_config(tmp, CONFIG), tmp)
+    # Anthropic's figures for a settled day three days ago, stored by `reconcile` before the daemon starts: the
+    # reconcile gauges (read from the database) then have a day to show. We logged nothing that day.
+    analytics = FakeAnalytics("sk-ant-admin01-e2e")
+    analytics.rows = [Row(now.date() - timedelta(days=3), "claude-haiku-4-5", "standard", Decimal("100"), 5)]
+    config = write_config(tmp, CONFIG + f"reconcile: {{base_url: '{analytics.url}'}}\n")
+    try:
+        run_cli("reconcile", "--config", str(config), env={"ANTHROPIC_ADMIN_KEY": "sk-ant-admin01-e2e"})
+    finally:
+        analytics.close()
+    serve = Serve(config, tmp)
     stop = threading.Event()
     prometheus: subprocess.Popen[bytes] | None = None
     live: threading.Thread | None = None

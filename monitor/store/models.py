@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     Dialect,
     Float,
     ForeignKey,
@@ -245,4 +246,38 @@ alert_deliveries = Table(
     Column("sent_at", UTCDateTime()),
     UniqueConstraint("notice_id", "status", "webhook"),
     Index("ix_alert_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+)
+
+# Anthropic's own figures (Usage and Cost Analytics API) per UTC day, model (its price-table name when the table
+# knows it) and service tier, API products only. A fetch replaces every day of its range in one transaction.
+reconcile_figures = Table(
+    "reconcile_figures",
+    metadata,
+    Column("day", Date(), primary_key=True, comment="UTC day"),
+    Column("model", String(255), primary_key=True, comment="price-table name; Anthropic's name when unknown"),
+    Column("service_tier", String(16), primary_key=True, comment="standard | priority | batch"),
+    Column("list_amount_cents", String(64), nullable=False, comment="list price (pre-discount), decimal cents"),
+    Column("amount_cents", String(64), nullable=False, comment="after discounts, decimal cents"),
+    Column("currency", String(8), nullable=False),
+    Column("requests", BigInteger, comment="NULL when Anthropic did not count them"),
+    Column("input", BigInteger, nullable=False, comment="uncached input tokens"),
+    Column("output", BigInteger, nullable=False),
+    Column("cache_read", BigInteger, nullable=False),
+    Column("cache_write_5m", BigInteger, nullable=False),
+    Column("cache_write_1h", BigInteger, nullable=False),
+    Column("web_search_requests", BigInteger, nullable=False),
+    Column("fetched_at", UTCDateTime(), nullable=False),
+)
+
+# Each successful fetch: the UTC days it replaced. The newest one is claude_reconcile_last_success_timestamp_seconds.
+reconcile_fetches = Table(
+    "reconcile_fetches",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("fetched_at", UTCDateTime(), nullable=False),
+    Column("first_day", Date(), nullable=False, comment="first UTC day replaced"),
+    Column("end_day", Date(), nullable=False, comment="the day after the last one replaced"),
+    Column("rows", Integer, nullable=False),
+    Column("data_refreshed_at", UTCDateTime(), comment="when Anthropic last refreshed the report, as it said"),
+    Index("ix_reconcile_fetches_fetched_at", "fetched_at"),
 )

@@ -1,0 +1,1 @@
+"""Reconciliation with Anthropic's bill: its daily cost and usage reports against our own figures."""

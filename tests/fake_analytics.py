@@ -1,0 +1,236 @@
+"""A local stand-in for Anthropic's Usage and Cost Analytics API (beta): the cost and usage reports, in its wire
+format — daily buckets grouped by model and service tier, amounts as fractional-cent decimal strings, pages linked by
+`has_more`/`next_page`, the beta header and the admin key checked, errors in Anthropic's error shape.
+
+Fed by a test with known figures per UTC day, model and tier; keeps every request it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+BETA = "analytics-usage-cost-2026-08-24"
+COST_PATH = "/v1/organizations/analytics/cost"
+USAGE_PATH = "/v1/organizations/analytics/usage"
+REFRESHED_AT = "2026-12-01T23:40:00Z"
+
+
+@dataclass
+class Row:
+    """Anthropic's figures for one UTC day, model and service tier."""
+
+    day: date
+    model: str
+    service_tier: str
+    list_amount_cents: Decimal
+    requests: int | None
+    uncached_input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    ephemeral_5m_input_tokens: int = 0
+    ephemeral_1h_input_tokens: int = 0
+    web_search_requests: int = 0
+    discount: Decimal = Decimal("0.9")  # amount = list_amount x discount: shown, never compared
+
+    def bounds(self) -> tuple[str, str]:
+        start = datetime(self.day.year, self.day.month, self.day.day, tzinfo=UTC)
+        return _rfc3339(start), _rfc3339(start + timedelta(days=1))
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _when(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as it arrived."""
+
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names
+
+
+class FakeAnalytics:
+    """The server, on a free loopback port, in a background thread."""
+
+    def __init__(self, admin_key: str, rows: list[Row] | None = None, page_size: int | None = None) -> None:
+        self.admin_key = admin_key
+        self.rows = list(rows or [])
+        self.page_size = page_size  # overrides the client's `limit`, to force pages
+        self.requests: list[Seen] = []
+        self._failures: list[int] = []
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def fail_next(self, status: int) -> None:
+        """Answer the next authenticated request with this status (429 says retry after 1 s, as Anthropic does)."""
+        with self._lock:
+            self._failures.append(status)
+
+    def seen(self, path: str) -> list[Seen]:
+        with self._lock:
+            return [s for s in self.requests if s.path == path]
+
+    def _arrived(self, seen: Seen, authenticated: bool) -> int | None:
+        with self._lock:
+            self.requests.append(seen)
+            return self._failures.pop(0) if self._failures and authenticated else None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def cost_item(row: Row) -> dict[str, Any]:
+    start, end = row.bounds()
+    return {
+        "starting_at": start,
+        "ending_at": end,
+        "group": {"model": row.model, "service_tier": row.service_tier, "api_key_id": None, "workspace_id": None},
+        "cost": {
+            "amount": f"{row.list_amount_cents * row.discount:f}",
+            "list_amount": f"{row.list_amount_cents:f}",
+            "currency": "USD",
+            "requests": row.requests,
+        },
+    }
+
+
+def usage_item(row: Row) -> dict[str, Any]:
+    start, end = row.bounds()
+    tokens = (
+        row.uncached_input_tokens
+        + row.output_tokens
+        + row.cache_read_input_tokens
+        + row.ephemeral_5m_input_tokens
+        + row.ephemeral_1h_input_tokens
+    )
+    return {
+        "starting_at": start,
+        "ending_at": end,
+        "group": {"model": row.model, "service_tier": row.service_tier, "api_key_id": None, "workspace_id": None},
+        "usage": {
+            "uncached_input_tokens": row.uncached_input_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": row.ephemeral_5m_input_tokens,
+                "ephemeral_1h_input_tokens": row.ephemeral_1h_input_tokens,
+            },
+            "cache_read_input_tokens": row.cache_read_input_tokens,
+            "output_tokens": row.output_tokens,
+            "server_tool_use": {"web_search_requests": row.web_search_requests},
+            "requests": row.requests,
+            "total_tokens": tokens,
+        },
+    }
+
+
+def _handler(fake: FakeAnalytics) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(document).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("request-id", f"req_fake_analytics_{len(fake.requests):04d}")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
+            self._json(status, {"type": "error", "error": {"type": kind, "message": message}}, headers)
+
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            query = parse_qs(parts.query, keep_blank_values=True)
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            bearer = headers.get("authorization", "").removeprefix("Bearer ")
+            authenticated = fake.admin_key in (bearer, headers.get("x-api-key"))
+            failure = fake._arrived(Seen(parts.path, query, headers), authenticated)
+            if parts.path not in (COST_PATH, USAGE_PATH):
+                self._error(404, "not_found_error", f"{parts.path} not found")
+                return
+            if not authenticated:
+                self._error(401, "authentication_error", "invalid x-api-key")
+                return
+            if BETA not in [b.strip() for b in headers.get("anthropic-beta", "").split(",")]:
+                self._error(400, "invalid_request_error", f"this endpoint is in beta: send anthropic-beta: {BETA}")
+                return
+            if failure is not None:
+                if failure == 429:
+                    self._error(429, "rate_limit_error", "Number of requests has exceeded your rate limit",
+                                {"retry-after": "1"})  # fmt: skip
+                else:
+                    self._error(failure, "api_error", "Internal server error")
+                return
+            problem = self._check(query)
+            if problem:
+                self._error(400, "invalid_request_error", problem)
+                return
+            start, end = _when(query["starting_at"][0]), _when(query["ending_at"][0])
+            rows = sorted(
+                (r for r in fake.rows if start.date() <= r.day < end.date()),
+                key=lambda r: (r.day, r.model, r.service_tier),
+            )
+            size = fake.page_size or int(query.get("limit", ["20"])[0])
+            offset = int(query["page"][0].removeprefix("page_")) if "page" in query else 0
+            page = rows[offset : offset + size]
+            more = offset + size < len(rows)
+            item = cost_item if parts.path == COST_PATH else usage_item
+            self._json(
+                200,
+                {
+                    "data": [item(r) for r in page],
+                    "has_more": more,
+                    "next_page": f"page_{offset + size}" if more else None,
+                    "data_refreshed_at": REFRESHED_AT,
+                },
+            )
+
+        @staticmethod
+        def _check(query: dict[str, list[str]]) -> str | None:
+            for name in ("starting_at", "ending_at"):
+                if name not in query:
+                    return f"{name}: required with time_bucket_width"
+            start, end = _when(query["starting_at"][0]), _when(query["ending_at"][0])
+            if start < datetime(2026, 1, 1, tzinfo=UTC):
+                return "starting_at: must be no earlier than 2026-01-01T00:00:00Z"
+            if end - start > timedelta(days=31):
+                return "the range may span at most 31 days"
+            if query.get("time_bucket_width") != ["1d"]:
+                return f"time_bucket_width: expected 1d here, got {query.get('time_bucket_width')}"
+            if sorted(query.get("group_by[]", [])) != ["model", "service_tier"]:
+                return f"group_by[]: this fake answers model and service_tier only, got {query.get('group_by[]')}"
+            if sorted(query.get("products[]", [])) != ["message_batches_api", "messages_api"]:
+                return f"products[]: expected the two API products, got {query.get('products[]')}"
+            limit = int(query.get("limit", ["20"])[0])
+            if not 1 <= limit <= 1000:
+                return "limit: 1-1000"
+            return None
+
+    return Handler
