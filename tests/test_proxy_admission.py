@@ -349,3 +349,21 @@ def test_daemon_unreachable_fail_mode_decides_and_says_so(tmp_path: Path, fake: 
         finally:
             proxy.stop(signal.SIGKILL)
     assert len(fake.seen("/v1/messages")) == 1  # closed forwarded nothing
+
+
+def test_a_client_that_leaves_mid_stream_or_an_upstream_failure_returns_the_slot(pair: Stack) -> None:
+    stack = pair
+    client = stack.sdk("u-d", "solo")
+    with contextlib.ExitStack() as exits:
+        stream = held_stream(exits, client)
+        request_id = stream.response.headers["request-id"]
+        wait_until(lambda: request_id in stack.fake.held())
+        stream.close()  # the caller goes away; the proxy closes the stream from Anthropic and records what it saw
+    # Observed, not timed: the daemon settles the lease when the proxy's usage event lands.
+    wait_until(lambda: stack.daemon_metrics()["claude_admission_open_leases", ()] == 0)
+    stack.fake.fail_next(500)
+    with pytest.raises(anthropic.InternalServerError):
+        stack.sdk("u-d", "solo", via=1).messages.create(model=HAIKU, max_tokens=5, messages=SHORT)
+    assert stack.daemon_metrics()["claude_admission_open_leases", ()] == 0  # recorded (status 500) before the answer
+    assert stack.sdk("u-d", "solo", via=1).messages.create(model=HAIKU, max_tokens=5, messages=SHORT)
+    assert stack.daemon_metrics()["claude_admission_total", (("limit", "one-at-once"), ("outcome", "admitted"))] == 3
