@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -564,3 +565,59 @@ class ReconcileCollector(Collector):
                     drift.add_metric([model], 0.0)
                 unlogged.add_metric([model], missing[model])
         yield from families
+
+
+PROXY_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+PROXY_ADMISSION_OUTCOMES = ("admitted", "rate_limited", "concurrency", "too_large", "budget", "unavailable")
+
+
+class ProxyMetrics:
+    """The reference proxy's own metrics, on a registry of its own (served at the proxy's `/metrics`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.admission = Counter(
+            "claude_proxy_admission",
+            "POST /v1/messages calls by what admission said: admitted, rate_limited, concurrency, too_large, "
+            "budget, or unavailable (the daemon could not answer; fail_mode decided).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in PROXY_ADMISSION_OUTCOMES:
+            self.admission.labels(outcome)
+        self.fail_mode = Counter(
+            "claude_proxy_fail_mode_decisions",
+            "Calls that proxy.fail_mode decided because the daemon could not (stage: check or admit; decision: "
+            "allowed or denied).",
+            ["stage", "decision"],
+            registry=self.registry,
+        )
+        for stage in ("check", "admit"):
+            for decision in ("allowed", "denied"):
+                self.fail_mode.labels(stage, decision)
+        self.renewals = Counter(
+            "claude_proxy_lease_renewals",
+            "Lease renewals of running calls: renewed, ended (the daemon no longer held the lease), failed.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("renewed", "ended", "failed"):
+            self.renewals.labels(result)
+        self.leases = Gauge(
+            "claude_proxy_leases_held",
+            "Admission leases held by calls running through this proxy now.",
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "claude_proxy_upstream_latency_seconds",
+            "Time from sending a call to Anthropic to its response headers, by route (messages, count_tokens).",
+            ["route"],
+            buckets=PROXY_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        for route in ("messages", "count_tokens"):
+            self.upstream_latency.labels(route)
+
+    def render(self) -> bytes:
+        """The text exposition of every proxy metric."""
+        return generate_latest(self.registry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -123,6 +124,8 @@ class FakeAnthropic:
         self._lock = threading.Lock()
         self._count = 0
         self.hold_timeout = 10.0  # how long a held stream waits for `hold` at most
+        self.waiting: dict[str, threading.Event] = {}  # request-id -> its own hold, for each held stream
+        self.output_tokens: int | None = None  # when set, every answer bills this many output tokens, not max_tokens
         self.server = _Server(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -136,6 +139,19 @@ class FakeAnthropic:
         """Answer the next request with this error."""
         with self._lock:
             self._failures.append(Failure(status, error_type))
+
+    def finish(self, request_id: str) -> None:
+        """Let one held stream go on to its end (the others stay held)."""
+        with self._lock:
+            self.waiting[request_id].set()
+
+    def held(self) -> list[str]:
+        """Request ids of the streams waiting at the hold now, in arrival order."""
+        with self._lock:
+            return [rid for rid, own in self.waiting.items() if not own.is_set()]
+
+    def billed(self, request: dict[str, Any]) -> int:
+        return self.output_tokens if self.output_tokens is not None else int(request["max_tokens"])
 
     def seen(self, path: str) -> list[Seen]:
         """The requests that arrived for `path` (query string ignored)."""
@@ -211,7 +227,7 @@ def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
                 "content": [{"type": "text", "text": "".join(STREAM_TEXT)}],
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
-                "usage": usage(int(request["max_tokens"])),
+                "usage": usage(fake.billed(request)),
             }
 
         def _stream(self, request: dict[str, Any], request_id: str) -> None:
@@ -222,12 +238,18 @@ def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             hold = fake.hold
+            own = threading.Event()
             sent = b""
             for number, (name, data) in enumerate(
-                stream_events(request["model"], "msg_" + request_id, int(request["max_tokens"]))
+                stream_events(request["model"], "msg_" + request_id, fake.billed(request))
             ):
                 if number == HELD_AFTER and hold is not None:
-                    hold.wait(fake.hold_timeout)
+                    with fake._lock:
+                        fake.waiting[request_id] = own
+                    deadline = time.monotonic() + fake.hold_timeout
+                    while not (hold.is_set() or own.wait(0.02)) and time.monotonic() < deadline:
+                        pass
+                    own.set()
                 chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
                 try:
                     self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))

@@ -13,13 +13,15 @@ import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitor.metrics import MonitorCollector, ReconcileCollector
+from monitor.admission import AdmissionStats
+from monitor.metrics import AdmissionCollector, MonitorCollector, ReconcileCollector
 from monitor.service import Jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +95,13 @@ def exported_metrics() -> set[str]:
     jobs.run("evaluate", lambda: None)  # so each labelled family has samples to name
     jobs.every("evaluate", 15)
     names |= {sample.name for family in registry.collect() for sample in family.samples}
+    # Admission's families, from its collector over state with one decision of each kind (no store needed).
+    outcomes = {("a-limit", outcome): 1 for outcome in AdmissionCollector.OUTCOMES}
+    state = SimpleNamespace(
+        stats=lambda: AdmissionStats(outcomes, {"a-limit": 1}, {}, 1), limits=[], reserving_budgets=[]
+    )
+    names |= {sample.name for family in AdmissionCollector(cast(Any, state)).collect() for sample in family.samples}
+    names.add("claude_budget_reserved_usd")  # a series per reserving budget: none in this empty state
     return names
 
 

@@ -26,7 +26,7 @@ import yaml
 from monitor import simulate
 from tests.conftest import REPO, run_cli, write_config
 from tests.fake_analytics import FakeAnalytics, Row
-from tests.serve_harness import Serve, request, wait_until
+from tests.serve_harness import TOKEN, Serve, request, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
 pytestmark = [
@@ -66,6 +66,8 @@ budgets:
     limit_usd: 1000
     alert_at: [0.9]
     throttle_at: 1.0
+limits:
+  - {name: e2e-one-at-once, match: {project: e2e-admit}, per: user, concurrent: 1}
 """
 
 # What Grafana substitutes before a query reaches Prometheus, made concrete.
@@ -243,6 +245,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "attributes": {"project": "lingo", "colour": "red"},
         }
         assert serve.post_usage(odd).json()["accepted"] == 1
+        # Admission: one call holds the user's slot (its lease stays open), the next is refused.
+        admit = {"attributes": {"project": "e2e-admit", "user": "u-1"}, "model": "claude-haiku-4-5"}
+        admit |= {"max_tokens": 100, "estimated_input_tokens": 100}
+        auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        answers = [request(serve.url + "/v1/admit", "POST", json.dumps(admit).encode(), auth) for _ in range(2)]
+        assert [answer.status for answer in answers] == [200, 429]
 
         def sleep(seconds: float) -> None:
             if stop.wait(seconds):

@@ -42,14 +42,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from monitor.client import MonitorClient, MonitorError, Verdict
 from monitor.config import ConfigError, LoadedSettings, parse_duration
 from monitor.events import redact
+from monitor.http.admit import FAIL_MODE_HEADER, Denied, Gate
 from monitor.http.clients import ProxyClient, ProxyClients, Refused, forwarded
 from monitor.http.server import (
     BadLength,
@@ -68,6 +70,7 @@ from monitor.http.server import (
     send_response,
 )
 from monitor.http.sse import SseUsage
+from monitor.metrics import ProxyMetrics
 from monitor.pricing import PriceTable
 from monitor.signals import StopSignals
 
@@ -120,6 +123,7 @@ class ProxySettings:
     clients: ProxyClients
     spool: Path
     allow_unpriced_models: bool = False
+    fail_mode: Literal["open", "closed"] = "open"
     limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_body_bytes=64 * 1024 * 1024))
 
 
@@ -159,6 +163,7 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
         clients=clients,
         spool=Path(loaded.settings.throttle.snapshot_file).absolute().parent / SPOOL_NAME,
         allow_unpriced_models=config.allow_unpriced_models,
+        fail_mode=config.fail_mode,
         limits=limits,
     )
 
@@ -186,11 +191,11 @@ class Recorder:
         self.spool = spool
         self._lock = threading.Lock()
 
-    def record(self, event: Mapping[str, Any]) -> None:
-        """Post one event (blocking); on any failure log it and append it to the spool."""
+    def record(self, event: Mapping[str, Any]) -> bool:
+        """Post one event (blocking); True when the daemon stored it (or had it), else log and spool it."""
         try:
-            self.monitor.record(event)
-            return
+            answer = self.monitor.record(event)
+            return bool(answer.get("accepted") or answer.get("duplicates"))
         except MonitorError as exc:
             log.warning("could not record %s with the daemon (%s); spooled to %s", event["request_id"], exc, self.spool)
         except Exception:
@@ -203,6 +208,7 @@ class Recorder:
                 os.fsync(spool.fileno())
         except OSError as exc:
             log.error("could not spool to %s (%s); the event is: %s", self.spool, exc, line.strip())
+        return False
 
 
 @dataclass
@@ -212,8 +218,14 @@ class _Call:
     model: str
     client: str
     attributes: dict[str, str]
+    request: dict[str, Any] = field(default_factory=dict, repr=False)  # the Messages API body
     started: float = field(default_factory=time.time)
     clock: float = field(default_factory=time.monotonic)
+    lease: str | None = None  # the admission lease it runs under, named in its usage event
+    headers: tuple[tuple[str, str], ...] = ()  # the proxy's own, added to the answer passed back
+    settled: bool = False  # its usage event (naming the lease) is stored: no release needed
+    request_id: str | None = None  # of the usage event recorded, and its usage
+    usage: dict[str, Any] | None = None
 
     @property
     def who(self) -> str:
@@ -231,6 +243,7 @@ class _Call:
             "batch": False,
             "status": status,
             "latency_ms": round((time.monotonic() - self.clock) * 1000, 1),
+            **({"lease": self.lease} if self.lease is not None else {}),
         }
 
     def access_log(self, status: int, request_id: str) -> None:
@@ -259,6 +272,8 @@ class ProxyApp:
         # check of a new call. The daemon commits concurrent posts together: more at once means fewer commits.
         self._records = ThreadPoolExecutor(RECORD_WORKERS, thread_name_prefix="proxy-record")
         self._checks = ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="proxy-check")
+        self.metrics = ProxyMetrics()
+        self.gate = Gate(monitor, settings.fail_mode, self.metrics)
 
     async def _off_loop(self, pool: ThreadPoolExecutor, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, work)
@@ -268,6 +283,7 @@ class ProxyApp:
         await self.upstream.aclose()
         self._records.shutdown(wait=True)
         self._checks.shutdown(wait=True)
+        self.gate.close()
 
     # --- one request -----------------------------------------------------------------------------------------
 
@@ -290,6 +306,9 @@ class ProxyApp:
         # An unread body up to SMALL_BODY is discarded by the server after the answer; a larger or chunked one is
         # not worth receiving: the connection closes.
         unread_close = (length is None and "transfer-encoding" in headers) or (length or 0) > SMALL_BODY
+        if method in ("GET", "HEAD") and route == "/metrics":  # for Prometheus: counts only, no key needed
+            await send_response(send, 200, self.metrics.render(), [("content-type", CONTENT_TYPE_LATEST)])
+            return
         try:
             client = self.settings.clients.authenticate(headers)
         except Refused as refused:
@@ -335,7 +354,11 @@ class ProxyApp:
 
     async def _open(self, path: str, body: bytes, headers: Mapping[str, str]) -> httpx2.Response:
         request = self.upstream.build_request("POST", path, content=body, headers=self._forward_headers(headers))
-        return await self.upstream.send(request, stream=True)
+        started = time.monotonic()
+        response = await self.upstream.send(request, stream=True)
+        route = "count_tokens" if path.partition("?")[0].rstrip("/") == COUNT_TOKENS else "messages"
+        self.metrics.upstream_latency.labels(route).observe(time.monotonic() - started)
+        return response
 
     async def _count_tokens(self, send: Send, path: str, body: bytes, headers: Mapping[str, str]) -> None:
         try:
@@ -372,9 +395,28 @@ class ProxyApp:
         verdict = self.monitor.check_in_memory(model=model, **dimensions)
         if verdict is None:
             verdict = await self._off_loop(self._checks, lambda: self.monitor.check(model=model, **dimensions))
+            if verdict.stale and verdict.source == "none":  # neither the daemon nor the snapshot: fail_mode decided
+                decision = "allowed" if verdict.allowed else "denied"
+                self.metrics.fail_mode.labels("check", decision).inc()
         if not verdict.allowed:
             await self._throttled(send, verdict, call.who)
             return
+        admitted = await self.gate.admit(call.request, call.model, dimensions, call.who)
+        if isinstance(admitted, Denied):
+            await _error(send, admitted.status, admitted.kind, admitted.message, admitted.headers)
+            return
+        call.lease = admitted.lease.id if admitted.lease is not None else None
+        call.headers = admitted.headers
+        renewal = self.gate.keep(admitted)
+        try:
+            await self._forward(receive, send, path, body, call, headers)
+        finally:
+            await self.gate.end(admitted, renewal, call.settled, call.request_id, call.usage)
+
+    async def _forward(
+        self, receive: Receive, send: Send, path: str, body: bytes, call: _Call, headers: Mapping[str, str]
+    ) -> None:
+        """Send an admitted call upstream and its answer back; record it."""
         try:
             response = await self._open(path, body, headers)
         except httpx2.HTTPError as exc:
@@ -396,16 +438,17 @@ class ProxyApp:
         if usage is None and ok:
             log.warning("%s: Anthropic answered %d without usage; recorded as zero", request_id, response.status_code)
         event = call.event(request_id, usage or _ZERO_USAGE, response.status_code, answered)
-        await self._off_loop(self._records, lambda: self.recorder.record(event))
+        await self._record(call, event)
         call.access_log(response.status_code, request_id)
-        await send_response(send, response.status_code, data, _returned(response))
+        await send_response(send, response.status_code, data, [*_returned(response), *call.headers])
 
     async def _stream(
         self, receive: Receive, send: Send, response: httpx2.Response, call: _Call, request_id: str
     ) -> None:
         """Pass the events on as they arrive, following the usage; record before the end of the answer."""
         tracker = SseUsage()
-        await send({"type": "http.response.start", "status": response.status_code, "headers": _raw(response)})
+        own = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in call.headers]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": _raw(response) + own})
 
         async def pump() -> None:
             async for chunk in response.aiter_raw():
@@ -434,11 +477,16 @@ class ProxyApp:
         if tracker.error_type is not None:
             status = _ERROR_STATUS.get(tracker.error_type, 500)
         event = call.event(request_id, tracker.usage, status, tracker.model)
-        await self._off_loop(self._records, lambda: self.recorder.record(event))
+        await self._record(call, event)
         call.access_log(status, request_id)
         if upstream_ok and client_ok:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         # else: no final chunk; the server closes the connection and the client sees the stream cut short
+
+    async def _record(self, call: _Call, event: dict[str, Any]) -> None:
+        """Post the call's usage event off the loop; an event the daemon stored settles the call's lease."""
+        call.request_id, call.usage = event["request_id"], event["usage"]
+        call.settled = await self._off_loop(self._records, lambda: self.recorder.record(event))
 
     def _call(self, body: bytes, client: ProxyClient, attributes: dict[str, str]) -> _Call:
         """The call a /v1/messages body asks for; Refused 400 without a model, or one the price table lacks."""
@@ -459,7 +507,7 @@ class ProxyApp:
                 f"to a budget{hint} (the operator can add it under pricing.models, or set "
                 f"proxy.allow_unpriced_models: true)",
             )
-        return _Call(model, client.name, attributes)
+        return _Call(model, client.name, attributes, request)
 
     async def _throttled(self, send: Send, verdict: Verdict, who: str) -> None:
         log.info("POST %s 429 %s: %s", MESSAGES, who, verdict.reason)
@@ -470,12 +518,13 @@ class ProxyApp:
             headers["x-should-retry"] = "false"  # a spent budget does not come back in the SDK's retry backoff
         else:  # fail_mode closed without state: the details (daemon address) are for the log, not the caller
             message = "claude-monitor cannot confirm the budget right now (fail_mode closed); retry later"
+            headers[FAIL_MODE_HEADER] = "closed"
         await _error(send, 429, "rate_limit_error", message, headers)
 
     async def _unreachable(self, send: Send, exc: BaseException, call: _Call) -> None:
         request_id = f"proxy-{uuid.uuid4().hex}"
         event = call.event(request_id, _ZERO_USAGE, 502)
-        await self._off_loop(self._records, lambda: self.recorder.record(event))
+        await self._record(call, event)
         log.warning("Anthropic unreachable: %s", _describe(exc))
         call.access_log(502, request_id)
         await _unreachable_answer(send, exc)
