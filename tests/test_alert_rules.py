@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitor.metrics import MonitorCollector
+from monitor.metrics import MonitorCollector, SourcesCollector, WindowCollector
 from monitor.service import Jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +85,15 @@ def exported_metrics() -> set[str]:
         lag=dict,
         clock=lambda: datetime.now(UTC),
     )
+    windows = WindowCollector(
+        engine=cast(Any, None),
+        zone=ZoneInfo("UTC"),
+        metric_labels=["project"],
+        model_label=str,
+        clock=lambda: datetime.now(UTC),
+    )
     names = set()
-    for family in collector.describe():
+    for family in [*collector.describe(), *windows.describe(), *SourcesCollector([]).collect()]:
         names |= set(sample_names(family.name, family.type))
     registry = CollectorRegistry()
     jobs = Jobs(registry)
