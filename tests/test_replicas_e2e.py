@@ -143,7 +143,7 @@ def _shared_queries() -> Iterator[tuple[str, str]]:
         expr = substitute(target["expr"], "unused")
         names = set(re.findall(r"[a-zA-Z_:][\w:]*", expr))
         if names & backed and not names & per_process and not any(n.startswith("claude_monitor_job") for n in names):
-            yield f"{board} / {panel['title']} / {target['refId']}", expr
+            yield f"{board} / {panel['id']} {panel['title']} / {target['refId']}", expr
     for rule in _rules():
         names = set(re.findall(r"[a-zA-Z_:][\w:]*", rule["expr"]))
         if names & backed and not names & per_process:
