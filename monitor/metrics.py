@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -34,7 +34,7 @@ from monitor.pricing import UNPRICED
 from monitor.reconcile.runner import Reconciler, Snapshot
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
-from monitor.store.rollup import TOKEN_FIELDS, RollupCounts, window_totals
+from monitor.store.rollup import BUCKET, TOKEN_FIELDS, RollupCounts, bucket_of, window_totals
 from monitor.throttle import ThrottleState
 from monitor.windows import calendar_window
 
@@ -309,10 +309,17 @@ class MonitorCollector(Collector):
             family.add_metric([model], buckets, sums.get(model, 0) / 1e6)
 
 
+# The last whole hour by event time: the four complete 15-minute buckets before the current one. Whole buckets
+# only, so the value holds still for 15 minutes and is the same on every replica; a label set seen in the week
+# before stays on at 0, so a rule comparing an hour with the same hour of the previous 7 days has its baseline.
+HOUR_BUCKETS = 4
+HOUR_SERIES_KEPT = timedelta(days=8)
+
+
 class WindowCollector(Collector):
     """Event-time gauges: spend, requests and tokens of the current calendar day and month in the configured
-    timezone, by model and metric labels, summed from the rollup by the evaluate job (never at scrape time). Every
-    replica reads the same rows, so every replica renders the same numbers."""
+    timezone, and of the last whole hour, by model and metric labels, summed from the rollup by the evaluate job
+    (never at scrape time). Every replica reads the same rows, so every replica renders the same numbers."""
 
     def __init__(
         self,
@@ -331,20 +338,29 @@ class WindowCollector(Collector):
         self._totals: dict[tuple[str, str, tuple[str, ...]], RollupCounts] = {}
 
     def refresh(self) -> None:
-        """Sum this day's and this month's buckets (by event time) into a new snapshot."""
+        """Sum this day's, this month's and the last whole hour's buckets (by event time) into a new snapshot."""
         now = self._clock()
         day = calendar_window("day", now, self._zone)
         month = calendar_window("month", now, self._zone)
+        hour_end = bucket_of(now)
+        hour = (hour_end - HOUR_BUCKETS * BUCKET, hour_end)
         totals: dict[tuple[str, str, tuple[str, ...]], RollupCounts] = {}
         with self._engine.connect() as connection:
             for in_day, model, text, counts in window_totals(connection, month, day):
-                labels = json.loads(text)
-                key = (self._model_label(model), tuple(labels.get(name) or "" for name in self._labels))
+                key = self._key(model, text)
                 for window in ("day", "month") if in_day else ("month",):
                     totals.setdefault((window, *key), RollupCounts()).add(counts)
                 # A series seen this month stays on through the month, at 0 for a day without usage.
                 totals.setdefault(("day", *key), RollupCounts())
+            for in_hour, model, text, counts in window_totals(connection, (hour[0] - HOUR_SERIES_KEPT, hour[1]), hour):
+                found = totals.setdefault(("1h", *self._key(model, text)), RollupCounts())
+                if in_hour:
+                    found.add(counts)
         self._totals = totals
+
+    def _key(self, model: str, text: str) -> tuple[str, tuple[str, ...]]:
+        labels = json.loads(text)
+        return self._model_label(model), tuple(labels.get(name) or "" for name in self._labels)
 
     def describe(self) -> Iterator[Metric]:
         """The families this collector exports."""
@@ -356,19 +372,17 @@ class WindowCollector(Collector):
 
     def _families(self, totals: dict[tuple[str, str, tuple[str, ...]], RollupCounts]) -> Iterator[Metric]:
         keys = ["window", "model", *self._labels]
+        windows = (
+            "the current calendar day or month of the configured timezone (window day, month), or in the last "
+            "whole hour (window 1h: the four complete 15-minute buckets before the current one)"
+        )
         spend = GaugeMetricFamily(
-            "claude_spend_window_usd",
-            "Spend (USD) of requests stamped in the current calendar day or month of the configured timezone.",
-            labels=keys,
+            "claude_spend_window_usd", f"Spend (USD) of requests stamped in {windows}.", labels=keys
         )
-        requests = GaugeMetricFamily(
-            "claude_requests_window",
-            "Requests stamped in the current calendar day or month of the configured timezone.",
-            labels=keys,
-        )
+        requests = GaugeMetricFamily("claude_requests_window", f"Requests stamped in {windows}.", labels=keys)
         tokens = GaugeMetricFamily(
             "claude_tokens_window",
-            "Tokens by type of requests stamped in the current calendar day or month of the configured timezone.",
+            f"Tokens by type of requests stamped in {windows}.",
             labels=["window", "model", "type", *self._labels],
         )
         for (window, model, values), counts in sorted(totals.items()):
@@ -377,6 +391,26 @@ class WindowCollector(Collector):
             for kind in TOKEN_FIELDS:
                 tokens.add_metric([window, model, kind, *values], getattr(counts, kind))
         yield from (spend, requests, tokens)
+
+
+class SourcesCollector(Collector):
+    """`claude_monitor_source_info{source,kind}`: the ingest sources this process serves — its tailed files
+    (kind jsonl) and POST /v1/usage (kind http, while an ingest token is set). A one-shot `ingest` of a file is not
+    one: its counters stay in the database, but nothing expects more events from it."""
+
+    def __init__(self, sources: Sequence[tuple[str, str]]) -> None:
+        self._sources = list(sources)
+
+    def collect(self) -> Iterator[Metric]:
+        """One series at 1 per (source, kind)."""
+        family = GaugeMetricFamily(
+            "claude_monitor_source_info",
+            "1 for each ingest source this process serves: configured tailers (jsonl) and POST /v1/usage (http).",
+            labels=["source", "kind"],
+        )
+        for source, kind in self._sources:
+            family.add_metric([source, kind], 1.0)
+        yield family
 
 
 class SnapshotErrorsCollector(Collector):

@@ -23,7 +23,7 @@ from monitor.clock import Clock, system_clock
 from monitor.config import ConfigError, LoadedSettings, Settings, parse_duration
 from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.events import EventParser
-from monitor.http.api import Api, ApiApp
+from monitor.http.api import HTTP_SOURCE, Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
@@ -35,6 +35,7 @@ from monitor.metrics import (
     MonitorCollector,
     ReconcileCollector,
     SnapshotErrorsCollector,
+    SourcesCollector,
     WindowCollector,
 )
 from monitor.pricing import PriceTable, load_price_table
@@ -239,6 +240,8 @@ class Daemon:
         token = env.get(http.ingest_token_env) or None
         if token is None:
             log.warning("$%s is not set: POST /v1/usage answers 401 until it is", http.ingest_token_env)
+        served = [(tailer.source.label, tailer.source.type) for tailer in self.tailers]
+        self.registry.register(SourcesCollector(served + ([(HTTP_SOURCE, "http")] if token else [])))
         read_token = env.get(http.read_token_env) or None if http.read_token_env else None
         if http.read_token_env and read_token is None:
             log.warning(

@@ -15,13 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
 from monitor.admission import AdmissionStats
-from monitor.metrics import AdmissionCollector, MonitorCollector, ReconcileCollector
+from monitor.metrics import AdmissionCollector, MonitorCollector, ReconcileCollector, SourcesCollector, WindowCollector
 from monitor.service import Jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,8 +88,15 @@ def exported_metrics() -> set[str]:
         clock=lambda: datetime.now(UTC),
     )
     reconcile = ReconcileCollector(cast(Any, None), str, 21600.0)  # describe() reads nothing either
+    windows = WindowCollector(
+        engine=cast(Any, None),
+        zone=ZoneInfo("UTC"),
+        metric_labels=["project"],
+        model_label=str,
+        clock=lambda: datetime.now(UTC),
+    )
     names = set()
-    for family in [*collector.describe(), *reconcile.describe()]:
+    for family in [*collector.describe(), *reconcile.describe(), *windows.describe(), *SourcesCollector([]).collect()]:
         names |= set(sample_names(family.name, family.type))
     registry = CollectorRegistry()
     jobs = Jobs(registry)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
 
+from monitor.metrics import MonitorCollector, WindowCollector
 from tests.conftest import REPO
+from tests.test_alert_rules import sample_names
 
 GRAFANA = REPO / "dashboards" / "grafana"
 DASHBOARDS = sorted(GRAFANA.glob("*.json"))
@@ -24,6 +28,26 @@ MODEL_METRICS = PROJECT_METRICS | {
     "claude_request_duration_seconds_sum",
     "claude_request_duration_seconds_count",
 }
+
+
+# Series each replica renders from the database, the same whichever replica is scraped; the rest of what the daemon
+# exports describes the process itself (ingest lag, state age, scheduled tasks, leases held in memory …).
+PER_PROCESS = {"claude_monitor_ingest_lag_seconds", "claude_monitor_state_age_seconds"}
+# A database-backed selector, alone or in rate()/increase(), directly under `max without (instance) (`.
+MERGED = re.compile(r"max without \(instance\) \((?:(?:rate|increase)\()?$")
+
+
+def database_backed() -> set[str]:
+    """Sample names of the collectors that read the database (MonitorCollector, WindowCollector)."""
+    now = datetime.now(UTC)
+    counters = MonitorCollector(cast(Any, None), cast(Any, None), [], dict, lambda: now)
+    windows = WindowCollector(cast(Any, None), ZoneInfo("UTC"), [], str, lambda: now)
+    names = {
+        name
+        for family in [*counters.describe(), *windows.describe()]
+        for name in sample_names(family.name, family.type)
+    }
+    return names - PER_PROCESS
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -104,6 +128,48 @@ def test_dashboard_structure(path: Path) -> None:
             used.update(re.findall(r"\$\{?([A-Za-z_]\w*)", var["query"]["query"]))
     undeclared = {name for name in used if not name.startswith("__")} - set(declared)
     assert not undeclared, f"{path.name} uses undeclared variables {undeclared}"
+
+
+def test_every_panel_merges_database_backed_series_across_replicas() -> None:
+    # Every replica exports the same database-backed series: each is read through `max without (instance)`, never
+    # pinned to one replica (which may be dead, or one that missed a jump in a counter), so a panel shows the same
+    # whichever replica Prometheus scraped. Per-process series (lag, state age, tasks) stay per replica.
+    names = database_backed()
+    assert {"claude_cost_usd_total", "claude_budget_spend_usd", "claude_spend_window_usd"} <= names
+    pattern = re.compile(
+        r"(?<![\w:])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")(?![\w:])"
+    )
+    checked = 0
+    for path in DASHBOARDS:
+        board = load(path)
+        for panel in all_panels(board["panels"]):
+            for target in panel.get("targets", []):
+                expr = target["expr"]
+                where = (path.name, panel["title"], expr)
+                for found in pattern.finditer(expr):
+                    assert MERGED.search(expr[: found.start()]), where
+                    matchers = re.match(r"\{[^}]*\}", expr[found.end() :])
+                    assert matchers is None or "instance" not in matchers.group(0), where
+                    checked += 1
+        for var in variables(board).values():
+            if var["type"] == "query":
+                for found in pattern.finditer(var["query"]["query"]):
+                    assert "instance" not in var["query"]["query"][found.end() :].partition(",")[0], (path.name, var)
+    assert checked >= 50
+
+
+def test_no_dashboard_pins_a_single_replica() -> None:
+    # Per-process panels may be narrowed to replicas, by a multi-value variable defaulting to all of them.
+    for path in DASHBOARDS:
+        board = load(path)
+        text = json.dumps([t["expr"] for p in all_panels(board["panels"]) for t in p.get("targets", [])])
+        assert not re.search(r'instance\s*=\s*\\"', text), path.name
+        declared = variables(board)
+        if "instance" in declared:
+            var = declared["instance"]
+            assert var["multi"] and var["includeAll"] and var["current"]["value"] == ["$__all"], path.name
+        else:
+            assert "$instance" not in text and "${instance}" not in text, path.name
 
 
 def test_multi_value_variables_are_used_with_regex_matchers() -> None:

@@ -413,7 +413,7 @@ def test_every_template_variable_lists_values(stack: Stack) -> None:
             answer = _prom(stack.prometheus, f"/api/v1/label/{match.group(2)}/values", **{"match[]": selector})
             assert answer["status"] == "success" and answer["data"], (path.name, var["name"], answer)
             checked += 1
-    assert checked >= 5
+    assert checked >= 4
 
 
 def _rules() -> list[dict[str, Any]]:

@@ -313,6 +313,53 @@ def test_window_gauges_count_by_event_time_and_backfills_show_as_late(tmp_path: 
         daemon.store.close()
 
 
+def test_the_last_whole_hour_gauge_holds_four_complete_buckets_by_event_time(tmp_path: Path) -> None:
+    clock = FakeClock(NOW)
+    config = write_config(
+        tmp_path,
+        KATHMANDU
+        + f'http: {{listen: "127.0.0.1:0"}}\nsources: [{{path: "{tmp_path}/usage/*.jsonl", name: app-logs}}]\n'
+        + f"throttle: {{snapshot_file: {tmp_path}/t}}\n",
+    )
+    daemon = Daemon(load_settings(config, environ={}), clock=clock, environ={"CLAUDE_MONITOR_INGEST_TOKEN": "t"})
+    try:
+        write_mixed(daemon.store)
+        daemon.evaluate()
+        metrics = scrape(daemon)
+        # 12:00 UTC: the hour is 11:00-12:00, a5 $0.30 + a6 $0.15 + a7 unpriced; a8 (two days old) stays on at 0.
+        assert sum_metric(metrics, "claude_spend_window_usd", window="1h") == pytest.approx(0.45, abs=1e-9)
+        assert sum_metric(metrics, "claude_requests_window", window="1h") == 3
+        assert sum_metric(metrics, "claude_spend_window_usd", window="1h", project="labs") == pytest.approx(0.45)
+        no_labels = {"window": "1h", "model": "claude-haiku-4-5", "project": "", "environment": ""}
+        assert metrics["claude_spend_window_usd", tuple(sorted(no_labels.items()))] == 0
+        # The sources this process serves: its tailer and POST /v1/usage (an ingest token is set); not "test".
+        sources = {labels for name, labels in metrics if name == "claude_monitor_source_info"}
+        assert sources == {(("kind", "jsonl"), ("source", "app-logs")), (("kind", "http"), ("source", "http"))}
+
+        # A request at 12:05 is in the current bucket: not in the hour until 12:15, when 11:00-11:15 has left it.
+        clock.advance(minutes=14)
+        late = ev("n1", "2026-11-26T12:05:00Z", attributes=LINGO, output_tokens=200_000)  # $1.00
+        daemon.store.writer.write([("t", daemon.store.parser.parse_object(late))], "test")
+        daemon.evaluate()
+        assert sum_metric(scrape(daemon), "claude_spend_window_usd", window="1h") == pytest.approx(0.45, abs=1e-9)
+        clock.advance(minutes=1)
+        daemon.evaluate()
+        assert sum_metric(scrape(daemon), "claude_spend_window_usd", window="1h") == pytest.approx(1.45, abs=1e-9)
+        # A backfill stamped two hours ago is late, not this hour's.
+        old = ev("n2", "2026-11-26T10:20:00Z", attributes=LINGO, output_tokens=2_000_000)  # $10.00
+        daemon.store.writer.write([("t", daemon.store.parser.parse_object(old))], "backfill")
+        daemon.evaluate()
+        assert sum_metric(scrape(daemon), "claude_spend_window_usd", window="1h") == pytest.approx(1.45, abs=1e-9)
+        clock.advance(hours=1)
+        daemon.evaluate()
+        later = scrape(daemon)
+        assert sum_metric(later, "claude_spend_window_usd", window="1h") == 0
+        assert ("claude_spend_window_usd", tuple(sorted(no_labels.items()))) in later
+    finally:
+        daemon.server.stop()  # never started: closes the listening socket
+        daemon.store.close()
+
+
 def test_retention_drops_raw_events_and_keeps_the_rollup(tmp_path: Path) -> None:
     clock = FakeClock(NOW)
     config = write_config(
