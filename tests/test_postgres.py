@@ -88,6 +88,8 @@ def test_alembic_upgrade_check_downgrade_on_postgres(pg_url: str) -> None:
         "events",
         "label_values",
         "source_offsets",
+        "reconcile_fetches",
+        "reconcile_figures",
         "usage_rollup",
     }
 
