@@ -486,7 +486,25 @@ def test_no_admin_key_no_job(tmp_path: Path) -> None:
         ("reconcile:\n  base_url: api.anthropic.com\n", 3, "is not an http(s) URL with a host"),
         ("reconcile:\n  lookback_days: 40\n", 3, "reconcile.lookback_days"),
         ("reconcile:\n  admin_key_env: 'sk-ant-admin01-abc'\n", 3, "reconcile.admin_key_env"),
-        ("reconcile:\n  api_keys: {apikey_01: {project: x}}\n", 3, "reconcile.api_keys: unknown key"),
+        (
+            "reconcile:\n  api_keys:\n    apikey_01A: {project: x}\n    apikey_01B: {user: ann}\n",
+            5,
+            "reconcile.api_keys.apikey_01B.user: 'user' is not one of metrics.labels ['project', 'environment']: our "
+            "daily figures are kept by metric label only",
+        ),
+        (
+            "reconcile:\n  api_keys:\n    sk-ant-api03-secret: {project: x}\n",
+            4,
+            "reconcile.api_keys.<entry>: not an Anthropic API key id",
+        ),
+        (
+            "reconcile:\n  api_keys:\n    apikey_01A: {project: x}\n    apikey_01B: {project: y, environment: prod}\n",
+            5,
+            "reconcile.api_keys.apikey_01B: maps environment, project where apikey_01A maps project: every key must "
+            "map the same attributes",
+        ),
+        ("reconcile:\n  api_keys:\n    apikey_01A: {}\n", 4, "reconcile.api_keys.apikey_01A: maps to no attribute"),
+        ("reconcile:\n  api_keys:\n    apikey_01A: {project: 7}\n", 4, "reconcile.api_keys.apikey_01A.project"),
     ],
 )
 def test_reconcile_config_errors_name_file_line_and_key(tmp_path: Path, text: str, line: int, expected: str) -> None:
@@ -495,3 +513,4 @@ def test_reconcile_config_errors_name_file_line_and_key(tmp_path: Path, text: st
         load_settings(path, environ={})
     assert f"{path}:{line}: " in str(caught.value)
     assert expected in str(caught.value)
+    assert "sk-ant-api03-secret" not in str(caught.value)  # a key pasted as an id is never echoed
