@@ -389,6 +389,46 @@ def test_a_day_fetched_before_keys_were_mapped_is_compared_whole(tmp_path: Path,
     assert (row_json(row)["attributes"], row_json(row)["drift_usd"], row_json(row)["finding"]) == (None, "0", False)
 
 
+def test_check_config_explains_reconcile_without_the_key(tmp_path: Path) -> None:
+    config = config_for(tmp_path, "https://analytics.example.test", api_keys=KEYS)
+    text = run_cli("check-config", "--config", str(config), env={"ANTHROPIC_ADMIN_KEY": ADMIN_KEY}).stdout
+    assert (
+        "reconcile: Anthropic's usage and cost reports (Messages API and Message Batches API only) from "
+        "https://analytics.example.test, every 6h by the leader, each run re-fetching the last 7 UTC day(s); a day is "
+        "settled 26h after it ends" in text
+    )
+    assert "drifts more than 0.1% from Anthropic's list-price figure" in text
+    assert "reconcile admin key: from $ANTHROPIC_ADMIN_KEY (set: the leader fetches on schedule)" in text
+    assert "compared per UTC day, model, tier and project:" in text
+    assert "  - apikey_01Lingo: project=lingo\n  - apikey_01Chat: project=chat\n" in text
+    assert "every other key, and usage no key authenticated: one unmapped row" in text
+
+    unset = run_cli("check-config", "--config", str(config), "--format", "json", env={"ANTHROPIC_ADMIN_KEY": ""})
+    assert unset.json()["reconcile"] == {
+        "base_url": "https://analytics.example.test",
+        "products": ["messages_api", "message_batches_api"],
+        "group_by": ["model", "service_tier", "api_key_id"],
+        "every": "6h",
+        "lookback_days": 7,
+        "settle_hours": 26,
+        "tolerance": "0.001",
+        "admin_key_env": "ANTHROPIC_ADMIN_KEY",
+        "admin_key_set": False,
+        "compared_by": ["project"],
+        "api_keys": {"apikey_01Lingo": {"project": "lingo"}, "apikey_01Chat": {"project": "chat"}},
+    }
+    as_set = run_cli(
+        "check-config", "--config", str(config), "--format", "json", env={"ANTHROPIC_ADMIN_KEY": ADMIN_KEY}
+    )
+    assert as_set.json()["reconcile"]["admin_key_set"] is True
+    assert ADMIN_KEY not in text + as_set.stdout + as_set.stderr
+
+    plain = config_for(tmp_path, "https://api.anthropic.com")
+    text = run_cli("check-config", "--config", str(plain), env={"ANTHROPIC_ADMIN_KEY": ""}).stdout
+    assert "reconcile admin key: from $ANTHROPIC_ADMIN_KEY (NOT SET: nothing is fetched on schedule" in text
+    assert "reconcile by API key: no key mapped (reconcile.api_keys); compared per UTC day, model and tier" in text
+
+
 # --- 31 days of traffic, the CLI, and what it names ----------------------------------------------------------------
 
 HAIKU, SONNET, OPUS = "claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-5"
