@@ -22,7 +22,7 @@ from monitor.alerts import validate_webhooks
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.evaluation import DefinitionChange, state_json
-from monitor.explain import explain
+from monitor.explain import explain, reconcile_explained
 from monitor.ingest.files import ingest_files
 from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import Store, build_price_table, open_store
@@ -71,6 +71,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                     "path": str(loaded.path) if loaded.path else None,
                     "env_overrides": list(loaded.env_overrides),
                     "settings": _shown_settings(loaded),
+                    "reconcile": reconcile_explained(loaded.settings.reconcile),
                     "budget_definitions": {
                         "compared": changes is not None,
                         "note": note,

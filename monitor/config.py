@@ -24,6 +24,7 @@ TOKEN_TYPES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1
 WINDOW_HELP = "use day, week, month or rolling:<N>m|h|d (e.g. rolling:1h)"
 # Dimensions with a value per person or credential: as metric labels, one series each, without bound.
 HIGH_CARDINALITY_DIMENSIONS = ("user", "api_key")
+_API_KEY_ID = re.compile(r"^apikey_[A-Za-z0-9_-]+$")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_SECONDS = {
     "ms": Decimal("0.001"),
@@ -524,6 +525,9 @@ class ReconcileConfig(_Strict):
     lookback_days: int = Field(default=7, ge=1, le=31)
     settle_hours: int = Field(default=26, ge=0, le=24 * 31)
     tolerance: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.001")
+    # Anthropic API key id (apikey_…) -> the attributes its traffic carries here: the reports are then grouped by key
+    # and compared per mapped attributes. Checked against metrics.labels after loading (the rollup keeps only those).
+    api_keys: dict[str, dict[str, str]] = {}
 
     @field_validator("base_url")
     @classmethod
@@ -701,7 +705,7 @@ def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], 
         while probe and line is None:
             line = lines.get(probe)
             probe = probe[:-1]
-        key = _format_loc(loc) or "(top level)"
+        key = _shown_loc(loc) or "(top level)"
         reason = str(error["msg"]).removeprefix("Value error, ")
         located = _cross_check_lines(reason, lines, where) if not loc else None
         if located:
@@ -733,6 +737,48 @@ def _proxy_client_problems(settings: Settings) -> list[tuple[tuple[str | int, ..
         for j, dimension in enumerate(client.require):
             if dimension not in dims:
                 problems.append(((*at, "require", j), f"{dimension!r} is not one of dimensions {dims}"))
+    return problems
+
+
+def _shown_loc(loc: tuple[str | int, ...]) -> str:
+    """A key path for an error message; a reconcile.api_keys entry that is no key id may be a key: never echoed."""
+    if loc[:2] == ("reconcile", "api_keys") and len(loc) > 2 and not _API_KEY_ID.match(str(loc[2])):
+        loc = (*loc[:2], "<entry>", *loc[3:])
+    return _format_loc(loc)
+
+
+def _reconcile_key_problems(settings: Settings) -> list[tuple[tuple[str | int, ...], str]]:
+    """reconcile.api_keys entries that cannot be compared: (key path, reason) for each."""
+    labels = settings.metrics.labels
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    first: tuple[str, tuple[str, ...]] | None = None
+    for key_id, attributes in settings.reconcile.api_keys.items():
+        at: tuple[str | int, ...] = ("reconcile", "api_keys", key_id)
+        if not _API_KEY_ID.match(key_id):
+            # Not echoed: a key pasted here by mistake must not reach logs through the error.
+            reason = "not an Anthropic API key id; write the id the Console shows (apikey_01…), never the key itself"
+            problems.append((at, reason))
+        if not attributes:
+            problems.append((at, "maps to no attribute; give at least one, e.g. {project: lingo}"))
+            continue
+        for dimension, value in attributes.items():
+            if dimension not in labels:
+                reason = (
+                    f"{dimension!r} is not one of metrics.labels {labels}: our daily figures are kept by metric "
+                    "label only, so only a label can be compared; map a label, or add it to metrics.labels"
+                )
+                problems.append(((*at, dimension), reason))
+            elif not value:
+                problems.append(((*at, dimension), "an empty value matches no traffic; give the value events carry"))
+        dimensions = tuple(sorted(attributes))
+        if first is None:
+            first = (key_id, dimensions)
+        elif dimensions != first[1]:
+            reason = (
+                f"maps {', '.join(dimensions)} where {first[0]} maps {', '.join(first[1])}: every key must map the "
+                "same attributes, so each of our requests falls in exactly one compared group"
+            )
+            problems.append((at, reason))
     return problems
 
 
@@ -777,12 +823,12 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         for name in overrides:
             messages = [m.replace(f": {name}:", f": {name} (from {ENV_PREFIX}{name.upper()}):", 1) for m in messages]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages)) from None
-    if problems := _proxy_client_problems(settings):
+    if problems := _proxy_client_problems(settings) + _reconcile_key_problems(settings):
         positions = key_lines(text)
         messages = []
         for loc, reason in problems:
             number = next((positions[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in positions), None)
-            messages.append(f"{where}:{number}: {_format_loc(loc)}: {reason}" if number else f"{where}: {reason}")
+            messages.append(f"{where}:{number}: {_shown_loc(loc)}: {reason}" if number else f"{where}: {reason}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages))
     return LoadedSettings(
         settings,

@@ -5,8 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from decimal import Decimal
+from typing import Any
 
-from monitor.config import BudgetConfig, LimitConfig, LoadedSettings, ProxyClientConfig, ProxyConfig, parse_duration
+from monitor.config import (
+    BudgetConfig,
+    LimitConfig,
+    LoadedSettings,
+    ProxyClientConfig,
+    ProxyConfig,
+    ReconcileConfig,
+    parse_duration,
+)
 from monitor.pricing import PriceTable
 from monitor.redaction import database_url, webhook_url
 
@@ -78,6 +87,56 @@ def _client(client: ProxyClientConfig, environ: Mapping[str, str]) -> str:
     return "; ".join(parts)
 
 
+def reconcile_explained(config: ReconcileConfig, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """What reconcile will do, as data (check-config --format json): whether the admin key is set, never its value."""
+    dimensions = sorted(next(iter(config.api_keys.values()), {}))
+    return {
+        "base_url": config.base_url,
+        "products": ["messages_api", "message_batches_api"],
+        "group_by": ["model", "service_tier", *(["api_key_id"] if config.api_keys else [])],
+        "every": config.every,
+        "lookback_days": config.lookback_days,
+        "settle_hours": config.settle_hours,
+        "tolerance": f"{config.tolerance.normalize():f}",
+        "admin_key_env": config.admin_key_env,
+        "admin_key_set": bool(environ.get(config.admin_key_env, "").strip()),
+        "compared_by": dimensions,
+        "api_keys": {key_id: dict(attributes) for key_id, attributes in config.api_keys.items()},
+    }
+
+
+def _reconcile(config: ReconcileConfig, environ: Mapping[str, str]) -> list[str]:
+    """The reconcile section in words."""
+    shown = reconcile_explained(config, environ)
+    key = (
+        "set: the leader fetches on schedule"
+        if shown["admin_key_set"]
+        else "NOT SET: nothing is fetched on schedule and `claude-monitor reconcile` refuses to run"
+    )
+    lines = [
+        f"reconcile: Anthropic's usage and cost reports (Messages API and Message Batches API only) from "
+        f"{config.base_url}, every {config.every} by the leader, each run re-fetching the last {config.lookback_days} "
+        f"UTC day(s); a day is settled {config.settle_hours}h after it ends (younger days are shown, never alerted "
+        f"on); a finding is a settled day whose cost drifts more than {_percent(config.tolerance)} from Anthropic's "
+        "list-price figure, or with requests we never logged",
+        f"reconcile admin key: from ${config.admin_key_env} ({key})",
+    ]
+    if not config.api_keys:
+        lines.append("reconcile by API key: no key mapped (reconcile.api_keys); compared per UTC day, model and tier")
+        return lines
+    by = ", ".join(shown["compared_by"])
+    lines.append(
+        f"reconcile by API key: reports grouped by api_key_id too; compared per UTC day, model, tier and {by}:"
+    )
+    for key_id, attributes in config.api_keys.items():
+        lines.append(f"  - {key_id}: {', '.join(f'{name}={value}' for name, value in attributes.items())}")
+    lines.append(
+        f"  - every other key, and usage no key authenticated: one unmapped row, against our traffic whose {by} "
+        "matches no key above"
+    )
+    return lines
+
+
 def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, str] = os.environ) -> str:
     """A plain-text account of every setting that matters."""
     s = loaded.settings
@@ -147,4 +206,5 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
             + " (spend + open reservations + the call must stay within limit x throttle_at)"
         )
     lines += _proxy(s.proxy, environ)
+    lines += _reconcile(s.reconcile, environ)
     return "\n".join(lines) + "\n"

@@ -1,8 +1,10 @@
 """A local stand-in for Anthropic's Usage and Cost Analytics API (beta): the cost and usage reports, in its wire
-format — daily buckets grouped by model and service tier, amounts as fractional-cent decimal strings, pages linked by
-`has_more`/`next_page`, the beta header and the admin key checked, errors in Anthropic's error shape.
+format — daily buckets grouped by model and service tier (and API key id when asked), amounts as fractional-cent
+decimal strings, pages linked by `has_more`/`next_page`, the beta header and the admin key checked, errors in
+Anthropic's error shape.
 
-Fed by a test with known figures per UTC day, model and tier; keeps every request it saw.
+Fed by a test with known figures per UTC day, model, tier and API key; keeps every request it saw. Asked without
+`group_by[]=api_key_id`, it sums the keys' rows of a day, model and tier into one, as Anthropic does.
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ BETA = "analytics-usage-cost-2026-08-24"
 COST_PATH = "/v1/organizations/analytics/cost"
 USAGE_PATH = "/v1/organizations/analytics/usage"
 REFRESHED_AT = "2026-12-01T23:40:00Z"
+COUNTS = (
+    "uncached_input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "ephemeral_5m_input_tokens",
+    "ephemeral_1h_input_tokens",
+    "web_search_requests",
+)
 
 
 @dataclass
 class Row:
-    """Anthropic's figures for one UTC day, model and service tier."""
+    """Anthropic's figures for one UTC day, model, service tier and API key (None: no key authenticated it)."""
 
     day: date
     model: str
@@ -38,6 +48,14 @@ class Row:
     ephemeral_1h_input_tokens: int = 0
     web_search_requests: int = 0
     discount: Decimal = Decimal("0.9")  # amount = list_amount x discount: shown, never compared
+    api_key_id: str | None = None
+    summed_amount_cents: Decimal | None = None  # a merged row's amount: the sum of its rows'
+
+    @property
+    def amount_cents(self) -> Decimal:
+        if self.summed_amount_cents is not None:
+            return self.summed_amount_cents
+        return self.list_amount_cents * self.discount
 
     def bounds(self) -> tuple[str, str]:
         start = datetime(self.day.year, self.day.month, self.day.day, tzinfo=UTC)
@@ -101,14 +119,34 @@ class FakeAnalytics:
         self.server.server_close()
 
 
-def cost_item(row: Row) -> dict[str, Any]:
+def _group(row: Row, by_key: bool) -> dict[str, Any]:
+    key = row.api_key_id if by_key else None
+    return {"model": row.model, "service_tier": row.service_tier, "api_key_id": key, "workspace_id": None}
+
+
+def merged(rows: list[Row]) -> Row:
+    """The rows of one day, model and tier summed over their keys (requests None only when none counted them)."""
+    first = rows[0]
+    counted = [r.requests for r in rows if r.requests is not None]
+    total = Row(first.day, first.model, first.service_tier, Decimal(0), sum(counted) if counted else None)
+    amount = Decimal(0)
+    for r in rows:
+        total.list_amount_cents += r.list_amount_cents
+        amount += r.amount_cents
+        for name in COUNTS:
+            setattr(total, name, getattr(total, name) + getattr(r, name))
+    total.summed_amount_cents = amount
+    return total
+
+
+def cost_item(row: Row, by_key: bool = False) -> dict[str, Any]:
     start, end = row.bounds()
     return {
         "starting_at": start,
         "ending_at": end,
-        "group": {"model": row.model, "service_tier": row.service_tier, "api_key_id": None, "workspace_id": None},
+        "group": _group(row, by_key),
         "cost": {
-            "amount": f"{row.list_amount_cents * row.discount:f}",
+            "amount": f"{row.amount_cents:f}",
             "list_amount": f"{row.list_amount_cents:f}",
             "currency": "USD",
             "requests": row.requests,
@@ -116,7 +154,7 @@ def cost_item(row: Row) -> dict[str, Any]:
     }
 
 
-def usage_item(row: Row) -> dict[str, Any]:
+def usage_item(row: Row, by_key: bool = False) -> dict[str, Any]:
     start, end = row.bounds()
     tokens = (
         row.uncached_input_tokens
@@ -128,7 +166,7 @@ def usage_item(row: Row) -> dict[str, Any]:
     return {
         "starting_at": start,
         "ending_at": end,
-        "group": {"model": row.model, "service_tier": row.service_tier, "api_key_id": None, "workspace_id": None},
+        "group": _group(row, by_key),
         "usage": {
             "uncached_input_tokens": row.uncached_input_tokens,
             "cache_creation": {
@@ -193,10 +231,13 @@ def _handler(fake: FakeAnalytics) -> type[BaseHTTPRequestHandler]:
                 self._error(400, "invalid_request_error", problem)
                 return
             start, end = _when(query["starting_at"][0]), _when(query["ending_at"][0])
-            rows = sorted(
-                (r for r in fake.rows if start.date() <= r.day < end.date()),
-                key=lambda r: (r.day, r.model, r.service_tier),
-            )
+            by_key = "api_key_id" in query.get("group_by[]", [])
+            groups: dict[tuple[Any, ...], list[Row]] = {}
+            for r in fake.rows:
+                if start.date() <= r.day < end.date():
+                    key = (r.day, r.model, r.service_tier, (r.api_key_id or "") if by_key else "")
+                    groups.setdefault(key, []).append(r)
+            rows = [group[0] if len(group) == 1 else merged(group) for _, group in sorted(groups.items())]
             size = fake.page_size or int(query.get("limit", ["20"])[0])
             offset = int(query["page"][0].removeprefix("page_")) if "page" in query else 0
             page = rows[offset : offset + size]
@@ -205,7 +246,7 @@ def _handler(fake: FakeAnalytics) -> type[BaseHTTPRequestHandler]:
             self._json(
                 200,
                 {
-                    "data": [item(r) for r in page],
+                    "data": [item(r, by_key) for r in page],
                     "has_more": more,
                     "next_page": f"page_{offset + size}" if more else None,
                     "data_refreshed_at": REFRESHED_AT,
@@ -224,8 +265,14 @@ def _handler(fake: FakeAnalytics) -> type[BaseHTTPRequestHandler]:
                 return "the range may span at most 31 days"
             if query.get("time_bucket_width") != ["1d"]:
                 return f"time_bucket_width: expected 1d here, got {query.get('time_bucket_width')}"
-            if sorted(query.get("group_by[]", [])) != ["model", "service_tier"]:
-                return f"group_by[]: this fake answers model and service_tier only, got {query.get('group_by[]')}"
+            if sorted(query.get("group_by[]", [])) not in (
+                ["model", "service_tier"],
+                ["api_key_id", "model", "service_tier"],
+            ):
+                return (
+                    "group_by[]: this fake answers model and service_tier (and api_key_id) only, "
+                    f"got {query.get('group_by[]')}"
+                )
             if sorted(query.get("products[]", [])) != ["message_batches_api", "messages_api"]:
                 return f"products[]: expected the two API products, got {query.get('products[]')}"
             limit = int(query.get("limit", ["20"])[0])

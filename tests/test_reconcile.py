@@ -48,11 +48,12 @@ def fake() -> Iterator[FakeAnalytics]:
     server.close()
 
 
-def config_for(tmp_path: Path, base_url: str, extra: str = "") -> Path:
+def config_for(tmp_path: Path, base_url: str, extra: str = "", api_keys: str = "") -> Path:
+    keys = f", api_keys: {api_keys}" if api_keys else ""
     return write_config(
         tmp_path,
         f"sources: []\nhttp: {{listen: '127.0.0.1:0'}}\nthrottle: {{snapshot_file: {tmp_path}/throttle.json}}\n"
-        f"reconcile: {{base_url: '{base_url}'}}\n{extra}",
+        f"reconcile: {{base_url: '{base_url}'{keys}}}\n{extra}",
     )
 
 
@@ -264,6 +265,168 @@ def test_a_failure_on_a_later_page_writes_nothing(tmp_path: Path, fake: FakeAnal
         assert reconcile_tables(tmp_path / "monitor.db") == before
     finally:
         store.close()
+
+
+# --- per mapped API key ------------------------------------------------------------------------------------------
+
+KEYS = "{apikey_01Lingo: {project: lingo}, apikey_01Chat: {project: chat}}"
+
+
+def on_project(request_id: str, project: str | None, **usage: Any) -> Any:
+    event = ev(request_id, "2026-11-20T09:00:00Z", **usage)
+    if project is not None:
+        event["attributes"] = {"project": project}
+    return event
+
+
+def test_mapped_keys_are_compared_per_project_and_unmapped_keys_on_their_own(
+    tmp_path: Path, fake: FakeAnalytics
+) -> None:
+    # Our events on 20 Nov, claude-haiku-4-5 ($1/M input, $5/M output), by project:
+    #   lingo: 1,000,000 output = $5.00;  chat: 1,000,000 input = $1.00;
+    #   tools (a project no key maps): 1,000,000 input = $1.00;  no project: 1,000 input = $0.001.
+    path = jsonl(
+        tmp_path / "u.jsonl",
+        on_project("l1", "lingo", output_tokens=1_000_000),
+        on_project("c1", "chat", input_tokens=1_000_000),
+        on_project("t1", "tools", input_tokens=1_000_000),
+        on_project("n1", None, input_tokens=1_000),
+    )
+    day = date(2026, 11, 20)
+    fake.rows = [
+        # lingo's key: exactly ours.
+        Row(day, "claude-haiku-4-5", "standard", Decimal("500"), 1, output_tokens=1_000_000,
+            api_key_id="apikey_01Lingo"),
+        # chat's key: 0.6% more than ours ($1.006), a price we would have wrong for chat's traffic alone.
+        Row(day, "claude-haiku-4-5", "standard", Decimal("100.6"), 1, uncached_input_tokens=1_000_000,
+            api_key_id="apikey_01Chat"),
+        # Keys nobody mapped: tools' key (exactly our tools + no-project events: $1.001, 2 requests), a key whose
+        # 5 requests we never logged (5 x 1,000 input = $0.005), and usage no key authenticated (2 x 1,000 input).
+        Row(day, "claude-haiku-4-5", "standard", Decimal("100.1"), 2, uncached_input_tokens=1_001_000,
+            api_key_id="apikey_01Tools"),
+        Row(day, "claude-haiku-4-5", "standard", Decimal("0.5"), 5, uncached_input_tokens=5_000,
+            api_key_id="apikey_01Ghost"),
+        Row(day, "claude-haiku-4-5", "standard", Decimal("0.2"), 2, uncached_input_tokens=2_000, api_key_id=None),
+    ]  # fmt: skip
+    config = config_for(tmp_path, fake.url, api_keys=KEYS)
+    loaded = load_settings(config, environ={})
+    assert loaded.settings.reconcile.api_keys == {
+        "apikey_01Lingo": {"project": "lingo"},
+        "apikey_01Chat": {"project": "chat"},
+    }
+    clock = FakeClock(NOW)
+    store = open_store(loaded, clock=clock)
+    try:
+        ingest_files([path], store.parser, store.writer)
+        reconciler = Reconciler(store.engine, store.prices, loaded.settings.reconcile, clock, ADMIN_KEY)
+        reconciler.fetch(day, day + timedelta(days=1))
+        rows = [row_json(r) for r in reconciler.compare(day, day + timedelta(days=1))]
+    finally:
+        store.close()
+
+    for seen in fake.requests:
+        assert seen.query["group_by[]"] == ["model", "service_tier", "api_key_id"]
+    connection = sqlite3.connect(tmp_path / "monitor.db")
+    stored = connection.execute("SELECT api_key_id, list_amount_cents FROM reconcile_figures ORDER BY 1").fetchall()
+    connection.close()
+    assert stored == [  # Anthropic's figures are kept per key id as reported: a mapping edit applies to them too
+        ("", "0.2"),
+        ("apikey_01Chat", "100.6"),
+        ("apikey_01Ghost", "0.5"),
+        ("apikey_01Lingo", "500"),
+        ("apikey_01Tools", "100.1"),
+    ]
+
+    shown = [
+        (r["attributes"], r["unmapped"], r["anthropic_usd"], r["ours_usd"], r["drift_usd"],
+         r["anthropic_requests"], r["our_requests"], r["missing_requests"], r["finding"])
+        for r in rows
+    ]  # fmt: skip
+    assert shown == [
+        ({"project": "chat"}, False, "1.006", "1", "0.006", 1, 1, 0, True),
+        ({"project": "lingo"}, False, "5", "5", "0", 1, 1, 0, False),
+        # $1.001 + $0.005 + $0.002 against our $1.001; 9 requests against our 2.
+        ({}, True, "1.008", "1.001", "0.007", 9, 2, 7, True),
+    ]
+    assert rows[2]["unmapped_api_key_ids"] == ["(no API key)", "apikey_01Ghost", "apikey_01Tools"]
+    assert rows[0]["unmapped_api_key_ids"] == [] and rows[0]["token_drift"]["input"] == 0
+    assert rows[2]["token_drift"]["input"] == 7_000
+
+    # The CLI's table names each group.
+    table = run_cli(
+        "reconcile", "--config", str(config), "--since", "2026-11-20", "--until", "2026-11-21",
+        env={"ANTHROPIC_ADMIN_KEY": ADMIN_KEY},
+    ).stdout  # fmt: skip
+    lines = {line.split()[3]: line for line in table.splitlines() if line.startswith("2026-11-20")}
+    assert set(lines) == {"project=chat", "project=lingo", "unmapped"}
+    assert "FINDING" in lines["project=chat"] and "FINDING" not in lines["project=lingo"]
+    assert "unmapped ((no API key), apikey_01Ghost, apikey_01Tools)" in lines["unmapped"]
+    assert "2 finding(s)" in table
+
+
+def test_a_day_fetched_before_keys_were_mapped_is_compared_whole(tmp_path: Path, fake: FakeAnalytics) -> None:
+    # One lingo call on 20 Nov: 1,000,000 output tokens at $5/M = $5.00. Anthropic's rows for two keys sum to it.
+    path = jsonl(tmp_path / "u.jsonl", on_project("l1", "lingo", output_tokens=1_000_000))
+    day = date(2026, 11, 20)
+    fake.rows = [
+        Row(day, "claude-haiku-4-5", "standard", Decimal("300"), 1, api_key_id="apikey_01Lingo"),
+        Row(day, "claude-haiku-4-5", "standard", Decimal("200"), 0, api_key_id="apikey_01Chat"),
+    ]
+    whole = load_settings(config_for(tmp_path, fake.url), environ={})
+    mapped = whole.settings.reconcile.model_copy(update={"api_keys": {"apikey_01Lingo": {"project": "lingo"}}})
+    clock = FakeClock(NOW)
+    store = open_store(whole, clock=clock)
+    try:
+        ingest_files([path], store.parser, store.writer)
+        Reconciler(store.engine, store.prices, whole.settings.reconcile, clock, ADMIN_KEY).fetch(
+            day, day + timedelta(1)
+        )
+        assert "api_key_id" not in fake.requests[0].query["group_by[]"]
+        (row,) = Reconciler(store.engine, store.prices, mapped, clock, ADMIN_KEY).compare(day, day + timedelta(1))
+    finally:
+        store.close()
+    # The key split is unknown for a day fetched whole: one row for the whole day, no attributes.
+    assert (row_json(row)["attributes"], row_json(row)["drift_usd"], row_json(row)["finding"]) == (None, "0", False)
+
+
+def test_check_config_explains_reconcile_without_the_key(tmp_path: Path) -> None:
+    config = config_for(tmp_path, "https://analytics.example.test", api_keys=KEYS)
+    text = run_cli("check-config", "--config", str(config), env={"ANTHROPIC_ADMIN_KEY": ADMIN_KEY}).stdout
+    assert (
+        "reconcile: Anthropic's usage and cost reports (Messages API and Message Batches API only) from "
+        "https://analytics.example.test, every 6h by the leader, each run re-fetching the last 7 UTC day(s); a day is "
+        "settled 26h after it ends" in text
+    )
+    assert "drifts more than 0.1% from Anthropic's list-price figure" in text
+    assert "reconcile admin key: from $ANTHROPIC_ADMIN_KEY (set: the leader fetches on schedule)" in text
+    assert "compared per UTC day, model, tier and project:" in text
+    assert "  - apikey_01Lingo: project=lingo\n  - apikey_01Chat: project=chat\n" in text
+    assert "every other key, and usage no key authenticated: one unmapped row" in text
+
+    unset = run_cli("check-config", "--config", str(config), "--format", "json", env={"ANTHROPIC_ADMIN_KEY": ""})
+    assert unset.json()["reconcile"] == {
+        "base_url": "https://analytics.example.test",
+        "products": ["messages_api", "message_batches_api"],
+        "group_by": ["model", "service_tier", "api_key_id"],
+        "every": "6h",
+        "lookback_days": 7,
+        "settle_hours": 26,
+        "tolerance": "0.001",
+        "admin_key_env": "ANTHROPIC_ADMIN_KEY",
+        "admin_key_set": False,
+        "compared_by": ["project"],
+        "api_keys": {"apikey_01Lingo": {"project": "lingo"}, "apikey_01Chat": {"project": "chat"}},
+    }
+    as_set = run_cli(
+        "check-config", "--config", str(config), "--format", "json", env={"ANTHROPIC_ADMIN_KEY": ADMIN_KEY}
+    )
+    assert as_set.json()["reconcile"]["admin_key_set"] is True
+    assert ADMIN_KEY not in text + as_set.stdout + as_set.stderr
+
+    plain = config_for(tmp_path, "https://api.anthropic.com")
+    text = run_cli("check-config", "--config", str(plain), env={"ANTHROPIC_ADMIN_KEY": ""}).stdout
+    assert "reconcile admin key: from $ANTHROPIC_ADMIN_KEY (NOT SET: nothing is fetched on schedule" in text
+    assert "reconcile by API key: no key mapped (reconcile.api_keys); compared per UTC day, model and tier" in text
 
 
 # --- 31 days of traffic, the CLI, and what it names ----------------------------------------------------------------
@@ -486,7 +649,25 @@ def test_no_admin_key_no_job(tmp_path: Path) -> None:
         ("reconcile:\n  base_url: api.anthropic.com\n", 3, "is not an http(s) URL with a host"),
         ("reconcile:\n  lookback_days: 40\n", 3, "reconcile.lookback_days"),
         ("reconcile:\n  admin_key_env: 'sk-ant-admin01-abc'\n", 3, "reconcile.admin_key_env"),
-        ("reconcile:\n  api_keys: {apikey_01: {project: x}}\n", 3, "reconcile.api_keys: unknown key"),
+        (
+            "reconcile:\n  api_keys:\n    apikey_01A: {project: x}\n    apikey_01B: {user: ann}\n",
+            5,
+            "reconcile.api_keys.apikey_01B.user: 'user' is not one of metrics.labels ['project', 'environment']: our "
+            "daily figures are kept by metric label only",
+        ),
+        (
+            "reconcile:\n  api_keys:\n    sk-ant-api03-secret: {project: x}\n",
+            4,
+            "reconcile.api_keys.<entry>: not an Anthropic API key id",
+        ),
+        (
+            "reconcile:\n  api_keys:\n    apikey_01A: {project: x}\n    apikey_01B: {project: y, environment: prod}\n",
+            5,
+            "reconcile.api_keys.apikey_01B: maps environment, project where apikey_01A maps project: every key must "
+            "map the same attributes",
+        ),
+        ("reconcile:\n  api_keys:\n    apikey_01A: {}\n", 4, "reconcile.api_keys.apikey_01A: maps to no attribute"),
+        ("reconcile:\n  api_keys:\n    apikey_01A: {project: 7}\n", 4, "reconcile.api_keys.apikey_01A.project"),
     ],
 )
 def test_reconcile_config_errors_name_file_line_and_key(tmp_path: Path, text: str, line: int, expected: str) -> None:
@@ -495,3 +676,4 @@ def test_reconcile_config_errors_name_file_line_and_key(tmp_path: Path, text: st
         load_settings(path, environ={})
     assert f"{path}:{line}: " in str(caught.value)
     assert expected in str(caught.value)
+    assert "sk-ant-api03-secret" not in str(caught.value)  # a key pasted as an id is never echoed

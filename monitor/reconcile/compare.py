@@ -1,4 +1,5 @@
-"""Anthropic's figures against ours, per UTC day, model and service tier: drift, missing requests, findings.
+"""Anthropic's figures against ours, per UTC day, model and service tier (and mapped attributes, when Anthropic's
+API key ids are mapped to ours): drift, missing requests, findings.
 
 Pure: the caller reads both sides (ours from the event-time rollup, failed calls left out) and gives `now`.
 """
@@ -13,11 +14,17 @@ from decimal import Decimal
 from typing import Any
 
 from monitor.pricing import usd
-from monitor.reconcile.fetcher import FigureKey, Figures
+from monitor.reconcile.fetcher import ALL_KEYS, NO_KEY, FigureKey, Figures
 from monitor.store.rollup import RollupCounts
 
 CENTS_PER_USD = Decimal(100)
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "web_search_requests")
+
+# Which of a day's traffic one row compares: (kind, attributes). Kinds sort whole day, mapped, then the rest.
+Group = tuple[int, tuple[tuple[str, str], ...]]
+WHOLE: Group = (0, ())  # the day was not compared by API key
+UNMAPPED: Group = (2, ())  # keys reconcile.api_keys does not map, and our traffic outside every mapped group
+OurKey = tuple[date, str, str, str]  # (UTC day, model, service tier, the rollup's labels JSON)
 
 
 def money(amount: Decimal) -> str:
@@ -56,6 +63,9 @@ class DayRow:
     unpriced_requests: int
     settled: bool
     tolerance: Decimal
+    attributes: Mapping[str, str] | None = None  # the mapped attributes; None: the whole day, not compared by key
+    unmapped: bool = False  # the keys nobody mapped, against our traffic outside every mapped group
+    unmapped_api_key_ids: tuple[str, ...] = ()  # Anthropic's key ids in an unmapped row ('' for no key)
 
     @property
     def drift_usd(self) -> Decimal:
@@ -85,40 +95,94 @@ class DayRow:
         return {kind: self.anthropic_tokens[kind] - self.our_tokens[kind] for kind in TOKEN_TYPES}
 
 
+def _mapped(attributes: Mapping[str, str]) -> Group:
+    return (1, tuple(sorted(attributes.items())))
+
+
 def compare(
     anthropic: Mapping[FigureKey, Figures],
-    ours: Mapping[FigureKey, RollupCounts],
+    ours: Mapping[OurKey, RollupCounts],
     days: Iterable[date],
     now: datetime,
     settle_hours: int,
     tolerance: Decimal,
+    api_keys: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[DayRow]:
-    """One row per (day, model, tier) either side has on the given days (the days Anthropic's figures cover)."""
+    """One row per (day, model, tier, group) either side has on the given days (the days Anthropic's figures cover).
+
+    With `api_keys`, a day whose figures were fetched by key is compared per mapped attributes: a mapped key's
+    figures against our traffic with those label values, every other key's against the rest of ours. A day fetched
+    whole, or any day without `api_keys`, is compared whole.
+    """
     wanted = set(days)
-    keys = sorted({key for key in (*anthropic, *ours) if key[0] in wanted})
+    api_keys = api_keys or {}
+    whole_days = {key[0] for key in anthropic if key[3] == ALL_KEYS}
+    mapped = {_mapped(attributes) for attributes in api_keys.values()}
+    dimensions = sorted(next(iter(api_keys.values()), {}))
+
+    theirs: dict[tuple[date, str, str, Group], Figures] = {}
+    key_ids: dict[tuple[date, str, str, Group], set[str]] = {}
+    for (day, model, tier, key_id), figures in anthropic.items():
+        if day not in wanted:
+            continue
+        group = WHOLE
+        if api_keys and day not in whole_days:
+            group = _mapped(api_keys[key_id]) if key_id in api_keys else UNMAPPED
+        theirs.setdefault((day, model, tier, group), Figures()).add(figures)
+        if group == UNMAPPED:
+            key_ids.setdefault((day, model, tier, group), set()).add(key_id)
+
+    mine: dict[tuple[date, str, str, Group], RollupCounts] = {}
+    for (day, model, tier, labels), counts in ours.items():
+        if day not in wanted:
+            continue
+        group = WHOLE
+        if api_keys and day not in whole_days:
+            values = json.loads(labels) if labels else {}
+            found = [values.get(name) for name in dimensions]  # None: no such label on these events
+            candidate: Group = (1, tuple((name, str(value)) for name, value in zip(dimensions, found, strict=True)))
+            group = candidate if None not in found and candidate in mapped else UNMAPPED
+        mine.setdefault((day, model, tier, group), RollupCounts()).add(counts)
+
     rows = []
-    for key in keys:
-        theirs = anthropic.get(key, Figures())
-        mine = ours.get(key, RollupCounts())
-        day, model, tier = key
+    for key in sorted({*theirs, *mine}):
+        figures = theirs.get(key, Figures())
+        counts = mine.get(key, RollupCounts())
+        day, model, tier, (kind, attributes) = key
         rows.append(
             DayRow(
                 day=day,
                 model=model,
                 service_tier=tier,
-                anthropic_usd=theirs.list_amount_cents / CENTS_PER_USD,
-                anthropic_discounted_usd=theirs.amount_cents / CENTS_PER_USD,
-                ours_usd=usd(mine.cost_pico),
-                anthropic_requests=theirs.requests,
-                our_requests=mine.requests,
-                anthropic_tokens={kind: getattr(theirs, kind) for kind in TOKEN_TYPES},
-                our_tokens={kind: getattr(mine, kind) for kind in TOKEN_TYPES},
-                unpriced_requests=mine.unpriced_requests,
+                anthropic_usd=figures.list_amount_cents / CENTS_PER_USD,
+                anthropic_discounted_usd=figures.amount_cents / CENTS_PER_USD,
+                ours_usd=usd(counts.cost_pico),
+                anthropic_requests=figures.requests,
+                our_requests=counts.requests,
+                anthropic_tokens={kind: getattr(figures, kind) for kind in TOKEN_TYPES},
+                our_tokens={kind: getattr(counts, kind) for kind in TOKEN_TYPES},
+                unpriced_requests=counts.unpriced_requests,
                 settled=is_settled(day, now, settle_hours),
                 tolerance=tolerance,
+                attributes=None if (kind, attributes) == WHOLE else dict(attributes),
+                unmapped=(kind, attributes) == UNMAPPED,
+                unmapped_api_key_ids=tuple(sorted(key_ids.get(key, ()))),
             )
         )
     return rows
+
+
+def shown_key_id(key_id: str) -> str:
+    """An API key id as shown: usage no key authenticated reads '(no API key)'."""
+    return "(no API key)" if key_id == NO_KEY else key_id
+
+
+def attributes_text(row: DayRow) -> str:
+    """The row's group as the table shows it: 'project=lingo', 'unmapped (apikey_01…)', or '' for a whole day."""
+    if row.unmapped:
+        ids = ", ".join(shown_key_id(key_id) for key_id in row.unmapped_api_key_ids)
+        return f"unmapped ({ids})" if ids else "unmapped"
+    return ", ".join(f"{name}={value}" for name, value in (row.attributes or {}).items())
 
 
 def row_json(row: DayRow) -> dict[str, Any]:
@@ -128,6 +192,9 @@ def row_json(row: DayRow) -> dict[str, Any]:
         "date": row.day.isoformat(),
         "model": row.model,
         "service_tier": row.service_tier,
+        "attributes": None if row.attributes is None else dict(row.attributes),
+        "unmapped": row.unmapped,
+        "unmapped_api_key_ids": [shown_key_id(key_id) for key_id in row.unmapped_api_key_ids],
         "anthropic_usd": money(row.anthropic_usd),
         "anthropic_discounted_usd": money(row.anthropic_discounted_usd),
         "ours_usd": money(row.ours_usd),
@@ -150,7 +217,9 @@ def to_json(rows: list[DayRow]) -> str:
 
 def to_table(rows: list[DayRow]) -> str:
     """A text table, findings marked, with a closing line that counts them."""
-    headers = ["date", "model", "tier", "Anthropic USD", "ours USD", "drift USD", "drift", "requests", "missing", ""]
+    grouped = any(row.attributes is not None for row in rows)
+    headers = ["date", "model", "tier", *(["attributes"] if grouped else [])]
+    headers += ["Anthropic USD", "ours USD", "drift USD", "drift", "requests", "missing", ""]
     body = []
     for row in rows:
         ratio = row.drift_ratio
@@ -159,6 +228,7 @@ def to_table(rows: list[DayRow]) -> str:
                 row.day.isoformat(),
                 row.model,
                 row.service_tier,
+                *([attributes_text(row)] if grouped else []),
                 money(row.anthropic_usd),
                 money(row.ours_usd),
                 money(row.drift_usd),

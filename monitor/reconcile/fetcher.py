@@ -14,7 +14,10 @@ from monitor.pricing import PriceTable
 
 # Only what the Claude API itself billed: the product surfaces our events come from.
 PRODUCTS: list[Literal["messages_api", "message_batches_api"]] = ["messages_api", "message_batches_api"]
-GROUP_BY: list[Literal["model", "service_tier"]] = ["model", "service_tier"]
+GROUP_BY: list[Literal["model", "service_tier", "api_key_id"]] = ["model", "service_tier"]
+BY_API_KEY: list[Literal["model", "service_tier", "api_key_id"]] = [*GROUP_BY, "api_key_id"]
+ALL_KEYS = "*"  # the figures of every key together: the report was not grouped by key
+NO_KEY = ""  # usage no API key authenticated (Anthropic's null api_key_id)
 EARLIEST = date(2026, 1, 1)  # the reports start here
 MAX_SPAN = timedelta(days=31)  # one request covers at most this much
 PAGE_LIMIT = 1000
@@ -47,13 +50,23 @@ class Figures:
         """Requests as the usage report counts them, else as the cost report does; None when neither does."""
         return self.usage_requests if self.usage_requests is not None else self.cost_requests
 
+    def add(self, other: Figures) -> None:
+        """Add another group's figures to these (a requests count is None only when neither side counted)."""
+        self.list_amount_cents += other.list_amount_cents
+        self.amount_cents += other.amount_cents
+        self.cost_requests = _add(self.cost_requests, other.cost_requests)
+        self.usage_requests = _add(self.usage_requests, other.usage_requests)
+        for name in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "web_search_requests"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
-FigureKey = tuple[date, str, str]
+
+# (UTC day, model, service tier, API key id): the key id is ALL_KEYS when the report was not grouped by key.
+FigureKey = tuple[date, str, str, str]
 
 
 @dataclass
 class Fetched:
-    """Everything one fetch read: figures by (day, model, tier) over [first, end), and the report's freshness."""
+    """Everything one fetch read: figures by (day, model, tier, key) over [first, end), and the report's freshness."""
 
     first: date
     end: date
@@ -98,14 +111,20 @@ def _add(a: int | None, b: int | None) -> int | None:
 
 
 class AnalyticsClient:
-    """Reads the cost and usage reports; the SDK retries 429 and 5xx with backoff and follows `next_page`."""
+    """Reads the cost and usage reports; the SDK retries 429 and 5xx with backoff and follows `next_page`.
 
-    def __init__(self, admin_key: str, base_url: str, prices: PriceTable, max_retries: int = 2) -> None:
+    With `by_api_key` the reports are grouped by API key id too, for reconcile.api_keys.
+    """
+
+    def __init__(
+        self, admin_key: str, base_url: str, prices: PriceTable, max_retries: int = 2, by_api_key: bool = False
+    ) -> None:
         self._client = anthropic.Anthropic(
             api_key=admin_key, base_url=base_url, max_retries=max_retries, timeout=TIMEOUT
         )
         self._base_url = base_url
         self._prices = prices
+        self._by_api_key = by_api_key
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -144,7 +163,7 @@ class AnalyticsClient:
             starting_at=_midnight(start),
             ending_at=_midnight(stop),
             time_bucket_width="1d",
-            group_by=GROUP_BY,
+            group_by=BY_API_KEY if self._by_api_key else GROUP_BY,
             products=PRODUCTS,
             limit=PAGE_LIMIT,
         )
@@ -153,7 +172,8 @@ class AnalyticsClient:
     def _key(self, item: Any) -> FigureKey:
         model = item.group.model
         name = UNATTRIBUTED if model is None else (self._prices.resolve(model) or model)
-        return item.starting_at.astimezone(UTC).date(), name, tier(item.group.service_tier)
+        key_id = (item.group.api_key_id or NO_KEY) if self._by_api_key else ALL_KEYS
+        return item.starting_at.astimezone(UTC).date(), name, tier(item.group.service_tier), key_id
 
     def _cost(self, fetched: Fetched, start: date, stop: date) -> None:
         for page in self._pages(self._client.beta.organization.analytics.cost, start, stop):

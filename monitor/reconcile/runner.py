@@ -13,9 +13,9 @@ from monitor.clock import Clock
 from monitor.config import ReconcileConfig
 from monitor.pricing import PriceTable
 from monitor.reconcile import store
-from monitor.reconcile.compare import DayRow, compare, last_settled_day
+from monitor.reconcile.compare import DayRow, attributes_text, compare, last_settled_day
 from monitor.reconcile.fetcher import EARLIEST, AnalyticsClient, Fetched
-from monitor.store.rollup import utc_days
+from monitor.store.rollup import utc_days_by_labels
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Reconciler:
         config: ReconcileConfig,
         clock: Clock,
         admin_key: str | None,
-        client_factory: Callable[[str, str, PriceTable], AnalyticsClient] = AnalyticsClient,
+        client_factory: Callable[..., AnalyticsClient] = AnalyticsClient,
     ) -> None:
         self._engine = engine
         self._prices = prices
@@ -73,7 +73,9 @@ class Reconciler:
         transaction. Raises AnalyticsError (nothing written) when Anthropic cannot be reached or refuses the key."""
         if self._admin_key is None:
             raise NoAdminKey(self.config.admin_key_env)
-        client = self._client_factory(self._admin_key, self.config.base_url, self._prices)
+        client = self._client_factory(
+            self._admin_key, self.config.base_url, self._prices, by_api_key=bool(self.config.api_keys)
+        )
         try:
             fetched: Fetched = client.fetch(first, end)
         finally:
@@ -89,8 +91,9 @@ class Reconciler:
         with self._engine.connect() as connection:
             theirs = store.read(connection, first, end)
             covered = store.coverage(connection, first, end)
-            ours = utc_days(connection, first, end)
-        return compare(theirs, ours, covered, self._clock(), self.config.settle_hours, self.config.tolerance)
+            ours = utc_days_by_labels(connection, first, end)
+        config = self.config
+        return compare(theirs, ours, covered, self._clock(), config.settle_hours, config.tolerance, config.api_keys)
 
     def run(self) -> list[DayRow]:
         """The scheduled run: fetch the lookback window, then compare it."""
@@ -103,7 +106,8 @@ class Reconciler:
                 "reconcile: %d finding(s): %s",
                 len(findings),
                 "; ".join(
-                    f"{r.day} {r.model} {r.service_tier} drift ${r.drift_usd} missing {r.missing_requests}"
+                    f"{r.day} {r.model} {r.service_tier}{' ' + attributes_text(r) if r.attributes is not None else ''} "
+                    f"drift ${r.drift_usd} missing {r.missing_requests}"
                     for r in findings[:10]
                 ),
             )

@@ -21,6 +21,7 @@ def replace(engine: Engine, fetched: Fetched, now: datetime) -> int:
             "day": day,
             "model": model,
             "service_tier": tier,
+            "api_key_id": key_id,
             "list_amount_cents": _text(figures.list_amount_cents),
             "amount_cents": _text(figures.amount_cents),
             "currency": figures.currency,
@@ -28,7 +29,7 @@ def replace(engine: Engine, fetched: Fetched, now: datetime) -> int:
             **{name: getattr(figures, name) for name in _TOKENS},
             "fetched_at": now,
         }
-        for (day, model, tier), figures in sorted(fetched.figures.items())
+        for (day, model, tier, key_id), figures in sorted(fetched.figures.items())
         if fetched.first <= day < fetched.end
     ]
     # SQLite: take the write lock up front, so the delete and the inserts cannot meet a writer half-way.
@@ -61,7 +62,7 @@ def read(connection: Connection, first: date, end: date) -> dict[FigureKey, Figu
     query = select(reconcile_figures).where(reconcile_figures.c.day >= first, reconcile_figures.c.day < end)
     out: dict[FigureKey, Figures] = {}
     for row in connection.execute(query).mappings():
-        out[(row["day"], row["model"], row["service_tier"])] = Figures(
+        out[(row["day"], row["model"], row["service_tier"], row["api_key_id"])] = Figures(
             list_amount_cents=Decimal(row["list_amount_cents"]),
             amount_cents=Decimal(row["amount_cents"]),
             currency=row["currency"],

@@ -256,6 +256,12 @@ reconcile_figures = Table(
     Column("day", Date(), primary_key=True, comment="UTC day"),
     Column("model", String(255), primary_key=True, comment="price-table name; Anthropic's name when unknown"),
     Column("service_tier", String(16), primary_key=True, comment="standard | priority | batch"),
+    Column(
+        "api_key_id",
+        String(255),
+        primary_key=True,
+        comment="Anthropic's API key id (apikey_…); '' no key; '*' not grouped by key",
+    ),
     Column("list_amount_cents", String(64), nullable=False, comment="list price (pre-discount), decimal cents"),
     Column("amount_cents", String(64), nullable=False, comment="after discounts, decimal cents"),
     Column("currency", String(8), nullable=False),

@@ -183,3 +183,24 @@ def utc_days(
     for bucket, model, tier, *values in connection.execute(query):
         out.setdefault((bucket.date(), model, tier), RollupCounts()).add(_counts(values))
     return out
+
+
+def utc_days_by_labels(
+    connection: Connection, since: date, until: date, status: str | None = "ok"
+) -> dict[tuple[date, str, str, str], RollupCounts]:
+    """(UTC day, model, service tier, labels JSON) -> counts for the days in [since, until), of one status class:
+    `utc_days` kept apart by metric label values, for comparing Anthropic's figures per mapped API key."""
+    start = datetime(since.year, since.month, since.day, tzinfo=UTC)
+    end = datetime(until.year, until.month, until.day, tzinfo=UTC)
+    columns = (usage_rollup.c.bucket_start, usage_rollup.c.model, usage_rollup.c.service_tier, usage_rollup.c.labels)
+    query = (
+        select(*columns, *_SUMS)
+        .where(usage_rollup.c.bucket_start >= start, usage_rollup.c.bucket_start < end)
+        .group_by(*columns)
+    )
+    if status is not None:
+        query = query.where(usage_rollup.c.status_class == status)
+    out: dict[tuple[date, str, str, str], RollupCounts] = {}
+    for bucket, model, tier, labels, *values in connection.execute(query):
+        out.setdefault((bucket.date(), model, tier, labels), RollupCounts()).add(_counts(values))
+    return out
