@@ -25,6 +25,7 @@ from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.events import EventParser
 from monitor.http.api import HTTP_SOURCE, Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
+from monitor.ingest.watch import Watcher, follow
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
 from monitor.limits import compile_limits
@@ -179,7 +180,12 @@ class Daemon:
     """`serve`: HTTP API, source tailers and scheduled jobs over one store."""
 
     def __init__(
-        self, loaded: LoadedSettings, clock: Clock = system_clock, environ: dict[str, str] | None = None
+        self,
+        loaded: LoadedSettings,
+        clock: Clock = system_clock,
+        environ: dict[str, str] | None = None,
+        *,
+        tail_interval: float = TAIL_INTERVAL_S,
     ) -> None:
         from monitor.ingest.tail import Tailer
 
@@ -192,6 +198,8 @@ class Daemon:
         self.budgets = self.store.budgets
         self.mismatched: list[DefinitionChange] = []  # how this replica's budgets differ from the stored ones
         self.registry = CollectorRegistry(auto_describe=True)
+        self.tail_interval = tail_interval  # the poll's period; file events wake the tailers sooner
+        self.tail_watcher: Watcher | None = None
         self.tailers = [
             Tailer(source, self.store.parser, self.store.writer, self.store.engine, clock, on_batch=self._after_batch)
             for source in settings.sources
@@ -452,7 +460,7 @@ class Daemon:
         if self.notifier.enabled:
             self.jobs.every("deliver", DELIVER_EVERY_S)
         if self.tailers:
-            self.jobs.every("tail", TAIL_INTERVAL_S)
+            self.jobs.every("tail", self.tail_interval)
         self.jobs.run("evaluate", self.evaluate)  # the leader applies changed budget definitions first
         self.scheduler.add_job(
             self.jobs.run,
@@ -489,6 +497,7 @@ class Daemon:
             self.ops_server.start()
             log.info("metrics and health on http://%s:%d", *self.ops_server.address)
         if self.tailers:
+            self.tail_watcher = Watcher.open([tailer.pattern for tailer in self.tailers])
             self._spawn("tail", self._tail_loop)
         log.info("serving on http://%s:%d", *self.address)
 
@@ -498,13 +507,13 @@ class Daemon:
         self._threads.append(thread)
 
     def _tail_loop(self) -> None:
-        while not self._stop.is_set():
-            self.jobs.run("tail", self.tail_once)
-            self._stop.wait(TAIL_INTERVAL_S)
+        follow(lambda: self.jobs.run("tail", self.tail_once), self.tail_watcher, self._stop, self.tail_interval)
 
     def stop(self) -> None:
         """Drain: stop accepting, let in-flight batches finish, write the snapshot, close the store."""
         self._stop.set()
+        if self.tail_watcher is not None:
+            self.tail_watcher.wake()
         self.api.draining = True  # an ingest request that has not started yet gets 503
         # No new connections; idle ones close; requests in flight finish (their batches commit).
         if not self.server.stop(drain_timeout=30):
@@ -518,6 +527,8 @@ class Daemon:
         self.scheduler.shutdown(wait=True)
         for tailer in self.tailers:
             tailer.close()
+        if self.tail_watcher is not None:
+            self.tail_watcher.close()
         try:
             self.budgets.throttle.write_snapshot(self.clock())
         finally:

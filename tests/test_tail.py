@@ -10,7 +10,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +24,7 @@ from sqlalchemy import event as sa_event
 from monitor.config import SourceConfig
 from monitor.ingest.files import MAX_LINE_BYTES
 from monitor.ingest.tail import Tailer
+from monitor.ingest.watch import Watcher, follow
 from monitor.ingest.writer import BatchResult, Item, Offset, Writer
 from monitor.service import Store
 from tests.conftest import FakeClock, event
@@ -602,3 +605,118 @@ def test_idle_poll_opens_no_fully_read_file_and_still_sees_every_change(
     opens.paths.clear()
     assert t.poll().accepted == 0
     assert opens.paths == []
+
+
+# -- file events ---------------------------------------------------------------------------------------------------
+
+POLL_NEVER_S = 60.0  # far beyond every wait below: a line read in time was read because of a file event
+WAKE_TIMEOUT_S = 5.0
+
+
+class Following:
+    """A tailer run by `follow` in a thread, polling every POLL_NEVER_S; each committed batch is queued."""
+
+    def __init__(self, follower: Tailer) -> None:
+        self.watcher = Watcher.open([follower.pattern])
+        if self.watcher is None:
+            pytest.skip("no inotify here")
+        self.batches: queue.Queue[BatchResult] = queue.Queue()
+        self.polls = 0
+        self.polled = threading.Event()
+        self._stop = threading.Event()
+        self._follower = follower
+
+        def poll() -> None:
+            follower.poll()
+            self.polls += 1
+            self.polled.set()
+
+        self._thread = threading.Thread(target=follow, args=(poll, self.watcher, self._stop, POLL_NEVER_S), daemon=True)
+        self._thread.start()
+        assert self.polled.wait(WAKE_TIMEOUT_S), "the first poll did not run"
+
+    def next_batch(self) -> BatchResult:
+        """The next committed batch, which must come long before the poll interval is up."""
+        return self.batches.get(timeout=WAKE_TIMEOUT_S)
+
+    def stop(self) -> None:
+        assert self.watcher is not None
+        self._stop.set()
+        self.watcher.wake()
+        self._thread.join(WAKE_TIMEOUT_S)
+        assert not self._thread.is_alive(), "stop did not end the wait"
+        self.watcher.close()
+
+
+def test_an_append_is_read_on_its_file_event_without_waiting_for_the_poll(
+    store: Store, clock: FakeClock, logs: Path, db: sqlite3.Connection
+) -> None:
+    """Appends, a rotation, and a file in a directory created after the start, each read on its own event."""
+    live = logs / "live.jsonl"
+    append(live, line("before"))
+    batches: queue.Queue[BatchResult] = queue.Queue()
+    follower = tailer(store, clock, source(logs, "**/*.jsonl"), on_batch=batches.put)
+    following = Following(follower)
+    following.batches = batches
+    try:
+        assert following.next_batch().accepted == 1  # the first poll reads what was there
+        append(live, line("appended"))
+        assert following.next_batch().accepted == 1
+        live.rename(logs / "live.1.jsonl")
+        append(live, line("after-rotation"))
+        assert following.next_batch().accepted == 1
+        (logs / "later").mkdir()
+        append(logs / "later" / "new.jsonl", line("in-a-new-directory"))
+        assert following.next_batch().accepted == 1
+        append(logs / "notes.txt", "not matched by the glob\n")
+        assert batches.empty()
+    finally:
+        following.stop()
+    assert request_ids(db) == ["after-rotation", "appended", "before", "in-a-new-directory"]
+    assert following.polls < 10  # woken by the events, not spinning
+
+
+def test_without_file_events_the_poll_still_reads(
+    store: Store, clock: FakeClock, logs: Path, db: sqlite3.Connection
+) -> None:
+    """No watcher (no inotify, or it could not start): `follow` polls every interval, and stops when asked."""
+    follower = tailer(store, clock, source(logs))
+    stop = threading.Event()
+    polls: queue.Queue[int] = queue.Queue()
+
+    def poll() -> None:
+        polls.put(follower.poll().accepted)
+
+    thread = threading.Thread(target=follow, args=(poll, None, stop, 0.01), daemon=True)
+    thread.start()
+    polls.get(timeout=WAKE_TIMEOUT_S)
+    append(logs / "live.jsonl", line("polled"))
+    while polls.get(timeout=WAKE_TIMEOUT_S) == 0:
+        pass
+    stop.set()
+    thread.join(WAKE_TIMEOUT_S)
+    assert not thread.is_alive()
+    assert request_ids(db) == ["polled"]
+
+
+def test_watched_directories_follow_the_glob(tmp_path: Path) -> None:
+    """A flat glob watches its directory; a `**` glob every directory below; a missing base once it exists."""
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    flat = Watcher.open([str(tmp_path / "a" / "*.jsonl")])
+    deep = Watcher.open([str(tmp_path / "a" / "**" / "*.jsonl")])
+    one_down = Watcher.open([str(tmp_path / "a" / "*" / "*.jsonl")])
+    missing = Watcher.open([str(tmp_path / "later" / "*.jsonl")])
+    watchers = [flat, deep, one_down, missing]
+    if None in watchers:
+        pytest.skip("no inotify here")
+    try:
+        assert [w.watched for w in watchers if w] == [1, 3, 2, 0]
+        assert missing is not None
+        assert not missing.wait(0.01)
+        (tmp_path / "later").mkdir()
+        assert missing.wait(WAKE_TIMEOUT_S)  # files put in it before it was watched raised no event
+        assert missing.watched == 1
+    finally:
+        for w in watchers:
+            if w is not None:
+                w.close()

@@ -259,6 +259,11 @@ class Tailer:
         return self._source
 
     @property
+    def pattern(self) -> str:
+        """The glob this tailer reads, `~` expanded."""
+        return self._pattern
+
+    @property
     def label(self) -> str:
         """The source's label: `source` in the events, dead-letter and checkpoint tables."""
         return self._label
