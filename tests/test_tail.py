@@ -614,17 +614,16 @@ WAKE_TIMEOUT_S = 5.0
 
 
 class Following:
-    """A tailer run by `follow` in a thread, polling every POLL_NEVER_S; each committed batch is queued."""
+    """A tailer run by `follow` in a thread with a watcher, polling only every POLL_NEVER_S."""
 
-    def __init__(self, follower: Tailer) -> None:
+    def __init__(self, follower: Tailer, batches: queue.Queue[BatchResult]) -> None:
         self.watcher = Watcher.open([follower.pattern])
         if self.watcher is None:
             pytest.skip("no inotify here")
-        self.batches: queue.Queue[BatchResult] = queue.Queue()
+        self.batches = batches  # filled by the tailer's on_batch
         self.polls = 0
         self.polled = threading.Event()
         self._stop = threading.Event()
-        self._follower = follower
 
         def poll() -> None:
             follower.poll()
@@ -656,8 +655,7 @@ def test_an_append_is_read_on_its_file_event_without_waiting_for_the_poll(
     append(live, line("before"))
     batches: queue.Queue[BatchResult] = queue.Queue()
     follower = tailer(store, clock, source(logs, "**/*.jsonl"), on_batch=batches.put)
-    following = Following(follower)
-    following.batches = batches
+    following = Following(follower, batches)
     try:
         assert following.next_batch().accepted == 1  # the first poll reads what was there
         append(live, line("appended"))
