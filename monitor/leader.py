@@ -48,6 +48,11 @@ class Leadership:
                 self._drop()
             return self._held
 
+    @property
+    def leading(self) -> bool:
+        """The last answer of `is_leader`, without asking the database (for the leader gauge at scrape time)."""
+        return self._held
+
     def _drop(self) -> None:
         if self._connection is not None:
             try:

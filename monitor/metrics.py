@@ -505,6 +505,23 @@ class DefinitionsCollector(Collector):
         yield each
 
 
+class LeaderCollector(Collector):
+    """`claude_monitor_leader`: 1 on the replica that runs the leader-only jobs, 0 on the others."""
+
+    def __init__(self, leading: Callable[[], bool]) -> None:
+        self._leading = leading
+
+    def collect(self) -> Iterator[Metric]:
+        """This replica's last known leadership, read at scrape time (asked again at every evaluation)."""
+        family = GaugeMetricFamily(
+            "claude_monitor_leader",
+            "1 while this replica holds leadership and runs notifications, retention and reconcile; 0 otherwise. "
+            "Summed over replicas it is 1.",
+        )
+        family.add_metric([], 1.0 if self._leading() else 0.0)
+        yield family
+
+
 class IngestQueueCollector(Collector):
     """`claude_monitor_ingest_requests{state}`: HTTP ingest requests of this process waiting for the writer and in
     the transactions being written (group commit puts every waiting request in the next transaction)."""

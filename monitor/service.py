@@ -33,6 +33,7 @@ from monitor.metrics import (
     AdmissionCollector,
     DefinitionsCollector,
     IngestQueueCollector,
+    LeaderCollector,
     MonitorCollector,
     ReconcileCollector,
     SnapshotErrorsCollector,
@@ -305,6 +306,7 @@ class Daemon:
             digest_every=parse_duration(settings.alerts.digest_every),
         )
         self.leadership = Leadership(self.store.engine)
+        self.registry.register(LeaderCollector(lambda: self.leadership.leading))
         self.scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"misfire_grace_time": 60, "coalesce": True, "max_instances": 1}
         )
@@ -333,6 +335,9 @@ class Daemon:
     def evaluate(self) -> None:
         """The scheduled evaluation: recount from the store, refresh metrics, rewrite the snapshot."""
         self.admission.sweep()  # leases not renewed return their slots even when no call comes to notice
+        # Every replica asks at every evaluation: a follower takes over within one period of the leader's death, and
+        # the leader gauge is never older than that.
+        self.leadership.is_leader()
         try:
             self.definitions()
             self.budgets.evaluate()
