@@ -324,7 +324,7 @@ class Daemon:
         self.admission.sweep()  # leases not renewed return their slots even when no call comes to notice
         try:
             self.definitions()
-            self.budgets.evaluate()
+            self.budgets.evaluate(self.admission)
             self.collector.refresh()
             self.windows.refresh()
         except Exception:
