@@ -188,7 +188,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         if args.baseline != "none":
             commit, tree = stack.enter_context(baseline_worktree(args.baseline))
-            imported_from(tree, REPO)
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            print(f"baseline daemon imports {imported_from(tree, args.workdir)}")
             _run(f"baseline {commit} ({args.baseline})", args, args.workdir / "baseline", tree)
         _run(f"current {describe_current()}", args, args.workdir / "current", None)
 
