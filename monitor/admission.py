@@ -1,8 +1,11 @@
 """Admission: a lease holds rate tokens, concurrency slots and a call's worst-case cost before the call starts.
 
 The daemon owns these counts so every proxy shares them. They live in memory; budget spend comes from the store
-(window totals that each committed batch reports, or one indexed read for a scope not seen yet). A reservation
-changes what is allowed, never what is reported: spend is only ever what usage events say.
+(window totals that each committed batch reports, or one indexed read for a scope not seen yet). A scope not seen
+yet needs no read when the last evaluation's ceiling settles it: every scope under a budget's lowest threshold then
+had at most the ceiling, and every batch since is reported here, so ceiling + reserved + this call within the
+allowance admits exactly as the true spend would; only a call that might not fit reads. A reservation changes what
+is allowed, never what is reported: spend is only ever what usage events say.
 
 A lease ends one of three ways, and only once: its usage event is stored (the event's `lease` field, or the
 request id `POST /v1/release` named), `POST /v1/release` (which returns the slot at once and keeps the call's actual
@@ -28,6 +31,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Engine
 
 from monitor.budgets import Budget, BudgetIndex
+from monitor.evaluation import Ceiling
 from monitor.events import Event, EventParser, Rejected
 from monitor.limits import Limit, TokenBucket, describe_scope, scope_key_of, worst_case_pico
 from monitor.pricing import PriceTable, format_usd
@@ -183,7 +187,7 @@ class _Decision:
     worst_pico: int | None
     limits: list[tuple[Limit, str, dict[str, str]]]
     budgets: list[tuple[Budget, str, int]] = field(default_factory=list)  # (budget, scope key, this call's amount)
-    read: dict[tuple[str, str], int] = field(default_factory=dict)  # spend read for this call, by (budget, key)
+    read: dict[tuple[str, str], int] = field(default_factory=dict)  # exact spend seen or read for this call
 
 
 class Admission:
@@ -228,6 +232,10 @@ class Admission:
         self._outcomes: dict[tuple[str, str], int] = defaultdict(int)
         self._recent_requests: dict[str, None] = {}  # request ids of recently stored events (bounded)
         self._firsts: dict[str, tuple[int, datetime]] = {}  # budget -> (epoch minute, first bucket then)
+        self._batches = 0  # batches reported so far
+        self._touched: dict[tuple[str, str], int] = {}  # (budget, key) -> the last batch that added to it
+        self._ceilings: Mapping[str, Ceiling] = {}
+        self._ceilings_from = 0  # the mark of the evaluation they came from
 
     # --- admit -----------------------------------------------------------------------------------------------
 
@@ -265,7 +273,7 @@ class Admission:
                 )
                 return self._count(Refused("cap", budget.name, 0, message), decision)
             decision.budgets.append((budget, key, amount))
-        missing = self._missing_spend(decision, now)
+        missing = self._missing_spend(decision, now, ceilings=not read)
         if missing:
             if not read:
                 return NeedsRead()
@@ -284,9 +292,11 @@ class Admission:
                     "release leases when calls end, or raise the bound",
                     1,
                 )
-            refused = self._check(request, decision, now)
-            if refused is not None:
-                return self._count(refused, decision, locked=True)
+            checked = self._check(request, decision, now)
+            if isinstance(checked, NeedsRead):
+                return checked  # a ceiling could not settle it (never after a read: every slot is in decision.read)
+            if checked is not None:
+                return self._count(checked, decision, locked=True)
             return self._take(request, decision, now)
 
     def _caps(self, request: AdmitRequest, decision: _Decision) -> Refused | None:
@@ -330,12 +340,45 @@ class Admission:
                     )
         return None
 
-    def _missing_spend(self, decision: _Decision, now: datetime) -> list[tuple[Budget, str]]:
+    def _missing_spend(self, decision: _Decision, now: datetime, ceilings: bool) -> list[tuple[Budget, str]]:
+        """Scopes whose spend is neither in memory nor (with `ceilings`) bounded by the last evaluation."""
         missing = []
         for budget, key, _amount in decision.budgets:
-            if self._known_spend(budget, key, now) is None:
+            known = self._known_spend(budget, key, now)
+            if known is not None:
+                decision.read[budget.name, key] = known
+            elif not ceilings or self._ceiling(budget, key, now) is None:
                 missing.append((budget, key))
         return missing
+
+    def _ceiling(self, budget: Budget, key: str, now: datetime) -> int | None:
+        """An upper bound of the scope's window spend from the last evaluation, when one holds: the scope was under
+        the budget's lowest threshold then, and no batch has added to it since that evaluation began to read. A
+        calendar window must be the one evaluated (an event stamped ahead may count in the next); a rolling window
+        has no end, so moving on only drops buckets."""
+        ceiling = self._ceilings.get(budget.name)
+        if ceiling is None or key in ceiling.hot or (budget.name, key) in self._touched:
+            return None
+        first = self._first_bucket(budget, now)
+        if first != ceiling.first if budget.bucket is None else first < ceiling.first:
+            return None
+        return ceiling.amount
+
+    def spend_mark(self) -> int:
+        """The batches reported so far: an evaluation takes this before it reads."""
+        with self._lock:
+            return self._batches
+
+    def on_ceilings(self, mark: int, ceilings: Mapping[str, Ceiling]) -> None:
+        """An evaluation that began to read after batch `mark`: its ceilings stand for every scope no batch has
+        added to since. Replicas ingest elsewhere too (spend_max_age set): there no ceiling is exact, so none is
+        kept."""
+        with self._lock:
+            if self._spend_max_age is not None or mark < self._ceilings_from:
+                return
+            self._ceilings = dict(ceilings)
+            self._ceilings_from = mark
+            self._touched = {slot: n for slot, n in self._touched.items() if n > mark}
 
     def _first_bucket(self, budget: Budget, now: datetime) -> datetime:
         """The budget's first counted bucket at `now`. Windows start on whole minutes (local midnights fall on
@@ -381,7 +424,7 @@ class Admission:
             for old in list(self._spend)[: MAX_SPEND_CACHE // 10]:
                 del self._spend[old]
 
-    def _check(self, request: AdmitRequest, decision: _Decision, now: datetime) -> Refused | None:
+    def _check(self, request: AdmitRequest, decision: _Decision, now: datetime) -> Refused | NeedsRead | None:
         for limit, key, scope in decision.limits:
             if limit.concurrent is not None and self._inflight.get((limit.name, key), 0) >= limit.concurrent:
                 return Refused(
@@ -414,12 +457,19 @@ class Admission:
                     )
         for budget, key, amount in decision.budgets:
             spend = self._known_spend(budget, key, now)
-            if spend is None:  # read for this call and dropped from the cache since: the read stands
-                spend = decision.read.get((budget.name, key), 0)
+            if spend is None:  # seen or read for this call and dropped from the cache since: that figure stands
+                spend = decision.read.get((budget.name, key))
+            exact = spend is not None
+            if spend is None:
+                spend = self._ceiling(budget, key, now)
+                if spend is None:
+                    return NeedsRead()  # a batch added to the scope since it was looked at: read it
             reserved = self._reserved.get((budget.name, key), 0)
             allowed = budget.limit * budget.throttle_at if budget.throttle_at is not None else Decimal(budget.limit)
             if Decimal(spend + reserved + amount) <= allowed:
                 continue
+            if not exact:
+                return NeedsRead()  # the ceiling leaves no room; the true spend may: read it
             return self._budget_refusal(budget, key, spend, reserved, amount, allowed, now)
         return None
 
@@ -598,15 +648,22 @@ class Admission:
             return
         now = self._clock()
         with self._lock:
+            self._batches += 1
             firsts: dict[str, datetime] = {}
             for (name, key), usage in touched.items():
                 budget = self._budgets.get(name)
                 if budget is None or budget.throttle_at is None:
                     continue
+                self._touched[name, key] = self._batches
                 first = firsts.get(name)
                 if first is None:
                     first = firsts[name] = budget.bucket_range(now, self._zone)[0]
                 self._remember_spend((name, key), _Spend(budget.amount(usage), first, now))
+            if len(self._touched) > MAX_SPEND_CACHE:
+                # No evaluation has caught up for a while: drop the ceilings rather than remember without bound.
+                self._touched.clear()
+                self._ceilings = {}
+                self._ceilings_from = self._batches
             recent = self._recent_requests
             for request_id, _lease, _prompt in settles:
                 recent[request_id] = None

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, delete, func, select
@@ -84,6 +84,28 @@ class EvaluationStats:
     budgets: int
     scopes: int
     flags: int
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What one evaluation proved about a `per:` budget's quiet scopes: every scope not in `hot` had at most
+    `amount` in the window whose first bucket was `first` (`hot`: the scopes at or over the lowest threshold)."""
+
+    first: datetime
+    hot: frozenset[str]
+    amount: int
+
+
+class CeilingListener(Protocol):
+    """Told each evaluation's ceilings, to decide quiet scopes without reading them (admission)."""
+
+    def spend_mark(self) -> int:
+        """A mark taken before the evaluation reads: batches reported after it may be missing from the read."""
+        ...
+
+    def on_ceilings(self, mark: int, ceilings: Mapping[str, Ceiling]) -> None:
+        """The ceilings of every `per:` budget with throttle_at, read after `mark`."""
+        ...
 
 
 class BudgetEngine:
@@ -201,10 +223,13 @@ class BudgetEngine:
 
     # --- full evaluation -------------------------------------------------------------------------------------
 
-    def evaluate(self) -> EvaluationStats:
-        """Recompute every budget's scopes from budget_usage, replace the flags, rewrite the snapshot."""
+    def evaluate(self, listener: CeilingListener | None = None) -> EvaluationStats:
+        """Recompute every budget's scopes from budget_usage, replace the flags, rewrite the snapshot; tell
+        `listener` the ceiling of each `per:` budget's scopes under its lowest threshold."""
         started = time.perf_counter()
         now = self._clock()
+        mark = listener.spend_mark() if listener is not None else 0
+        ceilings: dict[str, Ceiling] = {}
         shown: dict[str, tuple[dict[str, ScopeState], int, int]] = {}  # budget -> states, scopes, throttled
         flags: dict[tuple[str, str], Flag] = {}
         with self._lock:
@@ -219,11 +244,16 @@ class BudgetEngine:
                 first, last = budget.bucket_range(now, self._zone)
                 lowest = budget.thresholds[0] if budget.thresholds else None
                 candidates: list[tuple[int, str, Usage]] = []
+                hot_keys: set[str] = set()
+                quiet_most = 0
                 for key, usage in window_totals(connection, budget.name, first, last):
                     scopes_total += 1
                     amount = budget.amount(usage)
                     hot = budget.per is None or (lowest is not None and budget.over(amount, lowest))
-                    if not hot:
+                    if hot:
+                        hot_keys.add(key)
+                    else:
+                        quiet_most = max(quiet_most, amount)
                         candidates.append((amount, key, usage))
                         if len(candidates) > 4 * TOP_SCOPES:
                             candidates.sort(key=lambda c: -c[0])
@@ -243,6 +273,8 @@ class BudgetEngine:
                     states[key] = evaluate_scope(budget, dict(budget.match), Usage(), now, self._zone)
                 scopes += scopes_total
                 shown[budget.name] = (states, scopes_total, scopes_throttled)
+                if budget.per is not None and budget.throttle_at is not None:
+                    ceilings[budget.name] = Ceiling(first, frozenset(hot_keys), quiet_most)
         with self._lock:
             # States the fast path computed after this evaluation began to read are newer than what it read.
             later = {k: st for k, (n, st) in self._batch_states.items() if n > batches_from}
@@ -259,6 +291,8 @@ class BudgetEngine:
             )
         self.throttle.replace(flags, now, read_from)
         self.throttle.write_snapshot(now)
+        if listener is not None:
+            listener.on_ceilings(mark, ceilings)
         self.last = EvaluationStats(now, time.perf_counter() - started, len(self.budgets), scopes, len(flags))
         return self.last
 

@@ -340,7 +340,7 @@ class Daemon:
         self.leadership.is_leader()
         try:
             self.definitions()
-            self.budgets.evaluate()
+            self.budgets.evaluate(self.admission)
             self.collector.refresh()
             self.windows.refresh()
         except Exception:

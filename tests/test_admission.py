@@ -8,6 +8,7 @@ claude-haiku-4-5 is $1 per million input tokens and $5 per million output tokens
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
 
 from monitor.config import load_settings
 from monitor.estimate import IMAGE_ALLOWANCE, TOOLS_ALLOWANCE, input_token_bound
@@ -272,3 +274,86 @@ def test_the_python_client_admits_renews_and_releases(api: Api) -> None:
         assert client.renew(lease) is None
         assert client.release(lease)["settled_by"] == "release"
         assert client.release("lease_never")["settled_by"] == "unknown"
+
+
+QUIET_CONFIG = """\
+http: {listen: "127.0.0.1:0"}
+sources: []
+budgets:
+  - {name: per-user, match: {project: lingo}, per: user, window: day, limit_usd: 0.1, alert_at: [0.5], throttle_at: 1}
+"""
+
+
+@pytest.fixture
+def seeded(tmp_path: Path) -> Iterator[tuple[Api, list[str]]]:
+    """A daemon started on a store where users already spent today (none of them seen by its admission), and the
+    budget-spend reads its admission makes (statements on its read pool naming budget_usage)."""
+    clock = FakeClock(NOW)
+    config = write_config(tmp_path, QUIET_CONFIG + f"throttle: {{snapshot_file: {tmp_path}/t.json}}\n")
+    settings = load_settings(config, environ={})
+    first = Daemon(settings, clock=clock, environ={"CLAUDE_MONITOR_INGEST_TOKEN": TOKEN})
+    first.start()
+    try:
+        writer = Api(first, clock)
+        # Output at $5 per million: 2,000 tokens = $0.01, 9,000 = $0.045 (just under the alert at $0.05),
+        # 14,000 = $0.07 (over it).
+        for user, output in (("quiet", 2_000), ("edge", 9_000), ("hot", 14_000)):
+            assert writer.usage(f"seed-{user}", output, user=user).status == 202
+    finally:
+        first.stop()
+    daemon = Daemon(settings, clock=clock, environ={"CLAUDE_MONITOR_INGEST_TOKEN": TOKEN})
+    reads: list[str] = []
+
+    def on_execute(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if threading.current_thread().name.startswith("api-read") and "budget_usage" in statement:
+            reads.append(statement)
+
+    event.listen(daemon.store.engine, "before_cursor_execute", on_execute)
+    daemon.start()  # evaluates once before serving: the quiet scopes' ceiling is $0.045
+    try:
+        yield Api(daemon, clock), reads
+    finally:
+        daemon.stop()
+
+
+def _admit(api: Api, user: str, output: int) -> Response:
+    body = {"attributes": {"project": "lingo", "user": user}, "model": HAIKU, "max_tokens": output,
+            "estimated_input_tokens": 10_000}  # fmt: skip
+    return api.post("/v1/admit", body)
+
+
+def test_a_scope_under_the_lowest_threshold_is_admitted_without_a_read_when_the_ceiling_fits(
+    seeded: tuple[Api, list[str]],
+) -> None:
+    api, reads = seeded
+    # Worst case $0.01 + 6,000 x $5/M = $0.04; the ceiling $0.045 + $0.04 = $0.085 fits $0.10.
+    assert _admit(api, "quiet", 6_000).status == 200
+    assert _admit(api, "never-seen", 6_000).status == 200
+    assert reads == []
+
+
+def test_a_scope_just_under_the_threshold_whose_worst_case_would_overflow_is_read_and_refused(
+    seeded: tuple[Api, list[str]],
+) -> None:
+    api, reads = seeded
+    # Worst case $0.01 + 10,000 x $5/M = $0.06: the ceiling $0.045 + $0.06 passes $0.10, so the spend is read.
+    refused = _admit(api, "edge", 10_000)
+    assert refused.status == 429, refused.body
+    assert refused.json()["refused_by"] == {"kind": "budget", "name": "per-user"}
+    assert "spent $0.045000" in refused.json()["message"]
+    assert len(reads) == 1
+    # The same worst case for a user who spent $0.01: read too, and $0.01 + $0.06 fits.
+    assert _admit(api, "quiet", 10_000).status == 200
+    assert len(reads) == 2
+    # A scope over the lowest threshold at the evaluation is always read.
+    assert _admit(api, "hot", 100).status == 200
+    assert len(reads) == 3
+
+
+def test_spend_added_after_the_evaluation_is_never_hidden_by_the_ceiling(seeded: tuple[Api, list[str]]) -> None:
+    api, reads = seeded
+    # `quiet` spends $0.08 more ($0.09 in all): the batch reports its new total, which replaces the ceiling.
+    assert api.usage("more", 16_000, user="quiet").status == 202
+    refused = _admit(api, "quiet", 6_000)  # $0.09 + $0.04 passes $0.10
+    assert refused.status == 429 and "spent $0.090000" in refused.json()["message"]
+    assert reads == []  # the batch's total is exact: nothing to read
