@@ -298,6 +298,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The daemon: runs until SIGTERM or SIGINT, then drains and exits 0."""
+    from monitor.http.server import settle_heap
     from monitor.service import Daemon
     from monitor.signals import StopSignals
 
@@ -307,6 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     daemon = Daemon(loaded)
     signals = StopSignals()
     daemon.start()
+    settle_heap()
     host, port = daemon.address
     print(
         f"claude-monitor serving on http://{host}:{port} (config: {loaded.path or 'built-in defaults'})",

@@ -68,6 +68,7 @@ from monitor.http.server import (
     headers_of,
     read_body,
     send_response,
+    settle_heap,
 )
 from monitor.http.sse import SseUsage
 from monitor.metrics import ProxyMetrics
@@ -656,6 +657,7 @@ def run_proxy(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, 
         raise ConfigError(f"{where}: {exc}") from None
     signals = StopSignals()
     proxy.start()
+    settle_heap()
     host, port = proxy.address
     print(
         f"claude-monitor proxy listening on http://{host}:{port}, forwarding to {settings.upstream} "
