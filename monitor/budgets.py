@@ -54,16 +54,7 @@ class Budget:
 
     def scope_of(self, model: str, attributes: Mapping[str, str]) -> dict[str, str] | None:
         """The scope an event with this model and attributes counts toward, or None if it does not count."""
-        for key, value in self.match:
-            if (model if key == "model" else attributes.get(key)) != value:
-                return None
-        scope = dict(self.match)
-        if self.per is not None:
-            per_value = model if self.per == "model" else attributes.get(self.per)
-            if per_value is None:
-                return None
-            scope[self.per] = per_value
-        return scope
+        return scope_for(self.match, self.per, model, attributes)
 
     def amount(self, usage: Usage) -> int:
         """What this budget measures of a usage."""
@@ -132,6 +123,23 @@ def _calendar_start(kind: str, moment: datetime, zone: ZoneInfo) -> datetime:
 def scope_key(scope: Mapping[str, str]) -> str:
     """The canonical text of a scope: its identity in the store, the API and the snapshot."""
     return json.dumps(dict(sorted(scope.items())), separators=(",", ":"), ensure_ascii=False)
+
+def scope_for(
+    match: tuple[tuple[str, str], ...], per: str | None, model: str, attributes: Mapping[str, str]
+) -> dict[str, str] | None:
+    """The scope `match` (and one value of `per`) gives a call with this model and attributes; None when it does
+    not match, or when `per` names an attribute the call lacks."""
+    for key, value in match:
+        if (model if key == "model" else attributes.get(key)) != value:
+            return None
+    scope = dict(match)
+    if per is not None:
+        per_value = model if per == "model" else attributes.get(per)
+        if per_value is None:
+            return None
+        scope[per] = per_value
+    return scope
+
 
 
 def compile_budgets(configs: Sequence[BudgetConfig], prices: PriceTable) -> list[Budget]:

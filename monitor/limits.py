@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from monitor.budgets import scope_key
+from monitor.budgets import scope_for, scope_key
 from monitor.config import LimitConfig
 from monitor.events import Event
 from monitor.pricing import PICO_PER_USD, PriceTable
@@ -31,16 +31,7 @@ class Limit:
 
     def scope_of(self, model: str, attributes: Mapping[str, str]) -> dict[str, str] | None:
         """The scope a call with this model and attributes counts toward, or None if the limit does not apply."""
-        for key, value in self.match:
-            if (model if key == "model" else attributes.get(key)) != value:
-                return None
-        scope = dict(self.match)
-        if self.per is not None:
-            per_value = model if self.per == "model" else attributes.get(self.per)
-            if per_value is None:
-                return None
-            scope[self.per] = per_value
-        return scope
+        return scope_for(self.match, self.per, model, attributes)
 
 
 def compile_limits(configs: Sequence[LimitConfig], prices: PriceTable) -> list[Limit]:

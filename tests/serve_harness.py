@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,3 +144,21 @@ def wait_until(predicate: Any, timeout: float = 30, interval: float = 0.05) -> A
 
 def sum_metric(metrics: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in metrics.items() if n == name and all((k, w) in ls for k, w in labels.items()))
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took; fails on timeout."""
+    sock.settimeout(timeout)
+    started = time.monotonic()
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        except TimeoutError:
+            raise AssertionError(f"server kept the connection open for {timeout} s; got {received[:200]!r}") from None
+        if not chunk:
+            break
+        received += chunk
+    return received, time.monotonic() - started

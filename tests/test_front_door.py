@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_config
-from tests.serve_harness import TOKEN, Serve, request, wait_until
+from tests.serve_harness import TOKEN, Serve, read_until_closed, request, wait_until
 
 MAX_BODY = 4_000_000
 CONFIG = f"""\
@@ -91,23 +91,6 @@ def rejected_count(serve: Serve) -> int:
     finally:
         database.close()
 
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection, and how long that took; fails on timeout."""
-    sock.settimeout(timeout)
-    started = time.monotonic()
-    received = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        except TimeoutError:
-            raise AssertionError(f"server kept the connection open for {timeout} s; got {received[:200]!r}") from None
-        if not chunk:
-            break
-        received += chunk
-    return received, time.monotonic() - started
 
 
 def read_one_response(sock: socket.socket, timeout: float = 10) -> bytes:

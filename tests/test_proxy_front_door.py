@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import write_config
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_harness import ASK, CLIENT_KEY, HAIKU, PROXY_KEY, ProxyProcess, proxy_config, stored_row
-from tests.serve_harness import Serve, wait_until
+from tests.serve_harness import Serve, read_until_closed, wait_until
 
 MAX_BODY = 1024 * 1024
 BOUNDS = f"  max_body_bytes: {MAX_BODY}\n  header_timeout: 1s\n  keepalive_timeout: 3s\n"
@@ -67,25 +67,6 @@ def door(tmp_path: Path) -> Iterator[Door]:
     serve.stop(signal.SIGKILL)
     fake.close()
 
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
-    """Everything the proxy sends until it closes the connection, and how long that took; fails on timeout."""
-    sock.settimeout(timeout)
-    started = time.monotonic()
-    received = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        except TimeoutError:
-            raise AssertionError(
-                f"the proxy kept the connection open for {timeout} s; got {received[:200]!r}"
-            ) from None
-        if not chunk:
-            break
-        received += chunk
-    return received, time.monotonic() - started
 
 
 def post_head(door: Door, extra: str) -> socket.socket:
