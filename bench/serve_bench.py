@@ -9,7 +9,8 @@ Three parts, each next to a baseline measured in the same run (all traffic on 12
    stdlib ThreadingHTTPServer (HTTP/1.1 keep-alive) answering 204 to everything. Each server and each load run is
    a fresh process.
 2. `--throttle`: with `evaluate_every: 60s`, how long from the event that crosses a per-user budget to the first
-   429 on /v1/check: POSTed to /v1/usage, and appended to a tailed JSONL file. Next to the 1 s promise of SPEC §6.
+   429 on /v1/check: POSTed to /v1/usage, and appended to a tailed JSONL file. Next to the promise that a hard
+   limit bites within 1 s.
 3. `--evaluation`: BudgetEngine.evaluate() with 1,000 budgets (one `per: user` daily budget over 100,000 users)
    after the current window's 1,000,000 events went through the real write path, then again after 9,000,000
    history events (60-90 days old, older than every window) were added straight into `events`.
@@ -119,7 +120,7 @@ EVAL_NOW = datetime(2026, 11, 24, 18, 0, tzinfo=UTC)
 HISTORY_DAYS = (60, 90)
 TAIL_POLL_S = 0.2  # monitor.service.TAIL_INTERVAL_S: the fallback poll; file events wake the tailer sooner
 TAIL_GOAL_S = 0.02  # a tailed line flagged within 20 ms, woken by its file event
-PROMISE_S = 1.0  # SPEC §6: a hard limit bites within 1 s of the crossing event being accepted
+PROMISE_S = 1.0  # the promise: a hard limit bites within 1 s of the crossing event being accepted
 
 
 # --- traffic and budgets ------------------------------------------------------------------------------------------
@@ -508,7 +509,7 @@ def part_throttle(work: Path, repeats: int) -> None:
             f"median {statistics.median(post_rtt) * 1000:.1f} ms"
         )
     print(
-        f"promise (SPEC §6): {PROMISE_S * 1000:.0f} ms; evaluate_every: 60 s = 60000 ms; "
+        f"promise: {PROMISE_S * 1000:.0f} ms; evaluate_every: 60 s = 60000 ms; "
         f"tail poll interval: {TAIL_POLL_S * 1000:.0f} ms (the JSONL figure is expected near it if the tailer polls "
         f"only); goal with file events: {TAIL_GOAL_S * 1000:.0f} ms"
     )

@@ -1,4 +1,4 @@
-"""The `claude-monitor` command line (SPEC §5): JSON on stdout for scripts, progress and errors on stderr."""
+"""The `claude-monitor` command line: JSON on stdout for scripts, progress and errors on stderr."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a proxy imports: throttle decisions from a local copy of the daemon's state, and usage recording (SPEC §7).
+"""What a proxy imports: throttle decisions from a local copy of the daemon's state, and usage recording.
 
 Standard library only (the `anthropic` types are used for annotations), so a proxy can import it without the
 daemon's database stack. Typical use in the route that holds the Anthropic key::
@@ -397,7 +397,7 @@ class MonitorClient:
     # --- recording ---------------------------------------------------------------------------------------------
 
     def record(self, event: Mapping[str, Any]) -> dict[str, Any]:
-        """POST one SPEC §2 event; the 202 JSON. Then refresh, so the next check sees a budget this call crossed.
+        """POST one usage event; the 202 JSON. Then refresh, so the next check sees a budget this call crossed.
 
         Raises MonitorError when the daemon answers 4xx/5xx or cannot be reached. Resending the same event is
         safe: the daemon counts a request_id once.
@@ -672,7 +672,7 @@ class _Connections:
 
 
 def _parse_state(document: Any, *, etag: str | None, obtained: float) -> _State:
-    """A SPEC §7 document (the snapshot file, or GET /v1/throttle); ValueError when it is not one."""
+    """A throttle-state document (the snapshot file, or GET /v1/throttle); ValueError when it is not one."""
     if not isinstance(document, dict):
         raise ValueError("throttle state is not a JSON object")
     version = document.get("version")
@@ -724,7 +724,7 @@ def _parse_time(text: str | None) -> datetime | None:
 
 
 def _iso(moment: datetime) -> str:
-    """RFC 3339 UTC with a Z; a naive datetime is taken as UTC (SPEC §2)."""
+    """RFC 3339 UTC with a Z; a naive datetime is taken as UTC, as in usage events."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -390,7 +390,7 @@ def _shown(states: Mapping[str, ScopeState], key: str, state: ScopeState) -> boo
 
 
 def state_json(state: ScopeState, flags: Mapping[tuple[str, str], Flag], now: datetime) -> dict[str, Any]:
-    """One row of `budgets --format json` and GET /v1/budgets (SPEC §5), plus the budget's own unit."""
+    """One row of `budgets --format json` and GET /v1/budgets, plus the budget's own unit."""
     budget = state.budget
     flag = flags.get((budget.name, scope_key(state.scope)))
     usd = budget.measure == "usd"

@@ -1,4 +1,4 @@
-"""Parse and validate one usage event (SPEC §2); every rejection carries a reason that says what and where."""
+"""Parse and validate one usage event; every rejection carries a reason that says what and where."""
 
 from __future__ import annotations
 

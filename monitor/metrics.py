@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §8), computed from the database so they survive restarts and agree across replicas.
+"""Prometheus metrics, computed from the database so they survive restarts and agree across replicas.
 
 A scrape never scans events: the counters table (one row per label set, kept by the write path) is read at most
 once a second, and a scrape while the database is away renders the last snapshot it read.

@@ -175,7 +175,7 @@ def _row_dict(report: Report, row: ReportRow) -> dict[str, Any]:
 
 
 def to_json(report: Report) -> str:
-    """SPEC §5 JSON: since, until, total_usd and rows; money as decimal strings."""
+    """`report --format json`: since, until, total_usd and rows; money as decimal strings."""
     document = {
         "since": _iso(report.since),
         "until": _iso(report.until),

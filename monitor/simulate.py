@@ -211,7 +211,7 @@ class _Stamper:
 
 
 class _Maker:
-    """Builds one usage event (SPEC §2 dict) at a time from a seeded generator."""
+    """Builds one usage event (a dict) at a time from a seeded generator."""
 
     def __init__(self, rng: random.Random, users: int) -> None:
         self._rng = rng
@@ -337,7 +337,7 @@ def _usage(
 
 
 def _bad_line(event: dict[str, Any], kind: int, key_like: str) -> str:
-    """Spoil a fresh event in one of the ways SPEC §2 says must be dead-lettered."""
+    """Spoil a fresh event in one of the ways the event format says must be dead-lettered."""
     usage = event["usage"]
     if kind == 0:
         text = json.dumps(event)

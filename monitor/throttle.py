@@ -44,7 +44,7 @@ class Flag:
     measure: str
 
     def as_json(self) -> dict[str, Any]:
-        """The snapshot / API form (SPEC §7)."""
+        """The snapshot / API form."""
         return {
             "budget": self.budget,
             "scope": self.scope,
@@ -194,7 +194,7 @@ class ThrottleState:
         return Decision(longest, tuple(applicable))
 
     def snapshot(self, now: datetime) -> dict[str, Any]:
-        """The SPEC §7 document."""
+        """The snapshot document."""
         flags = [f.as_json() for f in self._flags.values() if f.active(now)]
         flags.sort(key=lambda f: (f["budget"], json.dumps(f["scope"], sort_keys=True)))
         return {"version": self.version, "generated_at": iso(self.generated_at or now), "flags": flags}

@@ -84,7 +84,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 def event(
     request_id: str = "req_1", *, timestamp: str = "2026-11-24T10:15:02Z", model: str = "claude-haiku-4-5", **usage: Any
 ) -> dict[str, Any]:
-    """A usage event (SPEC §2) with the given usage fields."""
+    """A usage event with the given usage fields."""
     return {"request_id": request_id, "timestamp": timestamp, "model": model, "usage": usage}
 
 

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §2): every bad line lands in dead_letters with reason, raw text and place; nothing good is lost."""
+"""Bad input: every bad line lands in dead_letters with reason, raw text and place; nothing good is lost."""
 
 from __future__ import annotations
 

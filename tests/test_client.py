@@ -433,7 +433,7 @@ def test_daemon_killed_snapshot_then_fail_mode(serve: Serve, tmp_path: Path, cli
 
 
 def test_check_semantics_from_a_snapshot_file(tmp_path: Path, clients: list[MonitorClient]) -> None:
-    """Scope matching, expired flags and the longest-holding flag, decided from a hand-written SPEC §7 file."""
+    """Scope matching, expired flags and the longest-holding flag, decided from a hand-written snapshot file."""
     now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
     clock = Clock(now.timestamp())
 

@@ -14,7 +14,7 @@ import pytest
 from monitor import simulate
 from tests.conftest import event, jsonl, run_cli
 
-# USD per million tokens, copied by hand from the list prices (PRICES.md), not from the code under test:
+# USD per million tokens, copied by hand from Anthropic's published list prices, not from the code under test:
 # (input, output, 5-minute write, 1-hour write, cache read); Sonnet 4.5 over 200k prompt tokens bills LONG.
 LIST = {
     "claude-haiku-4-5": ("1", "5", "1.25", "2", "0.10"),

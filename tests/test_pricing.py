@@ -1,6 +1,6 @@
-"""Hand-priced requests: every expected dollar amount below is worked out by hand from PRICES.md, never by the code.
+"""Hand-priced requests: each expected dollar amount is worked out by hand from the list prices, never by the code.
 
-Each case parses a SPEC §2 event dict with the real `EventParser` (so the reading of `usage` is covered too) and
+Each case parses a usage event dict with the real `EventParser` (so the reading of `usage` is covered too) and
 prices it with the real shipped table. Rates are USD per million tokens ("/M"); web search is $10 per 1,000.
 """
 
@@ -19,10 +19,10 @@ from monitor.pricing import Price, PriceTable, load_price_table, usd
 from tests.conftest import FakeClock
 
 DIMENSIONS = ("api_key", "project", "user", "feature", "environment")
-WHEN = "2026-11-24T10:15:02.123Z"  # the SPEC §2 example's timestamp; every shipped model has a rate by then
+WHEN = "2026-11-24T10:15:02.123Z"  # the README example event's timestamp; every shipped model has a rate by then
 
-# The SPEC §2 example event, word for word (on claude-haiku-4-5: in 1, out 5, 5m 1.25, 1h 2, read 0.10 /M).
-SPEC_EVENT: dict[str, Any] = {
+# The README's example usage event, word for word (on claude-haiku-4-5: in 1, out 5, 5m 1.25, 1h 2, read 0.10 /M).
+EXAMPLE_EVENT: dict[str, Any] = {
     "request_id": "req_011CUabc",
     "timestamp": "2026-11-24T10:15:02.123Z",
     "model": "claude-haiku-4-5-20251001",
@@ -165,7 +165,7 @@ def test_each_component_alone_on_haiku_4_5(price: PriceFn, usage: dict[str, Any]
 
 
 def test_spec_example_event_in_full(parse: Callable[[dict[str, Any]], Event], table: PriceTable) -> None:
-    result = table.price(parse(SPEC_EVENT))
+    result = table.price(parse(EXAMPLE_EVENT))
     # 1200 in x $1/M + 350 out x $5/M + 2048 5m x $1.25/M + 4096 read x $0.10/M + 1 search x $10/1000
     # = 0.0012 + 0.00175 + 0.00256 + 0.0004096 + 0.01
     assert dollars(result) == Decimal("0.0159196")
@@ -223,7 +223,7 @@ def test_batch_halves_every_token_price_but_not_web_search(
 def test_batch_spec_example(
     parse: Callable[[dict[str, Any]], Event], table: PriceTable, fields: Any, tier: Any
 ) -> None:
-    obj = {**SPEC_EVENT, **fields, "usage": {**SPEC_EVENT["usage"], **tier}}
+    obj = {**EXAMPLE_EVENT, **fields, "usage": {**EXAMPLE_EVENT["usage"], **tier}}
     # 1200 x $0.50/M + 350 x $2.50/M + 2048 x $0.625/M + 4096 x $0.05/M + 1 search x $10/1000
     # = 0.0006 + 0.000875 + 0.00128 + 0.0002048 + 0.01
     assert dollars(table.price(parse(obj))) == Decimal("0.0129598")
@@ -447,8 +447,8 @@ def test_event_before_a_models_first_rate_is_unpriced(price: PriceFn) -> None:
         pytest.param(
             ("claude-haiku-4-5", "claude-haiku-4-5-20251001"),
             "claude-haiku-4-5",
-            SPEC_EVENT["usage"],
-            Decimal("0.0159196"),  # 0.0012 + 0.00175 + 0.00256 + 0.0004096 + 0.01 (see the SPEC example)
+            EXAMPLE_EVENT["usage"],
+            Decimal("0.0159196"),  # 0.0012 + 0.00175 + 0.00256 + 0.0004096 + 0.01 (see the example event)
             id="haiku-4-5",
         ),
         pytest.param(
@@ -634,7 +634,7 @@ def test_config_override_replaces_a_shipped_models_rates(
             )
         }
     )
-    result = table.price(parse(SPEC_EVENT))
+    result = table.price(parse(EXAMPLE_EVENT))
     # 1200 x 2/M + 350 x 8/M + 2048 x 2.50/M + 4096 x 0.20/M + 1 search x $5/1000
     # = 0.0024 + 0.0028 + 0.00512 + 0.0008192 + 0.005
     assert dollars(result) == Decimal("0.0161392")
@@ -657,8 +657,8 @@ def test_config_override_of_rates_keeps_the_shipped_aliases(parse: Callable[[dic
         "cache_read": "0.2",
     }
     table = load_price_table({"claude-haiku-4-5": override(rates=[rate])})
-    # SPEC_EVENT carries the dated id claude-haiku-4-5-20251001; the override names no aliases.
-    result = table.price(parse(SPEC_EVENT))
+    # EXAMPLE_EVENT carries the dated id claude-haiku-4-5-20251001; the override names no aliases.
+    result = table.price(parse(EXAMPLE_EVENT))
     assert result.model == "claude-haiku-4-5"
     # 1200 x 2/M + 350 x 8/M + 2048 x 2.50/M + 4096 x 0.20/M + 1 search x $10/1000
     assert dollars(result) == Decimal("0.0211392")
@@ -732,9 +732,9 @@ def test_many_tiny_requests_sum_exactly(parse: Callable[[dict[str, Any]], Event]
 
 
 def test_mixed_requests_sum_exactly(parse: Callable[[dict[str, Any]], Event], table: PriceTable) -> None:
-    # 300 x the SPEC example (0.0159196 each) + 700 x 1 cache read on haiku-4-5 ($0.10/M = 0.0000001 each)
+    # 300 x the example event (0.0159196 each) + 700 x 1 cache read on haiku-4-5 ($0.10/M = 0.0000001 each)
     # = 4.77588 + 0.00007
-    spec = [table.price(parse({**SPEC_EVENT, "request_id": f"req_s{n}"})) for n in range(300)]
+    spec = [table.price(parse({**EXAMPLE_EVENT, "request_id": f"req_s{n}"})) for n in range(300)]
     reads = [
         table.price(
             parse(

@@ -43,24 +43,24 @@ FAMILIES = {
 
 
 def parse_time(text: str) -> datetime:
-    """RFC 3339 with a Z suffix, as SPEC §2 writes it."""
+    """RFC 3339 with a Z suffix, as usage events write it."""
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def prompt_size(usage: dict[str, Any]) -> int:
-    """Input + cache writes + cache reads (SPEC §3), nulls as 0."""
+    """Input + cache writes + cache reads (the prompt size), nulls as 0."""
     return sum(usage[k] or 0 for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
 
 
 def count_ok(value: Any) -> bool:
-    """A token count SPEC §2 accepts: absent/null, or a whole number from 0 to 10,000,000."""
+    """A token count the event format accepts: absent/null, or a whole number from 0 to 10,000,000."""
     if value is None:
         return True
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10_000_000
 
 
 def spec_problem(line: str, now: datetime) -> str | None:
-    """Why SPEC §2 rejects this line, or None when it is a valid usage event; written from the SPEC, not the code."""
+    """Why the event format rejects this line (None: a valid usage event); from the README's rules, not the code."""
     try:
         event = json.loads(line)
     except ValueError:

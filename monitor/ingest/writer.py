@@ -96,7 +96,7 @@ class BatchResult:
         self.settles.extend(other.settles)
 
     def as_dict(self) -> dict[str, int]:
-        """The SPEC §5 summary."""
+        """The summary `ingest --format json` prints."""
         return {
             "accepted": self.accepted,
             "duplicates": self.duplicates,
