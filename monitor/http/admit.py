@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from monitor.client import AdmissionRefused, Lease, MonitorClient, MonitorError
 from monitor.estimate import input_token_bound
+from monitor.http.server import off_loop
 from monitor.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,6 @@ class Gate:
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(ADMIT_WORKERS, thread_name_prefix="proxy-admit")
 
-    async def _off_loop(self, work: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
-
     def close(self) -> None:
         """Stop the worker threads (after the server drained)."""
         self._pool.shutdown(wait=True)
@@ -97,7 +95,7 @@ class Gate:
             )
 
         try:
-            lease = await self._off_loop(ask)
+            lease = await off_loop(self._pool, ask)
         except AdmissionRefused as refused:
             return self._refused(refused, who)
         except MonitorError as exc:
@@ -144,7 +142,7 @@ class Gate:
         while True:
             await asyncio.sleep(lease.renew_every)
             try:
-                expires = await self._off_loop(lambda: self.monitor.renew(lease))
+                expires = await off_loop(self._pool, lambda: self.monitor.renew(lease))
             except MonitorError as exc:  # the next renewal may reach it; the lease lasts lease_ttl meanwhile
                 self.metrics.renewals.labels("failed").inc()
                 log.warning("could not renew lease %s: %s", lease.id, exc)
@@ -174,7 +172,7 @@ class Gate:
         if settled:
             return
         try:
-            await self._off_loop(lambda: self.monitor.release(lease, request_id=request_id, usage=usage))
+            await off_loop(self._pool, lambda: self.monitor.release(lease, request_id=request_id, usage=usage))
         except MonitorError as exc:
             log.warning("could not release lease %s (%s); it returns its slot when it expires", lease.id, exc)
 

@@ -7,7 +7,6 @@ on the loop.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -39,6 +38,7 @@ from monitor.http.server import (
     header,
     headers_of,
     json_response,
+    off_loop,
     read_body,
 )
 from monitor.ingest.body import NotJsonNorNdjson, TooManyEvents, split_body
@@ -419,9 +419,6 @@ class ApiApp:
         self._ingest_pool.shutdown(wait=True)
         self._read_pool.shutdown(wait=True)
 
-    async def _off_loop(self, pool: ThreadPoolExecutor, work: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, work)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
@@ -457,13 +454,13 @@ class ApiApp:
                 return denied
             if path == "/v1/throttle":
                 return api.throttle(header(scope, "if-none-match"))
-            return await self._off_loop(self._read_pool, api.budgets_json)
+            return await off_loop(self._read_pool, api.budgets_json)
         if path == "/metrics":
-            return await self._off_loop(self._read_pool, api.metrics)
+            return await off_loop(self._read_pool, api.metrics)
         if path == "/healthz":
             return json_response(200, {"status": "ok"})
         if path == "/readyz":
-            return await self._off_loop(self._read_pool, api.ready)
+            return await off_loop(self._read_pool, api.ready)
         return error_response(404, f"no route {path}")
 
     def _check(self, scope: Scope, envoy: bool) -> Response:
@@ -519,7 +516,7 @@ class ApiApp:
             return error_response(400, f"POST /v1/admit: {exc}")
         outcome = admission.admit(request)  # in memory, on the loop
         if isinstance(outcome, NeedsRead):  # a scope not seen yet: one indexed read, off the loop
-            outcome = await self._off_loop(self._read_pool, lambda: admission.admit(request, read=True))
+            outcome = await off_loop(self._read_pool, lambda: admission.admit(request, read=True))
         assert not isinstance(outcome, NeedsRead)
         return api.admit_answer(outcome)
 
@@ -555,7 +552,7 @@ class ApiApp:
                 413, f"{exc} (http.max_body_bytes); send smaller batches (nothing was stored)", close=True
             )
         remote = (scope.get("client") or ("?", 0))[0]
-        prepared = await self._off_loop(self._parse_pool, lambda: api.prepare(body, remote))
+        prepared = await off_loop(self._parse_pool, lambda: api.prepare(body, remote))
         if isinstance(prepared, Response):
             return prepared
         return await self._group.submit(prepared)

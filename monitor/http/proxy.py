@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +66,7 @@ from monitor.http.server import (
     ServerLimits,
     content_length,
     headers_of,
+    off_loop,
     read_body,
     send_response,
     settle_heap,
@@ -276,9 +277,6 @@ class ProxyApp:
         self.metrics = ProxyMetrics()
         self.gate = Gate(monitor, settings.fail_mode, self.metrics)
 
-    async def _off_loop(self, pool: ThreadPoolExecutor, work: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, work)
-
     async def close(self) -> None:
         """Close upstream connections and the worker threads (after the server drained)."""
         await self.upstream.aclose()
@@ -395,7 +393,7 @@ class ProxyApp:
         # The daemon's state in memory decides on the loop; only a stale one (the snapshot file) goes to a thread.
         verdict = self.monitor.check_in_memory(model=model, **dimensions)
         if verdict is None:
-            verdict = await self._off_loop(self._checks, lambda: self.monitor.check(model=model, **dimensions))
+            verdict = await off_loop(self._checks, lambda: self.monitor.check(model=model, **dimensions))
             if verdict.stale and verdict.source == "none":  # neither the daemon nor the snapshot: fail_mode decided
                 decision = "allowed" if verdict.allowed else "denied"
                 self.metrics.fail_mode.labels("check", decision).inc()
@@ -487,7 +485,7 @@ class ProxyApp:
     async def _record(self, call: _Call, event: dict[str, Any]) -> None:
         """Post the call's usage event off the loop; an event the daemon stored settles the call's lease."""
         call.request_id, call.usage = event["request_id"], event["usage"]
-        call.settled = await self._off_loop(self._records, lambda: self.recorder.record(event))
+        call.settled = await off_loop(self._records, lambda: self.recorder.record(event))
 
     def _call(self, body: bytes, client: ProxyClient, attributes: dict[str, str]) -> _Call:
         """The call a /v1/messages body asks for; Refused 400 without a model, or one the price table lacks."""

@@ -28,13 +28,15 @@ import logging
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
@@ -385,3 +387,8 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+
+
+async def off_loop(pool: ThreadPoolExecutor, work: Callable[[], T]) -> T:
+    """Run blocking `work` (database, file or HTTP I/O) on `pool`, so the event loop keeps answering meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(pool, work)
