@@ -217,7 +217,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Anthropic's figures for a settled day three days ago, stored by `reconcile` before the daemon starts: the
     # reconcile gauges (read from the database) then have a day to show. We logged nothing that day.
     analytics = FakeAnalytics("sk-ant-admin01-e2e")
-    analytics.rows = [Row(now.date() - timedelta(days=3), "claude-haiku-4-5", "standard", Decimal("100"), 5)]
+    # The latest settled day (26 h) is two days ago from 02:00 UTC on, three days ago before: give both a row.
+    analytics.rows = [
+        Row(now.date() - timedelta(days=days), "claude-haiku-4-5", "standard", Decimal("100"), 5) for days in (2, 3)
+    ]
     config = write_config(tmp, CONFIG + f"reconcile: {{base_url: '{analytics.url}'}}\n")
     try:
         run_cli("reconcile", "--config", str(config), env={"ANTHROPIC_ADMIN_KEY": "sk-ant-admin01-e2e"})
