@@ -182,7 +182,7 @@ def _digest(entry: ModelPricing) -> str:
 
 def builtin_models() -> tuple[str, dict[str, ModelPricing]]:
     """The shipped price table: its version and models."""
-    text = resources.files("monitor").joinpath("prices.yaml").read_text(encoding="utf-8")
+    text = resources.files("monitor.pricing").joinpath("prices.yaml").read_text(encoding="utf-8")
     data = load_yaml(text)
     models = {name: ModelPricing.model_validate(entry) for name, entry in data["models"].items()}
     return str(data["version"]), models
