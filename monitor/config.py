@@ -355,6 +355,10 @@ class AdmissionConfig(_Strict):
 
     lease_ttl: str = "10m"  # a lease not renewed (or settled) within this returns its slot and reservation
     max_open_leases: int = Field(default=100_000, gt=0)  # past it admit answers 503: memory stays bounded
+    # Memory the daemon keeps for admission; past each bound the entries worth least go (README: Admission).
+    max_buckets: int = Field(default=200_000, gt=0)  # rate-limit token buckets (one per limit, scope and kind)
+    max_spend_scopes: int = Field(default=200_000, gt=0)  # budget scopes whose window spend is kept
+    max_settled_remembered: int = Field(default=100_000, gt=0)  # ended leases and stored request ids remembered
 
     @field_validator("lease_ttl")
     @classmethod

@@ -198,6 +198,11 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
         f"admission leases: expire {s.admission.lease_ttl} after admit or their last renewal "
         f"(running calls renew every {int(ttl.total_seconds() // 3)}s); at most {s.admission.max_open_leases:,} open"
     )
+    lines.append(
+        f"admission memory: at most {s.admission.max_buckets:,} rate buckets, "
+        f"{s.admission.max_spend_scopes:,} budget scopes' spend, {s.admission.max_settled_remembered:,} ended leases "
+        "remembered"
+    )
     throttling = [b.name for b in s.budgets if b.throttle_at is not None]
     if throttling:
         lines.append(

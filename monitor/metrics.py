@@ -476,6 +476,22 @@ class AdmissionCollector(Collector):
         leases = GaugeMetricFamily("claude_admission_open_leases", "Leases open now (admitted, not yet settled).")
         leases.add_metric([], float(stats.open_leases))
         yield leases
+        memory = GaugeMetricFamily(
+            "claude_admission_memory_entries",
+            "What admission keeps in memory, by kind (buckets, spend_scopes, settled_leases, stored_requests); each "
+            "is bounded by its admission.max_* key.",
+            labels=["kind"],
+        )
+        for kind, value in sorted(stats.memory.items()):
+            memory.add_metric([kind], float(value))
+        yield memory
+        forgiven = CounterMetricFamily(
+            "claude_admission_buckets_forgiven",
+            "Token buckets dropped before they were full to stay within admission.max_buckets (their scopes start "
+            "again on full buckets).",
+        )
+        forgiven.add_metric([], float(stats.buckets_forgiven))
+        yield forgiven
 
 
 class DefinitionsCollector(Collector):

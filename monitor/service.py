@@ -16,7 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
-from monitor.admission import Admission
+from monitor.admission import Admission, MemoryBounds
 from monitor.alerts import Notifier, validate_webhooks
 from monitor.budgets import BudgetIndex, compile_budgets
 from monitor.clock import Clock, system_clock
@@ -228,6 +228,11 @@ class Daemon:
             # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
             # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
             spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
+            bounds=MemoryBounds(
+                settings.admission.max_buckets,
+                settings.admission.max_spend_scopes,
+                settings.admission.max_settled_remembered,
+            ),
         )
         self.registry.register(AdmissionCollector(self.admission))
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))

@@ -59,6 +59,8 @@ def test_admission_defaults(tmp_path: Path) -> None:
     assert settings.limits == []
     assert parse_duration(settings.admission.lease_ttl) == timedelta(minutes=10)
     assert settings.admission.max_open_leases == 100_000
+    bounds = settings.admission
+    assert (bounds.max_buckets, bounds.max_spend_scopes, bounds.max_settled_remembered) == (200_000, 200_000, 100_000)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +86,9 @@ def test_admission_defaults(tmp_path: Path) -> None:
         ),
         ("admission: {lease_ttl: 1s}\n", ["c.yaml:1", "admission.lease_ttl", "too short"]),
         ("admission: {lease_ttl: soon}\n", ["admission.lease_ttl", "not a duration"]),
+        ("admission:\n  max_buckets: 0\n", ["c.yaml:2", "admission.max_buckets", "greater than 0"]),
+        ("admission:\n  lease_ttl: 1m\n  max_spend_scopes: -5\n", ["c.yaml:3", "admission.max_spend_scopes"]),
+        ("admission: {max_settled_remembered: lots}\n", ["c.yaml:1", "admission.max_settled_remembered"]),
     ],
     ids=[
         "nothing",
@@ -97,6 +102,9 @@ def test_admission_defaults(tmp_path: Path) -> None:
         "per-in-match",
         "short-ttl",
         "bad-ttl",
+        "zero-buckets",
+        "negative-spend-scopes",
+        "settled-not-a-number",
     ],
 )
 def test_bad_limits_name_file_line_key_and_reason(tmp_path: Path, text: str, expected: list[str]) -> None:
@@ -124,4 +132,6 @@ def test_check_config_explains_limits(tmp_path: Path) -> None:
     ) in out
     assert "  - bursty: all traffic: 60 requests a minute (bursts of up to 5)" in out
     assert "admission leases: expire 90s after admit or their last renewal (running calls renew every 30s)" in out
+    memory = "admission memory: at most 200,000 rate buckets, 200,000 budget scopes' spend, 100,000 ended leases"
+    assert memory + " remembered" in out
     assert "admission reserves each call's worst case against: lingo-daily" in out
