@@ -465,6 +465,10 @@ class ProxyConfig(_Strict):
     ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
     read_token_env: str | None = None  # the daemon's read token, when its http.read_token_env is set
     fail_mode: Literal["open", "closed"] = "open"
+    # Admit on Anthropic's count of the input (POST /v1/messages/count_tokens, free) instead of the byte bound;
+    # past count_tokens_timeout, or on any error, the byte bound it is.
+    count_tokens: bool = False
+    count_tokens_timeout: str = "2s"
     # Bounds of the proxy's own server; over max_body_bytes a request is refused 413 (Anthropic's own limit
     # is lower, so nothing it would accept is refused here).
     max_body_bytes: int = Field(default=64 * MEBIBYTE, gt=0)
@@ -479,6 +483,13 @@ class ProxyConfig(_Strict):
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration(value)
+        return value
+
+    @field_validator("count_tokens_timeout")
+    @classmethod
+    def _count_timeout(cls, value: str) -> str:
+        if parse_duration(value) > timedelta(seconds=60):
+            raise ValueError(f"{value!r} is too long: every call waits for it before it is admitted; use 60s or less")
         return value
 
     @field_validator("identity")

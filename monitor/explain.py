@@ -61,6 +61,13 @@ def _proxy(proxy: ProxyConfig, environ: Mapping[str, str]) -> list[str]:
     lines = [
         f"proxy: listen {proxy.listen}, upstream {proxy.upstream}, fail_mode {proxy.fail_mode}; "
         f"models the price table does not know are {unpriced}; bodies up to {proxy.max_body_bytes:,} bytes",
+        "proxy admits each call on "
+        + (
+            f"Anthropic's count of its input (count_tokens, waited for up to {proxy.count_tokens_timeout}, else the "
+            "byte bound)"
+            if proxy.count_tokens
+            else "an upper bound of its input from the request's bytes (proxy.count_tokens: false)"
+        ),
     ]
     if not proxy.clients:
         lines.append("proxy clients: none (every call to the proxy is refused 401)")

@@ -684,6 +684,15 @@ class ProxyMetrics:
         )
         for route in ("messages", "count_tokens"):
             self.upstream_latency.labels(route)
+        self.count_tokens = Counter(
+            "claude_proxy_count_tokens",
+            "Calls whose input was counted upstream before admission (proxy.count_tokens): ok, or fallback (no "
+            "count in time: admitted on the byte bound).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("ok", "fallback"):
+            self.count_tokens.labels(outcome)
 
     def render(self) -> bytes:
         """The text exposition of every proxy metric."""
