@@ -38,7 +38,7 @@ limits:
 """
 CJK_ASK: list[MessageParam] = [{"role": "user", "content": "字" * 400}]
 CJK_BOUND = 1_246
-COUNT_TIMEOUT = "300ms"
+SLOW = "1s"  # the timeout of the proxy the fake keeps waiting; the others wait up to 10 s for a loaded machine
 COUNT_TOKENS = "/v1/messages/count_tokens"
 
 
@@ -66,7 +66,14 @@ def start_proxy(tmp_path: Path, fake: FakeAnthropic, daemon_url: str, extra: str
 
 @pytest.fixture
 def counting(tmp_path: Path, fake: FakeAnthropic, daemon_url: str) -> Iterator[ProxyProcess]:
-    proxy = start_proxy(tmp_path, fake, daemon_url, f"  count_tokens: true\n  count_tokens_timeout: {COUNT_TIMEOUT}\n")
+    proxy = start_proxy(tmp_path, fake, daemon_url, "  count_tokens: true\n  count_tokens_timeout: 10s\n")
+    yield proxy
+    proxy.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def impatient(tmp_path: Path, fake: FakeAnthropic, daemon_url: str) -> Iterator[ProxyProcess]:
+    proxy = start_proxy(tmp_path, fake, daemon_url, f"  count_tokens: true\n  count_tokens_timeout: {SLOW}\n")
     yield proxy
     proxy.stop(signal.SIGKILL)
 
@@ -111,24 +118,27 @@ def test_counted_input_under_the_cap_is_admitted_where_the_byte_bound_would_be_r
     assert COUNT_TOKENS_ANSWER < 1_000 < CJK_BOUND
 
 
-def test_count_tokens_failing_or_slow_falls_back_to_the_byte_bound(counting: ProxyProcess, fake: FakeAnthropic) -> None:
+def test_count_tokens_failing_or_slow_falls_back_to_the_byte_bound(
+    impatient: ProxyProcess, fake: FakeAnthropic
+) -> None:
     fake.fail_next(529, "overloaded_error")
     with pytest.raises(anthropic.BadRequestError) as failed:
-        client(counting).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)
+        client(impatient).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)
     assert isinstance(failed.value.body, dict)
     assert f"estimated at up to {CJK_BOUND:,} tokens, over the cap of 1,000" in failed.value.body["error"]["message"]
-    assert counts(counting) == (0, 1)
+    assert counts(impatient) == (0, 1)
+    assert "count_tokens: Anthropic answered 529" in impatient.output()
 
-    fake.count_hold = threading.Event()  # count_tokens answers only when the test lets it, long after 300 ms
+    fake.count_hold = threading.Event()  # count_tokens answers only when the test lets it: never within 1 s
     try:
-        slow = within(10, lambda: client(counting).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK))
+        slow = within(10, lambda: client(impatient).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK))
     finally:
         fake.count_hold.set()
     assert isinstance(slow, anthropic.BadRequestError) and isinstance(slow.body, dict)
     assert f"estimated at up to {CJK_BOUND:,} tokens" in slow.body["error"]["message"]
-    assert counts(counting) == (0, 2)
-    assert [seen.path for seen in fake.requests] == [COUNT_TOKENS, COUNT_TOKENS]  # no call went upstream
-    assert "count_tokens: no answer within 0.3 s (proxy.count_tokens_timeout)" in counting.output()
+    assert counts(impatient) == (0, 2)
+    assert "count_tokens: no answer within 1 s (proxy.count_tokens_timeout)" in impatient.output()
+    assert fake.seen("/v1/messages") == []  # neither call went upstream
 
 
 def test_without_the_option_no_count_tokens_call_goes_upstream(bounding: ProxyProcess, fake: FakeAnthropic) -> None:

@@ -59,9 +59,9 @@ class InputCounter:
         try:
             async with asyncio.timeout(self.timeout):
                 counted = await self._count(request, query, headers)
-        except TimeoutError:
+        except (TimeoutError, httpx2.TimeoutException):  # the whole exchange, or one of its steps
             why = f"no answer within {self.timeout:g} s (proxy.count_tokens_timeout)"
-        except httpx2.HTTPError as exc:
+        except Exception as exc:  # an unreachable upstream or anything else: the bound needs no one
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         else:
             if isinstance(counted, int):
@@ -80,7 +80,7 @@ class InputCounter:
         response = await self.upstream.post(
             COUNT_TOKENS + (f"?{query}" if query else ""),
             content=body,
-            headers=[*headers, ("content-type", "application/json")],
+            headers=[*((k, v) for k, v in headers if k != "content-type"), ("content-type", "application/json")],
             timeout=httpx2.Timeout(self.timeout),
         )
         self.metrics.upstream_latency.labels("count_tokens").observe(time.monotonic() - started)
