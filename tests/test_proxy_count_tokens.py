@@ -2,11 +2,14 @@
 
 Through the real `anthropic` SDK (no retries) -> `claude-monitor proxy` (a child process) -> the local fake
 Anthropic, whose count_tokens answers `fake.count_answer`, refuses fields it does not take, and can be held past the
-proxy's timeout. The daemon runs in this process (as `serve` builds it) with one cap, `max_input_tokens: 1000`.
+proxy's timeout. The daemon runs in this process (as `serve` builds it) with one cap, `max_input_tokens: 1000` on
+project lingo, and a $0.001 budget on project wallet.
 
 The byte bound of CJK_ASK, by hand: 400 characters of 3 UTF-8 bytes = 1,200 bytes, plus the 30 bytes of JSON
 around them (`[{"role":"user","content":""}]`) and the 16 of the request's overhead = 1,246 tokens, over the cap;
-the fake's count (17) is under it.
+the fake's count (17) is under it. The worst case of CJK_ASK with max_tokens 5 on claude-haiku-4-5 ($1/M input,
+$5/M output): on the bound 1,246 x $1/M + 5 x $5/M = $0.001271, over the wallet's $0.001; on the count
+17 x $1/M + 5 x $5/M = $0.000042, under it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ http: {listen: "127.0.0.1:0"}
 sources: []
 limits:
   - {name: input-guard, match: {project: lingo}, max_input_tokens: 1000}
+budgets:
+  - {name: wallet-day, match: {project: wallet}, window: day, limit_usd: 0.001, throttle_at: 1.0}
 """
 CJK_ASK: list[MessageParam] = [{"role": "user", "content": "字" * 400}]
 CJK_BOUND = 1_246
@@ -92,8 +97,8 @@ def counts(proxy: ProxyProcess) -> tuple[float, float]:
     return metrics[name, (("outcome", "ok"),)], metrics[name, (("outcome", "fallback"),)]
 
 
-def client(proxy: ProxyProcess) -> anthropic.Anthropic:
-    return sdk(proxy.url, "u-1", "lingo", max_retries=0)
+def client(proxy: ProxyProcess, project: str = "lingo") -> anthropic.Anthropic:
+    return sdk(proxy.url, "u-1", project, max_retries=0)
 
 
 def test_counted_input_under_the_cap_is_admitted_where_the_byte_bound_would_be_refused(
@@ -106,6 +111,9 @@ def test_counted_input_under_the_cap_is_admitted_where_the_byte_bound_would_be_r
     assert counted.json() == {"model": HAIKU, "messages": CJK_ASK}  # the prompt only: no max_tokens
     assert counted.headers["x-api-key"] == PROXY_KEY and "anthropic-version" in counted.headers
     assert counts(counting) == (1, 0)
+    # The worst case is priced on the count too: $0.000042 fits the wallet's $0.001.
+    assert client(counting, "wallet").messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)
+    assert counts(counting) == (2, 0)
 
     # The count is what admission sees, larger ones too: 5,000 counted is over the cap, whatever the bytes say.
     fake.count_answer = 5_000
@@ -113,8 +121,8 @@ def test_counted_input_under_the_cap_is_admitted_where_the_byte_bound_would_be_r
         client(counting).messages.create(model=HAIKU, max_tokens=5, messages=[{"role": "user", "content": "Hallo?"}])
     assert isinstance(caught.value.body, dict)
     assert "estimated at up to 5,000 tokens, over the cap of 1,000" in caught.value.body["error"]["message"]
-    assert len(fake.seen("/v1/messages")) == 1  # the refused call never went upstream
-    assert counts(counting) == (2, 0)
+    assert len(fake.seen("/v1/messages")) == 2  # the refused call never went upstream
+    assert counts(counting) == (3, 0)
     assert COUNT_TOKENS_ANSWER < 1_000 < CJK_BOUND
 
 
@@ -146,6 +154,9 @@ def test_without_the_option_no_count_tokens_call_goes_upstream(bounding: ProxyPr
         client(bounding).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)
     assert isinstance(caught.value.body, dict)
     assert f"estimated at up to {CJK_BOUND:,} tokens" in caught.value.body["error"]["message"]
+    with pytest.raises(anthropic.RateLimitError) as budget:  # on the bound, $0.001271 would pass the $0.001
+        client(bounding, "wallet").messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)
+    assert isinstance(budget.value.body, dict) and "worst case $0.001271" in budget.value.body["error"]["message"]
     assert client(bounding).messages.create(model=HAIKU, max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
     assert [seen.path for seen in fake.requests] == ["/v1/messages"]
     assert counts(bounding) == (0, 0)
