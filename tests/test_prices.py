@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -19,12 +20,17 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from monitor.config import load_settings
 from monitor.ingest.files import ingest_files
-from monitor.service import Daemon
+from monitor.service import Daemon, open_store
+from monitor.store.models import usage_rollup
+from monitor.store.reprice import Repricer
 from tests.conftest import FakeClock, jsonl, run_cli
 from tests.fake_models import MODELS_PATH, FakeModels
+
+pytest_plugins = ["tests.pg"]
 
 API_KEY = "sk-ant-api03-PricesTESTONLYnotarealkey0123456789abcdef"
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)  # a Thursday
@@ -412,7 +418,7 @@ def test_reprice_command_prices_stored_unpriced_events_once(tmp_path: Path) -> N
     assert (nova["requests"], nova["unpriced_requests"], nova["cost_usd"]) == (3, 0, "3.453000")
     # Tokens moved with the requests: 100,000 + 0 + 1,000,000 input; 20,000 + 100,000 output.
     assert (nova["input_tokens"], nova["output_tokens"], nova["cache_read_tokens"]) == (1_100_000, 120_000, 40_000)
-    assert "claude-nova-6-20261101" not in rows or rows["claude-nova-6-20261101"]["requests"] == 0
+    assert "claude-nova-6-20261101" not in rows  # its emptied unpriced rows are gone
     assert rows["claude-mystery-1"]["unpriced_requests"] == 1
 
     spend = budgets(after_config)
@@ -481,3 +487,58 @@ def test_the_daemon_reprices_at_start_through_budgets_and_metrics_once(tmp_path:
         k: v for k, v in after.items() if "cost" in k[0] or "repriced" in k[0] or "spend" in k[0]
     }
     assert cost("claude-nova-6", "lingo") == pytest.approx(1.453, abs=1e-12)
+
+
+def test_on_postgres_two_passes_at_once_price_each_event_once_under_capped_labels(tmp_path: Path, pg_url: str) -> None:
+    # One project value admitted (lingo, the first seen): project "other" is counted under __other__, and the pass
+    # must take nova-3 from that row, not from one it was never in.
+    capped = BUDGETS.replace("metrics: {labels: [project]}", "metrics: {labels: [project], max_values_per_label: 1}")
+    before = (
+        write(tmp_path / "before.yaml", tmp_path / "unused.db", capped)
+        .read_text()
+        .replace(f"sqlite:///{tmp_path / 'unused.db'}", pg_url)
+    )
+    (tmp_path / "before.yaml").write_text(before)
+    (tmp_path / "after.yaml").write_text(before + NOVA)
+    clock = FakeClock(NOW)
+    store = open_store(load_settings(tmp_path / "before.yaml", environ={}), clock=clock)
+    try:
+        ingest_files([jsonl(tmp_path / "u.jsonl", *usage_events(datetime(2026, 11, 24, tzinfo=UTC)))],
+                     store.parser, store.writer)  # fmt: skip
+    finally:
+        store.close()
+    store = open_store(load_settings(tmp_path / "after.yaml", environ={}), clock=clock)
+    try:
+        settings = store.settings
+
+        def repricer() -> Repricer:
+            return Repricer(
+                store.engine, store.prices, budgets=store.budgets.index, zone=settings.zone,
+                metric_labels=settings.metrics.labels, batch_size=1,
+            )  # fmt: skip
+
+        results: list[Any] = []
+        threads = [threading.Thread(target=lambda: results.append(repricer().run())) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert len(results) == 2
+        assert sorted(r.repriced for r in results) in ([0, 3], [1, 2])  # however they interleave: 3 in all
+        assert sum(r.cost_pico for r in results) == 3_453_000_000_000  # 0.453 + 1.0 + 2.0 USD in pico-dollars
+        with store.engine.connect() as connection:
+            rows: dict[tuple[str, str], tuple[int, ...]] = {}
+            for row in connection.execute(select(usage_rollup)):  # summed over the 15-minute buckets
+                counts = (row.requests, row.input, row.output, row.cost_pico, row.unpriced_requests)
+                was = rows.get((row.model, row.labels), (0,) * 5)
+                rows[row.model, row.labels] = tuple(a + b for a, b in zip(was, counts, strict=True))
+    finally:
+        store.close()
+    assert rows == {
+        # nova-1 + nova-2: in 100,000 + 0, out 20,000 + 100,000; 0.453 + 1.0 USD
+        ("claude-nova-6", '{"project":"lingo"}'): (2, 100_000, 120_000, 1_453_000_000_000, 0),
+        # nova-3, counted under __other__ (the cap): in 1,000,000; 2.0 USD
+        ("claude-nova-6", '{"project":"__other__"}'): (1, 1_000_000, 0, 2_000_000_000_000, 0),
+        ("claude-haiku-4-5", '{"project":"lingo"}'): (1, 0, 1_000_000, 5_000_000_000_000, 0),  # out 1 M x 5
+        ("claude-mystery-1", '{"project":"lingo"}'): (1, 1_000, 0, 0, 1),  # still unpriced
+    }

@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, select, update
 
 from monitor.budgets import BudgetIndex
 from monitor.events import Event
@@ -42,6 +42,7 @@ from monitor.usage import USAGE_FIELDS, Usage
 DEFAULT_BATCH = 1000
 UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total, as the write path names it
 _ROLLUP_KEY = ("bucket_start", "model", "service_tier", "status_class", "labels")
+_USAGE_KEY = ("budget", "scope", "bucket_start")
 
 
 @dataclass
@@ -90,15 +91,13 @@ class Repricer:
         self._add_counter = upsert_adding(counters, dialect, ("name", "labels"), ("value",))
         self._add_rollup = upsert_adding(usage_rollup, dialect, _ROLLUP_KEY, ROLLUP_FIELDS)
         self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
-        self._take_rollup = (
-            update(usage_rollup)
-            .where(*(usage_rollup.c[name] == bindparam(f"k_{name}") for name in _ROLLUP_KEY))
-            .values({name: usage_rollup.c[name] - bindparam(f"d_{name}") for name in ROLLUP_FIELDS})
+        # A row the pass emptied (its only requests moved away), or one it made for an event that was never counted
+        # there (a budget bucket before the budget was counted, or past retention), is dropped.
+        self._drop_rollup = delete(usage_rollup).where(
+            *(usage_rollup.c[name] == bindparam(f"k_{name}") for name in _ROLLUP_KEY), usage_rollup.c.requests <= 0
         )
-        self._take_usage = (
-            update(budget_usage)
-            .where(*(budget_usage.c[name] == bindparam(f"k_{name}") for name in ("budget", "scope", "bucket_start")))
-            .values({name: budget_usage.c[name] - bindparam(f"d_{name}") for name in USAGE_FIELDS})
+        self._drop_usage = delete(budget_usage).where(
+            *(budget_usage.c[name] == bindparam(f"k_{name}") for name in _USAGE_KEY), budget_usage.c.requests <= 0
         )
 
     def priceable(self, connection: Connection) -> list[str]:
@@ -119,7 +118,7 @@ class Repricer:
                     .where(events.c.cost_pico.is_(None), events.c.model_id.in_(ids), events.c.id > last)
                     .order_by(events.c.id)
                     .limit(self._batch)
-                    .with_for_update()
+                    .with_for_update(skip_locked=True)  # PostgreSQL: another pass takes other rows meanwhile
                 ).all()
                 if not rows:
                     break
@@ -164,10 +163,9 @@ class Repricer:
         )
         admitted = _admitted(connection, [*self._metric_labels, UNPRICED_LABEL])
         counter_deltas: dict[tuple[str, str], int] = defaultdict(int)
-        take: dict[tuple[Any, ...], list[int]] = {}
-        give: dict[tuple[Any, ...], list[int]] = {}
-        usage_take: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
-        usage_give: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
+        # Signed deltas: what leaves the row the event was counted in, what the row of its price-table name gains.
+        rollup: dict[tuple[Any, ...], list[int]] = {}
+        usage_delta: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
         for row, price in priced:
             cost = price.cost_pico or 0
             entry = result.by_model.setdefault(price.model, [0, 0])
@@ -203,8 +201,8 @@ class Repricer:
                 row.cache_write_1h_tokens,
                 row.web_search_requests,
             ]
-            _add(take, (bucket, old_model, tier, klass, labels), [*counts, 0, 1])
-            _add(give, (bucket, price.model, tier, klass, labels), [*counts, cost, 0])
+            _add(rollup, (bucket, old_model, tier, klass, labels), [-count for count in counts] + [0, -1])
+            _add(rollup, (bucket, price.model, tier, klass, labels), [*counts, cost, 0])
             tokens = (
                 row.input_tokens,
                 row.output_tokens,
@@ -212,7 +210,7 @@ class Repricer:
                 row.cache_write_5m_tokens,
                 row.cache_write_1h_tokens,
             )
-            usage = Usage(1, *tokens)
+            gone = Usage(-1, *(-count for count in tokens))
             by_name = {}
             old_keys: set[tuple[str, str]] = set()
             new_keys: set[tuple[str, str]] = set()
@@ -223,59 +221,46 @@ class Repricer:
             for name, key in sorted(old_keys | new_keys):
                 slot = (name, key, by_name[name].bucket_of(row.ts, self._zone))
                 if (name, key) in old_keys and (name, key) in new_keys:
-                    usage_take[slot].add(Usage(cost_pico=-cost))  # counted there already: add the cost only
+                    usage_delta[slot].add(Usage(cost_pico=cost))  # counted there already: the cost only
                 elif (name, key) in old_keys:
-                    usage_take[slot].add(usage)
+                    usage_delta[slot].add(gone)
                 else:
-                    usage_give[slot].add(Usage(1, *tokens, cost))
-        # Shared rows in key order, tables in the write path's order: concurrent writers cannot deadlock us.
+                    usage_delta[slot].add(Usage(1, *tokens, cost))
+        # Tables in the write path's order (counters, rollup, budget usage).
         connection.execute(
             self._add_counter,
             [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(counter_deltas.items())],
         )
-        if take:
-            connection.execute(
-                self._take_rollup,
-                [
-                    {
-                        **{f"k_{n}": v for n, v in zip(_ROLLUP_KEY, key, strict=True)},
-                        **{f"d_{n}": v for n, v in zip(ROLLUP_FIELDS, counts, strict=True)},
-                    }
-                    for key, counts in sorted(take.items())
-                ],
-            )
+        # One statement per table, its rows in key order: the writer upserts in key order too, so neither waits on
+        # a row the other holds while holding one it wants (no deadlock on PostgreSQL).
+        rollup_rows = sorted(rollup.items())
         connection.execute(
             self._add_rollup,
             [
                 {**dict(zip(_ROLLUP_KEY, key, strict=True)), **dict(zip(ROLLUP_FIELDS, counts, strict=True))}
-                for key, counts in sorted(give.items())
+                for key, counts in rollup_rows
             ],
         )
-        if usage_take:
-            connection.execute(
-                self._take_usage,
-                [
-                    {
-                        "k_budget": name,
-                        "k_scope": key,
-                        "k_bucket_start": bucket,
-                        **{f"d_{n}": v for n, v in zip(USAGE_FIELDS, usage.as_tuple(), strict=True)},
-                    }
-                    for (name, key, bucket), usage in sorted(usage_take.items())
-                ],
-            )
-        if usage_give:
+        emptied = [
+            {f"k_{n}": v for n, v in zip(_ROLLUP_KEY, key, strict=True)} for key, counts in rollup_rows if counts[0] < 0
+        ]
+        if emptied:
+            connection.execute(self._drop_rollup, emptied)
+        if usage_delta:
+            usage_rows = sorted(usage_delta.items())
             connection.execute(
                 self._add_usage,
                 [
                     {
-                        "budget": name,
-                        "scope": key,
-                        "bucket_start": bucket,
+                        **dict(zip(_USAGE_KEY, key, strict=True)),
                         **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),
                     }
-                    for (name, key, bucket), usage in sorted(usage_give.items())
+                    for key, usage in usage_rows
                 ],
+            )
+            connection.execute(
+                self._drop_usage,
+                [{f"k_{n}": v for n, v in zip(_USAGE_KEY, key, strict=True)} for key, _ in usage_rows],
             )
 
 
