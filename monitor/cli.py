@@ -455,7 +455,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
             if model.priced:
                 print(f"  priced   {model.id} ({model.lifecycle}) as {model.priced_as}")
             else:
-                hint = f"; nearest known: {model.nearest}" if model.nearest else ""
+                hint = f"; closest known spelling: {model.nearest}" if model.nearest else ""
                 print(
                     f"  MISSING  {model.id} ({model.lifecycle}): tried {', '.join(model.tried)}{hint}; add it under "
                     "pricing.models (see README, Configuration) or upgrade claude-monitor"
