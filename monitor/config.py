@@ -254,6 +254,7 @@ class ModelPricing(_Strict):
 
     aliases: list[str] = []
     rates: list[RateConfig] = Field(min_length=1)
+    source: str | None = None  # where the rates were read, and when they were checked there (shown by `prices`)
 
     @field_validator("rates")
     @classmethod
@@ -264,10 +265,40 @@ class ModelPricing(_Strict):
         return rates
 
 
+class PriceCheckConfig(_Strict):
+    """Which models the account can call (Anthropic's Models API) against what the price table can price."""
+
+    # The name of the environment variable holding an Anthropic API key; the key itself never appears in config.
+    # The daemon runs the check only when that variable is set.
+    api_key_env: str = Field(default="ANTHROPIC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    base_url: str = "https://api.anthropic.com"
+    every: str = "24h"
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            scheme, host = parts.scheme, parts.hostname
+        except ValueError:
+            scheme, host = None, None
+        if scheme not in ("http", "https") or not host:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host; write it as https://api.anthropic.com")
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        if parse_duration(value) < timedelta(minutes=5):
+            raise ValueError(f"{value!r} is shorter than 5m; the model list changes a few times a year")
+        return value
+
+
 class PricingConfig(_Strict):
     """Entries added to, or replacing, the shipped price table."""
 
     models: dict[str, ModelPricing] = {}
+    check: PriceCheckConfig = PriceCheckConfig()
 
 
 class BudgetConfig(_Strict):

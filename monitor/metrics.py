@@ -152,6 +152,11 @@ class MonitorCollector(Collector):
         unpriced = CounterMetricFamily(
             "claude_monitor_unpriced_events", "Accepted events with no price.", labels=["model"]
         )
+        repriced = CounterMetricFamily(
+            "claude_monitor_repriced_events",
+            "Events stored unpriced and priced later, once the price table knew their model, by price-table name.",
+            labels=["model"],
+        )
         late = CounterMetricFamily(
             "claude_monitor_late_events",
             "Accepted events ingested 5 minutes or more after their timestamp (a backfill or a catch-up), by how late.",
@@ -217,6 +222,7 @@ class MonitorCollector(Collector):
             duration,
             ingest,
             unpriced,
+            repriced,
             late,
             dropped,
             lag,
@@ -244,6 +250,8 @@ class MonitorCollector(Collector):
                 ingest.add_metric(list(values), value)
             for values, value in self._project("unpriced_events", ["model"]).items():
                 unpriced.add_metric(list(values), value)
+            for values, value in self._project("repriced_events", ["model"]).items():
+                repriced.add_metric(list(values), value)
             for values, value in self._project("late_events", ["lateness"]).items():
                 late.add_metric(list(values), value)
             for values, value in self._project("attributes_dropped", ["source"]).items():
@@ -519,6 +527,25 @@ class DefinitionsCollector(Collector):
         for change in changes:
             each.add_metric([change.budget, change.change], 1.0)
         yield each
+
+
+class PriceCheckCollector(Collector):
+    """claude_monitor_price_table_missing_models: how many models Anthropic's Models API lists that the price table
+    cannot price, as of the last check this replica ran (no sample before one has)."""
+
+    def __init__(self, missing: Callable[[], int | None]) -> None:
+        self._missing = missing
+
+    def collect(self) -> Iterator[Metric]:
+        """The gauge, from the last check's result."""
+        family = GaugeMetricFamily(
+            "claude_monitor_price_table_missing_models",
+            "Models the account can call (Models API) that the price table cannot price, at the last check.",
+        )
+        missing = self._missing()
+        if missing is not None:
+            family.add_metric([], missing)
+        yield family
 
 
 class LeaderCollector(Collector):
