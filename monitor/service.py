@@ -19,8 +19,9 @@ from sqlalchemy import Engine, delete, text
 from monitor.admission import Admission
 from monitor.alerts import Notifier, validate_webhooks
 from monitor.budgets import BudgetIndex, compile_budgets
+from monitor.budgets.shared_admission import SharedAdmission
 from monitor.clock import Clock, system_clock
-from monitor.config import ConfigError, LoadedSettings, Settings, parse_duration
+from monitor.config import ConfigError, LoadedSettings, Settings, admission_in_database, parse_duration
 from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.events import EventParser
 from monitor.http.api import HTTP_SOURCE, Api, ApiApp
@@ -44,6 +45,7 @@ from monitor.pricing import PriceTable, load_price_table
 from monitor.reconcile.runner import Reconciler
 from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
+from monitor.store.leases import settle_on_store
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
 from monitor.throttle import ThrottleState
 
@@ -111,6 +113,8 @@ def open_store(
         max_values_per_label=settings.metrics.max_values_per_label,
         max_unpriced_models=settings.metrics.max_unpriced_models,
     )
+    if admission_in_database(settings):  # a usage event settles its lease wherever it is stored (serve or ingest)
+        writer.settle_leases = settle_on_store
     return Store(settings, engine, prices, parser, writer, budgets)
 
 
@@ -215,7 +219,7 @@ class Daemon:
         self.registry.register(self.windows)
         self.registry.register(SnapshotErrorsCollector(self.budgets.throttle))
         sqlite = self.store.engine.dialect.name == "sqlite"
-        self.admission = Admission(
+        admission_args = (
             compile_limits(settings.limits, self.store.prices),
             self.budgets.index,
             self.store.prices,
@@ -225,10 +229,16 @@ class Daemon:
             clock,
             parse_duration(settings.admission.lease_ttl),
             settings.admission.max_open_leases,
-            # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
-            # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
-            spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
         )
+        if admission_in_database(settings):  # replicas share leases through the database (the writer settles them)
+            self.admission: Admission = SharedAdmission(*admission_args)
+        else:
+            self.admission = Admission(
+                *admission_args,
+                # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
+                # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
+                spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
+            )
         self.registry.register(AdmissionCollector(self.admission))
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)

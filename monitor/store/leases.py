@@ -1,0 +1,424 @@
+"""Admission state in PostgreSQL: per-scope locks, token buckets, what leases hold, and settling them on ingest.
+
+Every statement here runs inside a transaction the caller holds. Admits that touch a scope take a transaction-scoped
+advisory lock on a stable 64-bit hash of it, all of a call's scopes in ascending key order, so two admits of the same
+scope on any replicas run one after the other and no two admits can wait for each other in a cycle. A statement that
+reads after the locks are granted sees every admit that went before it (read committed: each statement's snapshot is
+taken when it starts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, literal, select, text, tuple_, union_all, update
+from sqlalchemy.dialects import postgresql
+
+from monitor.store.models import (
+    admission_buckets,
+    admission_holds,
+    admission_leases,
+    admission_refunds,
+    budget_usage,
+    events,
+)
+from monitor.usage import USAGE_FIELDS, Usage
+
+# The leader and label locks are single bigint keys too; a scope hashing onto one of them moves aside.
+_RESERVED_KEYS = frozenset({0x636C6D6C6162656C})
+
+
+def lock_key(kind: str, name: str, scope: str) -> int:
+    """The advisory lock key of one limit or budget scope: a stable signed 64-bit hash."""
+    digest = hashlib.blake2b(f"{kind}\x00{name}\x00{scope}".encode(), digest_size=8, person=b"clm-admit").digest()
+    key = int.from_bytes(digest, "big", signed=True)
+    return key ^ 1 if key in _RESERVED_KEYS else key
+
+
+def lock_scopes(connection: Connection, keys: Iterable[int]) -> None:
+    """Wait for, then hold until the transaction ends, the advisory lock of every key, in ascending order."""
+    ordered = sorted(set(keys))
+    if ordered:
+        connection.execute(
+            text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k"), {"keys": ordered}
+        )
+
+
+@dataclass
+class Bucket:
+    """A stored token bucket: its level at `at`, refunds folded in (a level above capacity reads as full)."""
+
+    level: float
+    at: datetime
+
+
+def take_buckets(
+    connection: Connection, keys: Sequence[tuple[str, str, str]], refunded: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str, str], Bucket]:
+    """The stored buckets of (limit, scope, kind) locked for update, with the refunds waiting for the `refunded`
+    (limit, scope)s' input-token buckets folded in and deleted (a rollback puts them back)."""
+    found: dict[tuple[str, str, str], Bucket] = {}
+    if not keys:
+        return found
+    rows = connection.execute(
+        select(admission_buckets.c.name, admission_buckets.c.scope, admission_buckets.c.kind,
+               admission_buckets.c.level, admission_buckets.c.updated_at)
+        .where(tuple_(admission_buckets.c.name, admission_buckets.c.scope, admission_buckets.c.kind).in_(keys))
+        .order_by(admission_buckets.c.name, admission_buckets.c.scope, admission_buckets.c.kind)
+        .with_for_update()
+    )  # fmt: skip
+    for name, scope, kind, level, at in rows:
+        found[name, scope, kind] = Bucket(float(level), at)
+    if refunded:
+        gone = connection.execute(
+            delete(admission_refunds)
+            .where(tuple_(admission_refunds.c.name, admission_refunds.c.scope).in_(refunded))
+            .returning(admission_refunds.c.name, admission_refunds.c.scope, admission_refunds.c.amount)
+        )
+        for name, scope, amount in gone:
+            bucket = found.get((name, scope, "itpm"))
+            if bucket is not None:  # no row: the bucket was never taken from, so it is full anyway
+                bucket.level += amount
+    return found
+
+
+@dataclass
+class ScopeCounts:
+    """One snapshot of the scopes a call counts toward: slots held, reservations, window spend."""
+
+    slots: dict[tuple[str, str], int] = field(default_factory=dict)
+    reserved: dict[tuple[str, str], int] = field(default_factory=dict)
+    spend: dict[tuple[str, str], Usage] = field(default_factory=dict)
+
+
+_ZEROS = [literal(0, type_=postgresql.BIGINT)] * (len(USAGE_FIELDS) - 1)
+
+
+def count_scopes(
+    connection: Connection,
+    now: datetime,
+    slots: Sequence[tuple[str, str]],
+    budgets: Sequence[tuple[str, str, datetime, datetime | None]],
+) -> ScopeCounts:
+    """Slots held per (limit, scope), reserved per (budget, scope) and window totals per (budget, scope) from
+    `budget_usage` (first bucket, end), in one statement so that spend and reservations come from one snapshot: a usage
+    event committed meanwhile moves its call from reserved to spent at once, never counted in both or neither."""
+    counts = ScopeCounts()
+    parts: list[Any] = []
+    holds = admission_holds.c
+    if slots:
+        parts.append(
+            select(literal("slot"), holds.name, holds.scope, func.count(), *_ZEROS)
+            .where(holds.kind == "slot", tuple_(holds.name, holds.scope).in_(slots), holds.expires_at > now)
+            .group_by(holds.name, holds.scope)
+        )
+    if budgets:
+        parts.append(
+            select(literal("budget"), holds.name, holds.scope, func.sum(holds.amount), *_ZEROS)
+            .where(
+                holds.kind == "budget",
+                tuple_(holds.name, holds.scope).in_([(name, scope) for name, scope, _first, _end in budgets]),
+                holds.expires_at > now,
+            )
+            .group_by(holds.name, holds.scope)
+        )
+    usage = budget_usage.c
+    for name, scope, first, end in budgets:
+        where = [usage.budget == name, usage.scope == scope, usage.bucket_start >= first]
+        if end is not None:
+            where.append(usage.bucket_start < end)
+        parts.append(
+            select(literal("spend"), usage.budget, usage.scope, *(func.sum(usage[f]) for f in USAGE_FIELDS))
+            .where(*where)
+            .group_by(usage.budget, usage.scope)
+        )
+    if not parts:
+        return counts
+    statement: Any = union_all(*parts) if len(parts) > 1 else parts[0]
+    for row in connection.execute(statement):
+        part, name, scope = row[0], row[1], row[2]
+        values = [int(v or 0) for v in row[3:]]
+        if part == "slot":
+            counts.slots[name, scope] = values[0]
+        elif part == "budget":
+            counts.reserved[name, scope] = values[0]
+        else:
+            counts.spend[name, scope] = Usage(*values)
+    return counts
+
+
+def insert_lease(
+    connection: Connection,
+    lease: Mapping[str, Any],
+    holds: Sequence[tuple[str, str, str, int]],
+    buckets: Mapping[tuple[str, str, str], Bucket],
+) -> None:
+    """Store an admitted lease, what it holds (kind, name, scope, amount), and the buckets it took from."""
+    connection.execute(insert(admission_leases), dict(lease))
+    if holds:
+        connection.execute(
+            insert(admission_holds),
+            [
+                {"lease": lease["id"], "kind": kind, "name": name, "scope": scope, "amount": amount,
+                 "expires_at": lease["expires_at"]}
+                for kind, name, scope, amount in holds
+            ],
+        )  # fmt: skip
+    if buckets:
+        statement = postgresql.insert(admission_buckets)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=["name", "scope", "kind"],
+                set_={"level": statement.excluded.level, "updated_at": statement.excluded.updated_at},
+            ),
+            [
+                {"name": name, "scope": scope, "kind": kind, "level": bucket.level, "updated_at": bucket.at}
+                for (name, scope, kind), bucket in sorted(buckets.items())
+            ],
+        )
+
+
+def lease_for_update(connection: Connection, lease: str) -> Any:
+    """The lease's row, locked until the transaction ends; None when unknown."""
+    return connection.execute(select(admission_leases).where(admission_leases.c.id == lease).with_for_update()).first()
+
+
+def lease_row(connection: Connection, lease: str) -> Any:
+    """The lease's row; None when unknown."""
+    return connection.execute(select(admission_leases).where(admission_leases.c.id == lease)).first()
+
+
+def lease_holds(connection: Connection, lease: str) -> list[tuple[str, str, str, int]]:
+    """(kind, name, scope, amount) of what a lease holds."""
+    holds = admission_holds.c
+    rows = connection.execute(select(holds.kind, holds.name, holds.scope, holds.amount).where(holds.lease == lease))
+    return [(kind, name, scope, int(amount)) for kind, name, scope, amount in rows]
+
+
+def event_stored(connection: Connection, request_id: str) -> bool:
+    """Whether a usage event with this request id is stored."""
+    found = connection.execute(select(events.c.request_id).where(events.c.request_id == request_id).limit(1))
+    return found.first() is not None
+
+
+def end_lease(connection: Connection, lease: str, how: str, now: datetime) -> None:
+    """End a lease: it holds nothing from now on."""
+    connection.execute(delete(admission_holds).where(admission_holds.c.lease == lease))
+    connection.execute(update(admission_leases).where(admission_leases.c.id == lease).values(ended=how, ended_at=now))
+
+
+def add_refunds(connection: Connection, refunds: Sequence[tuple[str, str, int]], now: datetime) -> None:
+    """Input tokens to give back to (limit, scope) buckets when next locked."""
+    rows = [{"name": n, "scope": s, "amount": a, "created_at": now} for n, s, a in refunds if a]
+    if rows:
+        connection.execute(insert(admission_refunds), rows)
+
+
+def keep_released(
+    connection: Connection,
+    lease: str,
+    kept: Mapping[tuple[str, str], int],
+    request_id: str | None,
+    now: datetime,
+    expires_at: datetime,
+) -> None:
+    """A released lease: slots and input-token holds go, each budget hold becomes the call's actual usage (`kept`,
+    by (budget, scope)) until its usage event lands or `expires_at`."""
+    holds = admission_holds.c
+    connection.execute(delete(admission_holds).where(holds.lease == lease, holds.kind != "budget"))
+    for (name, _scope), amount in kept.items():
+        connection.execute(
+            update(admission_holds)
+            .where(holds.lease == lease, holds.kind == "budget", holds.name == name)
+            .values(amount=amount, expires_at=expires_at)
+        )
+    connection.execute(
+        delete(admission_holds).where(
+            holds.lease == lease, holds.kind == "budget", holds.name.not_in([name for name, _ in kept])
+        )
+    )
+    connection.execute(
+        update(admission_leases)
+        .where(admission_leases.c.id == lease)
+        .values(released_at=now, request_id=request_id, expires_at=expires_at)
+    )
+
+
+_RENEW = text(
+    """
+    WITH renewed AS (
+        UPDATE admission_leases SET expires_at = :expires_at
+        WHERE id = :lease AND ended IS NULL AND released_at IS NULL AND expires_at > :now
+        RETURNING id
+    ), holds AS (
+        UPDATE admission_holds SET expires_at = :expires_at WHERE lease IN (SELECT id FROM renewed)
+    )
+    SELECT count(*) FROM renewed
+    """
+)
+
+
+def renew_lease(connection: Connection, lease: str, now: datetime, expires_at: datetime) -> bool:
+    """Push an open, unreleased, unexpired lease's expiry (and its holds') to `expires_at`; False when it cannot."""
+    found = connection.execute(_RENEW, {"lease": lease, "now": _naive(now), "expires_at": _naive(expires_at)}).scalar()
+    return bool(found)
+
+
+_SETTLE = text(
+    """
+    WITH settled AS (
+        UPDATE admission_leases SET ended = 'usage event', ended_at = :now
+        WHERE (id = ANY(CAST(:leases AS text[])) OR request_id = ANY(CAST(:requests AS text[])))
+          AND ended IS NULL AND expires_at > :now
+        RETURNING id, request_id, released_at IS NULL AS running
+    ), gone AS (
+        DELETE FROM admission_holds h USING settled s WHERE h.lease = s.id
+        RETURNING h.lease, h.kind, h.name, h.scope, h.amount
+    )
+    INSERT INTO admission_refunds (name, scope, amount, created_at)
+    SELECT g.name, g.scope, g.amount - coalesce(bl.prompt, br.prompt), :now
+    FROM gone g
+    JOIN settled s ON s.id = g.lease
+    LEFT JOIN unnest(CAST(:leases AS text[]), CAST(:lease_prompts AS bigint[])) AS bl(id, prompt) ON bl.id = s.id
+    LEFT JOIN unnest(CAST(:requests AS text[]), CAST(:request_prompts AS bigint[])) AS br(id, prompt)
+        ON br.id = s.request_id
+    WHERE g.kind = 'itpm' AND s.running AND g.amount <> coalesce(bl.prompt, br.prompt, g.amount)
+    """
+)
+
+
+def settle_on_store(connection: Connection, settles: Sequence[tuple[str, str | None, int]], now: datetime) -> None:
+    """In the transaction that stores a batch: end every open lease an event of it names (its `lease` field, or the
+    request id a release named), in one statement. Slots and reservations go with the commit that adds the spend;
+    input tokens a running call did not use wait in admission_refunds for their bucket's next admit."""
+    if not settles:
+        return
+    by_lease: dict[str, int] = {}
+    by_request: dict[str, int] = {}
+    for request_id, lease, prompt in settles:
+        by_request[request_id] = prompt
+        if lease is not None:
+            by_lease[lease] = prompt
+    connection.execute(
+        _SETTLE,
+        {
+            "now": _naive(now),
+            "leases": list(by_lease),
+            "lease_prompts": list(by_lease.values()),
+            "requests": list(by_request),
+            "request_prompts": list(by_request.values()),
+        },
+    )
+
+
+_FOLD = text(
+    """
+    WITH gone AS (
+        DELETE FROM admission_refunds WHERE (name, scope) IN (SELECT * FROM unnest(
+            CAST(:names AS text[]), CAST(:scopes AS text[])))
+        RETURNING name, scope, amount
+    ), sums AS (
+        SELECT name, scope, sum(amount) AS delta FROM gone GROUP BY name, scope
+    )
+    UPDATE admission_buckets b SET level = b.level + sums.delta
+    FROM sums WHERE b.name = sums.name AND b.scope = sums.scope AND b.kind = 'itpm'
+    """
+)
+
+
+def old_refund_scopes(connection: Connection, before: datetime, most: int = 1000) -> list[tuple[str, str]]:
+    """(limit, scope) of input-token buckets with refunds waiting since before `before`."""
+    refunds = admission_refunds.c
+    rows = connection.execute(
+        select(refunds.name, refunds.scope).where(refunds.created_at < before).distinct().limit(most)
+    )
+    return [(name, scope) for name, scope in rows]
+
+
+def fold_refunds(connection: Connection, scopes: Sequence[tuple[str, str]]) -> None:
+    """Give the waiting refunds of these (limit, scope)s back to their buckets (their locks held)."""
+    if scopes:
+        connection.execute(_FOLD, {"names": [n for n, _ in scopes], "scopes": [s for _, s in scopes]})
+
+
+def expire_and_forget(connection: Connection, now: datetime, forget_before: datetime) -> int:
+    """End leases past their expiry ('expired'), drop holds that no longer count, and delete leases that ended
+    before `forget_before`; the number that expired now."""
+    leases = admission_leases.c
+    expired = connection.execute(
+        update(admission_leases)
+        .where(leases.ended.is_(None), leases.expires_at <= now)
+        .values(ended="expired", ended_at=leases.expires_at)
+    ).rowcount
+    connection.execute(delete(admission_holds).where(admission_holds.c.expires_at <= now))
+    connection.execute(delete(admission_leases).where(leases.ended.is_not(None), leases.ended_at < forget_before))
+    return int(expired or 0)
+
+
+def end_released_with_events(connection: Connection, now: datetime) -> int:
+    """End released leases whose named request id's usage event is stored (one that raced the release)."""
+    leases = admission_leases.c
+    found = [
+        row[0]
+        for row in connection.execute(
+            select(leases.id).where(
+                leases.ended.is_(None),
+                leases.request_id.is_not(None),
+                select(events.c.request_id).where(events.c.request_id == leases.request_id).exists(),
+            )
+        )
+    ]
+    for lease in found:
+        end_lease(connection, lease, "usage event", now)
+    return len(found)
+
+
+@dataclass
+class HeldTotals:
+    """What unexpired holds add up to now, for /metrics."""
+
+    slots: dict[str, int]  # limit -> calls in flight
+    reserved: dict[tuple[str, str], int]  # (budget, scope) -> reserved
+    open_leases: int
+
+
+def held_totals(connection: Connection, now: datetime) -> HeldTotals:
+    """Slots per limit, reservations per budget scope, and open leases: what every replica reads the same."""
+    holds = admission_holds.c
+    slots: dict[str, int] = {}
+    reserved: dict[tuple[str, str], int] = {}
+    rows = connection.execute(
+        select(holds.kind, holds.name, holds.scope, func.count(), func.sum(holds.amount))
+        .where(holds.kind.in_(("slot", "budget")), holds.expires_at > now)
+        .group_by(holds.kind, holds.name, holds.scope)
+    )
+    for kind, name, scope, count, amount in rows:
+        if kind == "slot":
+            slots[name] = slots.get(name, 0) + int(count)
+        else:
+            reserved[name, scope] = int(amount or 0)
+    leases = admission_leases.c
+    open_leases = connection.execute(
+        select(func.count()).where(leases.ended.is_(None), leases.expires_at > now)
+    ).scalar()
+    return HeldTotals(slots, reserved, int(open_leases or 0))
+
+
+def reserved_now(connection: Connection, budget: str, scope: str, now: datetime) -> int:
+    """What unexpired holds reserve against one budget scope."""
+    holds = admission_holds.c
+    total = connection.execute(
+        select(func.sum(holds.amount)).where(
+            holds.kind == "budget", holds.name == budget, holds.scope == scope, holds.expires_at > now
+        )
+    ).scalar()
+    return int(total or 0)
+
+
+def _naive(moment: datetime) -> datetime:
+    """A UTC instant as the UTCDateTime columns store it (text statements bypass the column type)."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
