@@ -73,6 +73,7 @@ class SharedAdmission(Admission):
         max_open_leases: int = 100_000,
     ) -> None:
         super().__init__(limits, budgets, prices, parser, engine, zone, clock, lease_ttl, max_open_leases)
+        self._last_totals = store.HeldTotals({}, {}, 0)
 
     # --- admit -----------------------------------------------------------------------------------------------
 
@@ -91,9 +92,13 @@ class SharedAdmission(Admission):
                 if isinstance(outcome, Admitted):
                     transaction.commit()
                 else:
-                    transaction.rollback()  # nothing taken; refunds folded for the check wait for the next admit
+                    transaction.rollback()  # nothing taken
         except SQLAlchemyError as exc:  # the store is away: the proxy's fail_mode decides
-            log.warning("admission: cannot reach the shared admission state (%s)", exc.__class__.__name__)
+            log.warning(
+                "admission: cannot read or store the shared admission state (%s: %s)",
+                exc.__class__.__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
             return Unavailable("storage unavailable: admission state cannot be read; retry", 5)
         if isinstance(outcome, Refused):
             return self._count(outcome, decision)
@@ -122,12 +127,12 @@ class SharedAdmission(Admission):
             if stateful:
                 locks.append(store.lock_key("limit", limit.name, key))
         store.lock_scopes(connection, locks)
-        buckets = store.take_buckets(connection, bucket_keys, refunded)
         windows = []
         for budget, key, _amount in decision.budgets:
             first, end = budget.bucket_range(now, self._zone)
             windows.append((budget.name, key, first, end))
-        counts = store.count_scopes(connection, now, slots, windows)
+        counts = store.count_scopes(connection, now, slots, windows, bucket_keys, refunded)
+        buckets = counts.buckets
 
         for limit, key, scope in decision.limits:
             if limit.concurrent is not None and counts.slots.get((limit.name, key), 0) >= limit.concurrent:
@@ -177,7 +182,7 @@ class SharedAdmission(Admission):
             "estimated_input": request.estimated_input_tokens,
             "reserved_pico": reserved_pico,
         }
-        store.insert_lease(connection, row, holds, taken)
+        store.insert_lease(connection, row, holds, taken, counts.refunds)
         return Admitted(lease, reserved_pico, expires)
 
     # --- renew, release, settle, expire ------------------------------------------------------------------------
@@ -269,14 +274,18 @@ class SharedAdmission(Admission):
         """Mark leases past their time expired, end released leases whose event raced the release, give old
         input-token refunds back to their buckets, and delete leases ended more than lease_ttl ago."""
         now = self._clock()
-        with self._engine.begin() as connection:
-            expired = store.expire_and_forget(connection, now, now - self.lease_ttl)
-            store.end_released_with_events(connection, now)
-        with self._engine.begin() as connection:
-            scopes = store.old_refund_scopes(connection, now - self.lease_ttl)
-            if scopes:
-                store.lock_scopes(connection, [store.lock_key("limit", name, scope) for name, scope in scopes])
-                store.fold_refunds(connection, scopes)
+        try:
+            with self._engine.begin() as connection:
+                expired = store.expire_and_forget(connection, now, now - self.lease_ttl)
+                store.end_released_with_events(connection, now)
+            with self._engine.begin() as connection:
+                scopes = store.old_refund_scopes(connection, now - self.lease_ttl)
+                if scopes:
+                    store.lock_scopes(connection, [store.lock_key("limit", name, scope) for name, scope in scopes])
+                    store.fold_refunds(connection, scopes)
+        except SQLAlchemyError as exc:  # expired holds stop counting by themselves; the next sweep deletes them
+            log.warning("admission: sweep skipped, the database is away (%s)", exc.__class__.__name__)
+            return 0
         if expired:
             log.info("admission: %d lease(s) expired unrenewed; their slots and reservations returned", expired)
         return expired
@@ -298,8 +307,12 @@ class SharedAdmission(Admission):
     def stats(self) -> AdmissionStats:
         """Outcomes decided by this replica; calls in flight, reservations and open leases as the database has
         them, the same whichever replica is asked."""
-        with self._engine.connect() as connection:
-            totals = store.held_totals(connection, self._clock())
+        try:
+            with self._engine.connect() as connection:
+                totals = store.held_totals(connection, self._clock())
+            self._last_totals = totals
+        except SQLAlchemyError:  # the database is away: the last figures read (readiness says it is away)
+            totals = self._last_totals
         reserving = {b.name for b in self.reserving_budgets}
         with self._lock:
             outcomes = dict(self._outcomes)

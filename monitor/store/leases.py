@@ -15,7 +15,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, literal, select, text, tuple_, union_all, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Float,
+    String,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    text,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 
 from monitor.store.models import (
@@ -56,46 +72,31 @@ class Bucket:
     at: datetime
 
 
-def take_buckets(
-    connection: Connection, keys: Sequence[tuple[str, str, str]], refunded: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str, str], Bucket]:
-    """The stored buckets of (limit, scope, kind) locked for update, with the refunds waiting for the `refunded`
-    (limit, scope)s' input-token buckets folded in and deleted (a rollback puts them back)."""
-    found: dict[tuple[str, str, str], Bucket] = {}
-    if not keys:
-        return found
-    rows = connection.execute(
-        select(admission_buckets.c.name, admission_buckets.c.scope, admission_buckets.c.kind,
-               admission_buckets.c.level, admission_buckets.c.updated_at)
-        .where(tuple_(admission_buckets.c.name, admission_buckets.c.scope, admission_buckets.c.kind).in_(keys))
-        .order_by(admission_buckets.c.name, admission_buckets.c.scope, admission_buckets.c.kind)
-        .with_for_update()
-    )  # fmt: skip
-    for name, scope, kind, level, at in rows:
-        found[name, scope, kind] = Bucket(float(level), at)
-    if refunded:
-        gone = connection.execute(
-            delete(admission_refunds)
-            .where(tuple_(admission_refunds.c.name, admission_refunds.c.scope).in_(refunded))
-            .returning(admission_refunds.c.name, admission_refunds.c.scope, admission_refunds.c.amount)
-        )
-        for name, scope, amount in gone:
-            bucket = found.get((name, scope, "itpm"))
-            if bucket is not None:  # no row: the bucket was never taken from, so it is full anyway
-                bucket.level += amount
-    return found
-
-
 @dataclass
 class ScopeCounts:
-    """One snapshot of the scopes a call counts toward: slots held, reservations, window spend."""
+    """One snapshot of the scopes a call counts toward: slots held, reservations, window spend, token buckets with
+    the refunds waiting for them folded in (and those refunds' ids, deleted when the admit is stored)."""
 
     slots: dict[tuple[str, str], int] = field(default_factory=dict)
     reserved: dict[tuple[str, str], int] = field(default_factory=dict)
     spend: dict[tuple[str, str], Usage] = field(default_factory=dict)
+    buckets: dict[tuple[str, str, str], Bucket] = field(default_factory=dict)
+    refunds: list[int] = field(default_factory=list)
 
 
-_ZEROS = [literal(0, type_=postgresql.BIGINT)] * (len(USAGE_FIELDS) - 1)
+_NUMBERS = len(USAGE_FIELDS)
+
+
+def _row(
+    part: str, name: Any, scope: Any, numbers: Sequence[Any], kind: Any = None, level: Any = None, at: Any = None
+) -> list[Any]:
+    padded = [*numbers, *[literal(0, type_=postgresql.BIGINT)] * (_NUMBERS - len(numbers))]
+    return [
+        literal(part), name, scope, *padded,
+        kind if kind is not None else cast(null(), String),
+        level if level is not None else cast(null(), Float(53)),
+        at if at is not None else cast(null(), DateTime()),
+    ]  # fmt: skip
 
 
 def count_scopes(
@@ -103,22 +104,26 @@ def count_scopes(
     now: datetime,
     slots: Sequence[tuple[str, str]],
     budgets: Sequence[tuple[str, str, datetime, datetime | None]],
+    buckets: Sequence[tuple[str, str, str]] = (),
+    refunded: Sequence[tuple[str, str]] = (),
 ) -> ScopeCounts:
-    """Slots held per (limit, scope), reserved per (budget, scope) and window totals per (budget, scope) from
-    `budget_usage` (first bucket, end), in one statement so that spend and reservations come from one snapshot: a usage
-    event committed meanwhile moves its call from reserved to spent at once, never counted in both or neither."""
+    """Slots held per (limit, scope), reserved per (budget, scope), window totals per (budget, scope) from
+    `budget_usage` (first bucket, end), the stored (limit, scope, kind) buckets and the refunds waiting for the
+    `refunded` (limit, scope)s' input-token buckets — in one statement, so that spend and reservations come from one
+    snapshot: a usage event committed meanwhile moves its call from reserved to spent at once, never counted in both
+    or neither. Buckets are written only under their scope's lock, which the caller holds."""
     counts = ScopeCounts()
     parts: list[Any] = []
     holds = admission_holds.c
     if slots:
         parts.append(
-            select(literal("slot"), holds.name, holds.scope, func.count(), *_ZEROS)
+            select(*_row("slot", holds.name, holds.scope, [func.count()]))
             .where(holds.kind == "slot", tuple_(holds.name, holds.scope).in_(slots), holds.expires_at > now)
             .group_by(holds.name, holds.scope)
         )
     if budgets:
         parts.append(
-            select(literal("budget"), holds.name, holds.scope, func.sum(holds.amount), *_ZEROS)
+            select(*_row("budget", holds.name, holds.scope, [func.sum(holds.amount)]))
             .where(
                 holds.kind == "budget",
                 tuple_(holds.name, holds.scope).in_([(name, scope) for name, scope, _first, _end in budgets]),
@@ -132,23 +137,72 @@ def count_scopes(
         if end is not None:
             where.append(usage.bucket_start < end)
         parts.append(
-            select(literal("spend"), usage.budget, usage.scope, *(func.sum(usage[f]) for f in USAGE_FIELDS))
+            select(*_row("spend", usage.budget, usage.scope, [func.sum(usage[f]) for f in USAGE_FIELDS]))
             .where(*where)
             .group_by(usage.budget, usage.scope)
+        )
+    stored = admission_buckets.c
+    if buckets:
+        parts.append(
+            select(*_row("bucket", stored.name, stored.scope, [], stored.kind, stored.level, stored.updated_at)).where(
+                tuple_(stored.name, stored.scope, stored.kind).in_(buckets)
+            )
+        )
+    refunds = admission_refunds.c
+    if refunded:
+        parts.append(
+            select(*_row("refund", refunds.name, refunds.scope, [refunds.id, refunds.amount])).where(
+                tuple_(refunds.name, refunds.scope).in_(refunded)
+            )
         )
     if not parts:
         return counts
     statement: Any = union_all(*parts) if len(parts) > 1 else parts[0]
+    waiting: list[tuple[str, str, int]] = []
     for row in connection.execute(statement):
         part, name, scope = row[0], row[1], row[2]
-        values = [int(v or 0) for v in row[3:]]
+        values = [int(v or 0) for v in row[3 : 3 + _NUMBERS]]
         if part == "slot":
             counts.slots[name, scope] = values[0]
         elif part == "budget":
             counts.reserved[name, scope] = values[0]
-        else:
+        elif part == "spend":
             counts.spend[name, scope] = Usage(*values)
+        elif part == "bucket":
+            at = row[5 + _NUMBERS]
+            counts.buckets[name, scope, row[3 + _NUMBERS]] = Bucket(float(row[4 + _NUMBERS]), at.replace(tzinfo=UTC))
+        else:
+            counts.refunds.append(values[0])
+            waiting.append((name, scope, values[1]))
+    for name, scope, amount in waiting:
+        bucket = counts.buckets.get((name, scope, "itpm"))
+        if bucket is not None:  # no row: the bucket was never taken from, so it is full anyway
+            bucket.level += amount
     return counts
+
+
+_ADMIT = text(
+    """
+    WITH lease AS (
+        INSERT INTO admission_leases (id, created_at, expires_at, model_id, batch, estimated_input, reserved_pico)
+        VALUES (:id, :created_at, :expires_at, :model_id, :batch, :estimated_input, :reserved_pico)
+    ), holds AS (
+        INSERT INTO admission_holds (lease, kind, name, scope, amount, expires_at)
+        SELECT :id, h.kind, h.name, h.scope, h.amount, :expires_at FROM unnest(
+            CAST(:hold_kinds AS text[]), CAST(:hold_names AS text[]), CAST(:hold_scopes AS text[]),
+            CAST(:hold_amounts AS bigint[])) AS h(kind, name, scope, amount)
+    ), buckets AS (
+        INSERT INTO admission_buckets (name, scope, kind, level, updated_at)
+        SELECT b.name, b.scope, b.kind, b.level, b.at FROM unnest(
+            CAST(:bucket_names AS text[]), CAST(:bucket_scopes AS text[]), CAST(:bucket_kinds AS text[]),
+            CAST(:bucket_levels AS float8[]), CAST(:bucket_ats AS timestamp[])) AS b(name, scope, kind, level, at)
+        ON CONFLICT (name, scope, kind) DO UPDATE SET level = excluded.level, updated_at = excluded.updated_at
+    ), refunds AS (
+        DELETE FROM admission_refunds WHERE id = ANY(CAST(:refunds AS bigint[]))
+    )
+    SELECT 1
+    """
+)
 
 
 def insert_lease(
@@ -156,30 +210,29 @@ def insert_lease(
     lease: Mapping[str, Any],
     holds: Sequence[tuple[str, str, str, int]],
     buckets: Mapping[tuple[str, str, str], Bucket],
+    refunds: Sequence[int] = (),
 ) -> None:
-    """Store an admitted lease, what it holds (kind, name, scope, amount), and the buckets it took from."""
-    connection.execute(insert(admission_leases), dict(lease))
-    if holds:
-        connection.execute(
-            insert(admission_holds),
-            [
-                {"lease": lease["id"], "kind": kind, "name": name, "scope": scope, "amount": amount,
-                 "expires_at": lease["expires_at"]}
-                for kind, name, scope, amount in holds
-            ],
-        )  # fmt: skip
-    if buckets:
-        statement = postgresql.insert(admission_buckets)
-        connection.execute(
-            statement.on_conflict_do_update(
-                index_elements=["name", "scope", "kind"],
-                set_={"level": statement.excluded.level, "updated_at": statement.excluded.updated_at},
-            ),
-            [
-                {"name": name, "scope": scope, "kind": kind, "level": bucket.level, "updated_at": bucket.at}
-                for (name, scope, kind), bucket in sorted(buckets.items())
-            ],
-        )
+    """Store an admitted lease, what it holds (kind, name, scope, amount), the buckets it took from, and drop the
+    refunds folded into them: one statement."""
+    ordered = sorted(buckets.items())
+    connection.execute(
+        _ADMIT,
+        {
+            **lease,
+            "created_at": _naive(lease["created_at"]),
+            "expires_at": _naive(lease["expires_at"]),
+            "hold_kinds": [h[0] for h in holds],
+            "hold_names": [h[1] for h in holds],
+            "hold_scopes": [h[2] for h in holds],
+            "hold_amounts": [h[3] for h in holds],
+            "bucket_names": [key[0] for key, _ in ordered],
+            "bucket_scopes": [key[1] for key, _ in ordered],
+            "bucket_kinds": [key[2] for key, _ in ordered],
+            "bucket_levels": [float(bucket.level) for _, bucket in ordered],
+            "bucket_ats": [_naive(bucket.at) for _, bucket in ordered],
+            "refunds": list(refunds),
+        },
+    )
 
 
 def lease_for_update(connection: Connection, lease: str) -> Any:
