@@ -745,6 +745,9 @@ class Admission:
             else:
                 self._reserved_pico.pop((name, key), None)
 
+    def close(self) -> None:
+        """Release what admission holds outside memory (nothing here)."""
+
     # --- observing ----------------------------------------------------------------------------------------------
 
     @property

@@ -548,4 +548,5 @@ class Daemon:
             self.budgets.throttle.write_snapshot(self.clock())
         finally:
             self.leadership.release()
+            self.admission.close()
             self.store.close()

@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.admission import (
@@ -73,6 +73,9 @@ class SharedAdmission(Admission):
         max_open_leases: int = 100_000,
     ) -> None:
         super().__init__(limits, budgets, prices, parser, engine, zone, clock, lease_ttl, max_open_leases)
+        # A pool of its own, without a ping on every checkout (a round trip per admit): a connection the database
+        # dropped fails one admit with 503, and the pool is renewed.
+        self._engine = create_engine(engine.url, pool_size=8, max_overflow=8)
         self._last_totals = store.HeldTotals({}, {}, 0)
 
     # --- admit -----------------------------------------------------------------------------------------------
@@ -212,15 +215,17 @@ class SharedAdmission(Admission):
         ended. Slots and input tokens return at once; the actual usage stays reserved until the usage event lands."""
         now = self._clock()
         with self._engine.connect() as connection, connection.begin():
-            row = store.lease_for_update(connection, lease_id)
-            if row is None:
+            held = store.lease_for_release(connection, lease_id, request_id)
+            if held is None:
                 return "unknown", None
-            if row.ended is not None:
-                return str(row.ended), None
-            if row.expires_at <= now:
-                store.end_lease(connection, lease_id, "expired", row.expires_at)
+            if held.ended is not None:
+                return held.ended, None
+            if held.expires_at <= now:
+                store.finish_release(
+                    connection, lease_id, now=now, expires_at=held.expires_at, ended="expired", ended_at=held.expires_at
+                )
                 return "expired", None
-            if row.released_at is not None:
+            if held.released:
                 return "release", None
             actual: Usage | None = None
             cost: int | None = None
@@ -229,34 +234,40 @@ class SharedAdmission(Admission):
                     {
                         "request_id": request_id or lease_id,
                         "timestamp": now.isoformat(),
-                        "model": row.model_id,
+                        "model": held.model_id,
                         "usage": usage,
-                        "batch": row.batch,
+                        "batch": held.batch,
                     }
                 )
                 if isinstance(parsed, Rejected):
                     raise BadAdmit(parsed.reason)
                 cost = self._prices.price(parsed).cost_pico
                 actual = _usage_of(parsed, cost or 0)
-            if request_id is not None and store.event_stored(connection, request_id):
+            if held.event_stored:
                 # This call's usage event is already stored (it named no lease): nothing is left to hold.
-                store.end_lease(connection, lease_id, "usage event", now)
+                store.finish_release(connection, lease_id, now=now, expires_at=now, ended="usage event")
                 return "usage event", None
-            holds = store.lease_holds(connection, lease_id)
+            refunds: list[tuple[str, str, int]] = []
+            kept: dict[str, int] = {}
             if actual is not None:
                 prompt = actual.input + actual.cache_write_5m + actual.cache_write_1h
-                refunds = [(name, scope, amount - prompt) for kind, name, scope, amount in holds if kind == "itpm"]
-                store.add_refunds(connection, refunds, now)
-            kept: dict[tuple[str, str], int] = {}
-            for kind, name, scope, _amount in holds:
-                budget = self._budgets.get(name) if kind == "budget" else None
-                if budget is not None and actual is not None and budget.amount(actual):
-                    kept[name, scope] = budget.amount(actual)
-            if not kept:
-                store.end_lease(connection, lease_id, "release", now)
-                return "release", cost
+                for kind, name, scope, amount in held.holds:
+                    budget = self._budgets.get(name) if kind == "budget" else None
+                    if kind == "itpm":
+                        refunds.append((name, scope, amount - prompt))
+                    elif budget is not None and budget.amount(actual):
+                        kept[name] = budget.amount(actual)
             # The event should follow within lease_ttl; else the hold ends with the lease.
-            store.keep_released(connection, lease_id, kept, request_id, now, now + self.lease_ttl)
+            store.finish_release(
+                connection,
+                lease_id,
+                now=now,
+                kept=kept,
+                refunds=refunds,
+                request_id=request_id,
+                expires_at=now + self.lease_ttl if kept else now,
+                ended=None if kept else "release",
+            )
             return "release", cost
 
     def on_batch(
@@ -296,6 +307,10 @@ class SharedAdmission(Admission):
 
     def on_ceilings(self, mark: int, ceilings: Mapping[str, Ceiling]) -> None:
         """Ceilings are not used: spend is read in every admit's transaction."""
+
+    def close(self) -> None:
+        """Close the pool's connections."""
+        self._engine.dispose()
 
     # --- observing ----------------------------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from sqlalchemy import (
     cast,
     delete,
     func,
-    insert,
     literal,
     null,
     select,
@@ -235,9 +234,42 @@ def insert_lease(
     )
 
 
-def lease_for_update(connection: Connection, lease: str) -> Any:
-    """The lease's row, locked until the transaction ends; None when unknown."""
-    return connection.execute(select(admission_leases).where(admission_leases.c.id == lease).with_for_update()).first()
+@dataclass
+class HeldLease:
+    """A lease as a release finds it (locked), with what it holds and whether the request id's event is stored."""
+
+    model_id: str
+    batch: bool
+    expires_at: datetime
+    released: bool
+    ended: str | None
+    holds: list[tuple[str, str, str, int]]  # (kind, name, scope, amount)
+    event_stored: bool
+
+
+def lease_for_release(connection: Connection, lease: str, request_id: str | None) -> HeldLease | None:
+    """The lease locked until the transaction ends, what it holds, and whether a usage event with `request_id` is
+    stored: one statement. None when unknown."""
+    leases, holds = admission_leases.c, admission_holds.c
+    stored: Any = (
+        select(events.c.request_id).where(events.c.request_id == request_id).exists()
+        if request_id is not None
+        else literal(False)
+    )
+    rows = connection.execute(
+        select(leases.model_id, leases.batch, leases.expires_at, leases.released_at, leases.ended,
+               holds.kind, holds.name, holds.scope, holds.amount, stored)
+        .select_from(admission_leases.outerjoin(admission_holds, holds.lease == leases.id))
+        .where(leases.id == lease)
+        .with_for_update(of=admission_leases)
+    ).all()  # fmt: skip
+    if not rows:
+        return None
+    first = rows[0]
+    held = [(r.kind, r.name, r.scope, int(r.amount)) for r in rows if r.kind is not None]
+    return HeldLease(
+        first.model_id, first.batch, first.expires_at, first.released_at is not None, first.ended, held, bool(first[9])
+    )
 
 
 def lease_row(connection: Connection, lease: str) -> Any:
@@ -245,59 +277,60 @@ def lease_row(connection: Connection, lease: str) -> Any:
     return connection.execute(select(admission_leases).where(admission_leases.c.id == lease)).first()
 
 
-def lease_holds(connection: Connection, lease: str) -> list[tuple[str, str, str, int]]:
-    """(kind, name, scope, amount) of what a lease holds."""
-    holds = admission_holds.c
-    rows = connection.execute(select(holds.kind, holds.name, holds.scope, holds.amount).where(holds.lease == lease))
-    return [(kind, name, scope, int(amount)) for kind, name, scope, amount in rows]
+_RELEASE = text(
+    """
+    WITH gone AS (
+        DELETE FROM admission_holds
+        WHERE lease = :lease AND NOT (kind = 'budget' AND name = ANY(CAST(:kept_names AS text[])))
+    ), kept AS (
+        UPDATE admission_holds h SET amount = k.amount, expires_at = :expires_at
+        FROM unnest(CAST(:kept_names AS text[]), CAST(:kept_amounts AS bigint[])) AS k(name, amount)
+        WHERE h.lease = :lease AND h.kind = 'budget' AND h.name = k.name
+    ), refunds AS (
+        INSERT INTO admission_refunds (name, scope, amount, created_at)
+        SELECT r.name, r.scope, r.amount, :now FROM unnest(
+            CAST(:refund_names AS text[]), CAST(:refund_scopes AS text[]), CAST(:refund_amounts AS bigint[]))
+            AS r(name, scope, amount)
+    )
+    UPDATE admission_leases SET released_at = :now, request_id = :request_id, expires_at = :expires_at,
+        ended = :ended, ended_at = :ended_at
+    WHERE id = :lease
+    """
+)
 
 
-def event_stored(connection: Connection, request_id: str) -> bool:
-    """Whether a usage event with this request id is stored."""
-    found = connection.execute(select(events.c.request_id).where(events.c.request_id == request_id).limit(1))
-    return found.first() is not None
-
-
-def end_lease(connection: Connection, lease: str, how: str, now: datetime) -> None:
-    """End a lease: it holds nothing from now on."""
-    connection.execute(delete(admission_holds).where(admission_holds.c.lease == lease))
-    connection.execute(update(admission_leases).where(admission_leases.c.id == lease).values(ended=how, ended_at=now))
-
-
-def add_refunds(connection: Connection, refunds: Sequence[tuple[str, str, int]], now: datetime) -> None:
-    """Input tokens to give back to (limit, scope) buckets when next locked."""
-    rows = [{"name": n, "scope": s, "amount": a, "created_at": now} for n, s, a in refunds if a]
-    if rows:
-        connection.execute(insert(admission_refunds), rows)
-
-
-def keep_released(
+def finish_release(
     connection: Connection,
     lease: str,
-    kept: Mapping[tuple[str, str], int],
-    request_id: str | None,
+    *,
     now: datetime,
+    kept: Mapping[str, int] | None = None,
+    refunds: Sequence[tuple[str, str, int]] = (),
+    request_id: str | None = None,
     expires_at: datetime,
+    ended: str | None,
+    ended_at: datetime | None = None,
 ) -> None:
-    """A released lease: slots and input-token holds go, each budget hold becomes the call's actual usage (`kept`,
-    by (budget, scope)) until its usage event lands or `expires_at`."""
-    holds = admission_holds.c
-    connection.execute(delete(admission_holds).where(holds.lease == lease, holds.kind != "budget"))
-    for (name, _scope), amount in kept.items():
-        connection.execute(
-            update(admission_holds)
-            .where(holds.lease == lease, holds.kind == "budget", holds.name == name)
-            .values(amount=amount, expires_at=expires_at)
-        )
+    """One statement: drop every hold but the budget holds in `kept` (budget -> the call's actual usage, held until
+    `expires_at`), queue input-token `refunds` (limit, scope, tokens), and mark the lease released (and `ended`,
+    when nothing is kept)."""
+    kept = kept or {}
+    refunds = [refund for refund in refunds if refund[2]]
     connection.execute(
-        delete(admission_holds).where(
-            holds.lease == lease, holds.kind == "budget", holds.name.not_in([name for name, _ in kept])
-        )
-    )
-    connection.execute(
-        update(admission_leases)
-        .where(admission_leases.c.id == lease)
-        .values(released_at=now, request_id=request_id, expires_at=expires_at)
+        _RELEASE,
+        {
+            "lease": lease,
+            "now": _naive(now),
+            "expires_at": _naive(expires_at),
+            "kept_names": list(kept),
+            "kept_amounts": list(kept.values()),
+            "refund_names": [r[0] for r in refunds],
+            "refund_scopes": [r[1] for r in refunds],
+            "refund_amounts": [r[2] for r in refunds],
+            "request_id": request_id,
+            "ended": ended,
+            "ended_at": None if ended is None else _naive(ended_at or now),
+        },
     )
 
 
@@ -412,22 +445,22 @@ def expire_and_forget(connection: Connection, now: datetime, forget_before: date
     return int(expired or 0)
 
 
-def end_released_with_events(connection: Connection, now: datetime) -> int:
-    """End released leases whose named request id's usage event is stored (one that raced the release)."""
-    leases = admission_leases.c
-    found = [
-        row[0]
-        for row in connection.execute(
-            select(leases.id).where(
-                leases.ended.is_(None),
-                leases.request_id.is_not(None),
-                select(events.c.request_id).where(events.c.request_id == leases.request_id).exists(),
-            )
-        )
-    ]
-    for lease in found:
-        end_lease(connection, lease, "usage event", now)
-    return len(found)
+_RACED = text(
+    """
+    WITH ended AS (
+        UPDATE admission_leases l SET ended = 'usage event', ended_at = :now
+        WHERE l.ended IS NULL AND l.request_id IS NOT NULL
+          AND EXISTS (SELECT 1 FROM events e WHERE e.request_id = l.request_id)
+        RETURNING l.id
+    )
+    DELETE FROM admission_holds WHERE lease IN (SELECT id FROM ended)
+    """
+)
+
+
+def end_released_with_events(connection: Connection, now: datetime) -> None:
+    """End released leases whose named request id's usage event is stored (an event that raced the release)."""
+    connection.execute(_RACED, {"now": _naive(now)})
 
 
 @dataclass
