@@ -206,6 +206,38 @@ def test_a_release_and_the_usage_event_of_one_lease_count_once_whichever_comes_f
     assert sum_metric(metrics(r0), "claude_admission_open_leases") == 0
 
 
+def test_releases_and_usage_events_racing_on_different_replicas_settle_each_lease_once(replicas: Replicas) -> None:
+    urls = replicas.urls
+    leases = [admit(urls[n % 3], user=f"r{n}").json()["lease"] for n in range(12)]
+    start = threading.Barrier(24)
+    answers: list[str] = []
+    lock = threading.Lock()
+
+    def send_release(n: int) -> None:
+        start.wait(30)
+        answer = release(urls[n % 3], leases[n], f"req_{n}", {"input_tokens": 0, "output_tokens": 1_000})
+        with lock:
+            answers.append(answer.json()["settled_by"])
+
+    def send_event(n: int) -> None:
+        start.wait(30)
+        assert usage(urls[(n + 1) % 3], f"req_{n}", 1_000, lease=leases[n], user=f"r{n}").status == 202
+
+    threads = [threading.Thread(target=f, args=(n,)) for n in range(12) for f in (send_release, send_event)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(answers) == 12 and set(answers) <= {"release", "usage event"}
+    # Each call's $0.005 (1,000 output tokens at $5/M) is spent once; nothing stays reserved or open anywhere.
+    assert scalar(replicas.database, "SELECT sum(cost_pico) FROM events") == 12 * 5_000_000_000
+    assert scalar(replicas.database, "SELECT count(*) FROM admission_holds") == 0
+    for url in urls:
+        scraped = metrics(url)
+        assert scraped[RESERVED] == 0
+        assert sum_metric(scraped, "claude_admission_open_leases") == 0
+
+
 def test_a_restarted_replica_keeps_every_lease(replicas: Replicas) -> None:
     r0, r1, _ = replicas.urls
     first = admit(r0).json()["lease"]

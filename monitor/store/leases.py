@@ -17,28 +17,18 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    DateTime,
-    Float,
-    String,
-    cast,
     delete,
     func,
     literal,
-    null,
     select,
     text,
-    tuple_,
-    union_all,
     update,
 )
-from sqlalchemy.dialects import postgresql
 
 from monitor.store.models import (
-    admission_buckets,
     admission_holds,
     admission_leases,
     admission_refunds,
-    budget_usage,
     events,
 )
 from monitor.usage import USAGE_FIELDS, Usage
@@ -83,19 +73,46 @@ class ScopeCounts:
     refunds: list[int] = field(default_factory=list)
 
 
+_SUMS = ", ".join(f"sum(u.{name})" for name in USAGE_FIELDS)
+_ZEROS = ", ".join(["0"] * (len(USAGE_FIELDS) - 1))
+# One statement whatever the call counts toward (the scopes come as arrays), so it is parsed and planned once per
+# connection (psycopg prepares it). Each row: part, name, scope, 7 numbers, kind, level, at.
+_COUNT = text(
+    f"""
+    SELECT 'slot', h.name, h.scope, count(*), {_ZEROS}, NULL, NULL::float8, NULL::timestamp
+    FROM admission_holds h
+    JOIN unnest(CAST(:slot_names AS text[]), CAST(:slot_scopes AS text[])) AS k(name, scope)
+        ON h.name = k.name AND h.scope = k.scope
+    WHERE h.kind = 'slot' AND h.expires_at > :now
+    GROUP BY h.name, h.scope
+    UNION ALL
+    SELECT 'budget', h.name, h.scope, sum(h.amount), {_ZEROS}, NULL, NULL, NULL
+    FROM admission_holds h
+    JOIN unnest(CAST(:budget_names AS text[]), CAST(:budget_scopes AS text[])) AS k(name, scope)
+        ON h.name = k.name AND h.scope = k.scope
+    WHERE h.kind = 'budget' AND h.expires_at > :now
+    GROUP BY h.name, h.scope
+    UNION ALL
+    SELECT 'spend', u.budget, u.scope, {_SUMS}, NULL, NULL, NULL
+    FROM budget_usage u
+    JOIN unnest(CAST(:budget_names AS text[]), CAST(:budget_scopes AS text[]), CAST(:firsts AS timestamp[]),
+                CAST(:ends AS timestamp[])) AS w(name, scope, first, last)
+        ON u.budget = w.name AND u.scope = w.scope AND u.bucket_start >= w.first
+       AND (w.last IS NULL OR u.bucket_start < w.last)
+    GROUP BY u.budget, u.scope
+    UNION ALL
+    SELECT 'bucket', b.name, b.scope, {_ZEROS}, 0, b.kind, b.level, b.updated_at
+    FROM admission_buckets b
+    JOIN unnest(CAST(:bucket_names AS text[]), CAST(:bucket_scopes AS text[]), CAST(:bucket_kinds AS text[]))
+        AS k(name, scope, kind) ON b.name = k.name AND b.scope = k.scope AND b.kind = k.kind
+    UNION ALL
+    SELECT 'refund', r.name, r.scope, r.id, r.amount, {", ".join(["0"] * (len(USAGE_FIELDS) - 2))}, NULL, NULL, NULL
+    FROM admission_refunds r
+    JOIN unnest(CAST(:refund_names AS text[]), CAST(:refund_scopes AS text[])) AS k(name, scope)
+        ON r.name = k.name AND r.scope = k.scope
+    """
+)
 _NUMBERS = len(USAGE_FIELDS)
-
-
-def _row(
-    part: str, name: Any, scope: Any, numbers: Sequence[Any], kind: Any = None, level: Any = None, at: Any = None
-) -> list[Any]:
-    padded = [*numbers, *[literal(0, type_=postgresql.BIGINT)] * (_NUMBERS - len(numbers))]
-    return [
-        literal(part), name, scope, *padded,
-        kind if kind is not None else cast(null(), String),
-        level if level is not None else cast(null(), Float(53)),
-        at if at is not None else cast(null(), DateTime()),
-    ]  # fmt: skip
 
 
 def count_scopes(
@@ -112,53 +129,24 @@ def count_scopes(
     snapshot: a usage event committed meanwhile moves its call from reserved to spent at once, never counted in both
     or neither. Buckets are written only under their scope's lock, which the caller holds."""
     counts = ScopeCounts()
-    parts: list[Any] = []
-    holds = admission_holds.c
-    if slots:
-        parts.append(
-            select(*_row("slot", holds.name, holds.scope, [func.count()]))
-            .where(holds.kind == "slot", tuple_(holds.name, holds.scope).in_(slots), holds.expires_at > now)
-            .group_by(holds.name, holds.scope)
-        )
-    if budgets:
-        parts.append(
-            select(*_row("budget", holds.name, holds.scope, [func.sum(holds.amount)]))
-            .where(
-                holds.kind == "budget",
-                tuple_(holds.name, holds.scope).in_([(name, scope) for name, scope, _first, _end in budgets]),
-                holds.expires_at > now,
-            )
-            .group_by(holds.name, holds.scope)
-        )
-    usage = budget_usage.c
-    for name, scope, first, end in budgets:
-        where = [usage.budget == name, usage.scope == scope, usage.bucket_start >= first]
-        if end is not None:
-            where.append(usage.bucket_start < end)
-        parts.append(
-            select(*_row("spend", usage.budget, usage.scope, [func.sum(usage[f]) for f in USAGE_FIELDS]))
-            .where(*where)
-            .group_by(usage.budget, usage.scope)
-        )
-    stored = admission_buckets.c
-    if buckets:
-        parts.append(
-            select(*_row("bucket", stored.name, stored.scope, [], stored.kind, stored.level, stored.updated_at)).where(
-                tuple_(stored.name, stored.scope, stored.kind).in_(buckets)
-            )
-        )
-    refunds = admission_refunds.c
-    if refunded:
-        parts.append(
-            select(*_row("refund", refunds.name, refunds.scope, [refunds.id, refunds.amount])).where(
-                tuple_(refunds.name, refunds.scope).in_(refunded)
-            )
-        )
-    if not parts:
+    if not (slots or budgets or buckets or refunded):
         return counts
-    statement: Any = union_all(*parts) if len(parts) > 1 else parts[0]
+    parameters = {
+        "now": _naive(now),
+        "slot_names": [name for name, _ in slots],
+        "slot_scopes": [scope for _, scope in slots],
+        "budget_names": [b[0] for b in budgets],
+        "budget_scopes": [b[1] for b in budgets],
+        "firsts": [_naive(b[2]) for b in budgets],
+        "ends": [None if b[3] is None else _naive(b[3]) for b in budgets],
+        "bucket_names": [b[0] for b in buckets],
+        "bucket_scopes": [b[1] for b in buckets],
+        "bucket_kinds": [b[2] for b in buckets],
+        "refund_names": [r[0] for r in refunded],
+        "refund_scopes": [r[1] for r in refunded],
+    }
     waiting: list[tuple[str, str, int]] = []
-    for row in connection.execute(statement):
+    for row in connection.execute(_COUNT, parameters):
         part, name, scope = row[0], row[1], row[2]
         values = [int(v or 0) for v in row[3 : 3 + _NUMBERS]]
         if part == "slot":
@@ -168,8 +156,8 @@ def count_scopes(
         elif part == "spend":
             counts.spend[name, scope] = Usage(*values)
         elif part == "bucket":
-            at = row[5 + _NUMBERS]
-            counts.buckets[name, scope, row[3 + _NUMBERS]] = Bucket(float(row[4 + _NUMBERS]), at.replace(tzinfo=UTC))
+            at = row[5 + _NUMBERS].replace(tzinfo=UTC)
+            counts.buckets[name, scope, row[3 + _NUMBERS]] = Bucket(float(row[4 + _NUMBERS]), at)
         else:
             counts.refunds.append(values[0])
             waiting.append((name, scope, values[1]))
