@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from monitor.config import ConfigError, load_settings
+from monitor.config import ConfigError, admission_in_database, load_settings
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, Serve, request, sum_metric
@@ -365,3 +365,9 @@ def test_state_database_on_sqlite_is_refused_at_load_with_the_line(tmp_path: Pat
     message = str(refused.value)
     assert f"{config}:5: admission.state:" in message
     assert "SQLite" in message and "PostgreSQL" in message
+    # auto: memory on SQLite, the database on PostgreSQL; memory may be asked for on PostgreSQL.
+    assert not admission_in_database(load_settings(write_config(tmp_path, "sources: []\n"), environ={}).settings)
+    postgres = pg_config(tmp_path / "pg", "postgresql+psycopg://monitor@127.0.0.1:1/x", "sources: []\n")
+    assert admission_in_database(load_settings(postgres, environ={}).settings)
+    postgres.write_text(postgres.read_text() + "admission: {state: memory}\n")
+    assert not admission_in_database(load_settings(postgres, environ={}).settings)
