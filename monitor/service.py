@@ -113,7 +113,10 @@ def open_store(
         max_values_per_label=settings.metrics.max_values_per_label,
         max_unpriced_models=settings.metrics.max_unpriced_models,
     )
-    if admission_in_database(settings):  # a usage event settles its lease wherever it is stored (serve or ingest)
+    # A usage event settles its lease wherever it is stored (serve or ingest); with no limit and no budget that
+    # throttles, a lease holds nothing and the write path does no admission work.
+    holding = settings.limits or any(budget.throttle_at is not None for budget in settings.budgets)
+    if admission_in_database(settings) and holding:
         writer.settle_leases = settle_on_store
     return Store(settings, engine, prices, parser, writer, budgets)
 
