@@ -129,12 +129,11 @@ class SharedAdmission(Admission):
                         refunded.append((limit.name, key))
             if stateful:
                 locks.append(store.lock_key("limit", limit.name, key))
-        store.lock_scopes(connection, locks)
         windows = []
         for budget, key, _amount in decision.budgets:
             first, end = budget.bucket_range(now, self._zone)
             windows.append((budget.name, key, first, end))
-        counts = store.count_scopes(connection, now, slots, windows, bucket_keys, refunded)
+        counts = store.lock_and_count(connection, locks, now, slots, windows, bucket_keys, refunded)
         buckets = counts.buckets
 
         for limit, key, scope in decision.limits:
@@ -185,7 +184,7 @@ class SharedAdmission(Admission):
             "estimated_input": request.estimated_input_tokens,
             "reserved_pico": reserved_pico,
         }
-        store.insert_lease(connection, row, holds, taken, counts.refunds)
+        store.insert_lease_and_commit(connection, row, holds, taken, counts.refunds)
         return Admitted(lease, reserved_pico, expires)
 
     # --- renew, release, settle, expire ------------------------------------------------------------------------

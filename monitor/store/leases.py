@@ -10,6 +10,7 @@ taken when it starts).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,13 +45,24 @@ def lock_key(kind: str, name: str, scope: str) -> int:
     return key ^ 1 if key in _RESERVED_KEYS else key
 
 
+_LOCK = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k"
+
+
+def _driver(connection: Connection) -> Any:
+    """The psycopg connection under a SQLAlchemy one: its pipeline mode sends several statements in one round trip."""
+    return connection.connection.driver_connection
+
+
+def _psycopg(statement: str) -> str:
+    """A statement with :name parameters in psycopg's %(name)s style (casts written :: are left alone)."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", statement.replace("%", "%%"))
+
+
 def lock_scopes(connection: Connection, keys: Iterable[int]) -> None:
     """Wait for, then hold until the transaction ends, the advisory lock of every key, in ascending order."""
     ordered = sorted(set(keys))
     if ordered:
-        connection.execute(
-            text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k"), {"keys": ordered}
-        )
+        connection.execute(text(_LOCK), {"keys": ordered})
 
 
 @dataclass
@@ -77,8 +89,7 @@ _SUMS = ", ".join(f"sum(u.{name})" for name in USAGE_FIELDS)
 _ZEROS = ", ".join(["0"] * (len(USAGE_FIELDS) - 1))
 # One statement whatever the call counts toward (the scopes come as arrays), so it is parsed and planned once per
 # connection (psycopg prepares it). Each row: part, name, scope, 7 numbers, kind, level, at.
-_COUNT = text(
-    f"""
+_COUNT = f"""
     SELECT 'slot', h.name, h.scope, count(*), {_ZEROS}, NULL, NULL::float8, NULL::timestamp
     FROM admission_holds h
     JOIN unnest(CAST(:slot_names AS text[]), CAST(:slot_scopes AS text[])) AS k(name, scope)
@@ -111,12 +122,14 @@ _COUNT = text(
     JOIN unnest(CAST(:refund_names AS text[]), CAST(:refund_scopes AS text[])) AS k(name, scope)
         ON r.name = k.name AND r.scope = k.scope
     """
-)
+_COUNT_PSYCOPG = _psycopg(_COUNT)
+_LOCK_PSYCOPG = _psycopg(_LOCK)
 _NUMBERS = len(USAGE_FIELDS)
 
 
-def count_scopes(
+def lock_and_count(
     connection: Connection,
+    keys: Iterable[int],
     now: datetime,
     slots: Sequence[tuple[str, str]],
     budgets: Sequence[tuple[str, str, datetime, datetime | None]],
@@ -127,9 +140,13 @@ def count_scopes(
     `budget_usage` (first bucket, end), the stored (limit, scope, kind) buckets and the refunds waiting for the
     `refunded` (limit, scope)s' input-token buckets — in one statement, so that spend and reservations come from one
     snapshot: a usage event committed meanwhile moves its call from reserved to spent at once, never counted in both
-    or neither. Buckets are written only under their scope's lock, which the caller holds."""
+    or neither. The locks of `keys` are taken first (ascending) and held until the transaction ends; the read starts
+    once they are granted, so it sees every admit that held them before. Lock and read go in one round trip
+    (pipelined with the transaction's BEGIN). Buckets are written only under their scope's lock."""
     counts = ScopeCounts()
+    ordered = sorted(set(keys))
     if not (slots or budgets or buckets or refunded):
+        lock_scopes(connection, ordered)
         return counts
     parameters = {
         "now": _naive(now),
@@ -145,8 +162,13 @@ def count_scopes(
         "refund_names": [r[0] for r in refunded],
         "refund_scopes": [r[1] for r in refunded],
     }
+    driver = _driver(connection)
+    with driver.pipeline():
+        if ordered:
+            driver.execute(_LOCK_PSYCOPG, {"keys": ordered})
+        cursor = driver.execute(_COUNT_PSYCOPG, parameters)
     waiting: list[tuple[str, str, int]] = []
-    for row in connection.execute(_COUNT, parameters):
+    for row in cursor.fetchall():
         part, name, scope = row[0], row[1], row[2]
         values = [int(v or 0) for v in row[3 : 3 + _NUMBERS]]
         if part == "slot":
@@ -156,7 +178,7 @@ def count_scopes(
         elif part == "spend":
             counts.spend[name, scope] = Usage(*values)
         elif part == "bucket":
-            at = row[5 + _NUMBERS].replace(tzinfo=UTC)
+            at = row[5 + _NUMBERS].replace(tzinfo=UTC)  # stored without zone: a UTC instant
             counts.buckets[name, scope, row[3 + _NUMBERS]] = Bucket(float(row[4 + _NUMBERS]), at)
         else:
             counts.refunds.append(values[0])
@@ -168,7 +190,7 @@ def count_scopes(
     return counts
 
 
-_ADMIT = text(
+_ADMIT = _psycopg(
     """
     WITH lease AS (
         INSERT INTO admission_leases (id, created_at, expires_at, model_id, batch, estimated_input, reserved_pico)
@@ -192,34 +214,37 @@ _ADMIT = text(
 )
 
 
-def insert_lease(
+def insert_lease_and_commit(
     connection: Connection,
     lease: Mapping[str, Any],
     holds: Sequence[tuple[str, str, str, int]],
     buckets: Mapping[tuple[str, str, str], Bucket],
     refunds: Sequence[int] = (),
 ) -> None:
-    """Store an admitted lease, what it holds (kind, name, scope, amount), the buckets it took from, and drop the
-    refunds folded into them: one statement."""
+    """Store an admitted lease, what it holds (kind, name, scope, amount), the buckets it took from, drop the
+    refunds folded into them, and commit (which frees the scopes' locks): one statement and COMMIT, one round trip."""
     ordered = sorted(buckets.items())
-    connection.execute(
-        _ADMIT,
-        {
-            **lease,
-            "created_at": _naive(lease["created_at"]),
-            "expires_at": _naive(lease["expires_at"]),
-            "hold_kinds": [h[0] for h in holds],
-            "hold_names": [h[1] for h in holds],
-            "hold_scopes": [h[2] for h in holds],
-            "hold_amounts": [h[3] for h in holds],
-            "bucket_names": [key[0] for key, _ in ordered],
-            "bucket_scopes": [key[1] for key, _ in ordered],
-            "bucket_kinds": [key[2] for key, _ in ordered],
-            "bucket_levels": [float(bucket.level) for _, bucket in ordered],
-            "bucket_ats": [_naive(bucket.at) for _, bucket in ordered],
-            "refunds": list(refunds),
-        },
-    )
+    driver = _driver(connection)
+    with driver.pipeline():
+        driver.execute(
+            _ADMIT,
+            {
+                **lease,
+                "created_at": _naive(lease["created_at"]),
+                "expires_at": _naive(lease["expires_at"]),
+                "hold_kinds": [h[0] for h in holds],
+                "hold_names": [h[1] for h in holds],
+                "hold_scopes": [h[2] for h in holds],
+                "hold_amounts": [h[3] for h in holds],
+                "bucket_names": [key[0] for key, _ in ordered],
+                "bucket_scopes": [key[1] for key, _ in ordered],
+                "bucket_kinds": [key[2] for key, _ in ordered],
+                "bucket_levels": [float(bucket.level) for _, bucket in ordered],
+                "bucket_ats": [_naive(bucket.at) for _, bucket in ordered],
+                "refunds": list(refunds),
+            },
+        )
+        driver.commit()
 
 
 @dataclass
