@@ -161,7 +161,12 @@ def _load(urls: list[str], rate: float, duration: float, users_file: Path) -> di
         procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
     merged: dict[str, Any] = {"admit": [], "release": [], "statuses": {}, "cpu_s": 0.0, "wall_s": 0.0, "completed": 0}
     for proc in procs:
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate(timeout=duration * 10 + 60)
+        except subprocess.TimeoutExpired:  # a generator waiting for answers that never come: say so, stop it
+            for other in procs:
+                other.kill()
+            raise SystemExit("a load generator got no answer for minutes: the daemon is far behind this rate") from None
         if proc.returncode != 0:
             raise SystemExit(f"admit_load.py exited {proc.returncode}")
         result = json.loads(out)

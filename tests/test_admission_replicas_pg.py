@@ -22,7 +22,7 @@ import pytest
 from monitor.config import ConfigError, admission_in_database, load_settings
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
-from tests.serve_harness import TOKEN, Response, Serve, request, sum_metric
+from tests.serve_harness import TOKEN, Response, Serve, request, sum_metric, wait_until
 from tests.test_postgres import pg_config, scalar
 
 pytest_plugins = ["tests.pg"]
@@ -371,3 +371,27 @@ def test_state_database_on_sqlite_is_refused_at_load_with_the_line(tmp_path: Pat
     assert admission_in_database(load_settings(postgres, environ={}).settings)
     postgres.write_text(postgres.read_text() + "admission: {state: memory}\n")
     assert not admission_in_database(load_settings(postgres, environ={}).settings)
+
+
+def test_admission_answers_503_while_postgres_is_away_and_recovers(private_postgres: Any, tmp_path: Path) -> None:
+    url = private_postgres.create_database("away")
+    text = CONFIG.format(concurrent=2).replace("throttle.json", str(tmp_path / "t.json"))
+    clock = FakeClock(NOW)
+    daemon = Daemon(
+        load_settings(pg_config(tmp_path, url, text), environ={}),
+        clock=clock,
+        environ={"CLAUDE_MONITOR_INGEST_TOKEN": TOKEN},
+    )
+    daemon.start()
+    try:
+        base = "http://{}:{}".format(*daemon.address)
+        lease = admit(base).json()["lease"]
+        private_postgres.stop()
+        away = admit(base)
+        assert away.status == 503 and away.headers["retry-after"] == "5", away.body
+        assert "storage unavailable" in away.json()["error"]
+        private_postgres.start()
+        assert wait_until(lambda: admit(base).status == 200, timeout=30)
+        assert release(base, lease, None, None).json()["settled_by"] == "release"  # the lease survived the outage
+    finally:
+        daemon.stop()

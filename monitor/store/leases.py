@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 
 from monitor.store.models import (
     admission_holds,
@@ -51,6 +53,21 @@ _LOCK = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint
 def _driver(connection: Connection) -> Any:
     """The psycopg connection under a SQLAlchemy one: its pipeline mode sends several statements in one round trip."""
     return connection.connection.driver_connection
+
+
+@contextmanager
+def _pipeline(connection: Connection) -> Iterator[Any]:
+    """psycopg's pipeline on the connection; its errors raised as SQLAlchemy's (a broken connection invalidated, so
+    the pool replaces it), as statements sent through SQLAlchemy would be."""
+    driver = _driver(connection)
+    error = connection.dialect.loaded_dbapi.Error
+    try:
+        with driver.pipeline():
+            yield driver
+    except error as exc:
+        if driver.closed or getattr(driver, "broken", False):
+            connection.invalidate()
+        raise DBAPIError.instance(None, None, exc, error) from None
 
 
 def _psycopg(statement: str) -> str:
@@ -162,8 +179,7 @@ def lock_and_count(
         "refund_names": [r[0] for r in refunded],
         "refund_scopes": [r[1] for r in refunded],
     }
-    driver = _driver(connection)
-    with driver.pipeline():
+    with _pipeline(connection) as driver:
         if ordered:
             driver.execute(_LOCK_PSYCOPG, {"keys": ordered})
         cursor = driver.execute(_COUNT_PSYCOPG, parameters)
@@ -224,8 +240,7 @@ def insert_lease_and_commit(
     """Store an admitted lease, what it holds (kind, name, scope, amount), the buckets it took from, drop the
     refunds folded into them, and commit (which frees the scopes' locks): one statement and COMMIT, one round trip."""
     ordered = sorted(buckets.items())
-    driver = _driver(connection)
-    with driver.pipeline():
+    with _pipeline(connection) as driver:
         driver.execute(
             _ADMIT,
             {
