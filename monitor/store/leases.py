@@ -305,7 +305,7 @@ def lease_row(connection: Connection, lease: str) -> Any:
     return connection.execute(select(admission_leases).where(admission_leases.c.id == lease)).first()
 
 
-_RELEASE = text(
+_RELEASE = _psycopg(
     """
     WITH gone AS (
         DELETE FROM admission_holds
@@ -340,26 +340,28 @@ def finish_release(
     ended_at: datetime | None = None,
 ) -> None:
     """One statement: drop every hold but the budget holds in `kept` (budget -> the call's actual usage, held until
-    `expires_at`), queue input-token `refunds` (limit, scope, tokens), and mark the lease released (and `ended`,
-    when nothing is kept)."""
+    `expires_at`), queue input-token `refunds` (limit, scope, tokens), mark the lease released (and `ended`, when
+    nothing is kept), and commit: one round trip."""
     kept = kept or {}
     refunds = [refund for refund in refunds if refund[2]]
-    connection.execute(
-        _RELEASE,
-        {
-            "lease": lease,
-            "now": _naive(now),
-            "expires_at": _naive(expires_at),
-            "kept_names": list(kept),
-            "kept_amounts": list(kept.values()),
-            "refund_names": [r[0] for r in refunds],
-            "refund_scopes": [r[1] for r in refunds],
-            "refund_amounts": [r[2] for r in refunds],
-            "request_id": request_id,
-            "ended": ended,
-            "ended_at": None if ended is None else _naive(ended_at or now),
-        },
-    )
+    with _pipeline(connection) as driver:
+        driver.execute(
+            _RELEASE,
+            {
+                "lease": lease,
+                "now": _naive(now),
+                "expires_at": _naive(expires_at),
+                "kept_names": list(kept),
+                "kept_amounts": list(kept.values()),
+                "refund_names": [r[0] for r in refunds],
+                "refund_scopes": [r[1] for r in refunds],
+                "refund_amounts": [r[2] for r in refunds],
+                "request_id": request_id,
+                "ended": ended,
+                "ended_at": None if ended is None else _naive(ended_at or now),
+            },
+        )
+        driver.commit()
 
 
 _RENEW = text(
