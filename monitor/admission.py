@@ -212,6 +212,8 @@ class _Decision:
 class Admission:
     """Leases, token buckets, concurrency slots and budget reservations; thread-safe, decided in memory."""
 
+    in_database = False  # True where the state is in the database: every admit, release and renew does I/O
+
     def __init__(
         self,
         limits: Sequence[Limit],
@@ -265,36 +267,9 @@ class Admission:
         """Decide one call. In memory unless a matching budget scope's spend is unknown: then `NeedsRead`, or with
         `read=True` one indexed read per budget (call that off the event loop)."""
         now = self._clock()
-        model = self._prices.resolve(request.model_id) or request.model_id
-        worst = worst_case_pico(
-            self._prices,
-            request.model_id,
-            request.estimated_input_tokens,
-            request.max_tokens,
-            batch=request.batch,
-            speed=request.speed,
-            geo=request.inference_geo,
-            now=now,
-        )
-        decision = _Decision(model, worst, [])
-        for limit in self.limits:
-            scope = limit.scope_of(model, request.attributes)
-            if scope is not None:
-                decision.limits.append((limit, scope_key_of(limit, model, request.attributes) or "", scope))
-        refused = self._caps(request, decision)
+        decision, refused = self._plan(request, now)
         if refused is not None:
             return self._count(refused, decision)
-        for budget, key in self._index.touched_keys(model, request.attributes):
-            if budget.throttle_at is None:
-                continue  # alert-only budgets never refuse
-            amount = _amount(budget, request, worst)
-            if amount is None:
-                message = (
-                    f"model {request.model_id!r} has no price in the price table: budget {budget.name!r} cannot "
-                    "hold a call it cannot price; use a priced model or add it under pricing.models"
-                )
-                return self._count(Refused("cap", budget.name, 0, message), decision)
-            decision.budgets.append((budget, key, amount))
         missing = self._missing_spend(decision, now, ceilings=not read)
         if missing:
             if not read:
@@ -320,6 +295,41 @@ class Admission:
             if checked is not None:
                 return self._count(checked, decision, locked=True)
             return self._take(request, decision, now)
+
+    def _plan(self, request: AdmitRequest, now: datetime) -> tuple[_Decision, Refused | None]:
+        """What a call would take — its worst case, the limit scopes and budget amounts — or the per-call cap that
+        refuses it; decided from the request and config alone."""
+        model = self._prices.resolve(request.model_id) or request.model_id
+        worst = worst_case_pico(
+            self._prices,
+            request.model_id,
+            request.estimated_input_tokens,
+            request.max_tokens,
+            batch=request.batch,
+            speed=request.speed,
+            geo=request.inference_geo,
+            now=now,
+        )
+        decision = _Decision(model, worst, [])
+        for limit in self.limits:
+            scope = limit.scope_of(model, request.attributes)
+            if scope is not None:
+                decision.limits.append((limit, scope_key_of(limit, model, request.attributes) or "", scope))
+        refused = self._caps(request, decision)
+        if refused is not None:
+            return decision, refused
+        for budget, key in self._index.touched_keys(model, request.attributes):
+            if budget.throttle_at is None:
+                continue  # alert-only budgets never refuse
+            amount = _amount(budget, request, worst)
+            if amount is None:
+                message = (
+                    f"model {request.model_id!r} has no price in the price table: budget {budget.name!r} cannot "
+                    "hold a call it cannot price; use a priced model or add it under pricing.models"
+                )
+                return decision, Refused("cap", budget.name, 0, message)
+            decision.budgets.append((budget, key, amount))
+        return decision, None
 
     def _caps(self, request: AdmitRequest, decision: _Decision) -> Refused | None:
         for limit, _key, _scope in decision.limits:
@@ -449,13 +459,7 @@ class Admission:
     def _check(self, request: AdmitRequest, decision: _Decision, now: datetime) -> Refused | NeedsRead | None:
         for limit, key, scope in decision.limits:
             if limit.concurrent is not None and self._inflight.get((limit.name, key), 0) >= limit.concurrent:
-                return Refused(
-                    "concurrency",
-                    limit.name,
-                    1,
-                    f"{describe_scope(scope)} already has {limit.concurrent:,} calls in flight, the most limit "
-                    f"{limit.name!r} allows (concurrent); retry when one ends",
-                )
+                return concurrency_refusal(limit, scope)
         for limit, key, scope in decision.limits:
             for kind, amount, per_minute, capacity, what in (
                 ("rpm", 1, limit.requests_per_minute, limit.burst, "requests"),
@@ -470,13 +474,7 @@ class Admission:
                 bucket.refill(now, per_minute, capacity)
                 wait = bucket.wait(amount, per_minute, capacity)
                 if wait:
-                    return Refused(
-                        "rate",
-                        limit.name,
-                        wait,
-                        f"{describe_scope(scope)} is over limit {limit.name!r}: {per_minute:,} {what} a minute "
-                        f"(bursts of up to {capacity:,}); retry in {wait} s",
-                    )
+                    return rate_refusal(limit, scope, what, wait)
         for budget, key, amount in decision.budgets:
             spend = self._known_spend(budget, key, now)
             if spend is None:  # seen or read for this call and dropped from the cache since: that figure stands
@@ -787,6 +785,9 @@ class Admission:
             else:
                 self._reserved_pico.pop((name, key), None)
 
+    def close(self) -> None:
+        """Release what admission holds outside memory (nothing here)."""
+
     # --- observing ----------------------------------------------------------------------------------------------
 
     @property
@@ -816,6 +817,34 @@ class Admission:
                 },
                 self._forgiven,
             )
+
+
+def concurrency_refusal(limit: Limit, scope: Mapping[str, str]) -> Refused:
+    """The answer when the scope already has `concurrent` calls in flight."""
+    assert limit.concurrent is not None
+    return Refused(
+        "concurrency",
+        limit.name,
+        1,
+        f"{describe_scope(scope)} already has {limit.concurrent:,} calls in flight, the most limit "
+        f"{limit.name!r} allows (concurrent); retry when one ends",
+    )
+
+
+def rate_refusal(limit: Limit, scope: Mapping[str, str], what: str, wait: int) -> Refused:
+    """The answer when the scope's bucket of `what` ("requests" or "input tokens") is short for `wait` seconds."""
+    per_minute, capacity = (
+        (limit.requests_per_minute, limit.burst)
+        if what == "requests"
+        else (limit.input_tokens_per_minute, limit.input_tokens_burst)
+    )
+    return Refused(
+        "rate",
+        limit.name,
+        wait,
+        f"{describe_scope(scope)} is over limit {limit.name!r}: {per_minute:,} {what} a minute "
+        f"(bursts of up to {capacity:,}); retry in {wait} s",
+    )
 
 
 def _amount(budget: Budget, request: AdmitRequest, worst: int | None) -> int | None:

@@ -390,6 +390,9 @@ class AdmissionConfig(_Strict):
     max_buckets: int = Field(default=200_000, gt=0)  # rate-limit token buckets (one per limit, scope and kind)
     max_spend_scopes: int = Field(default=200_000, gt=0)  # budget scopes whose window spend is kept
     max_settled_remembered: int = Field(default=100_000, gt=0)  # ended leases and stored request ids remembered
+    # Where leases, slots, buckets and reservations live: `database` (PostgreSQL) so replicas agree and a restart
+    # forgets nothing; `memory` in this process; `auto` is database on PostgreSQL and memory on SQLite.
+    state: Literal["auto", "memory", "database"] = "auto"
 
     @field_validator("lease_ttl")
     @classmethod
@@ -786,6 +789,23 @@ def _proxy_client_problems(settings: Settings) -> list[tuple[tuple[str | int, ..
     return problems
 
 
+def _admission_problems(settings: Settings) -> list[tuple[tuple[str | int, ...], str]]:
+    """admission.state: database needs PostgreSQL."""
+    if settings.admission.state == "database" and not settings.database_url.startswith("postgresql"):
+        reason = (
+            "'database' keeps admission state in PostgreSQL so replicas share it, and database_url is SQLite, which "
+            "one daemon serves alone: use memory (or auto), or a postgresql+psycopg:// database_url"
+        )
+        return [(("admission", "state"), reason)]
+    return []
+
+
+def admission_in_database(settings: Settings) -> bool:
+    """Whether admission state lives in the database: `database`, or `auto` on PostgreSQL."""
+    state = settings.admission.state
+    return state == "database" or (state == "auto" and settings.database_url.startswith("postgresql"))
+
+
 def _shown_loc(loc: tuple[str | int, ...]) -> str:
     """A key path for an error message; a reconcile.api_keys entry that is no key id may be a key: never echoed."""
     if loc[:2] == ("reconcile", "api_keys") and len(loc) > 2 and not _API_KEY_ID.match(str(loc[2])):
@@ -869,7 +889,7 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         for name in overrides:
             messages = [m.replace(f": {name}:", f": {name} (from {ENV_PREFIX}{name.upper()}):", 1) for m in messages]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages)) from None
-    if problems := _proxy_client_problems(settings) + _reconcile_key_problems(settings):
+    if problems := _proxy_client_problems(settings) + _reconcile_key_problems(settings) + _admission_problems(settings):
         positions = key_lines(text)
         messages = []
         for loc, reason in problems:

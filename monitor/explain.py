@@ -14,6 +14,7 @@ from monitor.config import (
     ProxyClientConfig,
     ProxyConfig,
     ReconcileConfig,
+    admission_in_database,
     parse_duration,
 )
 from monitor.pricing import PriceTable
@@ -201,9 +202,15 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
         who = f"each {entry.per} of {scope}" if entry.per else scope
         lines.append(f"  - {entry.name}: {who}: " + "; ".join(_enforces(entry)))
     ttl = parse_duration(s.admission.lease_ttl)
+    shared = admission_in_database(s)
     lines.append(
         f"admission leases: expire {s.admission.lease_ttl} after admit or their last renewal "
-        f"(running calls renew every {int(ttl.total_seconds() // 3)}s); at most {s.admission.max_open_leases:,} open"
+        f"(running calls renew every {int(ttl.total_seconds() // 3)}s); "
+        + (
+            f"kept in the database: every replica shares them (admission.state: {s.admission.state})"
+            if shared
+            else f"kept in this daemon's memory, at most {s.admission.max_open_leases:,} open"
+        )
     )
     lines.append(
         f"admission memory: at most {s.admission.max_buckets:,} rate buckets, "

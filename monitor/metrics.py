@@ -441,7 +441,8 @@ class SnapshotErrorsCollector(Collector):
 class AdmissionCollector(Collector):
     """Admission outcomes, calls in flight per limit, and what open leases reserve against budgets without per:.
 
-    Kept in this process's memory, like the leases themselves (the daemon that hands out leases owns the counts).
+    Outcomes are this process's own decisions; the gauges come from where the leases are: this process's memory, or
+    the database when admission state lives there (then every replica reports the same).
     """
 
     OUTCOMES = ("admitted", "rate_limited", "concurrency", "too_large", "budget")
@@ -450,7 +451,8 @@ class AdmissionCollector(Collector):
         self._admission = admission
 
     def collect(self) -> Iterator[Metric]:
-        """Read at scrape time from the admission state (a lock held for a copy, never a table scan)."""
+        """Read at scrape time from the admission state (in memory: a lock held for a copy; in the database: one
+        grouped read of the unexpired holds)."""
         stats = self._admission.stats()
         total = CounterMetricFamily(
             "claude_admission",

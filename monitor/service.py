@@ -19,8 +19,9 @@ from sqlalchemy import Engine, delete, text
 from monitor.admission import Admission, MemoryBounds
 from monitor.alerts import Notifier, validate_webhooks
 from monitor.budgets import BudgetIndex, compile_budgets
+from monitor.budgets.shared_admission import SharedAdmission
 from monitor.clock import Clock, system_clock
-from monitor.config import ConfigError, LoadedSettings, Settings, parse_duration
+from monitor.config import ConfigError, LoadedSettings, Settings, admission_in_database, parse_duration
 from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.events import EventParser
 from monitor.http.api import HTTP_SOURCE, Api, ApiApp
@@ -46,6 +47,7 @@ from monitor.reconcile.models import ModelsApiError, ModelsClient, check
 from monitor.reconcile.runner import Reconciler
 from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
+from monitor.store.leases import settle_on_store
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
 from monitor.store.reprice import Repricer
 from monitor.throttle import ThrottleState
@@ -114,6 +116,11 @@ def open_store(
         max_values_per_label=settings.metrics.max_values_per_label,
         max_unpriced_models=settings.metrics.max_unpriced_models,
     )
+    # A usage event settles its lease wherever it is stored (serve or ingest); with no limit and no budget that
+    # throttles, a lease holds nothing and the write path does no admission work.
+    holding = settings.limits or any(budget.throttle_at is not None for budget in settings.budgets)
+    if admission_in_database(settings) and holding:
+        writer.settle_leases = settle_on_store
     return Store(settings, engine, prices, parser, writer, budgets)
 
 
@@ -218,7 +225,7 @@ class Daemon:
         self.registry.register(self.windows)
         self.registry.register(SnapshotErrorsCollector(self.budgets.throttle))
         sqlite = self.store.engine.dialect.name == "sqlite"
-        self.admission = Admission(
+        admission_args = (
             compile_limits(settings.limits, self.store.prices),
             self.budgets.index,
             self.store.prices,
@@ -228,15 +235,21 @@ class Daemon:
             clock,
             parse_duration(settings.admission.lease_ttl),
             settings.admission.max_open_leases,
-            # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
-            # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
-            spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
-            bounds=MemoryBounds(
-                settings.admission.max_buckets,
-                settings.admission.max_spend_scopes,
-                settings.admission.max_settled_remembered,
-            ),
         )
+        if admission_in_database(settings):  # replicas share leases through the database (the writer settles them)
+            self.admission: Admission = SharedAdmission(*admission_args)
+        else:
+            self.admission = Admission(
+                *admission_args,
+                # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
+                # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
+                spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
+                bounds=MemoryBounds(
+                    settings.admission.max_buckets,
+                    settings.admission.max_spend_scopes,
+                    settings.admission.max_settled_remembered,
+                ),
+            )
         self.registry.register(AdmissionCollector(self.admission))
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)
@@ -606,4 +619,5 @@ class Daemon:
             self.budgets.throttle.write_snapshot(self.clock())
         finally:
             self.leadership.release()
+            self.admission.close()
             self.store.close()

@@ -78,6 +78,10 @@ def test_alembic_upgrade_check_downgrade_on_postgres(pg_url: str) -> None:
         pg_url, "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname='public'"
     )
     assert set(tables.split(",")) == {
+        "admission_buckets",
+        "admission_holds",
+        "admission_leases",
+        "admission_refunds",
         "alembic_version",
         "alert_deliveries",
         "alert_notices",

@@ -503,12 +503,16 @@ class ApiApp:
             lease, _, action = path.removeprefix("/v1/admit/").partition("/")
             if action != "renew" or not lease:
                 return error_response(404, f"no route {path}: renew a lease with POST /v1/admit/<lease>/renew")
+            if admission.in_database:  # a transaction: off the loop
+                return await off_loop(self._read_pool, lambda: api.renew(lease))
             return api.renew(lease)
         try:
             body = json.loads(raw) if raw else None
         except (ValueError, RecursionError) as exc:
             return error_response(400, f"body is not JSON: {exc}")
         if path == "/v1/release":
+            if admission.in_database:
+                return await off_loop(self._read_pool, lambda: api.release(body))
             return api.release(body)
         try:
             request = parse_admit(body, api.dimensions)

@@ -171,6 +171,8 @@ class Writer:
         self._set_offset = upsert_replacing(
             source_offsets, dialect, ("source", "file_id"), ("path", "offset", "updated_at")
         )
+        # Admission state in the database: settles the leases a batch's events name, in the batch's transaction.
+        self.settle_leases: Callable[[Connection, list[tuple[str, str | None, int]], datetime], None] | None = None
 
     def _label_keys(self, model: str, label_values: tuple[str, ...]) -> _LabelKeys:
         cached = self._label_cache.get((model, label_values))
@@ -241,6 +243,8 @@ class Writer:
             total = BatchResult()
             for result in results:
                 total.add(result)
+            if self.settle_leases is not None:
+                self.settle_leases(connection, total.settles, now)
             admitted, labelled = self._count(connection, new, total, source, now)
             self._add_to_rollup(connection, new, labelled)
             touched = self._add_to_budgets(connection, new, now)

@@ -295,3 +295,61 @@ reconcile_fetches = Table(
     Column("data_refreshed_at", UTCDateTime(), comment="when Anthropic last refreshed the report, as it said"),
     Index("ix_reconcile_fetches_fetched_at", "fetched_at"),
 )
+
+# Admission state shared by replicas (admission.state: database). A lease is one admitted call; what it holds is in
+# admission_holds, one row per limit or budget it counts toward, so a scope's calls in flight and reservations are an
+# indexed sum over its unexpired holds. A lease ends once (`ended`), and is deleted by the sweep a while later.
+admission_leases = Table(
+    "admission_leases",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False, comment="admit or last renewal + lease_ttl"),
+    Column("model_id", String(255), nullable=False, comment="as the call asked, to price a release's usage"),
+    Column("batch", Boolean, nullable=False),
+    Column("estimated_input", BigInteger, nullable=False, comment="input tokens taken from input-token buckets"),
+    Column("reserved_pico", BigInteger, nullable=False, comment="the worst case admit answered"),
+    Column("request_id", String(255), comment="named by POST /v1/release: its usage event settles the lease"),
+    Column("released_at", UTCDateTime(), comment="slots returned; budget holds are the call's actual usage"),
+    Column("ended", String(16), comment="usage event | release | expired; NULL while it holds something"),
+    Column("ended_at", UTCDateTime()),
+    Index("ix_admission_leases_request_id", "request_id"),
+    Index("ix_admission_leases_expires_at", "expires_at"),
+)
+
+admission_holds = Table(
+    "admission_holds",
+    metadata,
+    Column("lease", String(64), ForeignKey("admission_leases.id", ondelete="CASCADE"), primary_key=True),
+    Column("kind", String(8), primary_key=True, comment="slot | budget | itpm (input tokens taken from a bucket)"),
+    Column("name", String(128), primary_key=True, comment="the limit or budget"),
+    Column("scope", String(1024), nullable=False, comment="canonical JSON of the scope's dimensions"),
+    Column("amount", BigInteger, nullable=False, comment="1 | in the budget's measure (pico-USD) | input tokens"),
+    Column("expires_at", UTCDateTime(), nullable=False, comment="the lease's, so sums need no join"),
+    Index("ix_admission_holds_name_scope", "name", "scope", "kind", "expires_at"),
+)
+
+# Token buckets of requests_per_minute (kind rpm) and input_tokens_per_minute (itpm): the level at updated_at. A level
+# above the bucket's capacity reads as full.
+admission_buckets = Table(
+    "admission_buckets",
+    metadata,
+    Column("name", String(128), primary_key=True, comment="the limit"),
+    Column("scope", String(1024), primary_key=True),
+    Column("kind", String(8), primary_key=True, comment="rpm | itpm"),
+    Column("level", Float(53), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# Input tokens a settled call did not use, to be given back to its bucket by the next admit that locks the bucket's
+# scope (or the sweep): a writer storing the usage event only inserts here, so it never waits for admission.
+admission_refunds = Table(
+    "admission_refunds",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("scope", String(1024), nullable=False),
+    Column("amount", BigInteger, nullable=False, comment="estimated minus actual input tokens (may be negative)"),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_admission_refunds_name_scope", "name", "scope"),
+)
