@@ -1,7 +1,7 @@
 """A partial index of the events stored without a price, by model id: re-pricing finds them without a scan.
 
 Revision ID: 0013
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-02
 """
 
