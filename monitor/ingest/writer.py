@@ -20,6 +20,7 @@ from monitor.events import Event, Rejected
 from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.labels import OTHER, LabelGate
 from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets, usage_rollup
+from monitor.store.partitions import insert_new_events
 from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
 from monitor.store.rollup import (
     ROLLUP_FIELDS,
@@ -161,6 +162,8 @@ class Writer:
             {**dict.fromkeys(self._metric_labels, max_values_per_label), UNPRICED_LABEL: max_unpriced_models}
         )
         dialect = engine.dialect
+        # PostgreSQL: COPY into a staging table, the request_ids claimed in event_ids (events is partitioned).
+        self._copy_events = dialect.name == "postgresql"
         self._insert = insert_ignoring_conflicts(events, dialect, "request_id").returning(events.c.request_id)
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
         self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
@@ -221,7 +224,9 @@ class Writer:
         admitted: dict[str, frozenset[str]] = {}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()
-            if rows:
+            if rows and self._copy_events:
+                inserted = insert_new_events(connection, rows)
+            elif rows:
                 inserted = set(connection.execute(self._insert, rows).scalars())
             if letters:
                 connection.execute(self._insert_letter, letters)
