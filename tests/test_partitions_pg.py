@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from monitor.config import load_settings
 from monitor.service import Daemon
-from monitor.store.partitions import insert_new_events, prepare_partitions
+from monitor.store.partitions import drop_expired_events, insert_new_events, prepare_partitions
 from tests.conftest import FakeClock, run_cli
 from tests.test_migrations import alembic
 from tests.test_postgres import pg_config
@@ -87,8 +87,6 @@ def write(daemon: Daemon, *items: dict[str, Any]) -> tuple[int, int]:
 def test_a_request_id_is_stored_once_whatever_month_its_timestamps_are_in(daemon: Daemon, pg_url: str) -> None:
     october, november = datetime(2026, 10, 31, 23, 59, tzinfo=UTC), datetime(2026, 11, 1, 0, 1, tzinfo=UTC)
     assert write(daemon, event("a", october)) == (1, 0)
-    # October (its row moved out of the default partition) and November in partitions of their own.
-    prepare_partitions(daemon.store.engine, NOW, 1)
     # The same id again, its timestamp in the next month (another partition): a duplicate, in another batch ...
     assert write(daemon, event("a", november)) == (0, 1)
     # ... and within one batch, the first one kept.
@@ -142,22 +140,34 @@ def test_a_request_id_is_stored_once_whatever_month_its_timestamps_are_in(daemon
     ]
 
 
-def test_a_backfill_lands_in_the_default_partition_and_the_job_gives_its_month_a_partition(
-    daemon: Daemon, pg_url: str
-) -> None:
+def test_a_month_without_a_partition_never_fails_an_insert(daemon: Daemon, pg_url: str) -> None:
     march_2024 = datetime(2024, 3, 5, 8, tzinfo=UTC)
+    # A backfill: the writer gives March 2024 its partition before the batch.
     assert write(daemon, event("old-1", march_2024), event("old-2", march_2024 + timedelta(days=1))) == (2, 0)
-    assert partitions(pg_url)["events_default"] == 2  # no partition for March 2024: the insert did not fail
-    created = prepare_partitions(daemon.store.engine, NOW, 2)
-    # This month, the next two, and March 2024 taken out of the default partition with its two rows (the migration
-    # made the server clock's month and the next one already: today's date decides which of these it created).
-    assert {"events_p202403", "events_p202611"} <= set(created)
-    assert set(created) <= {"events_p202403", "events_p202611", "events_p202612", "events_p202701"}
     found = partitions(pg_url)
     assert found["events_p202403"] == 2 and found["events_default"] == 0
+    # The month is dropped behind the writer's back (retention of another replica) with its ids ...
+    assert drop_expired_events(daemon.store.engine, datetime(2024, 4, 1, tzinfo=UTC)) == ["events_p202403"]
+    assert rows(pg_url, "SELECT count(*) FROM event_ids") == [(0,)]
+    # ... so its next March row goes to the default partition: stored, not refused.
+    assert write(daemon, event("old-3", march_2024)) == (1, 0)
+    assert partitions(pg_url)["events_default"] == 1
+    # Retention deletes the default partition's rows before the cutoff one by one, with their ids.
+    assert drop_expired_events(daemon.store.engine, datetime(2024, 4, 1, tzinfo=UTC)) == []
+    assert partitions(pg_url)["events_default"] == 0
+    assert rows(pg_url, "SELECT count(*) FROM event_ids") == [(0,)]
+    assert write(daemon, event("old-4", march_2024)) == (1, 0)
+    # The partition job: this month and the next two, and March 2024 again, its row moved out of the default one.
+    created = prepare_partitions(daemon.store.engine, NOW, 2)
+    # (The migration made the server clock's month and the next one already: today's date decides which of
+    # November, December and January the job had to create.)
+    assert "events_p202403" in created
+    assert set(created) <= {"events_p202403", "events_p202611", "events_p202612", "events_p202701"}
+    found = partitions(pg_url)
+    assert found["events_p202403"] == 1 and found["events_default"] == 0
     assert {"events_p202611", "events_p202612", "events_p202701"} <= set(found)
     assert prepare_partitions(daemon.store.engine, NOW, 2) == []  # idempotent
-    assert write(daemon, event("old-1", march_2024)) == (0, 1)  # still exactly once after the move
+    assert write(daemon, event("old-4", march_2024)) == (0, 1)  # still exactly once after the move
 
 
 def report(config: Path, since: str, until: str) -> dict[str, Any]:
@@ -179,9 +189,8 @@ def test_retention_drops_whole_old_months_and_their_ids_and_keeps_rollups_and_re
     }
     for request_id, when in stored.items():
         assert write(daemon, event(request_id, when)) == (1, 0)
-    prepare_partitions(daemon.store.engine, NOW, 1)
-    assert write(daemon, event("2024", datetime(2024, 5, 1, tzinfo=UTC))) == (1, 0)  # into the default partition
-    assert partitions(pg_url)["events_default"] == 1
+    assert write(daemon, event("2024", datetime(2024, 5, 1, tzinfo=UTC))) == (1, 0)  # a backfilled month
+    assert {"events_p202405", "events_p202609", "events_p202610", "events_p202611"} <= set(partitions(pg_url))
     rollup = "SELECT * FROM usage_rollup WHERE bucket_start >= '2026-01-01' ORDER BY bucket_start"
     before_rollup = rows(pg_url, rollup)
     before_usage = rows(pg_url, "SELECT * FROM budget_usage WHERE bucket_start >= '2026-10-01' ORDER BY bucket_start")
@@ -192,8 +201,8 @@ def test_retention_drops_whole_old_months_and_their_ids_and_keeps_rollups_and_re
     daemon.retention()
 
     found = partitions(pg_url)
-    assert "events_p202609" not in found and found["events_p202610"] == 2 and found["events_p202611"] == 1
-    assert found["events_default"] == 0  # the 2024 row was before the cutoff: deleted row by row
+    assert "events_p202405" not in found and "events_p202609" not in found
+    assert found["events_p202610"] == 2 and found["events_p202611"] == 1
     expected = ["nov", "oct-early", "oct-late"]
     assert [r[0] for r in rows(pg_url, "SELECT request_id FROM events ORDER BY request_id")] == expected
     assert [r[0] for r in rows(pg_url, "SELECT request_id FROM event_ids ORDER BY request_id")] == expected

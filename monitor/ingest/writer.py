@@ -20,7 +20,7 @@ from monitor.events import Event, Rejected
 from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.labels import OTHER, LabelGate
 from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets, usage_rollup
-from monitor.store.partitions import insert_new_events
+from monitor.store.partitions import MonthPartitions, insert_new_events
 from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
 from monitor.store.rollup import (
     ROLLUP_FIELDS,
@@ -164,6 +164,7 @@ class Writer:
         dialect = engine.dialect
         # PostgreSQL: COPY into a staging table, the request_ids claimed in event_ids (events is partitioned).
         self._copy_events = dialect.name == "postgresql"
+        self._partitions = MonthPartitions(engine) if self._copy_events else None
         self._insert = insert_ignoring_conflicts(events, dialect, "request_id").returning(events.c.request_id)
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
         self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
@@ -221,6 +222,8 @@ class Writer:
         # opposite orders would otherwise each wait for a key the other holds (a deadlock). Dead letters keep their
         # arrival order (their ids are the order they are read back in).
         rows.sort(key=lambda row: row["request_id"])
+        if self._partitions is not None and rows:
+            self._partitions.ensure(row["ts"] for row in rows)
         admitted: dict[str, frozenset[str]] = {}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()

@@ -142,6 +142,31 @@ def ensure_month(connection: Connection, month: date) -> bool:
     return True
 
 
+class MonthPartitions:
+    """The months a writer has seen a partition for; a batch with another month gets its partition first, in a
+    transaction of its own (so a backfill of old logs fills month partitions, not the default one)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._known: set[tuple[int, int]] | None = None
+
+    def ensure(self, timestamps: Iterable[datetime]) -> None:
+        """Create the partitions missing for these UTC-aware timestamps. A month dropped since it was seen is not
+        noticed: its rows go to the default partition, and the next partition job moves them."""
+        wanted = {(moment.astimezone(UTC).year, moment.astimezone(UTC).month) for moment in timestamps}
+        if self._known is None:
+            with self._engine.connect() as connection:
+                self._known = {(month.year, month.month) for month in month_partitions(connection)}
+        missing = wanted - self._known
+        if not missing:
+            return
+        with self._engine.begin() as connection:
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(key)s)", {"key": _ADVISORY_KEY})
+            for year, month in sorted(missing):
+                ensure_month(connection, date(year, month, 1))
+        self._known |= missing
+
+
 def prepare_partitions(engine: Engine, now: datetime, months_ahead: int) -> list[str]:
     """The partition job: a partition for this month and the next `months_ahead`, and for every month with rows
     in the default partition (which moves them there). Returns the partitions it created."""
