@@ -15,6 +15,7 @@ partition job takes `events` in SHARE UPDATE EXCLUSIVE mode before it locks the 
 from __future__ import annotations
 
 import json
+import operator
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
@@ -33,6 +34,8 @@ _ADVISORY_KEY = 0x636D70617274
 # Every column but the surrogate id, in the table's order: the COPY and the INSERT … SELECT name the same list.
 COLUMNS = tuple(column.name for column in events.columns if column.name != "id")
 _COLUMN_LIST = ", ".join(f'"{name}"' for name in COLUMNS)
+_VALUES = operator.itemgetter(*COLUMNS)
+_TS, _RECEIVED_AT, _ATTRIBUTES = (COLUMNS.index(name) for name in ("ts", "received_at", "attributes"))
 _STAGING = "event_staging"
 _CREATE_STAGING = (
     f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ON COMMIT DELETE ROWS "
@@ -82,18 +85,14 @@ def insert_new_events(connection: Connection, rows: Sequence[dict[str, Any]]) ->
     attributes); a request_id repeated within `rows` is stored once (its first row)."""
     if not rows:
         return set()
-    unique: dict[str, tuple[Any, ...]] = {}
+    unique: dict[str, list[Any]] = {}
     for row in rows:
-        if row["request_id"] in unique:
-            continue
-        unique[row["request_id"]] = tuple(
-            _naive_utc(row[name])
-            if name in ("ts", "received_at")
-            else json.dumps(row[name])
-            if name == "attributes"
-            else row[name]
-            for name in COLUMNS
-        )
+        if row["request_id"] not in unique:
+            values = list(_VALUES(row))
+            values[_TS] = _naive_utc(values[_TS])
+            values[_RECEIVED_AT] = _naive_utc(values[_RECEIVED_AT])
+            values[_ATTRIBUTES] = json.dumps(values[_ATTRIBUTES])
+            unique[row["request_id"]] = values
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         cursor.execute(_CREATE_STAGING)
