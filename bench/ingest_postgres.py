@@ -8,7 +8,8 @@ dedup, no counters. A second baseline COPYs into the shape before partitioning (
 the cost of the layout itself. claude-monitor runs with 0 budgets and with 1,000 (bench/serve_bench.py's
 `budget_list`, which matches the generated events' projects, API keys, features and models). Every run is a fresh
 process, one after the other, in the same run of this script; each prints events/s and its peak resident memory
-(the kernel's rusage of that process; the server's memory is not in it). Usage:
+(the kernel's rusage of that process; the server's memory is not in it), and the CPU seconds the server spent on
+it (from /proc: the postmaster, its live and its exited children). Usage:
 
     .venv/bin/python bench/ingest_postgres.py [--events 1000000] [--budgets 0,1000] [--workdir .bench]
 """
@@ -25,6 +26,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -97,6 +99,37 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[fl
     return elapsed, usage.ru_maxrss * 1024, out
 
 
+def server_cpu_seconds(data: Path) -> float:
+    """CPU seconds the PostgreSQL server has used so far: the postmaster's own and its reaped children's (backends
+    that exited), plus its live children's (checkpointer, writers, open sessions)."""
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(pid: int) -> list[str]:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+    own = fields(postmaster)  # after the command name: state is [0], utime [11], stime [12], cutime [13], cstime [14]
+    total = sum(int(value) for value in own[11:15])
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = fields(int(entry.name))
+            except OSError:
+                continue
+            if int(stat[1]) == postmaster:
+                total += int(stat[11]) + int(stat[12])
+    return total / tick
+
+
+def settled_cpu(server: Any, database: str) -> float:
+    """The server's CPU seconds once the benchmarked process's session has ended (its backend's CPU is counted
+    when the postmaster reaps it)."""
+    deadline = time.monotonic() + 10
+    while server.sessions(database) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server_cpu_seconds(server.data)
+
+
 def main() -> None:
     """Generate the file, start a server, run the baselines then claude-monitor, print figures and ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -132,7 +165,7 @@ def main() -> None:
         raise SystemExit(f"no PostgreSQL server can be started here: {reason}")
     server = PostgresServer(bin_dir)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its server (finally)
-    results: list[tuple[str, float, int]] = []
+    results: list[tuple[str, float, int, float]] = []
     try:
         server.start()
         for shape, name in (
@@ -140,35 +173,42 @@ def main() -> None:
             ("unpartitioned", "raw psycopg COPY, one table, unique request_id"),
         ):
             url = server.create_database("baseline").replace("postgresql+psycopg://", "postgresql://")
+            cpu = server_cpu_seconds(server.data)
             seconds, rss, out = run_measured(
                 [sys.executable, "-c", BASELINE, str(usage), url, str(args.batch_size), shape]
             )
             assert int(out) == args.events
-            results.append((name, seconds, rss))
+            results.append((name, seconds, rss, settled_cpu(server, url.rsplit("/", 1)[1]) - cpu))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_MONITOR_")}
         for count in (int(part) for part in args.budgets.split(",")):
             config = work / f"claude-monitor-{count}.yaml"
-            text = {"database_url": server.create_database("monitor"), "budgets": budget_list(count)}
+            database_url = server.create_database("monitor")
+            text = {"database_url": database_url, "budgets": budget_list(count)}
             config.write_text(yaml.safe_dump(text, sort_keys=False), encoding="utf-8")
             base, batch = [sys.executable, "-m", "monitor"], str(args.batch_size)
             subprocess.run([*base, "migrate", "--config", str(config)], env=env, check=True, capture_output=True)
+            cpu = settled_cpu(server, database_url.rsplit("/", 1)[1])
             seconds, rss, out = run_measured(
                 [*base, "ingest", str(usage), "--format", "json", "--config", str(config), "--batch-size", batch],
                 env=env,
             )
             summary = json.loads(out)
             assert summary["accepted"] == args.events, summary
-            results.append((f"claude-monitor ingest, {count:,} budgets", seconds, rss))
+            cpu = settled_cpu(server, database_url.rsplit("/", 1)[1]) - cpu
+            results.append((f"claude-monitor ingest, {count:,} budgets", seconds, rss, cpu))
     finally:
         server.destroy()
 
     print(f"ingest of {args.events:,} simulated events into PostgreSQL (batches of {args.batch_size:,})")
-    print(f"{'':52} {'events/s':>10} {'seconds':>9} {'peak RSS MiB':>13}")
-    for name, seconds, rss in results:
-        print(f"{name:52} {args.events / seconds:10,.0f} {seconds:9.1f} {rss / 2**20:13.1f}")
-    _, base_s, base_rss = results[0]
-    for name, seconds, rss in results[1:]:
-        print(f"{name} / baseline: {base_s / seconds:.2f}x the rate, {rss / base_rss:.2f}x the peak memory")
+    print(f"{'':52} {'events/s':>10} {'seconds':>9} {'peak RSS MiB':>13} {'server CPU s':>13}")
+    for name, seconds, rss, cpu in results:
+        print(f"{name:52} {args.events / seconds:10,.0f} {seconds:9.1f} {rss / 2**20:13.1f} {cpu:13.1f}")
+    _, base_s, base_rss, base_cpu = results[0]
+    for name, seconds, rss, cpu in results[1:]:
+        print(
+            f"{name} / baseline: {base_s / seconds:.2f}x the rate, {rss / base_rss:.2f}x the peak memory, "
+            f"{cpu / base_cpu:.2f}x the server CPU"
+        )
 
 
 if __name__ == "__main__":
