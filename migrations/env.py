@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import Connection
 
 from monitor.config import load_settings
 from monitor.store.db import create_db_engine
-from monitor.store.models import metadata
+from monitor.store.models import exists_on, metadata
+from monitor.store.partitions import partition_tables
 
 config = context.config
 
@@ -20,11 +23,24 @@ def _url() -> str:
 
 
 def _run(connection: Connection) -> None:
+    dialect = connection.dialect.name
+    # A partition (PostgreSQL's events_pYYYYMM, events_default) is storage of its parent table, which the metadata
+    # describes; the metadata's objects that exist on one database only (models.DIALECTS) are compared there only.
+    partitions = set(partition_tables(connection)) if dialect == "postgresql" else set()
+
+    def include_name(name: str | None, type_: str, _parents: Any) -> bool:
+        return not (type_ == "table" and name in partitions)
+
+    def include_object(item: Any, _name: str | None, _type: str, reflected: bool, _compare_to: Any) -> bool:
+        return reflected or exists_on(item, dialect)
+
     context.configure(
         connection=connection,
         target_metadata=metadata,
-        render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying them
+        render_as_batch=dialect == "sqlite",  # SQLite alters tables by copying them
         compare_type=True,
+        include_name=include_name,
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -169,6 +169,8 @@ class ScheduleConfig(_Strict):
     retention_days: int = Field(default=90, ge=1)
     # The event-time rollup outlives raw events; it must at least cover the current month.
     rollup_retention_days: int = Field(default=400, ge=32)
+    # PostgreSQL: month partitions of `events` the hourly job keeps created ahead of the current one.
+    partitions_ahead_months: int = Field(default=2, ge=1, le=24)
 
     @field_validator("evaluate_every")
     @classmethod

@@ -49,6 +49,7 @@ from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
 from monitor.store.leases import settle_on_store
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
+from monitor.store.partitions import drop_expired_events, prepare_partitions
 from monitor.store.reprice import Repricer
 from monitor.throttle import ThrottleState
 
@@ -418,8 +419,12 @@ class Daemon:
         longest = max([timedelta(days=32), *(b.window.span for b in self.budgets.budgets if b.window.span)])
         # Keep the window before the current one too: the notifier reads its final spend when it resolves.
         keep_buckets_from = now - 2 * longest
+        if self.store.engine.dialect.name == "postgresql":  # whole months go; then next months are made ready
+            drop_expired_events(self.store.engine, cutoff)
+            prepare_partitions(self.store.engine, now, self.settings.schedule.partitions_ahead_months)
         with self.store.engine.begin() as connection:
-            connection.execute(delete(events).where(events.c.ts < cutoff))
+            if self.store.engine.dialect.name != "postgresql":
+                connection.execute(delete(events).where(events.c.ts < cutoff))
             connection.execute(delete(dead_letters).where(dead_letters.c.received_at < cutoff))
             connection.execute(delete(budget_usage).where(budget_usage.c.bucket_start < keep_buckets_from))
             rollup_cutoff = now - timedelta(days=self.settings.schedule.rollup_retention_days)

@@ -18,8 +18,10 @@ from sqlalchemy import Connection, Engine
 from monitor.budgets import BudgetIndex
 from monitor.events import Event, Rejected
 from monitor.pricing import UNPRICED, Price, PriceTable
+from monitor.store.bulk_pg import BulkUpsert
 from monitor.store.labels import OTHER, LabelGate
 from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets, usage_rollup
+from monitor.store.partitions import MonthPartitions, insert_new_events
 from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
 from monitor.store.rollup import (
     ROLLUP_FIELDS,
@@ -161,6 +163,9 @@ class Writer:
             {**dict.fromkeys(self._metric_labels, max_values_per_label), UNPRICED_LABEL: max_unpriced_models}
         )
         dialect = engine.dialect
+        # PostgreSQL: COPY into a staging table, the request_ids claimed in event_ids (events is partitioned).
+        self._copy_events = dialect.name == "postgresql"
+        self._partitions = MonthPartitions(engine) if self._copy_events else None
         self._insert = insert_ignoring_conflicts(events, dialect, "request_id").returning(events.c.request_id)
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
         self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
@@ -168,6 +173,15 @@ class Writer:
         self._add_rollup = upsert_adding(
             usage_rollup, dialect, ("bucket_start", "model", "service_tier", "status_class", "labels"), ROLLUP_FIELDS
         )
+        if self._copy_events:  # one statement per upsert, the rows sent as arrays
+            self._add_usage = BulkUpsert(budget_usage, ("budget", "scope", "bucket_start"), USAGE_FIELDS, adding=True)
+            self._add_counter = BulkUpsert(counters, ("name", "labels"), ("value",), adding=True)
+            self._add_rollup = BulkUpsert(
+                usage_rollup,
+                ("bucket_start", "model", "service_tier", "status_class", "labels"),
+                ROLLUP_FIELDS,
+                adding=True,
+            )
         self._set_offset = upsert_replacing(
             source_offsets, dialect, ("source", "file_id"), ("path", "offset", "updated_at")
         )
@@ -188,6 +202,13 @@ class Writer:
             )
             self._label_cache[model, label_values] = cached
         return cached
+
+    @staticmethod
+    def _upsert(connection: Connection, statement: Any, rows: Sequence[dict[str, Any]]) -> None:
+        if isinstance(statement, BulkUpsert):
+            statement.execute(connection, rows)
+        else:
+            connection.execute(statement, rows)
 
     def set_budgets(self, budgets: BudgetIndex) -> None:
         """Count toward these budgets from the next batch on."""
@@ -220,10 +241,14 @@ class Writer:
         # opposite orders would otherwise each wait for a key the other holds (a deadlock). Dead letters keep their
         # arrival order (their ids are the order they are read back in).
         rows.sort(key=lambda row: row["request_id"])
+        if self._partitions is not None and rows:
+            self._partitions.ensure(row["ts"] for row in rows)
         admitted: dict[str, frozenset[str]] = {}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()
-            if rows:
+            if rows and self._copy_events:
+                inserted = insert_new_events(connection, rows)
+            elif rows:
                 inserted = set(connection.execute(self._insert, rows).scalars())
             if letters:
                 connection.execute(self._insert_letter, letters)
@@ -320,7 +345,8 @@ class Writer:
             return {}
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
         # PostgreSQL) then lock them in one order and cannot deadlock each other.
-        connection.execute(
+        self._upsert(
+            connection,
             self._add_usage,
             [
                 {
@@ -380,7 +406,9 @@ class Writer:
             else:
                 row[7] += price.cost_pico
         if deltas:
-            connection.execute(self._add_rollup, rollup_rows({key: RollupCounts(*row) for key, row in deltas.items()}))
+            self._upsert(
+                connection, self._add_rollup, rollup_rows({key: RollupCounts(*row) for key, row in deltas.items()})
+            )
 
     def _metric_values(
         self, connection: Connection, new: list[tuple[Event, Price]], now: datetime
@@ -456,7 +484,8 @@ class Writer:
                 values["latency_sum_us", keys.model] += round(event.latency_ms * 1000)
                 values["latency_bucket", keys.latency[_le_index(event.latency_ms / 1000)]] += 1
         if values:
-            connection.execute(
+            self._upsert(
+                connection,
                 self._add_counter,
                 [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
             )

@@ -32,7 +32,7 @@ from monitor.store.models import (
     admission_holds,
     admission_leases,
     admission_refunds,
-    events,
+    event_ids,
 )
 from monitor.usage import USAGE_FIELDS, Usage
 
@@ -280,7 +280,7 @@ def lease_for_release(connection: Connection, lease: str, request_id: str | None
     stored: one statement. None when unknown."""
     leases, holds = admission_leases.c, admission_holds.c
     stored: Any = (
-        select(events.c.request_id).where(events.c.request_id == request_id).exists()
+        select(event_ids.c.request_id).where(event_ids.c.request_id == request_id).exists()
         if request_id is not None
         else literal(False)
     )
@@ -480,7 +480,7 @@ _RACED = text(
     WITH ended AS (
         UPDATE admission_leases l SET ended = 'usage event', ended_at = :now
         WHERE l.ended IS NULL AND l.request_id IS NOT NULL
-          AND EXISTS (SELECT 1 FROM events e WHERE e.request_id = l.request_id)
+          AND EXISTS (SELECT 1 FROM event_ids e WHERE e.request_id = l.request_id)
         RETURNING l.id
     )
     DELETE FROM admission_holds WHERE lease IN (SELECT id FROM ended)

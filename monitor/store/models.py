@@ -59,11 +59,26 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC)
 
 
+# Which databases a table or constraint exists on, when not all: `info={DIALECTS: (...)}`. Schema comparison
+# (migrations/env.py) skips an object on the others, and so does DDL emitted from this metadata (`ddl_if`).
+DIALECTS = "dialects"
+
+
+def exists_on(item: Any, dialect: str) -> bool:
+    """Whether a metadata table, constraint or index exists on `dialect` (see DIALECTS)."""
+    wanted = getattr(item, "info", {}).get(DIALECTS)
+    return wanted is None or dialect in wanted
+
+
+# One row per stored usage event. On PostgreSQL the table is partitioned by month of `ts` (declarative
+# partitioning, a DEFAULT partition for months without their own; see monitor/store/partitions.py) and its primary
+# key is (id, ts), as a partitioned table's unique keys must hold the partition key: the unique request_id is then
+# kept in `event_ids`. SQLite keeps one table with the unique key on request_id.
 events = Table(
     "events",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column("request_id", String(255), nullable=False, unique=True),
+    Column("request_id", String(255), nullable=False),
     Column("ts", UTCDateTime(), nullable=False, comment="the request's own timestamp (UTC)"),
     Column("received_at", UTCDateTime(), nullable=False),
     Column("source", String(255), nullable=False),
@@ -95,6 +110,19 @@ events = Table(
         sqlite_where=text("cost_pico IS NULL"),
         postgresql_where=text("cost_pico IS NULL"),
     ),
+    UniqueConstraint("request_id", info={DIALECTS: ("sqlite",)}).ddl_if(dialect="sqlite"),
+    postgresql_partition_by="RANGE (ts)",
+)
+
+# PostgreSQL only: the request_ids of the stored events, one row each, unpartitioned so its primary key makes a
+# request_id stored once whatever month its timestamp is in. A batch claims its ids here (INSERT … ON CONFLICT DO
+# NOTHING RETURNING) and stores the events of the ids it claimed; retention deletes the ids of the events it drops.
+event_ids = Table(
+    "event_ids",
+    metadata,
+    Column("request_id", String(255), primary_key=True),
+    Column("ts", UTCDateTime(), nullable=False, comment="the stored event's timestamp: which partition holds it"),
+    info={DIALECTS: ("postgresql",)},
 )
 
 dead_letters = Table(
