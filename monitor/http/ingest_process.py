@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -48,7 +48,7 @@ class Written:
 
     `answers` holds, per body, its answer (`None`: a write of it raised, `failures` says why); `groups` each
     committed transaction's (touched window totals, settled leases), in commit order; `results` per body the
-    BatchResult of a body that was written (None otherwise).
+    counts of a body that was written (None otherwise; its touched totals and settles are in `groups`).
     """
 
     answers: list[Any] = field(default_factory=list)
@@ -279,5 +279,5 @@ class _Worker:
             out.groups.append((results[0].touched, [s for result in results for s in result.settles]))
         for (index, request), result in zip(group, results, strict=True):
             out.answers[index] = request.answer(result)
-            if request.refused is None:
-                out.results[index] = result
+            if request.refused is None:  # its touched totals and settles travel once, in `groups`
+                out.results[index] = replace(result, touched={}, settles=[], rejections=[])
