@@ -28,6 +28,7 @@ from monitor.ingest.writer import Batch, BatchResult, Item, LetterCap, Offset, W
 from monitor.usage import Usage
 
 log = logging.getLogger(__name__)
+WORKER_NICE = 10  # the worker's scheduling priority below the daemon's (Linux nice increment)
 START_TIMEOUT_S = 120.0  # a worker that has not imported and opened the store by then is reported as failed
 
 Touched = dict[tuple[str, str], Usage]
@@ -178,9 +179,12 @@ class IngestProcess:
 
 def _worker_main(connection: Connection, settings: Settings) -> None:
     """The worker: build the parse, price and write path over the store, then serve calls until told to stop."""
+    import os
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the daemon, which stops its worker in turn
+    # When both want a core, the daemon answering checks and admits gets it first; idle cores are the worker's.
+    os.nice(WORKER_NICE)
     worker = _Worker(settings)
     while True:
         try:
