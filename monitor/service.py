@@ -205,6 +205,8 @@ class Daemon:
         # Ingest parses, prices and writes in a worker process: checks and admits, decided on this interpreter's
         # event loop, do not wait for that CPU work. Tailed batches are written there too.
         self.ingest_process = IngestProcess(settings, clock) if settings.http.ingest_process else None
+        if self.ingest_process is not None:  # evaluations read every scope there too: 100,000 of them take a while
+            self.budgets.reader = self.ingest_process.read_budgets
         self.tailers = [
             Tailer(
                 source,

@@ -1,6 +1,6 @@
-"""The ingest worker process: HTTP bodies and tailed batches are parsed, priced and written there, on the daemon's
-clock, with flags flipped before the answer; a worker that dies is replaced; `http.ingest_process: false` keeps
-ingest in the daemon's own process.
+"""The ingest worker process: HTTP bodies and tailed batches are parsed, priced and written there, and an evaluation's
+reads done there, on the daemon's clock, with flags flipped before the answer; a worker that dies is replaced;
+`http.ingest_process: false` keeps ingest in the daemon's own process.
 
 A real daemon (`Daemon`, as `serve` builds it) on a loopback port with a FakeClock; its worker is a real process.
 claude-haiku-4-5 costs $5 per million output tokens: 200,000 output tokens are $1.00.
@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from monitor.config import load_settings
+from monitor.evaluation import read_budgets
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, request, wait_until
@@ -141,3 +142,28 @@ def test_without_the_worker_ingest_stays_in_the_daemons_process(tmp_path: Path) 
         assert list(stored(tmp_path)) == ["r-1"]
     finally:
         daemon.stop()
+
+
+def test_an_evaluation_reads_in_the_worker_what_it_would_read_here(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, worker=True)
+    try:
+        store = daemon.store
+        items = [
+            # u-1: 200,000 output tokens x $5/M = $1.00, its whole limit; u-2: 20,000 x $5/M = $0.10
+            ("t#0", store.parser.parse_object(event("e-1", "u-1", 200_000))),
+            ("t#1", store.parser.parse_object(event("e-2", "u-2", 20_000))),
+        ]
+        store.writer.write(items, "test")
+        assert daemon.ingest_process is not None and daemon.ingest_process.pid is None
+        daemon.evaluate()
+        assert daemon.ingest_process.pid is not None  # the evaluation's reads started it
+        spend = {state.scope["user"]: state.usage.cost_pico for state in daemon.budgets.states()}
+        assert spend == {"u-1": 1_000_000_000_000, "u-2": 100_000_000_000}  # $1.00 and $0.10 in pico-dollars
+        assert list(daemon.budgets.throttle.flags) == [("per-user-daily", '{"project":"lingo","user":"u-1"}')]
+        with store.engine.connect() as connection:
+            here = read_budgets(connection, daemon.budgets.budgets, NOW, daemon.settings.zone)
+        assert daemon.ingest_process.read_budgets(daemon.budgets.budgets, NOW) == here
+    finally:
+        daemon.server.stop()  # never started: closes the listening socket
+        daemon.ingest_process.close()
+        daemon.store.close()

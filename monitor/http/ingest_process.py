@@ -1,5 +1,6 @@
 """Ingest in a process of its own: HTTP bodies are parsed, priced and written there (tailed batches written there
-too), so the daemon's interpreter, which decides checks and admits on its event loop, never waits on that CPU work.
+too, and an evaluation's reads of every scope's window total done there), so the daemon's interpreter, which decides
+checks and admits on its event loop, never waits on that CPU work.
 
 The daemon keeps the answering: it hands a group of request bodies to the worker, gets back each request's answer
 and what each written transaction touched (budget window totals, leases its events settle), applies those to its
@@ -21,9 +22,10 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.budgets import BudgetIndex, compile_budgets
+from monitor.budgets import Budget, BudgetIndex, compile_budgets
 from monitor.clock import Clock, system_clock
 from monitor.config import Settings
+from monitor.evaluation import BudgetRead, read_budgets
 from monitor.ingest.writer import Batch, BatchResult, Item, LetterCap, Offset, Writer
 from monitor.usage import Usage
 
@@ -157,6 +159,12 @@ class IngestProcess:
         )
         return results
 
+    def read_budgets(self, budgets: Sequence[Budget], now: datetime) -> list[BudgetRead]:
+        """An evaluation's reads (`read_budgets`) at `now`, in the worker: the daemon's interpreter only applies
+        what they found."""
+        reads: list[BudgetRead] = self._call("evaluate", ([budget.name for budget in budgets], now))
+        return reads
+
     def set_budgets(self, budgets: BudgetIndex) -> None:
         """Count toward these budgets (of the configured ones) from the next batch on."""
         self._budget_names = [budget.name for budget in budgets.budgets]
@@ -214,8 +222,10 @@ class _Worker:
         prices = load_price_table(settings.pricing.models)  # checked when the daemon started
         self.budgets = compile_budgets(settings.budgets, prices)
         self.parser = EventParser(settings.dimensions, self.clock)
+        self.zone = settings.zone
+        self.engine = create_db_engine(settings.database_url, make_directory=False)
         self.writer = Writer(
-            create_db_engine(settings.database_url, make_directory=False),
+            self.engine,
             prices,
             self.clock,
             budgets=BudgetIndex(self.budgets),
@@ -235,6 +245,11 @@ class _Worker:
             return None
         if kind == "bodies":
             return self.bodies(*payload)
+        if kind == "evaluate":
+            names, now = payload
+            by_name = {budget.name: budget for budget in self.budgets}
+            with self.engine.connect() as connection:
+                return read_budgets(connection, [by_name[name] for name in names], now, self.zone)
         raise ValueError(f"unknown call {kind!r}")
 
     def bodies(self, requests: list[tuple[bytes, str]], max_events: int, group_events: int) -> Written:
