@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -72,9 +72,12 @@ class Store:
     parser: EventParser
     writer: Writer
     budgets: BudgetEngine
+    closing: list[Callable[[], None]] = field(default_factory=list)  # run first by close (e.g. stop a worker)
 
     def close(self) -> None:
-        """Release every connection."""
+        """Release every connection (a worker process's too)."""
+        for close in self.closing:
+            close()
         self.engine.dispose()
 
 
@@ -207,6 +210,7 @@ class Daemon:
         self.ingest_process = IngestProcess(settings, clock) if settings.http.ingest_process else None
         if self.ingest_process is not None:  # evaluations read every scope there too: 100,000 of them take a while
             self.budgets.reader = self.ingest_process.read_budgets
+            self.store.closing.append(self.ingest_process.close)
         self.tailers = [
             Tailer(
                 source,

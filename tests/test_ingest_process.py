@@ -128,7 +128,6 @@ def test_tailed_lines_are_written_by_the_worker(tmp_path: Path) -> None:
         assert ("per-user-daily", '{"project":"lingo","user":"u-4"}') in daemon.budgets.throttle.flags
     finally:
         daemon.server.stop()  # never started: closes the listening socket
-        daemon.ingest_process.close()
         daemon.store.close()
 
 
@@ -165,5 +164,4 @@ def test_an_evaluation_reads_in_the_worker_what_it_would_read_here(tmp_path: Pat
         assert daemon.ingest_process.read_budgets(daemon.budgets.budgets, NOW) == here
     finally:
         daemon.server.stop()  # never started: closes the listening socket
-        daemon.ingest_process.close()
         daemon.store.close()

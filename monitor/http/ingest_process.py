@@ -107,8 +107,11 @@ class IngestProcess:
         process.start()
         theirs.close()
         self._process, self._connection = process, ours
-        if self._budget_names is not None:
+        if self._budget_names is not None:  # a worker started again counts toward the same budgets
             ours.send(("budgets", None, self._budget_names))
+            if not ours.poll(START_TIMEOUT_S):
+                raise EOFError(f"no answer in {START_TIMEOUT_S:.0f} s")
+            ours.recv()
         return ours
 
     def _discard(self) -> None:
@@ -123,12 +126,12 @@ class IngestProcess:
 
     def _call(self, kind: str, payload: Any) -> Any:
         with self._lock:
-            connection = self._ensure()
             try:
+                connection = self._ensure()
                 # A daemon on the system clock lets the worker read its own: each transaction then has its time.
                 now = None if self._clock is system_clock else self._clock()
                 connection.send((kind, now, payload))
-                if not connection.poll(START_TIMEOUT_S if kind != "stop" else 10):
+                if not connection.poll(START_TIMEOUT_S):
                     raise EOFError(f"no answer in {START_TIMEOUT_S:.0f} s")
                 status, value = connection.recv()
             except (EOFError, OSError) as exc:
@@ -167,8 +170,9 @@ class IngestProcess:
 
     def set_budgets(self, budgets: BudgetIndex) -> None:
         """Count toward these budgets (of the configured ones) from the next batch on."""
-        self._budget_names = [budget.name for budget in budgets.budgets]
-        self._call("budgets", self._budget_names)
+        names = [budget.name for budget in budgets.budgets]
+        self._call("budgets", names)
+        self._budget_names = names
 
     def close(self) -> None:
         """Stop the worker (after the last call has returned)."""
@@ -200,6 +204,7 @@ def _worker_main(connection: Connection, settings: Settings) -> None:
         except (EOFError, OSError):
             return  # the daemon is gone
         if kind == "stop":
+            worker.engine.dispose()  # its database sessions end now, not whenever the process is reaped
             return
         worker.clock.now = now
         try:
