@@ -41,15 +41,32 @@ from monitor.usage import Usage
 log = logging.getLogger(__name__)
 MAX_TOKENS = 10_000_000
 MAX_ESTIMATED_INPUT = 100_000_000  # a 32 MB request at one token per byte, with room for allowances
-MAX_BUCKETS = 200_000  # token buckets kept; past it full buckets (no different from new ones) are dropped
-MAX_SPEND_CACHE = 200_000  # budget scopes whose window spend is kept in memory
-MAX_SETTLED_REMEMBERED = 100_000  # recently settled leases, so the second of release/usage event is a quiet no-op
 Kind = Literal["rate", "concurrency", "budget", "cap"]
 OUTCOME = {"rate": "rate_limited", "concurrency": "concurrency", "budget": "budget", "cap": "too_large"}
 
 
 class BadAdmit(ValueError):
     """An admit, release or renew body the daemon cannot use; the message says which field and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBounds:
+    """What admission keeps in memory at most (the `admission:` keys of the same names); past a bound the entries
+    worth least go first, and each goes a tenth below its bound so the sweep is not redone on every call."""
+
+    buckets: int = 200_000  # token buckets: full ones go first (no different from new ones), then the nearest full
+    spend_scopes: int = 200_000  # budget scopes' window spend: the least recently set go (read again when needed)
+    settled_remembered: int = 100_000  # ended leases and stored request ids: the oldest are forgotten
+
+    @staticmethod
+    def excess(size: int, bound: int) -> int:
+        """How many entries to drop from `size` to be a tenth below `bound` (0 while within it)."""
+        return size - MemoryBounds.below(bound) if size > bound else 0
+
+    @staticmethod
+    def below(bound: int) -> int:
+        """Where a sweep past `bound` stops: a tenth below it."""
+        return bound - bound // 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +187,8 @@ class AdmissionStats:
     inflight: dict[str, int]  # limit -> calls in flight (all scopes)
     reserved_pico: dict[tuple[str, str], int]  # (budget, scope key) of budgets without per: -> reserved
     open_leases: int
+    memory: dict[str, int] = field(default_factory=dict)  # what is kept, by kind (buckets, spend_scopes, ...)
+    buckets_forgiven: int = 0  # buckets dropped before they were full (their scopes' use forgotten)
 
 
 @dataclass
@@ -205,6 +224,7 @@ class Admission:
         lease_ttl: timedelta,
         max_open_leases: int = 100_000,
         spend_max_age: timedelta | None = None,
+        bounds: MemoryBounds | None = None,
     ) -> None:
         self.limits = list(limits)
         self._index = budgets
@@ -216,6 +236,7 @@ class Admission:
         self._clock = clock
         self.lease_ttl = lease_ttl
         self.max_open_leases = max_open_leases
+        self.bounds = bounds or MemoryBounds()
         # None: every batch of this store goes through this process (SQLite), so the cached totals stay exact.
         self._spend_max_age = spend_max_age
         self._lock = threading.Lock()
@@ -226,6 +247,7 @@ class Admission:
         self._inflight: dict[tuple[str, str], int] = {}
         self._inflight_by_limit: dict[str, int] = defaultdict(int)
         self._buckets: dict[tuple[str, str, str], TokenBucket] = {}
+        self._forgiven = 0  # buckets dropped before they were full
         self._reserved: dict[tuple[str, str], int] = {}
         self._reserved_pico: dict[tuple[str, str], int] = {}
         self._spend: dict[tuple[str, str], _Spend] = {}
@@ -420,8 +442,8 @@ class Admission:
     def _remember_spend(self, slot: tuple[str, str], entry: _Spend) -> None:
         self._spend.pop(slot, None)
         self._spend[slot] = entry  # most recently set last: the oldest go first when the cache is full
-        if len(self._spend) > MAX_SPEND_CACHE:
-            for old in list(self._spend)[: MAX_SPEND_CACHE // 10]:
+        if excess := MemoryBounds.excess(len(self._spend), self.bounds.spend_scopes):
+            for old in list(self._spend)[:excess]:
                 del self._spend[old]
 
     def _check(self, request: AdmitRequest, decision: _Decision, now: datetime) -> Refused | NeedsRead | None:
@@ -537,8 +559,8 @@ class Admission:
                     self._reserved_pico[budget.name, key] = self._reserved_pico.get((budget.name, key), 0) + amount
         self._leases[lease.id] = lease
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
-        if len(self._buckets) > MAX_BUCKETS:
-            self._drop_full_buckets(now)
+        if len(self._buckets) > self.bounds.buckets:
+            self._drop_buckets(now)
         return Admitted(lease.id, lease.reserved_pico, lease.expires_at)
 
     def _count(self, refused: Refused, decision: _Decision, locked: bool = False) -> Refused:
@@ -549,20 +571,38 @@ class Admission:
                 self._outcomes[refused.name, OUTCOME[refused.kind]] += 1
         return refused
 
-    def _drop_full_buckets(self, now: datetime) -> None:
+    def _drop_buckets(self, now: datetime) -> None:
+        """Back to a tenth below max_buckets: full buckets go (a new one is full too, so nothing changes); if that
+        is not enough, those nearest to full go next, which forgives their scopes what they had used."""
         by_name = {limit.name: limit for limit in self.limits}
+        filling: list[tuple[float, tuple[str, str, str]]] = []  # (seconds until full, slot)
         for slot, bucket in list(self._buckets.items()):
             limit = by_name.get(slot[0])
-            if limit is None:
-                del self._buckets[slot]
-                continue
-            per_minute, capacity = (
+            per_minute, capacity = (None, 0) if limit is None else (
                 (limit.requests_per_minute, limit.burst)
                 if slot[2] == "rpm"
                 else (limit.input_tokens_per_minute, limit.input_tokens_burst)
-            )
+            )  # fmt: skip
             if per_minute is None or bucket.refill(now, per_minute, capacity) >= capacity:
                 del self._buckets[slot]
+            else:
+                filling.append(((capacity - bucket.level) * 60 / per_minute, slot))
+        excess = len(self._buckets) - MemoryBounds.below(self.bounds.buckets)
+        if excess <= 0:
+            return
+        # Ties (buckets as far from full) go oldest first: nsmallest keeps the order of the dict, insertion order.
+        dropped = heapq.nsmallest(excess, filling, key=lambda entry: entry[0])
+        for _seconds, slot in dropped:
+            del self._buckets[slot]
+        self._forgiven += excess
+        log.warning(
+            "admission: %d token buckets were dropped before they were full, to stay within admission.max_buckets "
+            "(%d): their scopes start again on full buckets, forgiven up to %.0f s of refill; raise the bound if "
+            "this recurs",
+            excess,
+            self.bounds.buckets,
+            dropped[-1][0],
+        )
 
     # --- renew, release, settle, expire ------------------------------------------------------------------------
 
@@ -660,7 +700,7 @@ class Admission:
                 if first is None:
                     first = firsts[name] = budget.bucket_range(now, self._zone)[0]
                 self._remember_spend((name, key), _Spend(budget.amount(usage), first, now))
-            if len(self._touched) > MAX_SPEND_CACHE:
+            if len(self._touched) > self.bounds.spend_scopes:
                 # No evaluation has caught up for a while: drop the ceilings rather than remember without bound.
                 self._touched.clear()
                 self._ceilings = {}
@@ -668,8 +708,8 @@ class Admission:
             recent = self._recent_requests
             for request_id, _lease, _prompt in settles:
                 recent[request_id] = None
-            if len(recent) > MAX_SETTLED_REMEMBERED:
-                for old in list(recent)[: len(recent) - MAX_SETTLED_REMEMBERED + MAX_SETTLED_REMEMBERED // 10]:
+            if excess := MemoryBounds.excess(len(recent), self.bounds.settled_remembered):
+                for old in list(recent)[:excess]:
                     del recent[old]
             if not self._leases:
                 return
@@ -712,8 +752,8 @@ class Admission:
         if lease.request_id is not None and self._by_request.get(lease.request_id) == lease.id:
             del self._by_request[lease.request_id]
         self._settled[lease.id] = how
-        if len(self._settled) > MAX_SETTLED_REMEMBERED:
-            for old in list(self._settled)[: MAX_SETTLED_REMEMBERED // 10]:
+        if excess := MemoryBounds.excess(len(self._settled), self.bounds.settled_remembered):
+            for old in list(self._settled)[:excess]:
                 del self._settled[old]
 
     def _free_slots(self, lease: _Lease, prompt: int | None) -> None:
@@ -769,6 +809,13 @@ class Admission:
                 {limit.name: self._inflight_by_limit.get(limit.name, 0) for limit in self.limits},
                 dict(self._reserved_pico),
                 len(self._leases),
+                {
+                    "buckets": len(self._buckets),
+                    "spend_scopes": len(self._spend),
+                    "settled_leases": len(self._settled),
+                    "stored_requests": len(self._recent_requests),
+                },
+                self._forgiven,
             )
 
 

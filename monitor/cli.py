@@ -24,6 +24,7 @@ from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.evaluation import DefinitionChange, state_json
 from monitor.explain import explain, reconcile_explained
 from monitor.ingest.files import ingest_files
+from monitor.pricing import format_usd
 from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import Store, build_price_table, open_store
 from monitor.store.db import SchemaNotCurrent
@@ -411,6 +412,93 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prices(args: argparse.Namespace) -> int:
+    """The price table (name, aliases, rates by date, modifiers, source); with --check, the models Anthropic's Models
+    API lists that it cannot price (exit 1 when any, 4 when the API cannot be reached)."""
+    from monitor.pricing import builtin_models
+    from monitor.pricing.listing import listing, to_table
+    from monitor.reconcile.models import ModelsApiError, ModelsClient, check
+
+    loaded = _settings(args)
+    prices = build_price_table(loaded)
+    if not args.check:
+        document = listing(prices, builtin_models()[1], loaded.settings.pricing.models)
+        sys.stdout.write(json.dumps(document, indent=2) + "\n" if args.format == "json" else to_table(document))
+        return 0
+    config = loaded.settings.pricing.check
+    key = os.environ.get(config.api_key_env) or None
+    if key is None:
+        raise ConfigError(
+            f"prices --check needs an Anthropic API key in ${config.api_key_env} (pricing.check.api_key_env)"
+        )
+    args.redact.add_secret(key, "sk-ant-…(pricing.check key)")
+    client = ModelsClient(key, config.base_url)
+    try:
+        listed = check(prices, client.list())
+    except ModelsApiError as exc:
+        print(f"claude-monitor: {args.redact(str(exc))}", file=sys.stderr)
+        return 4
+    finally:
+        client.close()
+    missing = [model for model in listed if not model.priced]
+    if args.format == "json":
+        document = {
+            "version": prices.version,
+            "listed": len(listed),
+            "missing": [model.as_dict() for model in missing],
+            "models": [model.as_dict() for model in listed],
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(f"{len(listed)} models listed by Anthropic's Models API; price table {prices.version}")
+        for model in listed:
+            if model.priced:
+                print(f"  priced   {model.id} ({model.lifecycle}) as {model.priced_as}")
+            else:
+                hint = f"; closest known spelling: {model.nearest}" if model.nearest else ""
+                print(
+                    f"  MISSING  {model.id} ({model.lifecycle}): tried {', '.join(model.tried)}{hint}; add it under "
+                    "pricing.models (see README, Configuration) or upgrade claude-monitor"
+                )
+    return 1 if missing else 0
+
+
+def cmd_reprice(args: argparse.Namespace) -> int:
+    """Price the stored events that were unpriced and that the table can price now, once each."""
+    from monitor.store.reprice import Repricer
+
+    loaded = _settings(args)
+    store = open_store(loaded)
+    try:
+        settings = store.settings
+        result = Repricer(
+            store.engine,
+            store.prices,
+            budgets=store.budgets.index,
+            zone=settings.zone,
+            metric_labels=settings.metrics.labels,
+        ).run()
+    finally:
+        store.close()
+    models = {
+        name: {"events": count, "cost_usd": format_usd(cost)} for name, (count, cost) in sorted(result.by_model.items())
+    }
+    if args.format == "json":
+        document = {
+            "repriced": result.repriced,
+            "cost_usd": format_usd(result.cost_pico),
+            "models": models,
+            "unpriced_left": result.unpriced_left,
+        }
+        print(json.dumps(document))
+    else:
+        print(f"repriced {result.repriced} events: ${format_usd(result.cost_pico)}")
+        for name, row in models.items():
+            print(f"  {name}: {row['events']} events, ${row['cost_usd']}")
+        print(f"{result.unpriced_left} events still have no price")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -476,6 +564,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="the UTC day after the last one, YYYY-MM-DD (default: tomorrow, so today is in)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("prices", parents=[common], help="the price table; --check: models it cannot price")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="ask Anthropic's Models API which models the account can call and list those the table cannot price "
+        "(exit 1 when any, 4 when the API cannot be reached)",
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_prices)
+
+    p = sub.add_parser(
+        "reprice", parents=[common], help="price stored unpriced events whose model the table now knows (once each)"
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_reprice)
 
     p = sub.add_parser("simulate", parents=[common], help="write realistic synthetic usage to JSONL files")
     p.add_argument("--rate", type=float, default=1.0, help="events per second of simulated time (default 1)")

@@ -255,6 +255,7 @@ class ModelPricing(_Strict):
 
     aliases: list[str] = []
     rates: list[RateConfig] = Field(min_length=1)
+    source: str | None = None  # where the rates were read, and when they were checked there (shown by `prices`)
 
     @field_validator("rates")
     @classmethod
@@ -265,10 +266,40 @@ class ModelPricing(_Strict):
         return rates
 
 
+class PriceCheckConfig(_Strict):
+    """Which models the account can call (Anthropic's Models API) against what the price table can price."""
+
+    # The name of the environment variable holding an Anthropic API key; the key itself never appears in config.
+    # The daemon runs the check only when that variable is set.
+    api_key_env: str = Field(default="ANTHROPIC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    base_url: str = "https://api.anthropic.com"
+    every: str = "24h"
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            scheme, host = parts.scheme, parts.hostname
+        except ValueError:
+            scheme, host = None, None
+        if scheme not in ("http", "https") or not host:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host; write it as https://api.anthropic.com")
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        if parse_duration(value) < timedelta(minutes=5):
+            raise ValueError(f"{value!r} is shorter than 5m; the model list changes a few times a year")
+        return value
+
+
 class PricingConfig(_Strict):
     """Entries added to, or replacing, the shipped price table."""
 
     models: dict[str, ModelPricing] = {}
+    check: PriceCheckConfig = PriceCheckConfig()
 
 
 class BudgetConfig(_Strict):
@@ -356,6 +387,10 @@ class AdmissionConfig(_Strict):
 
     lease_ttl: str = "10m"  # a lease not renewed (or settled) within this returns its slot and reservation
     max_open_leases: int = Field(default=100_000, gt=0)  # past it admit answers 503: memory stays bounded
+    # Memory the daemon keeps for admission; past each bound the entries worth least go (README: Admission).
+    max_buckets: int = Field(default=200_000, gt=0)  # rate-limit token buckets (one per limit, scope and kind)
+    max_spend_scopes: int = Field(default=200_000, gt=0)  # budget scopes whose window spend is kept
+    max_settled_remembered: int = Field(default=100_000, gt=0)  # ended leases and stored request ids remembered
 
     @field_validator("lease_ttl")
     @classmethod
@@ -462,6 +497,10 @@ class ProxyConfig(_Strict):
     ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
     read_token_env: str | None = None  # the daemon's read token, when its http.read_token_env is set
     fail_mode: Literal["open", "closed"] = "open"
+    # Admit on Anthropic's count of the input (POST /v1/messages/count_tokens, free) instead of the byte bound;
+    # past count_tokens_timeout, or on any error, the byte bound it is.
+    count_tokens: bool = False
+    count_tokens_timeout: str = "2s"
     # Bounds of the proxy's own server; over max_body_bytes a request is refused 413 (Anthropic's own limit
     # is lower, so nothing it would accept is refused here).
     max_body_bytes: int = Field(default=64 * MEBIBYTE, gt=0)
@@ -476,6 +515,13 @@ class ProxyConfig(_Strict):
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration(value)
+        return value
+
+    @field_validator("count_tokens_timeout")
+    @classmethod
+    def _count_timeout(cls, value: str) -> str:
+        if parse_duration(value) > timedelta(seconds=60):
+            raise ValueError(f"{value!r} is too long: every call waits for it before it is admitted; use 60s or less")
         return value
 
     @field_validator("identity")

@@ -61,6 +61,13 @@ def _proxy(proxy: ProxyConfig, environ: Mapping[str, str]) -> list[str]:
     lines = [
         f"proxy: listen {proxy.listen}, upstream {proxy.upstream}, fail_mode {proxy.fail_mode}; "
         f"models the price table does not know are {unpriced}; bodies up to {proxy.max_body_bytes:,} bytes",
+        "proxy admits each call on "
+        + (
+            f"Anthropic's count of its input (count_tokens, waited for up to {proxy.count_tokens_timeout}, else the "
+            "byte bound)"
+            if proxy.count_tokens
+            else "an upper bound of its input from the request's bytes (proxy.count_tokens: false)"
+        ),
     ]
     if not proxy.clients:
         lines.append("proxy clients: none (every call to the proxy is refused 401)")
@@ -197,6 +204,11 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     lines.append(
         f"admission leases: expire {s.admission.lease_ttl} after admit or their last renewal "
         f"(running calls renew every {int(ttl.total_seconds() // 3)}s); at most {s.admission.max_open_leases:,} open"
+    )
+    lines.append(
+        f"admission memory: at most {s.admission.max_buckets:,} rate buckets, "
+        f"{s.admission.max_spend_scopes:,} budget scopes' spend, {s.admission.max_settled_remembered:,} ended leases "
+        "remembered"
     )
     throttling = [b.name for b in s.budgets if b.throttle_at is not None]
     if throttling:

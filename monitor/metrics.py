@@ -152,6 +152,11 @@ class MonitorCollector(Collector):
         unpriced = CounterMetricFamily(
             "claude_monitor_unpriced_events", "Accepted events with no price.", labels=["model"]
         )
+        repriced = CounterMetricFamily(
+            "claude_monitor_repriced_events",
+            "Events stored unpriced and priced later, once the price table knew their model, by price-table name.",
+            labels=["model"],
+        )
         late = CounterMetricFamily(
             "claude_monitor_late_events",
             "Accepted events ingested 5 minutes or more after their timestamp (a backfill or a catch-up), by how late.",
@@ -217,6 +222,7 @@ class MonitorCollector(Collector):
             duration,
             ingest,
             unpriced,
+            repriced,
             late,
             dropped,
             lag,
@@ -244,6 +250,8 @@ class MonitorCollector(Collector):
                 ingest.add_metric(list(values), value)
             for values, value in self._project("unpriced_events", ["model"]).items():
                 unpriced.add_metric(list(values), value)
+            for values, value in self._project("repriced_events", ["model"]).items():
+                repriced.add_metric(list(values), value)
             for values, value in self._project("late_events", ["lateness"]).items():
                 late.add_metric(list(values), value)
             for values, value in self._project("attributes_dropped", ["source"]).items():
@@ -476,6 +484,22 @@ class AdmissionCollector(Collector):
         leases = GaugeMetricFamily("claude_admission_open_leases", "Leases open now (admitted, not yet settled).")
         leases.add_metric([], float(stats.open_leases))
         yield leases
+        memory = GaugeMetricFamily(
+            "claude_admission_memory_entries",
+            "What admission keeps in memory, by kind (buckets, spend_scopes, settled_leases, stored_requests); each "
+            "is bounded by its admission.max_* key.",
+            labels=["kind"],
+        )
+        for kind, value in sorted(stats.memory.items()):
+            memory.add_metric([kind], float(value))
+        yield memory
+        forgiven = CounterMetricFamily(
+            "claude_admission_buckets_forgiven",
+            "Token buckets dropped before they were full to stay within admission.max_buckets (their scopes start "
+            "again on full buckets).",
+        )
+        forgiven.add_metric([], float(stats.buckets_forgiven))
+        yield forgiven
 
 
 class DefinitionsCollector(Collector):
@@ -503,6 +527,25 @@ class DefinitionsCollector(Collector):
         for change in changes:
             each.add_metric([change.budget, change.change], 1.0)
         yield each
+
+
+class PriceCheckCollector(Collector):
+    """claude_monitor_price_table_missing_models: how many models Anthropic's Models API lists that the price table
+    cannot price, as of the last check this replica ran (no sample before one has)."""
+
+    def __init__(self, missing: Callable[[], int | None]) -> None:
+        self._missing = missing
+
+    def collect(self) -> Iterator[Metric]:
+        """The gauge, from the last check's result."""
+        family = GaugeMetricFamily(
+            "claude_monitor_price_table_missing_models",
+            "Models the account can call (Models API) that the price table cannot price, at the last check.",
+        )
+        missing = self._missing()
+        if missing is not None:
+            family.add_metric([], missing)
+        yield family
 
 
 class LeaderCollector(Collector):
@@ -668,6 +711,15 @@ class ProxyMetrics:
         )
         for route in ("messages", "count_tokens"):
             self.upstream_latency.labels(route)
+        self.count_tokens = Counter(
+            "claude_proxy_count_tokens",
+            "Calls whose input was counted upstream before admission (proxy.count_tokens): ok, or fallback (no "
+            "count in time: admitted on the byte bound).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("ok", "fallback"):
+            self.count_tokens.labels(outcome)
 
     def render(self) -> bytes:
         """The text exposition of every proxy metric."""

@@ -16,7 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
-from monitor.admission import Admission
+from monitor.admission import Admission, MemoryBounds
 from monitor.alerts import Notifier, validate_webhooks
 from monitor.budgets import BudgetIndex, compile_budgets
 from monitor.clock import Clock, system_clock
@@ -36,16 +36,19 @@ from monitor.metrics import (
     IngestQueueCollector,
     LeaderCollector,
     MonitorCollector,
+    PriceCheckCollector,
     ReconcileCollector,
     SnapshotErrorsCollector,
     SourcesCollector,
     WindowCollector,
 )
 from monitor.pricing import PriceTable, load_price_table
+from monitor.reconcile.models import ModelsApiError, ModelsClient, check
 from monitor.reconcile.runner import Reconciler
 from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
+from monitor.store.reprice import Repricer
 from monitor.throttle import ThrottleState
 
 log = logging.getLogger(__name__)
@@ -245,6 +248,11 @@ class Daemon:
             # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
             # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
             spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
+            bounds=MemoryBounds(
+                settings.admission.max_buckets,
+                settings.admission.max_spend_scopes,
+                settings.admission.max_settled_remembered,
+            ),
         )
         self.registry.register(AdmissionCollector(self.admission))
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))
@@ -262,6 +270,11 @@ class Daemon:
             self.reconciler, self.store.prices.label, self.reconcile_every.total_seconds()
         )
         self.registry.register(self.reconcile_metrics)
+        # Which models the account can call against what the table prices: run by the leader when a key is set.
+        self.price_check_key = env.get(settings.pricing.check.api_key_env) or None
+        self.price_check_every = parse_duration(settings.pricing.check.every)
+        self.price_table_missing: int | None = None  # as of the last check this replica ran
+        self.registry.register(PriceCheckCollector(lambda: self.price_table_missing))
         http = settings.http
         token = env.get(http.ingest_token_env) or None
         if token is None:
@@ -434,6 +447,52 @@ class Daemon:
             )
         self.reconcile_metrics.refresh()
 
+    def reprice(self) -> None:
+        """Price the stored unpriced events whose model the table now knows (leader only; each event once, whoever
+        runs it). At start, before the first evaluation, so budgets and metrics include that spend from then on."""
+        if not self.leadership.is_leader():
+            return
+        try:
+            result = Repricer(
+                self.store.engine,
+                self.store.prices,
+                budgets=self.budgets.index,
+                zone=self.settings.zone,
+                metric_labels=self.settings.metrics.labels,
+            ).run()
+        except Exception as exc:
+            log.error("re-pricing failed: %s: %s", exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return
+        if result.repriced:
+            log.warning(
+                "priced %d stored events the price table did not know before (%s)",
+                result.repriced,
+                ", ".join(f"{name}: {count}" for name, (count, _) in sorted(result.by_model.items())),
+            )
+
+    def price_check(self) -> None:
+        """The price-check job (leader only): ask Anthropic's Models API which models the account can call and count
+        those the table cannot price. A failure is logged and keeps the last count."""
+        if self.price_check_key is None or not self.leadership.is_leader():
+            return
+        client = ModelsClient(self.price_check_key, self.settings.pricing.check.base_url)
+        try:
+            listed = check(self.store.prices, client.list())
+        except ModelsApiError as exc:
+            log.error("task price_check failed: %s", exc)
+            return
+        finally:
+            client.close()
+        missing = [model for model in listed if not model.priced]
+        self.price_table_missing = len(missing)
+        if missing:
+            log.warning(
+                "the price table cannot price %d model(s) the account can call: %s; add them under pricing.models "
+                "or upgrade claude-monitor (`claude-monitor prices --check` lists them)",
+                len(missing),
+                ", ".join(model.id for model in missing),
+            )
+
     def tail_once(self) -> None:
         """Poll every source once; one failing source does not hold up the others."""
         failed = []
@@ -489,6 +548,7 @@ class Daemon:
             self.jobs.every("deliver", DELIVER_EVERY_S)
         if self.tailers:
             self.jobs.every("tail", self.tail_interval)
+        self.reprice()  # events of models the table did not know before: priced before the first evaluation
         self.jobs.run("evaluate", self.evaluate)  # the leader applies changed budget definitions first
         self.scheduler.add_job(
             self.jobs.run,
@@ -514,6 +574,14 @@ class Daemon:
                 seconds=self.reconcile_every.total_seconds(),
                 id="reconcile",
                 next_run_time=datetime.now(UTC) + timedelta(minutes=1),  # the first run soon after start, off its path
+            )
+        if self.price_check_key is not None:
+            self.scheduler.add_job(
+                self.price_check,
+                "interval",
+                seconds=self.price_check_every.total_seconds(),
+                id="price_check",
+                next_run_time=datetime.now(UTC) + timedelta(minutes=1),  # soon after start, off its path
             )
         if self.notifier.enabled:
             self.scheduler.add_job(

@@ -14,11 +14,19 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from anthropic.types import message_count_tokens_params
+from anthropic.types.beta import message_count_tokens_params as beta_count_tokens_params
+
 INPUT_TOKENS = 100
 CACHE_5M, CACHE_1H, CACHE_READ = 100, 200, 400
 COUNT_TOKENS_ANSWER = 17
 STREAM_TEXT = ["Der Satz ", "ist richtig."]
 HELD_AFTER = 3  # events sent before a held stream waits for `hold`
+# The body fields count_tokens takes, as the SDK types them; like the API, the fake refuses others (max_tokens...).
+COUNT_TOKENS_FIELDS = (
+    set(message_count_tokens_params.MessageCountTokensParams.__annotations__)
+    | set(beta_count_tokens_params.MessageCountTokensParams.__annotations__)
+) - {"betas"}  # a header, not a body field
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,8 @@ class FakeAnthropic:
         self.hold_timeout = 10.0  # how long a held stream waits for `hold` at most
         self.waiting: dict[str, threading.Event] = {}  # request-id -> its own hold, for each held stream
         self.output_tokens: int | None = None  # when set, every answer bills this many output tokens, not max_tokens
+        self.count_answer = COUNT_TOKENS_ANSWER  # what count_tokens says
+        self.count_hold: threading.Event | None = None  # when set to an Event, count_tokens answers once it is set
         self.server = _Server(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -210,7 +220,13 @@ def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
             path = self.path.partition("?")[0]
             request = json.loads(body)
             if path == "/v1/messages/count_tokens":
-                self._json(200, {"input_tokens": COUNT_TOKENS_ANSWER}, request_id)
+                extra = sorted(set(request) - COUNT_TOKENS_FIELDS)
+                if extra:
+                    self._error(400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted", request_id)
+                    return
+                if fake.count_hold is not None:
+                    fake.count_hold.wait(fake.hold_timeout)
+                self._json(200, {"input_tokens": fake.count_answer}, request_id)
             elif path == "/v1/messages" and request.get("stream"):
                 self._stream(request, request_id)
             elif path == "/v1/messages":

@@ -22,7 +22,14 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from monitor.admission import AdmissionStats
-from monitor.metrics import AdmissionCollector, MonitorCollector, ReconcileCollector, SourcesCollector, WindowCollector
+from monitor.metrics import (
+    AdmissionCollector,
+    MonitorCollector,
+    PriceCheckCollector,
+    ReconcileCollector,
+    SourcesCollector,
+    WindowCollector,
+)
 from monitor.service import Jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +103,14 @@ def exported_metrics() -> set[str]:
         clock=lambda: datetime.now(UTC),
     )
     names = set()
-    for family in [*collector.describe(), *reconcile.describe(), *windows.describe(), *SourcesCollector([]).collect()]:
+    families = [
+        *collector.describe(),
+        *reconcile.describe(),
+        *windows.describe(),
+        *SourcesCollector([]).collect(),
+        *PriceCheckCollector(lambda: 0).collect(),
+    ]
+    for family in families:
         names |= set(sample_names(family.name, family.type))
     registry = CollectorRegistry()
     jobs = Jobs(registry)

@@ -59,6 +59,8 @@ def test_admission_defaults(tmp_path: Path) -> None:
     assert settings.limits == []
     assert parse_duration(settings.admission.lease_ttl) == timedelta(minutes=10)
     assert settings.admission.max_open_leases == 100_000
+    bounds = settings.admission
+    assert (bounds.max_buckets, bounds.max_spend_scopes, bounds.max_settled_remembered) == (200_000, 200_000, 100_000)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +86,15 @@ def test_admission_defaults(tmp_path: Path) -> None:
         ),
         ("admission: {lease_ttl: 1s}\n", ["c.yaml:1", "admission.lease_ttl", "too short"]),
         ("admission: {lease_ttl: soon}\n", ["admission.lease_ttl", "not a duration"]),
+        ("admission:\n  max_buckets: 0\n", ["c.yaml:2", "admission.max_buckets", "greater than 0"]),
+        ("admission:\n  lease_ttl: 1m\n  max_spend_scopes: -5\n", ["c.yaml:3", "admission.max_spend_scopes"]),
+        ("admission: {max_settled_remembered: lots}\n", ["c.yaml:1", "admission.max_settled_remembered"]),
+        (
+            "proxy:\n  count_tokens: true\n  count_tokens_timeout: 2m\n",
+            ["c.yaml:3", "proxy.count_tokens_timeout", "too long", "60s or less"],
+        ),
+        ("proxy: {count_tokens_timeout: soon}\n", ["c.yaml:1", "proxy.count_tokens_timeout", "not a duration"]),
+        ("proxy:\n  count_tokens: sometimes\n", ["c.yaml:2", "proxy.count_tokens"]),
     ],
     ids=[
         "nothing",
@@ -97,12 +108,30 @@ def test_admission_defaults(tmp_path: Path) -> None:
         "per-in-match",
         "short-ttl",
         "bad-ttl",
+        "zero-buckets",
+        "negative-spend-scopes",
+        "settled-not-a-number",
+        "count-timeout-too-long",
+        "count-timeout-not-a-duration",
+        "count-tokens-not-a-boolean",
     ],
 )
 def test_bad_limits_name_file_line_key_and_reason(tmp_path: Path, text: str, expected: list[str]) -> None:
     message = error_of(tmp_path, text)
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_proxy_count_tokens_defaults_off_and_check_config_says_what_calls_are_admitted_on(tmp_path: Path) -> None:
+    path = tmp_path / "claude-monitor.yaml"
+    path.write_text(f"database_url: sqlite:///{tmp_path / 'm.db'}\n", encoding="utf-8")
+    proxy = load_settings(path, environ={}).settings.proxy
+    assert (proxy.count_tokens, parse_duration(proxy.count_tokens_timeout)) == (False, timedelta(seconds=2))
+    out = run_cli("check-config", "--config", str(path)).stdout
+    assert "proxy admits each call on an upper bound of its input from the request's bytes" in out
+    path.write_text(path.read_text() + "proxy: {count_tokens: true, count_tokens_timeout: 500ms}\n", encoding="utf-8")
+    out = run_cli("check-config", "--config", str(path)).stdout
+    assert "proxy admits each call on Anthropic's count of its input (count_tokens, waited for up to 500ms" in out
 
 
 def test_budget_cross_check_errors_now_carry_their_line(tmp_path: Path) -> None:
@@ -124,4 +153,6 @@ def test_check_config_explains_limits(tmp_path: Path) -> None:
     ) in out
     assert "  - bursty: all traffic: 60 requests a minute (bursts of up to 5)" in out
     assert "admission leases: expire 90s after admit or their last renewal (running calls renew every 30s)" in out
+    memory = "admission memory: at most 200,000 rate buckets, 200,000 budget scopes' spend, 100,000 ended leases"
+    assert memory + " remembered" in out
     assert "admission reserves each call's worst case against: lingo-daily" in out

@@ -749,3 +749,139 @@ def test_mixed_requests_sum_exactly(parse: Callable[[dict[str, Any]], Event], ta
         for n in range(700)
     ]
     assert sum((dollars(p) for p in spec + reads), Decimal(0)) == Decimal("4.77595")
+
+
+# --- models added in table 2026.12.02 ------------------------------------------------------------------------------
+
+# One event of each kind of token: 1,000,000 input, 200,000 output, 100,000 5-minute writes, 50,000 1-hour writes,
+# 400,000 cache reads (so each component shows up in the sum at its own rate).
+ADDED_USAGE: dict[str, Any] = {
+    "input_tokens": 1_000_000,
+    "output_tokens": 200_000,
+    "cache_creation_input_tokens": 150_000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 100_000, "ephemeral_1h_input_tokens": 50_000},
+    "cache_read_input_tokens": 400_000,
+}
+
+ADDED_MODELS = [
+    pytest.param(
+        "claude-sonnet-4-6",
+        "claude-sonnet-4-6",
+        # in 3, out 15, 5m 3.75, 1h 6, read 0.30 /M:
+        # 1.0 x 3 + 0.2 x 15 + 0.1 x 3.75 + 0.05 x 6 + 0.4 x 0.30 = 3 + 3 + 0.375 + 0.3 + 0.12 = 6.795
+        Decimal("6.795"),
+        id="sonnet-4-6",
+    ),
+    pytest.param(
+        "claude-3-7-sonnet-20250219",
+        "claude-3-7-sonnet-20250219",
+        Decimal("6.795"),  # the same rates as Sonnet 4.6: 3 + 3 + 0.375 + 0.3 + 0.12
+        id="3-7-sonnet-dated",
+    ),
+    pytest.param(
+        "claude-3-7-sonnet-latest",
+        "claude-3-7-sonnet-20250219",
+        Decimal("6.795"),  # the alias is the same model
+        id="3-7-sonnet-alias",
+    ),
+    pytest.param(
+        "claude-3-opus-20240229",
+        "claude-3-opus-20240229",
+        # in 15, out 75, 5m 18.75, 1h 30, read 1.50 /M:
+        # 1.0 x 15 + 0.2 x 75 + 0.1 x 18.75 + 0.05 x 30 + 0.4 x 1.50 = 15 + 15 + 1.875 + 1.5 + 0.6 = 33.975
+        Decimal("33.975"),
+        id="3-opus-dated",
+    ),
+    pytest.param(
+        "claude-3-opus-latest",
+        "claude-3-opus-20240229",
+        Decimal("33.975"),  # 15 + 15 + 1.875 + 1.5 + 0.6
+        id="3-opus-alias",
+    ),
+    pytest.param(
+        "claude-mythos-5",
+        "claude-mythos-5",
+        # in 10, out 50, 5m 12.50, 1h 20, read 1 /M:
+        # 1.0 x 10 + 0.2 x 50 + 0.1 x 12.50 + 0.05 x 20 + 0.4 x 1 = 10 + 10 + 1.25 + 1 + 0.4 = 22.65
+        Decimal("22.65"),
+        id="mythos-5",
+    ),
+]
+
+
+@pytest.mark.parametrize(("model_id", "name", "expected"), ADDED_MODELS)
+def test_added_models_by_hand(price: PriceFn, model_id: str, name: str, expected: Decimal) -> None:
+    result = price(model_id, ADDED_USAGE)
+    assert result.model == name  # reports and metric labels name the table entry, never "unpriced"
+    assert dollars(result) == expected
+
+
+def test_mythos_5_is_its_own_model_at_fable_5_prices(price: PriceFn) -> None:
+    mythos = price("claude-mythos-5", ADDED_USAGE)
+    fable = price("claude-fable-5", ADDED_USAGE)
+    assert (mythos.model, fable.model) == ("claude-mythos-5", "claude-fable-5")
+    assert mythos.price_version != fable.price_version
+    assert dollars(mythos) == dollars(fable) == Decimal("22.65")  # 10 + 10 + 1.25 + 1 + 0.4, as above
+
+
+ADDED_MODIFIERS = [
+    pytest.param(
+        "claude-sonnet-4-6",
+        {"inference_geo": "us"},
+        # US-only inference x1.1 on 4.6 and later: 6.795 x 1.1 = 3.3 + 3.3 + 0.4125 + 0.33 + 0.132 = 7.4745
+        Decimal("7.4745"),
+        id="sonnet-4-6-us",
+    ),
+    pytest.param(
+        "claude-sonnet-4-6",
+        {"speed": "fast"},
+        Decimal("6.795"),  # no fast mode on Sonnet: standard rates
+        id="sonnet-4-6-fast-is-standard",
+    ),
+    pytest.param(
+        "claude-sonnet-4-6",
+        {"input_tokens": 900_000},
+        # a 1,450,000-token prompt (900k + 100k + 50k + 400k): no long-prompt tier on Sonnet 4.6, same rates:
+        # 0.9 x 3 + 3 + 0.375 + 0.3 + 0.12 = 2.7 + 3 + 0.375 + 0.3 + 0.12 = 6.495
+        Decimal("6.495"),
+        id="sonnet-4-6-no-long-prompt-tier",
+    ),
+    pytest.param(
+        "claude-mythos-5",
+        {"inference_geo": "us"},
+        # 22.65 x 1.1: 11 + 11 + 1.375 + 1.1 + 0.44 = 24.915
+        Decimal("24.915"),
+        id="mythos-5-us",
+    ),
+    pytest.param(
+        "claude-3-opus-20240229",
+        {"inference_geo": "us", "speed": "fast"},
+        Decimal("33.975"),  # older than 4.6 and no fast mode: list rates
+        id="3-opus-no-modifiers",
+    ),
+    pytest.param(
+        "claude-3-7-sonnet-20250219",
+        {"inference_geo": "us"},
+        Decimal("6.795"),  # older than 4.6: no US-only multiplier
+        id="3-7-sonnet-no-geo",
+    ),
+]
+
+
+@pytest.mark.parametrize(("model_id", "change", "expected"), ADDED_MODIFIERS)
+def test_added_models_modifiers(price: PriceFn, model_id: str, change: dict[str, Any], expected: Decimal) -> None:
+    assert dollars(price(model_id, {**ADDED_USAGE, **change})) == expected
+
+
+def test_added_models_batch_halves(price: PriceFn) -> None:
+    # Batch: every token price x 0.5: 6.795 / 2 = 1.5 + 1.5 + 0.1875 + 0.15 + 0.06 = 3.3975
+    assert dollars(price("claude-sonnet-4-6", ADDED_USAGE, batch=True)) == Decimal("3.3975")
+
+
+def test_added_models_carry_their_source(table: PriceTable) -> None:
+    from monitor.pricing import builtin_models
+
+    _, models = builtin_models()
+    for name in ("claude-sonnet-4-6", "claude-3-7-sonnet-20250219", "claude-3-opus-20240229", "claude-mythos-5"):
+        source = models[name].source
+        assert source is not None and "platform.claude.com" in source and "checked 2026-12-02" in source

@@ -1,10 +1,11 @@
 """The proxy's side of admission: ask the daemon before a call is forwarded, keep its lease while it runs, settle it.
 
 A call is admitted with `POST /v1/admit` (its identity, model, `max_tokens` and an upper bound of its input tokens
-from the request's bytes). The lease goes into the call's usage event, which settles it when the daemon stores the
-event; when the event could not be stored (the daemon away: it went to the spool), `POST /v1/release` returns the
-slot instead. While the call runs, the lease is renewed every `renew_every_s` the daemon named (lease_ttl/3), so a
-stream longer than lease_ttl keeps its slot; a proxy that dies stops renewing and its leases expire.
+from the request's bytes, or with `proxy.count_tokens` Anthropic's count of them: monitor.http.count). The lease
+goes into the call's usage event, which settles it when the daemon stores the event; when the event could not be
+stored (the daemon away: it went to the spool), `POST /v1/release` returns the slot instead. While the call
+runs, the lease is renewed every `renew_every_s` the daemon named (lease_ttl/3), so a stream longer than lease_ttl
+keeps its slot; a proxy that dies stops renewing and its leases expire.
 
 Refusals become answers in Anthropic's error shape: rate and concurrency 429 `rate_limit_error` with Retry-After
 (the SDK may retry them), a per-call cap 400 `invalid_request_error` naming the cap and the value asked, a budget
@@ -73,9 +74,15 @@ class Gate:
         self._pool.shutdown(wait=True)
 
     async def admit(
-        self, request: Mapping[str, Any], model: str, attributes: Mapping[str, str], who: str
+        self,
+        request: Mapping[str, Any],
+        model: str,
+        attributes: Mapping[str, str],
+        who: str,
+        input_tokens: int | None = None,
     ) -> Admitted | Denied:
-        """Ask the daemon for a lease for this Messages API body; what to do with the call."""
+        """Ask the daemon for a lease for this Messages API body; what to do with the call. Its input is
+        `input_tokens` when counted (proxy.count_tokens), else bounded from the body's bytes."""
         modifiers = {}
         for key in ("speed", "inference_geo"):  # they change the price: the worst case must know them
             value = request.get(key)
@@ -88,7 +95,7 @@ class Gate:
                 max_tokens=_max_tokens(request),
                 request=None,
                 batch=False,  # the Messages API: batches go through /v1/messages/batches, not this route
-                estimated_input_tokens=input_token_bound(request),
+                estimated_input_tokens=input_token_bound(request) if input_tokens is None else input_tokens,
                 speed=modifiers["speed"],
                 inference_geo=modifiers["inference_geo"],
                 **identity,

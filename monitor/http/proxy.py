@@ -17,7 +17,8 @@ client may assert; only the API's own headers go upstream. A model the price tab
   usage; one that could not reach Anthropic is answered `502 api_error` and recorded with status 502. A client
   that leaves mid-stream closes the upstream stream (ending the generation and its cost); what was seen is
   recorded.
-- `POST /v1/messages/count_tokens`: free, so forwarded, neither checked nor recorded.
+- `POST /v1/messages/count_tokens`: free, so forwarded, neither checked nor recorded. With `proxy.count_tokens`
+  the proxy asks it too, before admitting each `POST /v1/messages` (monitor.http.count).
 - Anything else: `404 not_found_error`. Every answer of the proxy's own is in Anthropic's error shape, so the SDK
   raises the matching exception; framing errors (bad Content-Length or chunk size) are the server's plain 400.
 
@@ -53,6 +54,7 @@ from monitor.config import ConfigError, LoadedSettings, parse_duration
 from monitor.events import redact
 from monitor.http.admit import FAIL_MODE_HEADER, Denied, Gate
 from monitor.http.clients import ProxyClient, ProxyClients, Refused, forwarded
+from monitor.http.count import InputCounter
 from monitor.http.server import (
     BadLength,
     BindError,
@@ -126,6 +128,7 @@ class ProxySettings:
     spool: Path
     allow_unpriced_models: bool = False
     fail_mode: Literal["open", "closed"] = "open"
+    count_tokens_timeout: float | None = None  # set: admit on upstream's count of the input (proxy.count_tokens)
     limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_body_bytes=64 * 1024 * 1024))
 
 
@@ -166,6 +169,9 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
         spool=Path(loaded.settings.throttle.snapshot_file).absolute().parent / SPOOL_NAME,
         allow_unpriced_models=config.allow_unpriced_models,
         fail_mode=config.fail_mode,
+        count_tokens_timeout=(
+            parse_duration(config.count_tokens_timeout).total_seconds() if config.count_tokens else None
+        ),
         limits=limits,
     )
 
@@ -276,6 +282,8 @@ class ProxyApp:
         self._checks = ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="proxy-check")
         self.metrics = ProxyMetrics()
         self.gate = Gate(monitor, settings.fail_mode, self.metrics)
+        timeout = settings.count_tokens_timeout
+        self.counter = None if timeout is None else InputCounter(self.upstream, timeout, self.metrics)
 
     async def close(self) -> None:
         """Close upstream connections and the worker threads (after the server drained)."""
@@ -400,7 +408,12 @@ class ProxyApp:
         if not verdict.allowed:
             await self._throttled(send, verdict, call.who)
             return
-        admitted = await self.gate.admit(call.request, call.model, dimensions, call.who)
+        counted = None
+        if self.counter is not None:
+            query = path.partition("?")[2]
+            upstream = [(k, v) for k, v in self._forward_headers(headers) if k != "idempotency-key"]  # not the call
+            counted = await self.counter.estimate(call.request, query, upstream)
+        admitted = await self.gate.admit(call.request, call.model, dimensions, call.who, counted)
         if isinstance(admitted, Denied):
             await _error(send, admitted.status, admitted.kind, admitted.message, admitted.headers)
             return

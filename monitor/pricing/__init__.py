@@ -176,7 +176,8 @@ def _per_token_rates(
 
 
 def _digest(entry: ModelPricing) -> str:
-    canonical = json.dumps(entry.model_dump(mode="json"), sort_keys=True)
+    # `source` documents the rates and changes no price: the version names the rates only.
+    canonical = json.dumps(entry.model_dump(mode="json", exclude={"source"}), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.types import DateTime
 
@@ -87,6 +88,13 @@ events = Table(
     Column("price_version", String(128), comment="the rates used: table version, model and since date"),
     Index("ix_events_ts", "ts"),
     Index("ix_events_model_ts", "model", "ts"),
+    # Only the events of models the table did not know when they arrived: re-pricing reads them by model id.
+    Index(
+        "ix_events_unpriced_model_id",
+        "model_id",
+        sqlite_where=text("cost_pico IS NULL"),
+        postgresql_where=text("cost_pico IS NULL"),
+    ),
 )
 
 dead_letters = Table(
