@@ -639,7 +639,8 @@ class Admission:
                     "model": model_id,
                     "usage": usage,
                     "batch": batch,
-                }
+                },
+                raw="",  # only the reason is used when it is refused: no copy of the body to redact
             )
             if isinstance(parsed, Rejected):
                 raise BadAdmit(parsed.reason)

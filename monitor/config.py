@@ -116,6 +116,7 @@ class HttpConfig(_Strict):
     max_connections: int = Field(default=1000, gt=0)
     max_events_per_request: int = Field(default=10_000, gt=0)
     group_commit_max_events: int = Field(default=10_000, gt=0)
+    ingest_process: bool = True  # parse, price and write ingest in a worker process, off the checks' interpreter
     check_require: list[str] = []
     read_token_env: str | None = None
     metrics_listen: str | None = None

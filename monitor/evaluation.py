@@ -108,6 +108,67 @@ class CeilingListener(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class BudgetRead:
+    """One budget as an evaluation read it: the states worth showing (every scope at or over its lowest threshold —
+    all of a plain budget's — then the biggest quiet ones), which of them are those `hot` ones, how many scopes it
+    has, and the ceiling of its quiet scopes (a `per:` budget with throttle_at; None otherwise)."""
+
+    states: dict[str, ScopeState]
+    hot: frozenset[str]
+    scopes_total: int
+    ceiling: Ceiling | None
+
+
+def read_budgets(connection: Connection, budgets: Sequence[Budget], now: datetime, zone: ZoneInfo) -> list[BudgetRead]:
+    """Each budget's window totals at `now`, read and judged: the heavy part of an evaluation, with no engine state
+    (so it can run in another process)."""
+    out = []
+    for budget in budgets:
+        states: dict[str, ScopeState] = {}
+        first, last = budget.bucket_range(now, zone)
+        lowest = budget.thresholds[0] if budget.thresholds else None
+        candidates: list[tuple[int, str, Usage]] = []
+        hot_keys: set[str] = set()
+        quiet_most = scopes_total = 0
+        for key, usage in window_totals(connection, budget.name, first, last):
+            scopes_total += 1
+            amount = budget.amount(usage)
+            if budget.per is None or (lowest is not None and budget.over(amount, lowest)):
+                hot_keys.add(key)
+                states[key] = _read_state(connection, budget, key, usage, now, zone)
+                continue
+            quiet_most = max(quiet_most, amount)
+            candidates.append((amount, key, usage))
+            if len(candidates) > 4 * TOP_SCOPES:
+                candidates.sort(key=lambda c: -c[0])
+                del candidates[TOP_SCOPES:]
+        candidates.sort(key=lambda c: -c[0])
+        for _amount, key, usage in candidates[:TOP_SCOPES]:
+            states[key] = evaluate_scope(budget, json.loads(key), usage, now, zone)
+        if budget.per is None and not states:  # no usage yet in this window: show it at zero
+            key = scope_key(dict(budget.match))
+            states[key] = evaluate_scope(budget, dict(budget.match), Usage(), now, zone)
+        ceiling = None
+        if budget.per is not None and budget.throttle_at is not None:
+            ceiling = Ceiling(first, frozenset(hot_keys), quiet_most)
+        out.append(BudgetRead(states, frozenset(hot_keys), scopes_total, ceiling))
+    return out
+
+
+def _read_state(
+    connection: Connection, budget: Budget, key: str, usage: Usage, now: datetime, zone: ZoneInfo
+) -> ScopeState:
+    buckets = None
+    if (
+        budget.bucket is not None
+        and budget.throttle_at is not None
+        and budget.over(budget.amount(usage), budget.throttle_at)
+    ):
+        buckets = scope_buckets(connection, budget.name, key, budget.first_bucket(now, zone))
+    return evaluate_scope(budget, json.loads(key), usage, now, zone, buckets)
+
+
 class BudgetEngine:
     """Keeps budget states and throttle flags current from the store; thread-safe."""
 
@@ -133,6 +194,8 @@ class BudgetEngine:
         self._batch_states: dict[tuple[str, str], tuple[int, ScopeState]] = {}  # newest fast-path state per scope
         self.last: EvaluationStats | None = None
         self.failing = False  # the last evaluation could not reach the store: answers come from older state
+        # Where an evaluation's reads run, when not here (the daemon's ingest worker process): `read_budgets` there.
+        self.reader: Callable[[Sequence[Budget], datetime], list[BudgetRead]] | None = None
 
     # --- keeping budget_usage true to the configured budgets ---------------------------------------------------
 
@@ -237,44 +300,22 @@ class BudgetEngine:
         current = self.throttle.flags
         read_from = self.throttle.generation  # before the first read: later fast-path flags survive the replace
         scopes = 0
-        with self._engine.connect() as connection:
-            for budget in self.budgets:
-                states: dict[str, ScopeState] = {}
-                scopes_total = scopes_throttled = 0
-                first, last = budget.bucket_range(now, self._zone)
-                lowest = budget.thresholds[0] if budget.thresholds else None
-                candidates: list[tuple[int, str, Usage]] = []
-                hot_keys: set[str] = set()
-                quiet_most = 0
-                for key, usage in window_totals(connection, budget.name, first, last):
-                    scopes_total += 1
-                    amount = budget.amount(usage)
-                    hot = budget.per is None or (lowest is not None and budget.over(amount, lowest))
-                    if hot:
-                        hot_keys.add(key)
-                    else:
-                        quiet_most = max(quiet_most, amount)
-                        candidates.append((amount, key, usage))
-                        if len(candidates) > 4 * TOP_SCOPES:
-                            candidates.sort(key=lambda c: -c[0])
-                            del candidates[TOP_SCOPES:]
-                        continue
-                    state = self._state(connection, budget, key, usage, now)
-                    states[key] = state
-                    if state.throttled:
-                        scopes_throttled += 1
-                        old = current.get((budget.name, key))
-                        flags[budget.name, key] = flag_from_state(state, old.since if old else now)
-                candidates.sort(key=lambda c: -c[0])
-                for _amount, key, usage in candidates[:TOP_SCOPES]:
-                    states[key] = evaluate_scope(budget, json.loads(key), usage, now, self._zone)
-                if budget.per is None and not states:  # no usage yet in this window: show it at zero
-                    key = scope_key(dict(budget.match))
-                    states[key] = evaluate_scope(budget, dict(budget.match), Usage(), now, self._zone)
-                scopes += scopes_total
-                shown[budget.name] = (states, scopes_total, scopes_throttled)
-                if budget.per is not None and budget.throttle_at is not None:
-                    ceilings[budget.name] = Ceiling(first, frozenset(hot_keys), quiet_most)
+        if self.reader is not None:
+            reads = self.reader(self.budgets, now)
+        else:
+            with self._engine.connect() as connection:
+                reads = read_budgets(connection, self.budgets, now, self._zone)
+        for budget, read in zip(self.budgets, reads, strict=True):
+            scopes_throttled = 0
+            for key, state in read.states.items():
+                if key in read.hot and state.throttled:  # quiet scopes are under every threshold: never flagged
+                    scopes_throttled += 1
+                    old = current.get((budget.name, key))
+                    flags[budget.name, key] = flag_from_state(state, old.since if old else now)
+            scopes += read.scopes_total
+            shown[budget.name] = (dict(read.states), read.scopes_total, scopes_throttled)
+            if read.ceiling is not None:
+                ceilings[budget.name] = read.ceiling
         with self._lock:
             # States the fast path computed after this evaluation began to read are newer than what it read.
             later = {k: st for k, (n, st) in self._batch_states.items() if n > batches_from}
@@ -295,23 +336,6 @@ class BudgetEngine:
             listener.on_ceilings(mark, ceilings)
         self.last = EvaluationStats(now, time.perf_counter() - started, len(self.budgets), scopes, len(flags))
         return self.last
-
-    def _state(
-        self,
-        connection: Connection,
-        budget: Budget,
-        key: str,
-        usage: Usage,
-        now: datetime,
-    ) -> ScopeState:
-        buckets = None
-        if (
-            budget.bucket is not None
-            and budget.throttle_at is not None
-            and budget.over(budget.amount(usage), budget.throttle_at)
-        ):
-            buckets = scope_buckets(connection, budget.name, key, budget.first_bucket(now, self._zone))
-        return evaluate_scope(budget, json.loads(key), usage, now, self._zone, buckets)
 
     # --- the fast path ---------------------------------------------------------------------------------------
 

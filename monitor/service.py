@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from monitor.config import ConfigError, LoadedSettings, Settings, admission_in_d
 from monitor.evaluation import BudgetEngine, DefinitionChange
 from monitor.events import EventParser
 from monitor.http.api import HTTP_SOURCE, Api, ApiApp
+from monitor.http.ingest_process import IngestProcess
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.watch import Watcher, follow
 from monitor.ingest.writer import BatchResult, Writer
@@ -77,9 +78,12 @@ class Store:
     parser: EventParser
     writer: Writer
     budgets: BudgetEngine
+    closing: list[Callable[[], None]] = field(default_factory=list)  # run first by close (e.g. stop a worker)
 
     def close(self) -> None:
-        """Release every connection."""
+        """Release every connection (a worker process's too)."""
+        for close in self.closing:
+            close()
         self.engine.dispose()
 
 
@@ -212,8 +216,21 @@ class Daemon:
         self.registry = CollectorRegistry(auto_describe=True)
         self.tail_interval = tail_interval  # the poll's period; file events wake the tailers sooner
         self.tail_watcher: Watcher | None = None
+        # Ingest parses, prices and writes in a worker process: checks and admits, decided on this interpreter's
+        # event loop, do not wait for that CPU work. Tailed batches are written there too.
+        self.ingest_process = IngestProcess(settings, clock) if settings.http.ingest_process else None
+        if self.ingest_process is not None:  # evaluations read every scope there too: 100,000 of them take a while
+            self.budgets.reader = self.ingest_process.read_budgets
+            self.store.closing.append(self.ingest_process.close)
         self.tailers = [
-            Tailer(source, self.store.parser, self.store.writer, self.store.engine, clock, on_batch=self._after_batch)
+            Tailer(
+                source,
+                self.store.parser,
+                self.ingest_process or self.store.writer,  # type: ignore[arg-type]  # the worker quacks like a Writer
+                self.store.engine,
+                clock,
+                on_batch=self._after_batch,
+            )
             for source in settings.sources
         ]
         self.collector = MonitorCollector(
@@ -311,6 +328,7 @@ class Daemon:
             self.api,
             ingest_workers=1 if sqlite else 4,
             body_timeout=limits.header_timeout,  # a body that stalls is held no longer than headers may be
+            worker=self.ingest_process,
         )
         self.registry.register(IngestQueueCollector(lambda: self.app.ingest_queue))
         self.server = self._listen(self.app, "listen", http.listen)
@@ -396,7 +414,10 @@ class Daemon:
             )
         if _kinds(changes) != _kinds(self.mismatched):
             skip = {change.budget for change in changes}
-            self.store.writer.set_budgets(BudgetIndex([b for b in self.budgets.budgets if b.name not in skip]))
+            index = BudgetIndex([b for b in self.budgets.budgets if b.name not in skip])
+            self.store.writer.set_budgets(index)
+            if self.ingest_process is not None:
+                self.ingest_process.set_budgets(index)
         self.mismatched = changes
 
     def _notify(self) -> None:
@@ -535,6 +556,8 @@ class Daemon:
 
     def start(self) -> None:
         """Apply changed budget definitions (leader), evaluate once, then start HTTP, the tailers and the schedule."""
+        if self.ingest_process is not None:
+            self.ingest_process.start()  # it imports and opens the store meanwhile
         self._heads_ok = schema_is_current(self.store.engine)
         self.jobs.every("evaluate", self.every.total_seconds())
         self.jobs.every("notify", self.every.total_seconds())  # runs after each evaluation
@@ -618,6 +641,8 @@ class Daemon:
         self.scheduler.shutdown(wait=True)
         for tailer in self.tailers:
             tailer.close()
+        if self.ingest_process is not None:
+            self.ingest_process.close()
         if self.tail_watcher is not None:
             self.tail_watcher.close()
         try:

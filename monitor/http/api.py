@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from monitor.admission import Admission, Admitted, BadAdmit, NeedsRead, Refused, Unavailable, parse_admit
 from monitor.evaluation import BudgetEngine, state_json
 from monitor.events import EventParser, Rejected, redact
+from monitor.http.ingest_process import IngestProcess, IngestProcessFailed, StorageUnavailable
 from monitor.http.server import (
     BadLength,
     BodyTimeout,
@@ -104,6 +105,28 @@ def _whole_body_rejected(text: str, reason: str, where: str) -> IngestRequest:
     return IngestRequest(Batch([(f"{where} #0", Rejected(reason, redact(text[:RAW_KEEP])))]), refused=reason)
 
 
+def prepare_body(body: bytes, remote: str, parser: EventParser, max_events: int) -> Response | IngestRequest:
+    """Parse an ingest body into what is to be written, or the answer when nothing is to be written."""
+    request = uuid.uuid4().hex[:12]
+    where = f"POST /v1/usage {request} from {remote}"
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _whole_body_rejected(body.decode("utf-8", "replace"), f"body is not UTF-8 (byte {exc.start})", where)
+    try:
+        items = split_body(text, parser, where, max_events)
+    except TooManyEvents as exc:
+        return error_response(
+            413,
+            f"{exc}; the limit is http.max_events_per_request = {exc.limit:,}: send smaller batches "
+            "(nothing was stored)",
+        )
+    except NotJsonNorNdjson as exc:
+        return _whole_body_rejected(text, str(exc), where)
+    cap = LetterCap(MAX_DEAD_LETTERS, f"{where} (the rest)", redact(text[:RAW_KEEP]))
+    return IngestRequest(Batch(items, cap))
+
+
 class Api:
     """What each route does, independent of the HTTP plumbing."""
 
@@ -179,24 +202,7 @@ class Api:
         """Parse an ingest body into what `commit` writes, or the answer when nothing is to be written."""
         if self.draining:
             return self.draining_response()
-        request = uuid.uuid4().hex[:12]
-        where = f"POST /v1/usage {request} from {remote}"
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return _whole_body_rejected(body.decode("utf-8", "replace"), f"body is not UTF-8 (byte {exc.start})", where)
-        try:
-            items = split_body(text, self.parser, where, self.max_events_per_request)
-        except TooManyEvents as exc:
-            return error_response(
-                413,
-                f"{exc}; the limit is http.max_events_per_request = {exc.limit:,}: send smaller batches "
-                "(nothing was stored)",
-            )
-        except NotJsonNorNdjson as exc:
-            return _whole_body_rejected(text, str(exc), where)
-        cap = LetterCap(MAX_DEAD_LETTERS, f"{where} (the rest)", redact(text[:RAW_KEEP]))
-        return IngestRequest(Batch(items, cap))
+        return prepare_body(body, remote, self.parser, self.max_events_per_request)
 
     def commit(self, requests: Sequence[IngestRequest]) -> list[Response]:
         """Write prepared requests in one transaction, flip throttle flags, then each request's own answer.
@@ -222,6 +228,28 @@ class Api:
             if request.refused is None:
                 self.on_ingest(result)
         return [request.answer(result) for request, result in zip(requests, results, strict=True)]
+
+    def commit_in(self, worker: IngestProcess, bodies: Sequence[tuple[bytes, str]]) -> list[Response]:
+        """Have the ingest worker parse and write request bodies ((body, remote) each), flip throttle flags and
+        settle leases for each transaction it committed, then each request's own answer."""
+        try:
+            written = worker.bodies(bodies, self.max_events_per_request, self.group_commit_max_events)
+        except (IngestProcessFailed, StorageUnavailable) as exc:
+            log.error("ingest failed: %s", exc)
+            return [error_response(503, "ingest unavailable; retry", {"Retry-After": "1"})] * len(bodies)
+        for touched, settles in written.groups:
+            self.budgets.on_batch(touched)  # flags flip before any answer returns
+            if self.admission is not None:  # leases the events name are settled
+                self.admission.on_batch(touched, settles)
+        for result in written.results:
+            if result is not None:
+                self.on_ingest(result)
+        for index, why in written.failures.items():
+            log.error("ingest of request %d of a group failed in the ingest worker: %s", index, why)
+        return [
+            answer if answer is not None else error_response(500, "ingest failed; see the daemon's log")
+            for answer in written.answers
+        ]
 
     def draining_response(self) -> Response:
         """503 while the daemon shuts down."""
@@ -381,8 +409,10 @@ class Api:
 class ApiApp:
     """The ASGI app over `Api`: routing, body limits, and which work goes to which worker threads.
 
-    A request body that pauses for `body_timeout` seconds is answered 408. An ingest body is parsed on
-    `parse_workers` threads, then written by group commit: requests that wait while a write is in progress go
+    A request body that pauses for `body_timeout` seconds is answered 408. With a `worker` process, ingest bodies
+    waiting while it is busy go to it together, and it parses, prices and writes them there (in transactions of at
+    most `api.group_commit_max_events` events); otherwise an ingest body is parsed on `parse_workers` threads, then
+    written by group commit: requests that wait while a write is in progress go
     together in the next transaction (at most `api.group_commit_max_events` events), on `ingest_workers` threads
     (1 suits SQLite, whose writes serialise anyway: that many transactions at once). Budgets, metrics and readiness
     run on a small pool of their own, so a slow scrape never holds up ingest or checks. With `ops_only` it serves
@@ -397,16 +427,28 @@ class ApiApp:
         ops_only: bool = False,
         body_timeout: float | None = 10.0,
         parse_workers: int = 2,
+        worker: IngestProcess | None = None,
     ) -> None:
         self.api = api
+        self.worker = worker
         self.ops_only = ops_only
         self.body_timeout = body_timeout  # seconds a request body may pause before 408
         self._parse_pool = ThreadPoolExecutor(parse_workers, thread_name_prefix="ingest-parse")
         self._ingest_pool = ThreadPoolExecutor(ingest_workers, thread_name_prefix="ingest")
         self._read_pool = ThreadPoolExecutor(read_workers, thread_name_prefix="api-read")
-        self._group: GroupCommit[IngestRequest, Response] = GroupCommit(
-            api.commit, lambda request: request.size, api.group_commit_max_events, self._ingest_pool, ingest_workers
-        )
+        self._group: GroupCommit[Any, Response]
+        if worker is not None:  # bodies go to the worker whole; it splits them into transactions by their events
+            self._group = GroupCommit(
+                lambda bodies: api.commit_in(worker, bodies),
+                lambda body: 1,
+                api.group_commit_max_events,
+                self._ingest_pool,
+                1,
+            )
+        else:
+            self._group = GroupCommit(
+                api.commit, lambda request: request.size, api.group_commit_max_events, self._ingest_pool, ingest_workers
+            )
 
     @property
     def ingest_queue(self) -> tuple[int, int]:
@@ -556,6 +598,8 @@ class ApiApp:
                 413, f"{exc} (http.max_body_bytes); send smaller batches (nothing was stored)", close=True
             )
         remote = (scope.get("client") or ("?", 0))[0]
+        if self.worker is not None:
+            return await self._group.submit((body, remote))
         prepared = await off_loop(self._parse_pool, lambda: api.prepare(body, remote))
         if isinstance(prepared, Response):
             return prepared
