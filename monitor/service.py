@@ -48,7 +48,7 @@ from monitor.reconcile.models import ModelsApiError, ModelsClient, check
 from monitor.reconcile.runner import Reconciler
 from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
-from monitor.store.leases import settle_on_store
+from monitor.store.leases import settler_for
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
 from monitor.store.partitions import drop_expired_events, prepare_partitions
 from monitor.store.reprice import Repricer
@@ -121,11 +121,8 @@ def open_store(
         max_values_per_label=settings.metrics.max_values_per_label,
         max_unpriced_models=settings.metrics.max_unpriced_models,
     )
-    # A usage event settles its lease wherever it is stored (serve or ingest); with no limit and no budget that
-    # throttles, a lease holds nothing and the write path does no admission work.
-    holding = settings.limits or any(budget.throttle_at is not None for budget in settings.budgets)
-    if admission_in_database(settings) and holding:
-        writer.settle_leases = settle_on_store
+    # A usage event settles its lease wherever it is stored (serve, its ingest worker, or ingest).
+    writer.settle_leases = settler_for(settings)
     return Store(settings, engine, prices, parser, writer, budgets)
 
 
@@ -256,6 +253,7 @@ class Daemon:
         )
         if admission_in_database(settings):  # replicas share leases through the database (the writer settles them)
             self.admission: Admission = SharedAdmission(*admission_args)
+            self.store.closing.append(self.admission.close)  # its own pool closes with the store
         else:
             self.admission = Admission(
                 *admission_args,

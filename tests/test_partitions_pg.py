@@ -267,7 +267,8 @@ def test_migration_partitions_an_existing_events_table_with_its_rows(pg_url: str
         "CREATE INDEX ix_events_other ON ONLY public.events USING btree (source) WHERE (cost_pico IS NULL)",
         "CREATE INDEX ix_events_ts ON ONLY public.events USING btree (ts)",
         # Added by the migration after this one, on the partitioned table.
-        "CREATE INDEX ix_events_unpriced_model_id ON ONLY public.events USING btree (model_id) WHERE (cost_pico IS NULL)",
+        "CREATE INDEX ix_events_unpriced_model_id ON ONLY public.events USING btree (model_id)"
+        " WHERE (cost_pico IS NULL)",
         "CREATE UNIQUE INDEX pk_events ON ONLY public.events USING btree (id, ts)",
     ]
     run(pg_url, "DROP INDEX ix_events_other")  # the metadata does not know it: alembic check would say so

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
+from monitor.config import Settings, admission_in_database
 from monitor.store.models import (
     admission_holds,
     admission_leases,
@@ -429,6 +430,16 @@ def settle_on_store(connection: Connection, settles: Sequence[tuple[str, str | N
             "request_prompts": list(by_request.values()),
         },
     )
+
+SettleHook = Callable[[Connection, Sequence[tuple[str, str | None, int]], datetime], None]
+
+
+def settler_for(settings: Settings) -> SettleHook | None:
+    """What the write path calls to settle leases, wherever it runs (serve, its ingest worker, `ingest`): only when
+    admission state is in the database and a lease can hold something (a limit, or a budget that throttles)."""
+    holding = bool(settings.limits) or any(budget.throttle_at is not None for budget in settings.budgets)
+    return settle_on_store if admission_in_database(settings) and holding else None
+
 
 
 _FOLD = text(
