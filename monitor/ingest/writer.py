@@ -9,13 +9,13 @@ import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine
 
-from monitor.budgets import BudgetIndex
+from monitor.budgets import Budget, BudgetIndex
 from monitor.events import Event, Rejected
 from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.labels import OTHER, LabelGate
@@ -32,7 +32,7 @@ from monitor.store.rollup import (
     rollup_rows,
     service_tier,
 )
-from monitor.store.sqlite_events import insert_new_events, sqlite_datetime
+from monitor.store.sqlite_events import add_rows, insert_new_events, sqlite_datetime
 from monitor.usage import USAGE_FIELDS, Usage
 
 # claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
@@ -53,6 +53,19 @@ _LABEL_KEY_CACHE = 4096  # (model, label values) entries; values are capped alre
 def labels_key(labels: dict[str, str]) -> str:
     """Canonical JSON of a label set."""
     return json.dumps(dict(sorted(labels.items())), separators=(",", ":"), ensure_ascii=False)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ROLLUP_KEYS = ("bucket_start", "model", "service_tier", "status_class", "labels")
+_QUARTER_HOUR_S = 900
+
+
+def _bucket_grain(budget: Budget) -> tuple[str | int, int]:
+    """(what else decides the bucket, seconds per index step) of a budget's bucket of an instant."""
+    if budget.bucket is None:
+        return budget.window.kind, _QUARTER_HOUR_S
+    size = int(budget.bucket.total_seconds())
+    return size, size
 
 
 def _le_index(seconds: float) -> int:
@@ -167,9 +180,7 @@ class Writer:
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
         self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
         self._add_counter = upsert_adding(counters, dialect, ("name", "labels"), ("value",))
-        self._add_rollup = upsert_adding(
-            usage_rollup, dialect, ("bucket_start", "model", "service_tier", "status_class", "labels"), ROLLUP_FIELDS
-        )
+        self._add_rollup = upsert_adding(usage_rollup, dialect, ROLLUP_KEYS, ROLLUP_FIELDS)
         self._set_offset = upsert_replacing(
             source_offsets, dialect, ("source", "file_id"), ("path", "offset", "updated_at")
         )
@@ -300,11 +311,18 @@ class Writer:
         new: list[tuple[Event, Price]],
         now: datetime,
     ) -> dict[tuple[str, str], Usage]:
-        deltas: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
+        deltas: dict[tuple[str, str, datetime], list[int]] = {}
         touched: dict[str, set[str]] = defaultdict(set)
         ranges: dict[str, tuple[datetime, datetime | None]] = {}
+        # A budget's bucket of an event depends only on the event's whole seconds since the epoch through its
+        # quarter hour (calendar windows: every zone's midnight is on the quarter hour) or its rolling bucket: the
+        # batch computes each (window kind or bucket size, index) once.
+        grains: dict[str, tuple[str | int, int]] = {}
+        buckets: dict[tuple[str | int, int], datetime] = {}
+        zone = self._zone
+        touched_keys = self._budgets.touched_keys
         for event, price in new:
-            usage = Usage(
+            counts = (
                 1,
                 event.input_tokens,
                 event.output_tokens,
@@ -313,30 +331,51 @@ class Writer:
                 event.cache_write_1h_tokens,
                 price.cost_pico or 0,
             )
-            for budget, key in self._budgets.touched_keys(price.model, event.attributes or {}):
-                bucket = budget.bucket_of(event.timestamp, self._zone)
-                deltas[budget.name, key, bucket].add(usage)
+            seconds = int((event.timestamp - _EPOCH).total_seconds())
+            for budget, key in touched_keys(price.model, event.attributes or {}):
+                grain = grains.get(budget.name)
+                if grain is None:
+                    grain = grains[budget.name] = _bucket_grain(budget)
+                bucket = buckets.get((grain[0], seconds // grain[1]))
+                if bucket is None:
+                    bucket = buckets[grain[0], seconds // grain[1]] = budget.bucket_of(event.timestamp, zone)
+                row = deltas.get((budget.name, key, bucket))
+                if row is None:
+                    deltas[budget.name, key, bucket] = list(counts)
+                else:
+                    for i, count in enumerate(counts):
+                        row[i] += count
                 window = ranges.get(budget.name)
                 if window is None:
-                    window = ranges[budget.name] = budget.bucket_range(now, self._zone)
+                    window = ranges[budget.name] = budget.bucket_range(now, zone)
                 if bucket >= window[0] and (window[1] is None or bucket < window[1]):  # in the window in force now
                     touched[budget.name].add(key)
         if not deltas:
             return {}
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
         # PostgreSQL) then lock them in one order and cannot deadlock each other.
-        connection.execute(
-            self._add_usage,
-            [
-                {
-                    "budget": name,
-                    "scope": key,
-                    "bucket_start": bucket,
-                    **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),
-                }
-                for (name, key, bucket), usage in sorted(deltas.items())
-            ],
-        )
+        ordered = sorted(deltas.items())
+        if self._sqlite:
+            add_rows(
+                connection,
+                budget_usage,
+                ("budget", "scope", "bucket_start"),
+                USAGE_FIELDS,
+                [(name, key, sqlite_datetime(bucket), *usage) for (name, key, bucket), usage in ordered],
+            )
+        else:
+            connection.execute(
+                self._add_usage,
+                [
+                    {
+                        "budget": name,
+                        "scope": key,
+                        "bucket_start": bucket,
+                        **dict(zip(USAGE_FIELDS, usage, strict=True)),
+                    }
+                    for (name, key, bucket), usage in ordered
+                ],
+            )
         totals: dict[tuple[str, str], Usage] = {}
         for name, keys in touched.items():
             for key, usage in scope_totals(connection, name, keys, *ranges[name]).items():
@@ -505,7 +544,10 @@ class Writer:
             values["request_errors", labels_key({"model": model, "status": str(status)})] += count
         for late, count in late_counts.items():
             values["late_events", labels_key({"lateness": late})] += count
-        if values:
+        if values and self._sqlite:
+            ordered = [(name, key, value) for (name, key), value in sorted(values.items())]
+            add_rows(connection, counters, ("name", "labels"), ("value",), ordered)
+        elif values:
             connection.execute(
                 self._add_counter,
                 [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
@@ -514,7 +556,13 @@ class Writer:
 
     def _add_to_rollup(self, connection: Connection, deltas: dict[RollupKey, list[int]]) -> None:
         """Add the batch's rollup deltas to their event-time buckets (kept with the counters' bounded labels)."""
-        if deltas:
+        if deltas and self._sqlite:
+            rows = [
+                (sqlite_datetime(key.bucket_start), key.model, key.service_tier, key.status_class, key.labels, *row)
+                for key, row in sorted(deltas.items())
+            ]
+            add_rows(connection, usage_rollup, ROLLUP_KEYS, ROLLUP_FIELDS, rows)
+        elif deltas:
             connection.execute(self._add_rollup, rollup_rows({key: RollupCounts(*row) for key, row in deltas.items()}))
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Table
 
 # Column order of an event row tuple (the `events` table's columns but its id).
 EVENT_COLUMNS = (
@@ -95,3 +95,17 @@ def _insert_looking_up(connection: Connection, rows: Sequence[tuple[Any, ...]]) 
         stored.update(connection.exec_driver_sql(query, tuple(chunk)).scalars())
     connection.exec_driver_sql(_INSERT, list(rows))
     return set(ids) - stored
+
+
+def add_rows(
+    connection: Connection, table: Table, keys: Sequence[str], values: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """INSERT … ON CONFLICT (keys) DO UPDATE SET v = v + excluded.v for each value column, rows as plain tuples
+    (keys then values, datetimes as `sqlite_datetime` text) through one executemany."""
+    columns = [*keys, *values]
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
+        + ", ".join(f"{name} = {table.name}.{name} + excluded.{name}" for name in values)
+    )
+    connection.exec_driver_sql(sql, list(rows))
