@@ -112,6 +112,7 @@ def ingest_files(
         batch: list[Item] = []
         try:
             with path.open("rb") as stream:
+                seekable = stream.seekable()  # a named pipe or /dev/stdin has no position to show progress by
                 for number, text in read_lines(stream):
                     item = text if isinstance(text, Rejected) else parser.parse_line(text)
                     batch.append((f"{absolute}:{number}", item))
@@ -119,7 +120,8 @@ def ingest_files(
                     if len(batch) >= batch_size:
                         total.add(_counted(writer.write(batch, source)))
                         batch = []
-                        bar.update(done_before + stream.tell(), lines_seen)
+                        if seekable:
+                            bar.update(done_before + stream.tell(), lines_seen)
                 if batch:
                     total.add(_counted(writer.write(batch, source)))
         except OSError as exc:
