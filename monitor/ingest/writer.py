@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 from sqlalchemy import Connection, Engine
 
 from monitor.budgets import Budget, BudgetIndex
@@ -651,7 +652,7 @@ def _sqlite_row(
         geo,
         event.status,
         event.latency_ms,
-        json.dumps(event.attributes or {}),
+        orjson.dumps(event.attributes or {}).decode(),  # compact JSON: the same value to every JSON reader
         price.cost_pico,
         price.price_version,
     )

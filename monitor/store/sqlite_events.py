@@ -1,7 +1,8 @@
 """SQLite's bulk insert of events: one DBAPI executemany of plain tuples, new rows told apart without RETURNING.
 
-The rows are stored exactly as the ORM would store them (UTC datetimes as `YYYY-MM-DD HH:MM:SS.ffffff` text, JSON
-as `json.dumps` text, booleans as 0/1), so every reader sees the same values whichever path wrote them.
+The rows hold what the ORM would store (UTC datetimes as its `YYYY-MM-DD HH:MM:SS.ffffff` text, booleans as 0/1,
+JSON as text: compact, which every JSON reader decodes to the same value), so readers see the same values whichever
+path wrote them.
 """
 
 from __future__ import annotations
