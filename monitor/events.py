@@ -72,7 +72,8 @@ class _Bad(Exception):
     pass
 
 
-_MISSING = object()
+# orjson reads an integer literal past 64 bits as the nearest float, whose text is not the literal's digits.
+_INEXACT_FLOAT = 2.0**63
 
 
 def _count(container: dict[str, Any], key: str, where: str) -> int:
@@ -158,38 +159,51 @@ class EventParser:
     def parse_line(self, line: str) -> Event | Rejected:
         """Parse one JSONL line (without its newline)."""
         raw = redact(line)
+        # orjson decodes several times faster, and every value an accepted event keeps the same as json does, but
+        # for an integer past 64 bits (a float to orjson). So an event it decodes is kept when valid; a line it
+        # refuses (NaN, a lone surrogate escape, deep nesting) or an event found invalid is decided by json, whose
+        # decoding and wording of the rejection stay exactly what they were.
         try:
-            # orjson decodes the same values several times faster; what it refuses (NaN, a lone surrogate escape,
-            # an integer past 64 bits, deep nesting) goes through json, which decides and words the rejection.
-            obj = orjson.loads(raw)
+            fast = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            obj = _MISSING
+            pass
+        else:
+            parsed = self._parse_decoded(fast, raw, exact=False)
+            if isinstance(parsed, Event):
+                return parsed
         try:
-            if obj is _MISSING:
-                obj = json.loads(raw)
+            obj = json.loads(raw)
         except ValueError as exc:
             return Rejected(f"not JSON: {exc}", raw)
         except RecursionError:
             return Rejected("not JSON this daemon accepts: nested too deeply", raw)
+        return self._parse_decoded(obj, raw, exact=True)
+
+    def _parse_decoded(self, obj: Any, raw: str, exact: bool) -> Event | Rejected:
         if "\\u" in raw and _KEY_PREFIX in json.dumps(obj, ensure_ascii=False):
             # A key spelled with JSON escapes: keep the decoded text, redacted, instead of the raw line.
             raw = redact(json.dumps(obj, ensure_ascii=False))
-        return self.parse_object(obj, raw)
+        return self._validate(obj, raw, exact)
 
     def parse_object(self, obj: Any, raw: str | None = None) -> Event | Rejected:
         """Validate one decoded JSON value; `raw` is the text it came from, if any."""
         if raw is None:
             raw = redact(json.dumps(obj, ensure_ascii=False, default=str))
+        return self._validate(obj, raw, exact=True)
+
+    def _validate(self, obj: Any, raw: str, exact: bool) -> Event | Rejected:
+        """`exact`: numbers were decoded exactly (json); otherwise a float past 64 bits may stand for an integer,
+        and a kept value made from one rejects the event so that json decodes it."""
         if not isinstance(obj, dict):
             return Rejected(f"not a JSON object but {_json_type(obj)}", raw)
         request_id: str | None = None
         try:
             request_id = _required_str(obj, "request_id")
-            return self._build(obj, request_id)
+            return self._build(obj, request_id, exact)
         except _Bad as bad:
             return Rejected(redact(str(bad)), raw, request_id)
 
-    def _build(self, obj: dict[str, Any], request_id: str) -> Event:
+    def _build(self, obj: dict[str, Any], request_id: str, exact: bool) -> Event:
         if obj.get("timestamp") is None:
             raise _Bad("timestamp: required field is missing")
         timestamp = parse_timestamp(obj["timestamp"])
@@ -245,7 +259,7 @@ class EventParser:
             ):
                 raise _Bad(f"latency_ms: {json.dumps(latency)[:40]} is not a non-negative number")
             latency = float(latency)
-        attributes, dropped = self._attributes(obj.get("attributes"))
+        attributes, dropped = self._attributes(obj.get("attributes"), exact)
         lease = obj.get("lease")
         if lease is not None and (not isinstance(lease, str) or not 0 < len(lease) <= MAX_ID_CHARS):
             raise _Bad(f"lease: {json.dumps(lease)[:40]} is not a lease id (a string from POST /v1/admit) or null")
@@ -271,7 +285,7 @@ class EventParser:
             lease,
         )
 
-    def _attributes(self, value: Any) -> tuple[dict[str, str], int]:
+    def _attributes(self, value: Any, exact: bool) -> tuple[dict[str, str], int]:
         if value is None:
             return {}, 0
         if not isinstance(value, dict):
@@ -294,6 +308,8 @@ class EventParser:
             elif isinstance(item, bool):
                 text = "true" if item else "false"
             elif isinstance(item, int | float) and not (isinstance(item, float) and not math.isfinite(item)):
+                if not exact and isinstance(item, float) and not -_INEXACT_FLOAT < item < _INEXACT_FLOAT:
+                    raise _Bad(f"attributes.{key}: decode again exactly")
                 text = str(item)
             else:
                 dropped += 1
