@@ -156,6 +156,16 @@ class EventParser:
         self._dimensions = frozenset(dimensions)
         self._clock = clock
 
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        """The attribute keys kept."""
+        return tuple(sorted(self._dimensions))
+
+    @property
+    def clock(self) -> Callable[[], datetime]:
+        """What `now` is (an event more than 24 h past it is refused)."""
+        return self._clock
+
     def parse_line(self, line: str) -> Event | Rejected:
         """Parse one JSONL line (without its newline)."""
         raw = redact(line)

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from monitor.config import ModelPricing
+from monitor.config import ModelPricing, load_settings
 from monitor.events import Event, EventParser, Rejected
 from monitor.ingest.files import ingest_files
 from monitor.ingest.writer import Item
 from monitor.pricing import load_price_table, usd
-from monitor.service import Store
-from tests.conftest import FakeClock, event
+from monitor.service import Store, open_store
+from tests.conftest import FakeClock, event, write_config
 
 
 def items(store: Store, *request_ids: str) -> list[Item]:
@@ -208,3 +208,39 @@ def test_an_attribute_number_past_64_bits_keeps_its_digits(clock: FakeClock) -> 
     parsed = EventParser(("project", "user"), clock).parse_line(line)
     assert isinstance(parsed, Event)
     assert parsed.attributes == {"project": "18446744073709551616", "user": "1.5"}
+
+
+def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock) -> None:
+    lines = [json.dumps(event(f"q{i % 9}", input_tokens=1000, output_tokens=100)) for i in range(12)]
+    first = tmp_path / "first.jsonl"
+    first.write_text("\n".join([*lines[:6], "not json", "", *lines[6:]]) + "\n", encoding="utf-8")
+    second = tmp_path / "second.jsonl"
+    second.write_text(lines[0] + "\n" + json.dumps(event("r1", input_tokens=10)) + "\n", encoding="utf-8")
+    outcomes = []
+    for parse_ahead in (False, True):
+        directory = tmp_path / f"ahead-{parse_ahead}"
+        directory.mkdir()
+        store = open_store(load_settings(write_config(directory), environ={}), clock=clock)
+        try:
+            errors: list[str] = []
+            result, failed = ingest_files(
+                [first, tmp_path / "missing.jsonl", second],
+                store.parser,
+                store.writer,
+                batch_size=4,
+                on_error=errors.append,
+                parse_ahead=parse_ahead,
+            )
+            rows = table_rows(store, "SELECT request_id, source, cost_pico FROM events ORDER BY id")
+            letters = table_rows(store, "SELECT location, reason FROM dead_letters")
+        finally:
+            store.close()
+        outcomes.append((result.as_dict(), failed, errors, rows, letters))
+    assert outcomes[0] == outcomes[1]
+    summary, failed, errors, rows, letters = outcomes[1]
+    # 12 lines over 9 ids in the first file (3 repeats), a bad line; the second file repeats q0 and adds r1.
+    assert summary == {"accepted": 10, "duplicates": 4, "rejected": 1, "unpriced": 0}
+    assert failed == [str(tmp_path / "missing.jsonl")]
+    assert len(errors) == 1 and "missing.jsonl: cannot read" in errors[0]
+    assert letters == [(f"{first.resolve()}:7", letters[0][1])]
+    assert rows[-1] == ("r1", f"file:{second.resolve()}", 10_000_000)  # 10 x $1/M = 10 micro-dollars
