@@ -231,7 +231,7 @@ def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock
                 on_error=errors.append,
                 parse_ahead=parse_ahead,
             )
-            rows = table_rows(store, "SELECT request_id, source, cost_pico FROM events ORDER BY id")
+            rows = table_rows(store, "SELECT request_id, source, cost_pico, ts FROM events ORDER BY id")
             letters = table_rows(store, "SELECT location, reason FROM dead_letters")
         finally:
             store.close()
@@ -243,4 +243,4 @@ def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock
     assert failed == [str(tmp_path / "missing.jsonl")]
     assert len(errors) == 1 and "missing.jsonl: cannot read" in errors[0]
     assert letters == [(f"{first.resolve()}:7", letters[0][1])]
-    assert rows[-1] == ("r1", f"file:{second.resolve()}", 10_000_000)  # 10 x $1/M = 10 micro-dollars
+    assert rows[-1] == ("r1", f"file:{second.resolve()}", 10_000_000, "2026-11-24 10:15:02.000000")  # 10 x $1/M

@@ -12,7 +12,7 @@ import multiprocessing
 import queue
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,9 @@ from monitor.events import Event, EventParser, Rejected
 
 AHEAD_BATCHES = 4
 _FIELDS = tuple(field.name for field in dataclasses.fields(Event))
+assert _FIELDS[:2] == ("request_id", "timestamp")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _POLL_S = 1.0  # how often a waiting writer checks that the parse process is still alive
 
 
@@ -52,16 +55,19 @@ Message = Parsed | FileDone | FileFailed
 
 
 def _pack(item: Event | Rejected) -> tuple[Any, ...]:
-    """A parsed line as plain values, cheap to pickle: a tuple of the Event's fields, or a Rejected's."""
+    """A parsed line as plain values, cheap to pickle: the Event's fields (its UTC timestamp as whole microseconds
+    since the epoch), or a Rejected's."""
     if isinstance(item, Event):
-        return tuple(getattr(item, name) for name in _FIELDS)
+        fields = [getattr(item, name) for name in _FIELDS]
+        fields[1] = (item.timestamp - _EPOCH) // _MICROSECOND
+        return tuple(fields)
     return (None, item.reason, item.raw, item.request_id)
 
 
 def _unpack(packed: tuple[Any, ...]) -> Event | Rejected:
     if packed[0] is None:
         return Rejected(packed[1], packed[2], packed[3])
-    return Event(*packed)
+    return Event(packed[0], _EPOCH + timedelta(microseconds=packed[1]), *packed[2:])
 
 
 def _parse_files(
