@@ -58,6 +58,7 @@ def labels_key(labels: dict[str, str]) -> str:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ROLLUP_KEYS = ("bucket_start", "model", "service_tier", "status_class", "labels")
+_RollupTuple = tuple[datetime, str, str, str, str]  # RollupKey's fields in order
 _QUARTER_HOUR_S = 900
 
 
@@ -431,7 +432,7 @@ class Writer:
 
     def _count(
         self, connection: Connection, new: list[tuple[Event, Price]], result: BatchResult, source: str, now: datetime
-    ) -> tuple[dict[str, frozenset[str]], dict[RollupKey, list[int]]]:
+    ) -> tuple[dict[str, frozenset[str]], dict[_RollupTuple, list[int]]]:
         """Add the batch to the counters; return the admitted sets to publish and the batch's rollup deltas.
 
         Events are summed per label set first (and per rollup row), then turned into counter rows: a batch has
@@ -456,7 +457,7 @@ class Writer:
         unpriced_counts: dict[str, int] = defaultdict(int)
         errors: dict[tuple[str, int], int] = defaultdict(int)
         late_counts: dict[str, int] = defaultdict(int)
-        rollup: dict[RollupKey, list[int]] = {}
+        rollup: dict[_RollupTuple, list[int]] = {}  # RollupKey's fields: a tuple hashes faster
         bucket_starts: dict[float, datetime] = {}
         label_json: dict[tuple[tuple[str, ...], tuple[bool, ...]], str] = {}
         buckets = len(LATENCY_BUCKETS) + 1
@@ -504,7 +505,7 @@ class Writer:
             bucket = bucket_starts.get(quarter)
             if bucket is None:
                 bucket = bucket_starts[quarter] = bucket_of(event.timestamp)
-            key = RollupKey(
+            key = (
                 bucket,
                 unpriced if model == UNPRICED and unpriced is not None else price.model,
                 service_tier(event.batch, event.service_tier),
@@ -555,16 +556,19 @@ class Writer:
             )
         return admitted, rollup
 
-    def _add_to_rollup(self, connection: Connection, deltas: dict[RollupKey, list[int]]) -> None:
+    def _add_to_rollup(self, connection: Connection, deltas: dict[_RollupTuple, list[int]]) -> None:
         """Add the batch's rollup deltas to their event-time buckets (kept with the counters' bounded labels)."""
         if deltas and self._sqlite:
             rows = [
-                (sqlite_datetime(key.bucket_start), key.model, key.service_tier, key.status_class, key.labels, *row)
-                for key, row in sorted(deltas.items())
+                (sqlite_datetime(bucket), model, tier, status, labels, *row)
+                for (bucket, model, tier, status, labels), row in sorted(deltas.items())
             ]
             add_rows(connection, usage_rollup, ROLLUP_KEYS, ROLLUP_FIELDS, rows)
         elif deltas:
-            connection.execute(self._add_rollup, rollup_rows({key: RollupCounts(*row) for key, row in deltas.items()}))
+            connection.execute(
+                self._add_rollup,
+                rollup_rows({RollupKey(*key): RollupCounts(*row) for key, row in deltas.items()}),
+            )
 
 
 def _letter(now: datetime, source: str, location: str, reason: str, raw: str, request_id: str | None) -> dict[str, Any]:
