@@ -78,14 +78,14 @@ def _parse_files(
     out: Any,
 ) -> None:
     """The parse process: every file's lines, parsed, in batches of `batch_size` lines; then None."""
-    from monitor.ingest.files import read_lines  # here: files imports this module
+    from monitor.ingest.files import READ_BUFFER_BYTES, read_lines  # here: files imports this module
 
     parser = EventParser(dimensions, clock)
     lines_seen = 0
     for index, name in enumerate(paths):
         batch: list[tuple[int, tuple[Any, ...]]] = []
         try:
-            with Path(name).open("rb") as stream:
+            with Path(name).open("rb", buffering=READ_BUFFER_BYTES) as stream:
                 seekable = stream.seekable()
                 for number, text in read_lines(stream):
                     item = text if isinstance(text, Rejected) else parser.parse_line(text)

@@ -14,6 +14,8 @@ from monitor.ingest.writer import BatchResult, Item, Writer
 
 MAX_LINE_BYTES = 1024 * 1024
 RAW_KEEP_BYTES = 64 * 1024
+# Lines are read from a 1 MiB buffer: with the default 8 KiB one, reading costs several times as much per line.
+READ_BUFFER_BYTES = 1 << 20
 
 
 def read_lines(stream: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str | Rejected]]:
@@ -120,7 +122,7 @@ def ingest_files(
         source = f"file:{absolute}"
         batch: list[Item] = []
         try:
-            with path.open("rb") as stream:
+            with path.open("rb", buffering=READ_BUFFER_BYTES) as stream:
                 seekable = stream.seekable()  # a named pipe or /dev/stdin has no position to show progress by
                 for number, text in read_lines(stream):
                     item = text if isinstance(text, Rejected) else parser.parse_line(text)
