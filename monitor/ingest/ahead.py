@@ -7,7 +7,6 @@ same batches, so every result is the one a single process gets); the writer rebu
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import queue
 from collections.abc import Callable, Iterator, Sequence
@@ -19,8 +18,7 @@ from typing import Any
 from monitor.events import Event, EventParser, Rejected
 
 AHEAD_BATCHES = 4
-_FIELDS = tuple(field.name for field in dataclasses.fields(Event))
-assert _FIELDS[:2] == ("request_id", "timestamp")
+assert Event._fields[:2] == ("request_id", "timestamp")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _POLL_S = 1.0  # how often a waiting writer checks that the parse process is still alive
@@ -58,9 +56,7 @@ def _pack(item: Event | Rejected) -> tuple[Any, ...]:
     """A parsed line as plain values, cheap to pickle: the Event's fields (its UTC timestamp as whole microseconds
     since the epoch), or a Rejected's."""
     if isinstance(item, Event):
-        fields = [getattr(item, name) for name in _FIELDS]
-        fields[1] = (item.timestamp - _EPOCH) // _MICROSECOND
-        return tuple(fields)
+        return (item[0], (item.timestamp - _EPOCH) // _MICROSECOND, *item[2:])
     return (None, item.reason, item.raw, item.request_id)
 
 
