@@ -319,7 +319,8 @@ class Writer:
         # A budget's bucket of an event depends only on the event's whole seconds since the epoch through its
         # quarter hour (calendar windows: every zone's midnight is on the quarter hour) or its rolling bucket: the
         # batch computes each (window kind or bucket size, index) once.
-        grains: dict[str, tuple[str | int, int]] = {}
+        # Per budget, once per batch: (its name, what decides its bucket, seconds per step, its window in force now).
+        plans: dict[str, tuple[str, str | int, int, datetime, datetime | None]] = {}
         buckets: dict[tuple[str | int, int], datetime] = {}
         zone = self._zone
         touched_keys = self._budgets.touched_keys
@@ -335,35 +336,43 @@ class Writer:
             )
             seconds = int((event.timestamp - _EPOCH).total_seconds())
             for budget, key in touched_keys(price.model, event.attributes or {}):
-                grain = grains.get(budget.name)
-                if grain is None:
-                    grain = grains[budget.name] = _bucket_grain(budget)
-                bucket = buckets.get((grain[0], seconds // grain[1]))
+                plan = plans.get(budget.name)
+                if plan is None:
+                    grain, step = _bucket_grain(budget)
+                    first, end = ranges[budget.name] = budget.bucket_range(now, zone)
+                    plan = plans[budget.name] = (budget.name, grain, step, first, end)
+                name, grain, step, first, end = plan
+                bucket_key = (grain, seconds // step)
+                bucket = buckets.get(bucket_key)
                 if bucket is None:
-                    bucket = buckets[grain[0], seconds // grain[1]] = budget.bucket_of(event.timestamp, zone)
-                row = deltas.get((budget.name, key, bucket))
+                    bucket = buckets[bucket_key] = budget.bucket_of(event.timestamp, zone)
+                delta_key = (name, key, bucket)
+                row = deltas.get(delta_key)
                 if row is None:
-                    deltas[budget.name, key, bucket] = list(counts)
+                    deltas[delta_key] = list(counts)
                 else:
-                    for i, count in enumerate(counts):
-                        row[i] += count
-                window = ranges.get(budget.name)
-                if window is None:
-                    window = ranges[budget.name] = budget.bucket_range(now, zone)
-                if bucket >= window[0] and (window[1] is None or bucket < window[1]):  # in the window in force now
-                    touched[budget.name].add(key)
+                    row[0] += 1
+                    row[1] += counts[1]
+                    row[2] += counts[2]
+                    row[3] += counts[3]
+                    row[4] += counts[4]
+                    row[5] += counts[5]
+                    row[6] += counts[6]
+                if bucket >= first and (end is None or bucket < end):  # in the window in force now
+                    touched[name].add(key)
         if not deltas:
             return {}
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
         # PostgreSQL) then lock them in one order and cannot deadlock each other.
         ordered = sorted(deltas.items())
         if self._sqlite:
+            texts = {bucket: sqlite_datetime(bucket) for bucket in buckets.values()}
             add_rows(
                 connection,
                 budget_usage,
                 ("budget", "scope", "bucket_start"),
                 USAGE_FIELDS,
-                [(name, key, sqlite_datetime(bucket), *usage) for (name, key, bucket), usage in ordered],
+                [(name, key, texts[bucket], *usage) for (name, key, bucket), usage in ordered],
             )
         else:
             connection.execute(
