@@ -113,6 +113,8 @@ def _optional_str(container: dict[str, Any], key: str, where: str) -> str | None
     value = container.get(key)
     if value is None:
         return None
+    if type(value) is str and len(value) <= MAX_LABEL_CHARS and value.isascii() and _KEY_PREFIX not in value:
+        return value  # nearly every value: every check below passes and redaction leaves it as it is
     if not isinstance(value, str):
         raise _Bad(f"{where}{key}: must be a string or null, not {type(value).__name__}")
     if len(value) > MAX_LABEL_CHARS:
@@ -121,6 +123,15 @@ def _optional_str(container: dict[str, Any], key: str, where: str) -> str | None
 
 
 def _required_str(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if (
+        type(value) is str
+        and 0 < len(value) <= MAX_ID_CHARS
+        and value.isascii()
+        and _KEY_PREFIX not in value
+        and not value.isspace()
+    ):
+        return value  # nearly every id: every check below passes and redaction leaves it as it is
     if key not in obj or obj[key] is None:
         raise _Bad(f"{key}: required field is missing")
     value = obj[key]
