@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from monitor.config import ModelPricing, RateConfig
 from monitor.yamlio import load_yaml
@@ -46,9 +46,10 @@ def format_usd(pico: int) -> str:
     return f"{whole}.{frac}"
 
 
-@dataclass(frozen=True, slots=True)
-class Price:
-    """What one event costs: its model's price-table name, the cost (None = unpriced) and the rates used."""
+class Price(NamedTuple):
+    """What one event costs: its model's price-table name, the cost (None = unpriced) and the rates used.
+
+    A named tuple: one is made for every event ingested, in C (a frozen dataclass sets each field through a call)."""
 
     model: str
     cost_pico: int | None
