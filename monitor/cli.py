@@ -171,6 +171,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             store.writer,
             batch_size=args.batch_size,
             on_error=lambda message: print(f"error: {message}", file=sys.stderr),
+            parse_ahead=args.parse_process,
         )
     finally:
         store.close()
@@ -531,6 +532,12 @@ def _parser() -> argparse.ArgumentParser:
         help="when the config's budgets differ from the database's: delete and recount the new or changed budgets "
         "from the stored events and drop the counts of budgets not in the config (listed before it starts); "
         "without it such a config is refused with exit 2",
+    )
+    p.add_argument(
+        "--parse-process",
+        action="store_true",
+        help="read and parse in a second process while this one writes (worth it only with a core to spare: "
+        "handing events over costs CPU too)",
     )
     p.set_defaults(func=cmd_ingest)
 

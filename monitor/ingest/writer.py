@@ -9,13 +9,14 @@ import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 from sqlalchemy import Connection, Engine
 
-from monitor.budgets import BudgetIndex
+from monitor.budgets import Budget, BudgetIndex
 from monitor.events import Event, Rejected
 from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.bulk_pg import BulkUpsert
@@ -24,6 +25,7 @@ from monitor.store.models import budget_usage, counters, dead_letters, events, s
 from monitor.store.partitions import MonthPartitions, insert_new_events
 from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
 from monitor.store.rollup import (
+    LATENESS,
     ROLLUP_FIELDS,
     RollupCounts,
     RollupKey,
@@ -32,8 +34,9 @@ from monitor.store.rollup import (
     lateness,
     rollup_rows,
     service_tier,
-    status_class,
 )
+from monitor.store.sqlite_events import add_rows, sqlite_datetime
+from monitor.store.sqlite_events import insert_new_events as insert_new_sqlite_events
 from monitor.usage import USAGE_FIELDS, Usage
 
 # claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
@@ -54,6 +57,20 @@ _LABEL_KEY_CACHE = 4096  # (model, label values) entries; values are capped alre
 def labels_key(labels: dict[str, str]) -> str:
     """Canonical JSON of a label set."""
     return json.dumps(dict(sorted(labels.items())), separators=(",", ":"), ensure_ascii=False)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ROLLUP_KEYS = ("bucket_start", "model", "service_tier", "status_class", "labels")
+_RollupTuple = tuple[datetime, str, str, str, str]  # RollupKey's fields in order
+_QUARTER_HOUR_S = 900
+
+
+def _bucket_grain(budget: Budget) -> tuple[str | int, int]:
+    """(what else decides the bucket, seconds per index step) of a budget's bucket of an instant."""
+    if budget.bucket is None:
+        return budget.window.kind, _QUARTER_HOUR_S
+    size = int(budget.bucket.total_seconds())
+    return size, size
 
 
 def _le_index(seconds: float) -> int:
@@ -163,6 +180,7 @@ class Writer:
             {**dict.fromkeys(self._metric_labels, max_values_per_label), UNPRICED_LABEL: max_unpriced_models}
         )
         dialect = engine.dialect
+        self._sqlite = dialect.name == "sqlite"  # events go in as plain tuples through the DBAPI's executemany
         # PostgreSQL: COPY into a staging table, the request_ids claimed in event_ids (events is partitioned).
         self._copy_events = dialect.name == "postgresql"
         self._partitions = MonthPartitions(engine) if self._copy_events else None
@@ -170,18 +188,11 @@ class Writer:
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
         self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
         self._add_counter = upsert_adding(counters, dialect, ("name", "labels"), ("value",))
-        self._add_rollup = upsert_adding(
-            usage_rollup, dialect, ("bucket_start", "model", "service_tier", "status_class", "labels"), ROLLUP_FIELDS
-        )
+        self._add_rollup = upsert_adding(usage_rollup, dialect, ROLLUP_KEYS, ROLLUP_FIELDS)
         if self._copy_events:  # one statement per upsert, the rows sent as arrays
             self._add_usage = BulkUpsert(budget_usage, ("budget", "scope", "bucket_start"), USAGE_FIELDS, adding=True)
             self._add_counter = BulkUpsert(counters, ("name", "labels"), ("value",), adding=True)
-            self._add_rollup = BulkUpsert(
-                usage_rollup,
-                ("bucket_start", "model", "service_tier", "status_class", "labels"),
-                ROLLUP_FIELDS,
-                adding=True,
-            )
+            self._add_rollup = BulkUpsert(usage_rollup, ROLLUP_KEYS, ROLLUP_FIELDS, adding=True)
         self._set_offset = upsert_replacing(
             source_offsets, dialect, ("source", "file_id"), ("path", "offset", "updated_at")
         )
@@ -229,7 +240,7 @@ class Writer:
         """
         now = self._clock()
         results = [BatchResult() for _ in batches]
-        rows: list[dict[str, Any]] = []
+        rows: list[Any] = []  # SQLite: tuples as its DBAPI takes them; otherwise dicts of column values
         letters: list[dict[str, Any]] = []
         fresh: list[tuple[Event, Price, int]] = []  # (event, its price, index of its batch)
         seen: set[str] = set()
@@ -240,13 +251,15 @@ class Writer:
         # Every writer takes request_ids in one order: two PostgreSQL transactions inserting overlapping events in
         # opposite orders would otherwise each wait for a key the other holds (a deadlock). Dead letters keep their
         # arrival order (their ids are the order they are read back in).
-        rows.sort(key=lambda row: row["request_id"])
+        rows.sort(key=_request_id_of_tuple if self._sqlite else _request_id_of_dict)
         if self._partitions is not None and rows:
             self._partitions.ensure(row["ts"] for row in rows)
         admitted: dict[str, frozenset[str]] = {}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()
-            if rows and self._copy_events:
+            if rows and self._sqlite:
+                inserted = insert_new_sqlite_events(connection, rows)
+            elif rows and self._copy_events:
                 inserted = insert_new_events(connection, rows)
             elif rows:
                 inserted = set(connection.execute(self._insert, rows).scalars())
@@ -270,8 +283,8 @@ class Writer:
                 total.add(result)
             if self.settle_leases is not None:
                 self.settle_leases(connection, total.settles, now)
-            admitted, labelled = self._count(connection, new, total, source, now)
-            self._add_to_rollup(connection, new, labelled)
+            admitted, rollup = self._count(connection, new, total, source, now)
+            self._add_to_rollup(connection, rollup)
             touched = self._add_to_budgets(connection, new, now)
             if offsets:
                 connection.execute(
@@ -294,12 +307,13 @@ class Writer:
         source: str,
         now: datetime,
         seen: set[str],
-        rows: list[dict[str, Any]],
+        rows: list[Any],
         fresh: list[tuple[Event, Price, int]],
         index: int,
     ) -> list[dict[str, Any]]:
         """Price one batch's new events into `rows`/`fresh`, count its repeats; its dead letters."""
         letters: list[dict[str, Any]] = []
+        received = sqlite_datetime(now) if self._sqlite else None
         for location, item in batch.items:
             if isinstance(item, Rejected):
                 letters.append(_letter(now, source, location[:1024], item.reason, item.raw, item.request_id))
@@ -311,7 +325,11 @@ class Writer:
             seen.add(item.request_id)
             price = self._prices.price(item)
             fresh.append((item, price, index))
-            rows.append(_row(item, price, now, source, self._prices.modifiers(item.speed, item.inference_geo)))
+            modifiers = self._prices.modifiers(item.speed, item.inference_geo)
+            if received is not None:
+                rows.append(_sqlite_row(item, price, received, source, modifiers))
+            else:
+                rows.append(_row(item, price, now, source, modifiers))
         return letters
 
     def _add_to_budgets(
@@ -320,11 +338,19 @@ class Writer:
         new: list[tuple[Event, Price]],
         now: datetime,
     ) -> dict[tuple[str, str], Usage]:
-        deltas: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
+        deltas: dict[tuple[str, str, datetime], list[int]] = {}
         touched: dict[str, set[str]] = defaultdict(set)
         ranges: dict[str, tuple[datetime, datetime | None]] = {}
+        # A budget's bucket of an event depends only on the event's whole seconds since the epoch through its
+        # quarter hour (calendar windows: every zone's midnight is on the quarter hour) or its rolling bucket: the
+        # batch computes each (window kind or bucket size, index) once.
+        # Per budget, once per batch: (its name, what decides its bucket, seconds per step, its window in force now).
+        plans: dict[str, tuple[str, str | int, int, datetime, datetime | None]] = {}
+        buckets: dict[tuple[str | int, int], datetime] = {}
+        zone = self._zone
+        touched_keys = self._budgets.touched_keys
         for event, price in new:
-            usage = Usage(
+            counts = (
                 1,
                 event.input_tokens,
                 event.output_tokens,
@@ -333,82 +359,65 @@ class Writer:
                 event.cache_write_1h_tokens,
                 price.cost_pico or 0,
             )
-            for budget, key in self._budgets.touched_keys(price.model, event.attributes or {}):
-                bucket = budget.bucket_of(event.timestamp, self._zone)
-                deltas[budget.name, key, bucket].add(usage)
-                window = ranges.get(budget.name)
-                if window is None:
-                    window = ranges[budget.name] = budget.bucket_range(now, self._zone)
-                if bucket >= window[0] and (window[1] is None or bucket < window[1]):  # in the window in force now
-                    touched[budget.name].add(key)
+            seconds = int((event.timestamp - _EPOCH).total_seconds())
+            for budget, key in touched_keys(price.model, event.attributes or {}):
+                plan = plans.get(budget.name)
+                if plan is None:
+                    grain, step = _bucket_grain(budget)
+                    first, end = ranges[budget.name] = budget.bucket_range(now, zone)
+                    plan = plans[budget.name] = (budget.name, grain, step, first, end)
+                name, grain, step, first, end = plan
+                bucket_key = (grain, seconds // step)
+                bucket = buckets.get(bucket_key)
+                if bucket is None:
+                    bucket = buckets[bucket_key] = budget.bucket_of(event.timestamp, zone)
+                delta_key = (name, key, bucket)
+                row = deltas.get(delta_key)
+                if row is None:
+                    deltas[delta_key] = list(counts)
+                else:
+                    row[0] += 1
+                    row[1] += counts[1]
+                    row[2] += counts[2]
+                    row[3] += counts[3]
+                    row[4] += counts[4]
+                    row[5] += counts[5]
+                    row[6] += counts[6]
+                if bucket >= first and (end is None or bucket < end):  # in the window in force now
+                    touched[name].add(key)
         if not deltas:
             return {}
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
         # PostgreSQL) then lock them in one order and cannot deadlock each other.
-        self._upsert(
-            connection,
-            self._add_usage,
-            [
-                {
-                    "budget": name,
-                    "scope": key,
-                    "bucket_start": bucket,
-                    **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),
-                }
-                for (name, key, bucket), usage in sorted(deltas.items())
-            ],
-        )
+        ordered = sorted(deltas.items())
+        if self._sqlite:
+            texts = {bucket: sqlite_datetime(bucket) for bucket in buckets.values()}
+            add_rows(
+                connection,
+                budget_usage,
+                ("budget", "scope", "bucket_start"),
+                USAGE_FIELDS,
+                [(name, key, texts[bucket], *usage) for (name, key, bucket), usage in ordered],
+            )
+        else:
+            self._upsert(
+                connection,
+                self._add_usage,
+                [
+                    {
+                        "budget": name,
+                        "scope": key,
+                        "bucket_start": bucket,
+                        **dict(zip(USAGE_FIELDS, usage, strict=True)),
+                    }
+                    for (name, key, bucket), usage in ordered
+                ],
+            )
         totals: dict[tuple[str, str], Usage] = {}
         for name, keys in touched.items():
             for key, usage in scope_totals(connection, name, keys, *ranges[name]).items():
                 totals[name, key] = usage
         return totals
-
-    def _add_to_rollup(
-        self,
-        connection: Connection,
-        new: list[tuple[Event, Price]],
-        labelled: list[tuple[str, tuple[str, ...], str | None]],
-    ) -> None:
-        """Add the new events to their event-time buckets, with the same bounded labels as the counters."""
-        deltas: dict[RollupKey, list[int]] = {}
-        label_json: dict[tuple[str | None, ...], str] = {}  # a batch has few label sets
-        for (event, price), (model_label, label_values, unpriced) in zip(new, labelled, strict=True):
-            attributes = event.attributes or {}
-            values = tuple(
-                value if name in attributes else None
-                for name, value in zip(self._metric_labels, label_values, strict=True)
-            )
-            labels = label_json.get(values)
-            if labels is None:
-                labels = label_json[values] = labels_json(dict(zip(self._metric_labels, values, strict=True)))
-            # A price-table name as it is; an unknown id as its unpriced-model slot allows (the id, or __other__).
-            model = unpriced if model_label == UNPRICED and unpriced is not None else price.model
-            key = RollupKey(
-                bucket_of(event.timestamp),
-                model,
-                service_tier(event.batch, event.service_tier),
-                status_class(event.status),
-                labels,
-            )
-            row = deltas.get(key)
-            if row is None:
-                row = deltas[key] = [0] * len(ROLLUP_FIELDS)
-            row[0] += 1
-            row[1] += event.input_tokens
-            row[2] += event.output_tokens
-            row[3] += event.cache_read_tokens
-            row[4] += event.cache_write_5m_tokens
-            row[5] += event.cache_write_1h_tokens
-            row[6] += event.web_search_requests
-            if price.cost_pico is None:
-                row[8] += 1
-            else:
-                row[7] += price.cost_pico
-        if deltas:
-            self._upsert(
-                connection, self._add_rollup, rollup_rows({key: RollupCounts(*row) for key, row in deltas.items()})
-            )
 
     def _metric_values(
         self, connection: Connection, new: list[tuple[Event, Price]], now: datetime
@@ -416,18 +425,28 @@ class Writer:
         """Per event: its model label, its metric label values and (when unpriced) its unpriced-model label, each
         capped; plus the admitted sets to publish once the transaction commits (empty when the cache decided all)."""
         gate = self.labels
+        names = self._metric_labels
         raw: list[tuple[str, tuple[str, ...], str | None]] = []
-        wanted: dict[str, dict[str, None]] = defaultdict(dict)
+        distinct: dict[tuple[str, ...], None] = {}  # a batch has few label sets: each is decided once
+        unpriced_models: dict[str, None] = {}
+        label_of = self._prices.label
         for event, price in new:
             attributes = event.attributes or {}
-            values = tuple(attributes.get(name, "") for name in self._metric_labels)
-            unpriced = price.model if price.cost_pico is None else None
-            for name, value in zip(self._metric_labels, values, strict=True):
+            values = tuple([attributes.get(name, "") for name in names])
+            distinct[values] = None
+            unpriced = None
+            if price.cost_pico is None:
+                unpriced = price.model
+                unpriced_models[unpriced] = None
+            raw.append((label_of(price.model), values, unpriced))
+        wanted: dict[str, dict[str, None]] = defaultdict(dict)  # in order of first appearance: slots go in order
+        for values in distinct:
+            for name, value in zip(names, values, strict=True):
                 if gate.cached(name, value) is None:
                     wanted[name][value] = None
-            if unpriced is not None and gate.cached(UNPRICED_LABEL, unpriced) is None:
+        for unpriced in unpriced_models:
+            if gate.cached(UNPRICED_LABEL, unpriced) is None:
                 wanted[UNPRICED_LABEL][unpriced] = None
-            raw.append((self._prices.label(price.model), values, unpriced))
         admitted = gate.admit(connection, wanted, now) if wanted else {}
 
         def decide(label: str, value: str) -> str:
@@ -436,20 +455,23 @@ class Writer:
             known = gate.cached(label, value)
             return OTHER if known is None else known  # None: asked for a slot above and refused
 
+        decided = {
+            values: tuple(decide(name, value) for name, value in zip(names, values, strict=True)) for values in distinct
+        }
+        unpriced_as = {model: decide(UNPRICED_LABEL, model) for model in unpriced_models}
         out = [
-            (
-                model,
-                tuple(decide(name, value) for name, value in zip(self._metric_labels, values, strict=True)),
-                None if unpriced is None else decide(UNPRICED_LABEL, unpriced),
-            )
+            (model, decided[values], None if unpriced is None else unpriced_as[unpriced])
             for model, values, unpriced in raw
         ]
         return out, admitted
 
     def _count(
         self, connection: Connection, new: list[tuple[Event, Price]], result: BatchResult, source: str, now: datetime
-    ) -> tuple[dict[str, frozenset[str]], list[tuple[str, tuple[str, ...], str | None]]]:
-        """Add the batch to the counters; return the admitted sets to publish and each event's bounded labels."""
+    ) -> tuple[dict[str, frozenset[str]], dict[_RollupTuple, list[int]]]:
+        """Add the batch to the counters; return the admitted sets to publish and the batch's rollup deltas.
+
+        Events are summed per label set first (and per rollup row), then turned into counter rows: a batch has
+        thousands of events but a few dozen label sets."""
         values: dict[tuple[str, str], int] = defaultdict(int)
         for outcome, count in (
             ("accepted", result.accepted),
@@ -463,33 +485,127 @@ class Writer:
         # Labels are bounded here, as the counter is written: the model label is a price-table name or `unpriced`,
         # every other label an admitted value or `__other__`. Spend is kept whole; only its labels are capped.
         labelled, admitted = self._metric_values(connection, new, now)
+        names = self._metric_labels
+        # (model label, label values) -> requests, cost, the five token counts, priced requests, latency count and
+        # sum, then the latency buckets.
+        sums: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        unpriced_counts: dict[str, int] = defaultdict(int)
+        errors: dict[tuple[str, int], int] = defaultdict(int)
+        late_counts: dict[str, int] = defaultdict(int)
+        rollup: dict[_RollupTuple, list[int]] = {}  # RollupKey's fields: a tuple hashes faster
+        bucket_starts: dict[float, datetime] = {}
+        label_json: dict[tuple[tuple[str, ...], tuple[bool, ...]], str] = {}
+        buckets = len(LATENCY_BUCKETS) + 1
+        early = now - LATENESS[0][0]  # an event stamped after this is not late
         for (event, price), (model, label_values, unpriced) in zip(new, labelled, strict=True):
-            keys = self._label_keys(model, label_values)
-            values["requests", keys.base] += 1
+            cost = price.cost_pico
+            row = sums.get((model, label_values))
+            if row is None:
+                row = sums[model, label_values] = [0] * (10 + buckets)
+            row[0] += 1
+            if cost is not None:
+                row[1] += cost
+                row[7] += 1
+            row[2] += event.input_tokens
+            row[3] += event.output_tokens
+            row[4] += event.cache_read_tokens
+            row[5] += event.cache_write_5m_tokens
+            row[6] += event.cache_write_1h_tokens
+            if event.latency_ms is not None:
+                row[8] += 1
+                row[9] += round(event.latency_ms * 1000)
+                row[10 + _le_index(event.latency_ms / 1000)] += 1
             if unpriced is not None:
-                values["unpriced_events", labels_key({"model": unpriced})] += 1
-            if price.cost_pico is not None:
-                values["cost_pico", keys.base] += price.cost_pico
-            for (_, attr), token_key in zip(TOKEN_TYPES, keys.tokens, strict=True):
-                count = getattr(event, attr)
+                unpriced_counts[unpriced] += 1
+            status = event.status
+            if status is not None and not 200 <= status < 300:
+                errors[model, status] += 1
+            if event.timestamp <= early:
+                late = lateness(now, event.timestamp)
+                if late is not None:
+                    late_counts[late] += 1
+            # The rollup row: a price-table name as it is; an unknown id as its unpriced-model slot allows (the id,
+            # or __other__); label values of attributes the event lacks as None.
+            attributes = event.attributes or {}
+            present = tuple([name in attributes for name in names])
+            labels = label_json.get((label_values, present))
+            if labels is None:
+                labels = label_json[label_values, present] = labels_json(
+                    {
+                        name: value if has else None
+                        for name, value, has in zip(names, label_values, present, strict=True)
+                    }
+                )
+            quarter = event.timestamp.timestamp() // 900
+            bucket = bucket_starts.get(quarter)
+            if bucket is None:
+                bucket = bucket_starts[quarter] = bucket_of(event.timestamp)
+            key = (
+                bucket,
+                unpriced if model == UNPRICED and unpriced is not None else price.model,
+                service_tier(event.batch, event.service_tier),
+                "error" if status is not None and status >= 400 else "ok",
+                labels,
+            )
+            deltas = rollup.get(key)
+            if deltas is None:
+                deltas = rollup[key] = [0] * len(ROLLUP_FIELDS)
+            deltas[0] += 1
+            deltas[1] += event.input_tokens
+            deltas[2] += event.output_tokens
+            deltas[3] += event.cache_read_tokens
+            deltas[4] += event.cache_write_5m_tokens
+            deltas[5] += event.cache_write_1h_tokens
+            deltas[6] += event.web_search_requests
+            if cost is None:
+                deltas[8] += 1
+            else:
+                deltas[7] += cost
+        for (model, label_values), row in sums.items():
+            keys = self._label_keys(model, label_values)
+            values["requests", keys.base] += row[0]
+            if row[7]:
+                values["cost_pico", keys.base] += row[1]
+            for token_key, count in zip(keys.tokens, row[2:7], strict=True):
                 if count:
                     values["tokens", token_key] += count
-            if event.status is not None and not 200 <= event.status < 300:
-                values["request_errors", labels_key({"model": model, "status": str(event.status)})] += 1
-            late = lateness(now, event.timestamp)
-            if late is not None:
-                values["late_events", labels_key({"lateness": late})] += 1
-            if event.latency_ms is not None:
-                values["latency_count", keys.model] += 1
-                values["latency_sum_us", keys.model] += round(event.latency_ms * 1000)
-                values["latency_bucket", keys.latency[_le_index(event.latency_ms / 1000)]] += 1
-        if values:
+            if row[8]:
+                values["latency_count", keys.model] += row[8]
+                values["latency_sum_us", keys.model] += row[9]
+                for bucket_key, count in zip(keys.latency, row[10:], strict=True):
+                    if count:
+                        values["latency_bucket", bucket_key] += count
+        for unpriced, count in unpriced_counts.items():
+            values["unpriced_events", labels_key({"model": unpriced})] += count
+        for (model, status), count in errors.items():
+            values["request_errors", labels_key({"model": model, "status": str(status)})] += count
+        for late, count in late_counts.items():
+            values["late_events", labels_key({"lateness": late})] += count
+        if values and self._sqlite:
+            ordered = [(name, key, value) for (name, key), value in sorted(values.items())]
+            add_rows(connection, counters, ("name", "labels"), ("value",), ordered)
+        elif values:
             self._upsert(
                 connection,
                 self._add_counter,
                 [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
             )
-        return admitted, labelled
+        return admitted, rollup
+
+    def _add_to_rollup(self, connection: Connection, deltas: dict[_RollupTuple, list[int]]) -> None:
+        """Add the batch's rollup deltas to their event-time buckets (kept with the counters' bounded labels)."""
+        if deltas and self._sqlite:
+            rows = [
+                (sqlite_datetime(bucket), model, tier, status, labels, *row)
+                for (bucket, model, tier, status, labels), row in sorted(deltas.items())
+            ]
+            add_rows(connection, usage_rollup, ROLLUP_KEYS, ROLLUP_FIELDS, rows)
+        elif deltas:
+            self._upsert(
+                connection,
+                self._add_rollup,
+                rollup_rows({RollupKey(*key): RollupCounts(*row) for key, row in deltas.items()}),
+            )
 
 
 def _letter(now: datetime, source: str, location: str, reason: str, raw: str, request_id: str | None) -> dict[str, Any]:
@@ -549,3 +665,43 @@ def _row(
         "cost_pico": price.cost_pico,
         "price_version": price.price_version,
     }
+
+
+def _sqlite_row(
+    event: Event, price: Price, received: str, source: str, modifiers: tuple[str | None, str | None]
+) -> tuple[Any, ...]:
+    """`_row` as a tuple in the column order of `insert_new_events`, values as SQLite stores them."""
+    speed, geo = modifiers
+    return (
+        event.request_id,
+        sqlite_datetime(event.timestamp),
+        received,
+        source,
+        event.model_id,
+        price.model,
+        event.input_tokens,
+        event.output_tokens,
+        event.cache_read_tokens,
+        event.cache_write_5m_tokens,
+        event.cache_write_1h_tokens,
+        event.web_search_requests,
+        event.web_fetch_requests,
+        event.batch,
+        price.long_prompt,
+        event.service_tier,
+        speed,
+        geo,
+        event.status,
+        event.latency_ms,
+        orjson.dumps(event.attributes or {}).decode(),  # compact JSON: the same value to every JSON reader
+        price.cost_pico,
+        price.price_version,
+    )
+
+
+def _request_id_of_tuple(row: tuple[Any, ...]) -> str:
+    return str(row[0])
+
+
+def _request_id_of_dict(row: dict[str, Any]) -> str:
+    return str(row["request_id"])

@@ -9,9 +9,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from monitor.config import ModelPricing, RateConfig
 from monitor.yamlio import load_yaml
@@ -46,9 +46,10 @@ def format_usd(pico: int) -> str:
     return f"{whole}.{frac}"
 
 
-@dataclass(frozen=True, slots=True)
-class Price:
-    """What one event costs: its model's price-table name, the cost (None = unpriced) and the rates used."""
+class Price(NamedTuple):
+    """What one event costs: its model's price-table name, the cost (None = unpriced) and the rates used.
+
+    A named tuple: one is made for every event ingested, in C (a frozen dataclass sets each field through a call)."""
 
     model: str
     cost_pico: int | None
@@ -72,7 +73,7 @@ class PriceTable:
         self._rates: dict[str, list[_Rates]] = {}
         self._since: dict[str, list[date]] = {}
         # Keyed by bounded values only (rates entry, two flags, fast or not, a geo the rates entry names).
-        self._per_token: dict[tuple[int, bool, bool, bool, str | None], tuple[Decimal, ...]] = {}
+        self._per_token: dict[tuple[int, bool, bool, bool, str | None], _IntRates] = {}
         geos: set[str] = set(BASE_GEOS)
         for name, entry in models.items():
             self._names[name] = name
@@ -146,18 +147,40 @@ class PriceTable:
         key = (id(rates), long_prompt, batch, fast, geo)
         per_token = self._per_token.get(key)
         if per_token is None:
-            per_token = self._per_token[key] = _per_token_rates(config, long_prompt, batch, fast, geo)
-        p_input, p_output, p_5m, p_1h, p_read = per_token
+            per_search = config.web_search_per_1k * _PICO_PER_SEARCH_PER_USD_PER_1K
+            per_token = self._per_token[key] = _int_rates(
+                (*_per_token_rates(config, long_prompt, batch, fast, geo), per_search)
+            )
+        scale, p_input, p_output, p_5m, p_1h, p_read, p_search = per_token
         total = (
             event.input_tokens * p_input
             + event.output_tokens * p_output
             + event.cache_write_5m_tokens * p_5m
             + event.cache_write_1h_tokens * p_1h
             + event.cache_read_tokens * p_read
-            + event.web_search_requests * config.web_search_per_1k * _PICO_PER_SEARCH_PER_USD_PER_1K
+            + event.web_search_requests * p_search
         )
-        cost = int(total.to_integral_value(rounding=ROUND_HALF_EVEN))
+        if scale == 1:
+            return Price(name, total, rates.version, long_prompt)
+        cost, rest = divmod(total, scale)  # to the nearest pico-dollar, a tie to the even one
+        if 2 * rest > scale or (2 * rest == scale and cost % 2):
+            cost += 1
         return Price(name, cost, rates.version, long_prompt)
+
+
+# (scale, input, output, 5 min write, 1 h write, read, per search): pico-dollars per unit times scale, a power of
+# ten that makes every rate a whole number, so an event's exact cost is integer arithmetic and one rounding.
+_IntRates = tuple[int, int, int, int, int, int, int]
+
+
+def _int_rates(rates: tuple[Decimal, ...]) -> _IntRates:
+    """Exact Decimal rates as integers over one power-of-ten scale."""
+    places = max(0, *(-int(rate.as_tuple().exponent) for rate in rates))
+    scale = 10**places
+    scaled = [rate.scaleb(places) for rate in rates]
+    assert all(value == value.to_integral_value() for value in scaled)
+    ints = [int(value) for value in scaled]
+    return (scale, ints[0], ints[1], ints[2], ints[3], ints[4], ints[5])
 
 
 def _per_token_rates(

@@ -6,11 +6,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
-
-import anthropic
+from typing import TYPE_CHECKING, Any, Literal
 
 from monitor.pricing import PriceTable
+
+if TYPE_CHECKING:  # the SDK is imported where a client is made: commands that never reconcile start without it
+    import anthropic
 
 # Only what the Claude API itself billed: the product surfaces our events come from.
 PRODUCTS: list[Literal["messages_api", "message_batches_api"]] = ["messages_api", "message_batches_api"]
@@ -21,7 +22,7 @@ NO_KEY = ""  # usage no API key authenticated (Anthropic's null api_key_id)
 EARLIEST = date(2026, 1, 1)  # the reports start here
 MAX_SPAN = timedelta(days=31)  # one request covers at most this much
 PAGE_LIMIT = 1000
-TIMEOUT = anthropic.Timeout(60.0, connect=10.0)
+TIMEOUT_S, CONNECT_TIMEOUT_S = 60.0, 10.0
 UNATTRIBUTED = "(no model)"  # a row Anthropic attributes to no model
 
 
@@ -119,8 +120,13 @@ class AnalyticsClient:
     def __init__(
         self, admin_key: str, base_url: str, prices: PriceTable, max_retries: int = 2, by_api_key: bool = False
     ) -> None:
+        import anthropic
+
         self._client = anthropic.Anthropic(
-            api_key=admin_key, base_url=base_url, max_retries=max_retries, timeout=TIMEOUT
+            api_key=admin_key,
+            base_url=base_url,
+            max_retries=max_retries,
+            timeout=anthropic.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
         )
         self._base_url = base_url
         self._prices = prices
@@ -134,6 +140,8 @@ class AnalyticsClient:
         """Anthropic's figures for the UTC days in [first, end): all pages of both reports, read before returning."""
         if first < EARLIEST:
             raise ValueError(f"Anthropic's usage and cost reports start at {EARLIEST}; {first} is earlier")
+        import anthropic
+
         fetched = Fetched(first, end)
         try:
             for start, stop in spans(first, end):

@@ -1,0 +1,246 @@
+"""The bulk write path: new rows told apart exactly without RETURNING, integer rates cached across a price change,
+the fast decoder's refusals decided by json, and ingest from a named pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.config import ModelPricing, load_settings
+from monitor.events import Event, EventParser, Rejected
+from monitor.ingest.files import ingest_files
+from monitor.ingest.writer import Item
+from monitor.pricing import load_price_table, usd
+from monitor.service import Store, open_store
+from tests.conftest import FakeClock, event, write_config
+
+
+def items(store: Store, *request_ids: str) -> list[Item]:
+    """One haiku event per id: 1,000 input and 100 output tokens, i.e. $0.001 + $0.0005 = $0.0015 each."""
+    parsed = []
+    for number, request_id in enumerate(request_ids):
+        line = json.dumps(event(request_id, input_tokens=1000, output_tokens=100))
+        parsed.append((f"batch:{number}", store.parser.parse_line(line)))
+    return parsed
+
+
+def table_rows(store: Store, query: str) -> list[tuple[Any, ...]]:
+    assert store.engine.url.database is not None
+    with sqlite3.connect(store.engine.url.database) as db:
+        return db.execute(query).fetchall()
+
+
+def check_duplicates_told_apart(store: Store) -> None:
+    first = store.writer.write(items(store, "a", "b", "c"), "test")
+    assert (first.accepted, first.duplicates) == (3, 0)
+    # b and a are stored already, the second d repeats the first one of this batch: d and e are new.
+    second = store.writer.write(items(store, "b", "d", "d", "e", "a"), "test")
+    assert (second.accepted, second.duplicates) == (2, 3)
+    assert [
+        row[0] for row in table_rows(store, "SELECT request_id FROM events WHERE request_id != 'old' ORDER BY 1")
+    ] == [
+        "a",
+        "b",
+        "c",
+        "d",
+        "e",
+    ]
+    # Only new events are counted: 5 requests, 5 x 1,500,000,000 pico-dollars ($0.0015 each).
+    [(requests, cost)] = table_rows(store, "SELECT sum(requests), sum(cost_pico) FROM usage_rollup")
+    assert (requests, cost) == (5, 5 * 1_500_000_000)
+    counted = dict(table_rows(store, "SELECT name, sum(value) FROM counters GROUP BY name"))
+    assert counted["requests"] == 5
+    assert counted["cost_pico"] == 7_500_000_000
+    assert counted["ingest_events"] == 3 + 2 + 3  # accepted 3, then accepted 2 and 3 duplicates
+
+
+def test_new_rows_exact_with_duplicates_in_the_batch_and_stored(store: Store) -> None:
+    check_duplicates_told_apart(store)
+
+
+def test_new_rows_exact_when_row_ids_are_near_the_largest(store: Store) -> None:
+    # A row holding an id past 2^62: new rows may then get any free id, so new ones are looked up instead.
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO events (id, request_id, ts, received_at, source, model_id, model, input_tokens, "
+            "output_tokens, cache_read_tokens, cache_write_5m_tokens, cache_write_1h_tokens, web_search_requests, "
+            "web_fetch_requests, batch, long_prompt, attributes) VALUES (?, 'old', '2026-11-01 00:00:00.000000', "
+            "'2026-11-01 00:00:00.000000', 'test', 'm', 'm', 0, 0, 0, 0, 0, 0, 0, 0, 0, '{}')",
+            (2**62 + 5,),
+        )
+    check_duplicates_told_apart(store)
+    rows = table_rows(store, "SELECT count(*) FROM events WHERE request_id != 'old'")
+    assert rows == [(5,)]
+
+
+def test_stored_row_reads_back_as_written(store: Store) -> None:
+    line = {
+        **event("x", timestamp="2026-11-24T10:15:02.5+02:00", input_tokens=7, output_tokens=3),
+        "attributes": {"project": "lingo", "user": "ü-1"},
+        "batch": True,
+        "status": 529,
+        "latency_ms": 12.5,
+    }
+    store.writer.write([("l:1", store.parser.parse_line(json.dumps(line)))], "test")
+    [row] = table_rows(
+        store,
+        "SELECT ts, received_at, batch, status, latency_ms, attributes, cost_pico, price_version FROM events",
+    )
+    ts, received, batch, status, latency, attributes, cost, version = row
+    assert ts == "2026-11-24 08:15:02.500000"  # the instant in UTC, the ORM's text form
+    assert received == "2026-11-26 12:00:00.000000"  # the clock fixture's now
+    assert (batch, status, latency) == (1, 529, 12.5)
+    assert json.loads(attributes) == {"project": "lingo", "user": "ü-1"}
+    # Batch halves haiku's $1/M input and $5/M output: 7 x 0.5 + 3 x 2.5 = 11 micro-dollars.
+    assert cost == 11_000_000
+    assert version is not None and "claude-haiku-4-5" in version
+
+
+def test_integer_rates_cached_across_a_price_change_and_rounded_half_even(clock: FakeClock) -> None:
+    table = load_price_table(
+        {
+            "tiny": ModelPricing.model_validate(
+                {
+                    "rates": [
+                        # $0.000003 per million tokens = 3 pico-dollars a token (output 10x that)
+                        {
+                            "since": "2026-01-01",
+                            "input": "0.000003",
+                            "output": "0.00003",
+                            "cache_write_5m": "0",
+                            "cache_write_1h": "0",
+                            "cache_read": "0",
+                        },
+                        # from June: 5 pico-dollars a token
+                        {
+                            "since": "2026-06-01",
+                            "input": "0.000005",
+                            "output": "0.00005",
+                            "cache_write_5m": "0",
+                            "cache_write_1h": "0",
+                            "cache_read": "0",
+                        },
+                    ]
+                }
+            )
+        }
+    )
+    parser = EventParser((), clock)
+
+    def cost(timestamp: str, tokens: int, batch: bool = False) -> int | None:
+        obj = {**event("r", timestamp=timestamp, model="tiny", input_tokens=tokens), "batch": batch}
+        parsed = parser.parse_object(obj)
+        assert isinstance(parsed, Event)
+        return table.price(parsed).cost_pico
+
+    # Alternating dates and modifiers, so each answer comes from a cached entry made for another event.
+    assert cost("2026-05-31T23:59:59Z", 1) == 3
+    assert cost("2026-06-01T00:00:00Z", 1) == 5
+    assert cost("2026-05-31T23:59:59Z", 3) == 9
+    # Batch halves: 1.5 pico-dollars a token before June, 2.5 after; ties go to the even pico-dollar.
+    assert cost("2026-05-31T12:00:00Z", 1, batch=True) == 2  # 1.5 -> 2
+    assert cost("2026-05-31T12:00:00Z", 3, batch=True) == 4  # 4.5 -> 4
+    assert cost("2026-06-01T12:00:00Z", 1, batch=True) == 2  # 2.5 -> 2
+    assert cost("2026-06-01T12:00:00Z", 3, batch=True) == 8  # 7.5 -> 8
+    assert cost("2026-06-01T12:00:00Z", 2, batch=True) == 5  # 5.0 exactly
+    assert cost("2026-06-01T00:00:00Z", 7) == 35
+    assert usd(35) == Decimal("3.5E-11")
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        pytest.param(
+            '{"request_id": "r", "timestamp": "2026-11-24T10:15:02Z", "model": "m", '
+            '"usage": {"input_tokens": 123456789012345678901234567890}}',
+            "usage.input_tokens: 123456789012345678901234567890 is over the limit of 10,000,000",
+            id="past-64-bits",
+        ),
+        pytest.param(
+            '{"request_id": "r", "timestamp": "2026-11-24T10:15:02Z", "model": "m", "usage": {"input_tokens": NaN}}',
+            "usage.input_tokens: nan is not a finite number",
+            id="nan",
+        ),
+        pytest.param(
+            '{"request_id": "r\\ud800", "timestamp": "2026-11-24T10:15:02Z", "model": "m", "usage": {}}',
+            "request_id: contains an unpaired surrogate escape; not valid Unicode",
+            id="lone-surrogate",
+        ),
+        pytest.param('{"request_id": "r", }', "not JSON: Expecting property name enclosed in double quotes", id="bad"),
+    ],
+)
+def test_what_the_fast_decoder_refuses_is_decided_as_before(clock: FakeClock, line: str, reason: str) -> None:
+    parsed = EventParser((), clock).parse_line(line)
+    assert isinstance(parsed, Rejected)
+    assert parsed.reason.startswith(reason), parsed.reason
+
+
+def test_ingest_reads_a_named_pipe(store: Store, tmp_path: Path) -> None:
+    pipe = tmp_path / "usage.pipe"
+    os.mkfifo(pipe)
+    lines = [json.dumps(event(f"p{i}", input_tokens=1000, output_tokens=100)) for i in range(7)]
+
+    def feed() -> None:
+        with pipe.open("w", encoding="utf-8") as out:
+            out.write("\n".join([*lines, "not json"]) + "\n")
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    result, failed = ingest_files([pipe], store.parser, store.writer, batch_size=3)
+    feeder.join()
+    assert failed == []
+    assert (result.accepted, result.rejected) == (7, 1)
+    assert table_rows(store, "SELECT count(*), sum(cost_pico) FROM events") == [(7, 7 * 1_500_000_000)]
+
+
+def test_an_attribute_number_past_64_bits_keeps_its_digits(clock: FakeClock) -> None:
+    line = (
+        '{"request_id": "r", "timestamp": "2026-11-24T10:15:02Z", "model": "m", "usage": {}, '
+        '"attributes": {"project": 18446744073709551616, "user": 1.5}}'
+    )
+    parsed = EventParser(("project", "user"), clock).parse_line(line)
+    assert isinstance(parsed, Event)
+    assert parsed.attributes == {"project": "18446744073709551616", "user": "1.5"}
+
+
+def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock) -> None:
+    lines = [json.dumps(event(f"q{i % 9}", input_tokens=1000, output_tokens=100)) for i in range(12)]
+    first = tmp_path / "first.jsonl"
+    first.write_text("\n".join([*lines[:6], "not json", "", *lines[6:]]) + "\n", encoding="utf-8")
+    second = tmp_path / "second.jsonl"
+    second.write_text(lines[0] + "\n" + json.dumps(event("r1", input_tokens=10)) + "\n", encoding="utf-8")
+    outcomes = []
+    for parse_ahead in (False, True):
+        directory = tmp_path / f"ahead-{parse_ahead}"
+        directory.mkdir()
+        store = open_store(load_settings(write_config(directory), environ={}), clock=clock)
+        try:
+            errors: list[str] = []
+            result, failed = ingest_files(
+                [first, tmp_path / "missing.jsonl", second],
+                store.parser,
+                store.writer,
+                batch_size=4,
+                on_error=errors.append,
+                parse_ahead=parse_ahead,
+            )
+            rows = table_rows(store, "SELECT request_id, source, cost_pico, ts FROM events ORDER BY id")
+            letters = table_rows(store, "SELECT location, reason FROM dead_letters")
+        finally:
+            store.close()
+        outcomes.append((result.as_dict(), failed, errors, rows, letters))
+    assert outcomes[0] == outcomes[1]
+    summary, failed, errors, rows, letters = outcomes[1]
+    # 12 lines over 9 ids in the first file (3 repeats), a bad line; the second file repeats q0 and adds r1.
+    assert summary == {"accepted": 10, "duplicates": 4, "rejected": 1, "unpriced": 0}
+    assert failed == [str(tmp_path / "missing.jsonl")]
+    assert len(errors) == 1 and "missing.jsonl: cannot read" in errors[0]
+    assert letters == [(f"{first.resolve()}:7", letters[0][1])]
+    assert rows[-1] == ("r1", f"file:{second.resolve()}", 10_000_000, "2026-11-24 10:15:02.000000")  # 10 x $1/M
