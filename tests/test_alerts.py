@@ -662,12 +662,23 @@ def _up(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def late_in_the_day(now: datetime) -> str:
+    """A fixed-offset zone (Etc/GMT+N is UTC-N) where `now` is between 15:00 and 22:59."""
+    for offset in range(-14, 13):
+        if 15 <= (now.hour - offset) % 24 <= 22:
+            return f"Etc/GMT{offset:+d}"
+    raise AssertionError("every hour has a zone where it is afternoon")
+
+
 def test_a_real_alertmanager_holds_the_alert_while_firing_and_drops_it_when_resolved(
     tmp_path: Path, alertmanager: str
 ) -> None:
     clock = FakeClock(datetime.now(UTC).replace(microsecond=0))  # Alertmanager judges endsAt by its own clock
     hooks = [(alertmanager + "/api/v2/alerts", "alertmanager")]
-    monitor = open_monitor(tmp_path, clock, hooks, DAILY, timezone="UTC")
+    # A zone where it is late in the day now: $6 spent over 15 hours or more forecasts at most
+    # 6 + 6 x 9/15 = $9.60 by midnight, under the $10 limit, so the threshold is the one notice at any hour of the run.
+    zone = late_in_the_day(clock.now)
+    monitor = open_monitor(tmp_path, clock, hooks, DAILY, timezone=zone)
     try:
         monitor.spend("6")
         monitor.cycle()
@@ -684,13 +695,14 @@ def test_a_real_alertmanager_holds_the_alert_while_firing_and_drops_it_when_reso
         "threshold": "0.5",
         "severity": "warning",
     }
-    tomorrow = (clock.now + timedelta(days=1)).date().isoformat()
-    assert alert["endsAt"].startswith(f"{tomorrow}T00:00:00")  # held to the window's end, not resolve_timeout
+    local = clock.now.astimezone(ZoneInfo(zone))
+    midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0).astimezone(UTC)
+    assert alert["endsAt"].startswith(midnight.strftime("%Y-%m-%dT%H:%M:%S"))  # the window's end, not resolve_timeout
 
     # The budget is removed from the config: its notices resolve now (not ahead of Alertmanager's clock).
     clock.now = datetime.now(UTC).replace(microsecond=0)
     renamed = DAILY.replace("lingo-daily", "lingo-day").replace("limit_usd: 10", "limit_usd: 100")  # at 6%
-    monitor = open_monitor(tmp_path, clock, hooks, renamed, timezone="UTC")
+    monitor = open_monitor(tmp_path, clock, hooks, renamed, timezone=zone)
     try:
         monitor.cycle()
         assert [(d["status"], d["state"]) for d in monitor.deliveries()] == [("firing", "sent"), ("resolved", "sent")]
