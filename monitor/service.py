@@ -597,7 +597,8 @@ class Daemon:
                 "interval",
                 seconds=self.price_check_every.total_seconds(),
                 id="price_check",
-                next_run_time=datetime.now(UTC) + timedelta(minutes=1),  # soon after start, off its path
+                # Soon after start (the first evaluation has asked for leadership by then), off its path.
+                next_run_time=datetime.now(UTC) + timedelta(seconds=5),
             )
         if self.notifier.enabled:
             self.scheduler.add_job(

@@ -26,6 +26,7 @@ import yaml
 from monitor import simulate
 from tests.conftest import REPO, run_cli, write_config
 from tests.fake_analytics import FakeAnalytics, Row
+from tests.fake_models import FakeModels
 from tests.serve_harness import TOKEN, Serve, request, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
@@ -40,6 +41,7 @@ SCRAPES = 6  # samples per series before querying: enough for rate() over a 1m w
 
 # Small limits so that, with a few hours of simulated traffic, learners and the project are throttled and the
 # project crosses its alert thresholds; the rolling budget stays under its limit (a 0 next to the 1s).
+MODELS_KEY = "sk-ant-api03-e2e-models"
 CONFIG = """\
 timezone: UTC
 http: {listen: "127.0.0.1:0"}
@@ -221,12 +223,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     analytics.rows = [
         Row(now.date() - timedelta(days=days), "claude-haiku-4-5", "standard", Decimal("100"), 5) for days in (2, 3)
     ]
-    config = write_config(tmp, CONFIG + f"reconcile: {{base_url: '{analytics.url}'}}\n")
+    # The Models API lists one model, which the table prices: the leader's price check exports 0 missing.
+    models = FakeModels(MODELS_KEY, [("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "active")])
+    checked = f"pricing: {{check: {{api_key_env: E2E_MODELS_KEY, base_url: '{models.url}'}}}}\n"
+    config = write_config(tmp, CONFIG + f"reconcile: {{base_url: '{analytics.url}'}}\n" + checked)
     try:
         run_cli("reconcile", "--config", str(config), env={"ANTHROPIC_ADMIN_KEY": "sk-ant-admin01-e2e"})
     finally:
         analytics.close()
-    serve = Serve(config, tmp)
+    serve = Serve(config, tmp, env={"E2E_MODELS_KEY": MODELS_KEY})
     stop = threading.Event()
     prometheus: subprocess.Popen[bytes] | None = None
     live: threading.Thread | None = None
@@ -285,6 +290,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             return active == 1 and backfilled >= 800
 
         wait_until(throttled, timeout=30, interval=0.2)
+        # The first price check runs a few seconds after start; its gauge is then exported.
+        missing = ("claude_monitor_price_table_missing_models", ())
+        wait_until(lambda: serve.metrics().get(missing) == 0, timeout=30, interval=0.2)
 
         port = free_port()
         instance = serve.url.removeprefix("http://")
@@ -323,6 +331,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert [r["value"][1] for r in up] == ["1"], up
         yield Stack(serve, url, instance, _exported(serve))
     finally:
+        models.close()
         stop.set()
         if live is not None:
             live.join(10)
