@@ -47,29 +47,31 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def _seed(workdir: Path, config: Path, users: int) -> None:
-    """One event per user today through the real write path: every user's scope has spend to read."""
-    sys.path.insert(0, str(REPO))
-    from monitor.config import load_settings
-    from monitor.service import open_store
-
-    store = open_store(load_settings(config, environ={}))
+def _seed(workdir: Path, config: Path, users: int, tree: Path | None) -> None:
+    """One event per user today through the real write path of the daemon under test (`ingest` of that code, so
+    its own schema): every user's scope has spend to read."""
     now = datetime.now(UTC).isoformat()
-    try:
-        for start in range(0, users, 10_000):
-            items = []
-            for n in range(start, min(users, start + 10_000)):
-                event = {
-                    "request_id": f"seed-{n}",
-                    "timestamp": now,
-                    "model": "claude-haiku-4-5",
-                    "usage": {"input_tokens": 1000, "output_tokens": 100},
-                    "attributes": {"project": "lingo", "user": f"u{n}"},
-                }
-                items.append((f"seed#{n}", store.parser.parse_object(event)))
-            store.writer.write(items, "seed")
-    finally:
-        store.close()
+    seed = workdir / "seed.jsonl"
+    with seed.open("w", encoding="utf-8") as out:
+        for n in range(users):
+            event = {
+                "request_id": f"seed-{n}",
+                "timestamp": now,
+                "model": "claude-haiku-4-5",
+                "usage": {"input_tokens": 1000, "output_tokens": 100},
+                "attributes": {"project": "lingo", "user": f"u{n}"},
+            }
+            out.write(json.dumps(event) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_MONITOR_")}
+    env["PYTHONPATH"] = str(tree or REPO)
+    subprocess.run(
+        [sys.executable, "-m", "monitor", "ingest", "--config", str(config), str(seed)],
+        env=env,
+        cwd=workdir,  # `-m` puts the working directory first on the path: not this checkout's `monitor`
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _serve(workdir: Path, config: Path, tree: Path | None) -> tuple[subprocess.Popen[bytes], str]:
@@ -158,7 +160,7 @@ def _run(label: str, args: argparse.Namespace, workdir: Path, tree: Path | None)
     )
     print(f"== {label}")
     started = time.perf_counter()
-    _seed(workdir, config, args.users)
+    _seed(workdir, config, args.users, tree)
     print(f"seeded {args.users:,} users' spend in {time.perf_counter() - started:.1f} s")
     proc, url = _serve(workdir, config, tree)
     try:
