@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from monitor import redaction
 from monitor.yamlio import key_lines, load_yaml
@@ -268,26 +277,30 @@ class ModelPricing(_Strict):
         return rates
 
 
+def anthropic_base_url(value: str) -> str:
+    """An Anthropic API base URL: http(s) with a host (the Models, Analytics and Messages APIs hang under it)."""
+    try:
+        parts = urlsplit(value)
+        scheme, host = parts.scheme, parts.hostname
+    except ValueError:
+        scheme, host = None, None
+    if scheme not in ("http", "https") or not host:
+        raise ValueError(f"{value!r} is not an http(s) URL with a host; write it as https://api.anthropic.com")
+    return value
+
+
+AnthropicURL = Annotated[str, AfterValidator(anthropic_base_url)]
+
+
 class PriceCheckConfig(_Strict):
     """Which models the account can call (Anthropic's Models API) against what the price table can price."""
 
     # The name of the environment variable holding an Anthropic API key; the key itself never appears in config.
     # The daemon runs the check only when that variable is set.
     api_key_env: str = Field(default="ANTHROPIC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    base_url: str = "https://api.anthropic.com"
+    base_url: AnthropicURL = "https://api.anthropic.com"
     every: str = "24h"
 
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: str) -> str:
-        try:
-            parts = urlsplit(value)
-            scheme, host = parts.scheme, parts.hostname
-        except ValueError:
-            scheme, host = None, None
-        if scheme not in ("http", "https") or not host:
-            raise ValueError(f"{value!r} is not an http(s) URL with a host; write it as https://api.anthropic.com")
-        return value
 
     @field_validator("every")
     @classmethod
@@ -572,7 +585,7 @@ class ReconcileConfig(_Strict):
 
     # The name of the environment variable holding the Admin API key; the key itself never appears in config.
     admin_key_env: str = Field(default="ANTHROPIC_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    base_url: str = "https://api.anthropic.com"
+    base_url: AnthropicURL = "https://api.anthropic.com"
     every: str = "6h"
     lookback_days: int = Field(default=7, ge=1, le=31)
     settle_hours: int = Field(default=26, ge=0, le=24 * 31)
@@ -581,17 +594,6 @@ class ReconcileConfig(_Strict):
     # and compared per mapped attributes. Checked against metrics.labels after loading (the rollup keeps only those).
     api_keys: dict[str, dict[str, str]] = {}
 
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: str) -> str:
-        try:
-            parts = urlsplit(value)
-            scheme, host = parts.scheme, parts.hostname
-        except ValueError:
-            scheme, host = None, None
-        if scheme not in ("http", "https") or not host:
-            raise ValueError(f"{value!r} is not an http(s) URL with a host; write it as https://api.anthropic.com")
-        return value
 
     @field_validator("every")
     @classmethod

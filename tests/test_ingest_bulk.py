@@ -66,14 +66,15 @@ def test_new_rows_exact_with_duplicates_in_the_batch_and_stored(store: Store) ->
 
 
 def test_new_rows_exact_when_row_ids_are_near_the_largest(store: Store) -> None:
-    # A row holding an id past 2^62: new rows may then get any free id, so new ones are looked up instead.
+    # A row holding the largest id SQLite allows: new rows then get free ids at random (some below the largest
+    # seen), so only looking new rows up by request_id tells them apart.
     with store.engine.begin() as connection:
         connection.exec_driver_sql(
             "INSERT INTO events (id, request_id, ts, received_at, source, model_id, model, input_tokens, "
             "output_tokens, cache_read_tokens, cache_write_5m_tokens, cache_write_1h_tokens, web_search_requests, "
             "web_fetch_requests, batch, long_prompt, attributes) VALUES (?, 'old', '2026-11-01 00:00:00.000000', "
             "'2026-11-01 00:00:00.000000', 'test', 'm', 'm', 0, 0, 0, 0, 0, 0, 0, 0, 0, '{}')",
-            (2**62 + 5,),
+            (2**63 - 1,),
         )
     check_duplicates_told_apart(store)
     rows = table_rows(store, "SELECT count(*) FROM events WHERE request_id != 'old'")

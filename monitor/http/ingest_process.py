@@ -166,8 +166,8 @@ class IngestProcess:
     def set_budgets(self, budgets: BudgetIndex) -> None:
         """Count toward these budgets (of the configured ones) from the next batch on."""
         names = [budget.name for budget in budgets.budgets]
+        self._budget_names = names  # first: a worker restarted by this very call starts with them
         self._call("budgets", names)
-        self._budget_names = names
 
     def close(self) -> None:
         """Stop the worker (after the last call has returned)."""

@@ -7,7 +7,6 @@ path wrote them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -40,11 +39,6 @@ EVENT_COLUMNS = (
     "cost_pico",
     "price_version",
 )
-_TS, _RECEIVED, _ATTRIBUTES = (
-    EVENT_COLUMNS.index("ts"),
-    EVENT_COLUMNS.index("received_at"),
-    EVENT_COLUMNS.index("attributes"),
-)
 _INSERT = (
     f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))}) "
     "ON CONFLICT (request_id) DO NOTHING"
@@ -58,15 +52,6 @@ _ROWID_SAFE = 2**62
 def sqlite_datetime(moment: datetime) -> str:
     """A UTC-aware datetime as the text SQLite stores for it (what the ORM writes for a UTC column)."""
     return moment.astimezone(UTC).isoformat(" ", "microseconds")[:26]
-
-
-def sqlite_event_row(row: Sequence[Any]) -> tuple[Any, ...]:
-    """An event row tuple (EVENT_COLUMNS order; datetimes, attributes dict) as SQLite's DBAPI takes it."""
-    out = list(row)
-    out[_TS] = sqlite_datetime(row[_TS])
-    out[_RECEIVED] = sqlite_datetime(row[_RECEIVED])
-    out[_ATTRIBUTES] = json.dumps(row[_ATTRIBUTES])
-    return tuple(out)
 
 
 def insert_new_events(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> set[str]:
