@@ -75,7 +75,14 @@ class SharedAdmission(Admission):
         super().__init__(limits, budgets, prices, parser, engine, zone, clock, lease_ttl, max_open_leases)
         # A pool of its own, without a ping on every checkout (a round trip per admit): a connection the database
         # dropped fails one admit with 503, and the pool is renewed.
-        self._engine = create_engine(engine.url, pool_size=8, max_overflow=8)
+        # A scope's lock is never waited on for long (a replica stalled mid-admit would otherwise hold every admit of
+        # that scope, and a read-pool thread each): past 2 s the admit answers 503 and the proxy's fail_mode decides.
+        self._engine = create_engine(
+            engine.url,
+            pool_size=8,
+            max_overflow=8,
+            connect_args={"options": "-c lock_timeout=2000 -c idle_in_transaction_session_timeout=10000"},
+        )
         self._last_totals = store.HeldTotals({}, {}, 0)
 
     # --- admit -----------------------------------------------------------------------------------------------
@@ -273,12 +280,6 @@ class SharedAdmission(Admission):
         self, touched: Mapping[tuple[str, str], Usage], settles: Sequence[tuple[str, str | None, int]]
     ) -> None:
         """Nothing to do: the batch's transaction settled its leases, and spend is read from the store."""
-
-    def settle_on_store(
-        self, connection: Connection, settles: Sequence[tuple[str, str | None, int]], now: datetime
-    ) -> None:
-        """The writer's hook: settle the leases a batch's events name, in its transaction."""
-        store.settle_on_store(connection, settles, now)
 
     def sweep(self) -> int:
         """Mark leases past their time expired, end released leases whose event raced the release, give old
