@@ -489,7 +489,10 @@ class Daemon:
     def price_check(self) -> None:
         """The price-check job (leader only): ask Anthropic's Models API which models the account can call and count
         those the table cannot price. A failure is logged and keeps the last count."""
-        if self.price_check_key is None or not self.leadership.is_leader():
+        if self.price_check_key is None:
+            return
+        if not self.leadership.is_leader():
+            self.price_table_missing = None  # the leader's count is the one exported: no stale one from a former leader
             return
         client = ModelsClient(self.price_check_key, self.settings.pricing.check.base_url)
         try:

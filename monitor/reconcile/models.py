@@ -3,14 +3,15 @@ price table cannot price (an entry missing there means their spend would be coun
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-
-import anthropic
+from typing import Any
 
 from monitor.pricing import PriceTable
 
 PAGE_LIMIT = 1000  # the API's largest page; the SDK follows `has_more` / `last_id` for the rest
-TIMEOUT = anthropic.Timeout(30.0, connect=10.0)
+MAX_MODELS = 10_000  # far past any account's list: a server that keeps paging is an error, not a wait without end
+MAX_ID_CHARS = 200  # ids and names as kept and logged; real ones are a few dozen characters
 
 
 class ModelsApiError(Exception):
@@ -77,7 +78,12 @@ class ModelsClient:
     """The Models API: every model the key's account can call (active and deprecated), all pages."""
 
     def __init__(self, api_key: str, base_url: str, max_retries: int = 2) -> None:
-        self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=TIMEOUT)
+        import anthropic  # imported when a check runs: commands and daemons without one start without the SDK
+
+        timeout = anthropic.Timeout(30.0, connect=10.0)
+        self._client: Any = anthropic.Anthropic(
+            api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout
+        )
         self._base_url = base_url
 
     def close(self) -> None:
@@ -86,8 +92,14 @@ class ModelsClient:
 
     def list(self) -> list[tuple[str, str, str]]:
         """(id, display name, lifecycle) of every model listed, across every page."""
+        import anthropic
+
         try:
-            return [(m.id, m.display_name, m.lifecycle) for m in self._client.models.list(limit=PAGE_LIMIT)]
+            pages = self._client.models.list(limit=PAGE_LIMIT)
+            models = [
+                (m.id[:MAX_ID_CHARS], m.display_name[:MAX_ID_CHARS], m.lifecycle)
+                for m in itertools.islice(pages, MAX_MODELS + 1)
+            ]
         except anthropic.APIStatusError as exc:
             request_id = exc.response.headers.get("request-id") or "none"
             what = f"Anthropic's Models API answered {exc.status_code} (request_id {request_id})"
@@ -104,3 +116,8 @@ class ModelsClient:
             ) from None
         except anthropic.APIResponseValidationError as exc:
             raise ModelsApiError(f"Anthropic's Models API answered something unreadable: {exc.message}") from None
+        if len(models) > MAX_MODELS:
+            raise ModelsApiError(
+                f"Anthropic's Models API listed more than {MAX_MODELS:,} models; check pricing.check.base_url"
+            )
+        return models
