@@ -15,6 +15,7 @@ cost reserved until its event lands), or expiry `lease_ttl` after admit or the l
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import math
@@ -453,7 +454,7 @@ class Admission:
         self._spend.pop(slot, None)
         self._spend[slot] = entry  # most recently set last: the oldest go first when the cache is full
         if excess := MemoryBounds.excess(len(self._spend), self.bounds.spend_scopes):
-            for old in list(self._spend)[:excess]:
+            for old in list(itertools.islice(self._spend, excess)):
                 del self._spend[old]
 
     def _check(self, request: AdmitRequest, decision: _Decision, now: datetime) -> Refused | NeedsRead | None:
@@ -707,7 +708,7 @@ class Admission:
             for request_id, _lease, _prompt in settles:
                 recent[request_id] = None
             if excess := MemoryBounds.excess(len(recent), self.bounds.settled_remembered):
-                for old in list(recent)[:excess]:
+                for old in list(itertools.islice(recent, excess)):
                     del recent[old]
             if not self._leases:
                 return
@@ -751,7 +752,7 @@ class Admission:
             del self._by_request[lease.request_id]
         self._settled[lease.id] = how
         if excess := MemoryBounds.excess(len(self._settled), self.bounds.settled_remembered):
-            for old in list(self._settled)[:excess]:
+            for old in list(itertools.islice(self._settled, excess)):
                 del self._settled[old]
 
     def _free_slots(self, lease: _Lease, prompt: int | None) -> None:
