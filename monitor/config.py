@@ -189,6 +189,13 @@ class ScheduleConfig(_Strict):
         return value
 
 
+class StoreConfig(_Strict):
+    """The store's bounds on what outside input may make it create."""
+
+    # PostgreSQL: month partitions of `events` one batch may create (its other rows wait in the default partition).
+    max_new_partitions_per_batch: int = Field(default=4, ge=0, le=120)
+
+
 class ThrottleConfig(_Strict):
     """Throttle outputs."""
 
@@ -613,6 +620,7 @@ class Settings(_Strict):
     http: HttpConfig = HttpConfig()
     metrics: MetricsConfig = MetricsConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    store: StoreConfig = StoreConfig()
     throttle: ThrottleConfig = ThrottleConfig()
     alerts: AlertsConfig = AlertsConfig()
     pricing: PricingConfig = PricingConfig()

@@ -50,7 +50,7 @@ from monitor.redaction import database_url
 from monitor.store.db import create_db_engine, require_current_schema, schema_is_current, upgrade
 from monitor.store.leases import settler_for
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
-from monitor.store.partitions import drop_expired_events, prepare_partitions
+from monitor.store.partitions import drop_expired_events, partition_window, prepare_partitions
 from monitor.store.reprice import Repricer
 from monitor.throttle import ThrottleState
 
@@ -120,6 +120,7 @@ def open_store(
         metric_labels=settings.metrics.labels,
         max_values_per_label=settings.metrics.max_values_per_label,
         max_unpriced_models=settings.metrics.max_unpriced_models,
+        partitions=partition_window(settings),
     )
     # A usage event settles its lease wherever it is stored (serve, its ingest worker, or ingest).
     writer.settle_leases = settler_for(settings)
@@ -440,7 +441,7 @@ class Daemon:
         keep_buckets_from = now - 2 * longest
         if self.store.engine.dialect.name == "postgresql":  # whole months go; then next months are made ready
             drop_expired_events(self.store.engine, cutoff)
-            prepare_partitions(self.store.engine, now, self.settings.schedule.partitions_ahead_months)
+            prepare_partitions(self.store.engine, now, partition_window(self.settings))
         with self.store.engine.begin() as connection:
             if self.store.engine.dialect.name != "postgresql":
                 connection.execute(delete(events).where(events.c.ts < cutoff))

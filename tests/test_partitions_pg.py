@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from monitor.config import load_settings
 from monitor.service import Daemon
-from monitor.store.partitions import drop_expired_events, insert_new_events, prepare_partitions
+from monitor.store.partitions import PartitionWindow, drop_expired_events, insert_new_events, prepare_partitions
 from tests.conftest import FakeClock, run_cli
 from tests.test_migrations import alembic
 from tests.test_postgres import pg_config
@@ -68,25 +68,46 @@ def event(request_id: str, when: datetime, output_tokens: int = 1000, user: str 
     }
 
 
-@pytest.fixture
-def daemon(pg_url: str, tmp_path: Path) -> Iterator[Daemon]:
+def open_daemon(pg_url: str, directory: Path, schedule: str = "{retention_days: 30}", store: str = "{}") -> Daemon:
+    """A daemon on `pg_url` at NOW (not started), with this `schedule:` and `store:`."""
     config = pg_config(
-        tmp_path,
+        directory,
         pg_url,
         'http: {listen: "127.0.0.1:0"}\nsources: []\n'
-        f"throttle: {{snapshot_file: {tmp_path / 'throttle.json'}}}\n"
-        "schedule: {retention_days: 30}\n"
+        f"throttle: {{snapshot_file: {directory / 'throttle.json'}}}\n"
+        f"schedule: {schedule}\nstore: {store}\n"
         "budgets:\n  - {name: monthly, window: month, limit_usd: 100}\n",
     )
     daemon = Daemon(load_settings(config, environ={}), clock=FakeClock(NOW), environ={})
     daemon.budgets.sync_definitions()
+    return daemon
+
+
+def close_daemon(daemon: Daemon) -> None:
+    """Release what an unstarted daemon holds."""
+    daemon.server.stop()  # never started: closes the listening socket
+    daemon.leadership.release()
+    daemon.admission.close()  # on PostgreSQL admission state has a connection pool of its own
+    daemon.store.close()
+
+
+@pytest.fixture
+def daemon(pg_url: str, tmp_path: Path) -> Iterator[Daemon]:
+    daemon = open_daemon(pg_url, tmp_path)
     try:
         yield daemon
     finally:
-        daemon.server.stop()  # never started: closes the listening socket
-        daemon.leadership.release()
-        daemon.admission.close()  # on PostgreSQL admission state has a connection pool of its own
-        daemon.store.close()
+        close_daemon(daemon)
+
+
+@pytest.fixture
+def long_daemon(pg_url: str, tmp_path: Path) -> Iterator[Daemon]:
+    """Raw events kept 1,100 days: at NOW every month from December 2023 on may get a partition."""
+    daemon = open_daemon(pg_url, tmp_path, "{retention_days: 1100}")
+    try:
+        yield daemon
+    finally:
+        close_daemon(daemon)
 
 
 def write(daemon: Daemon, *items: dict[str, Any]) -> tuple[int, int]:
@@ -151,7 +172,8 @@ def test_a_request_id_is_stored_once_whatever_month_its_timestamps_are_in(daemon
     ]
 
 
-def test_a_month_without_a_partition_never_fails_an_insert(daemon: Daemon, pg_url: str) -> None:
+def test_a_month_without_a_partition_never_fails_an_insert(long_daemon: Daemon, pg_url: str) -> None:
+    daemon = long_daemon
     march_2024 = datetime(2024, 3, 5, 8, tzinfo=UTC)
     # A backfill: the writer gives March 2024 its partition before the batch.
     assert write(daemon, event("old-1", march_2024), event("old-2", march_2024 + timedelta(days=1))) == (2, 0)
@@ -169,7 +191,7 @@ def test_a_month_without_a_partition_never_fails_an_insert(daemon: Daemon, pg_ur
     assert rows(pg_url, "SELECT count(*) FROM event_ids") == [(0,)]
     assert write(daemon, event("old-4", march_2024)) == (1, 0)
     # The partition job: this month and the next two, and March 2024 again, its row moved out of the default one.
-    created = prepare_partitions(daemon.store.engine, NOW, 2)
+    created = prepare_partitions(daemon.store.engine, NOW, PartitionWindow(retention_days=1100))
     # (The migration made the server clock's month and the next one already: today's date decides which of
     # November, December and January the job had to create.)
     assert "events_p202403" in created
@@ -177,7 +199,7 @@ def test_a_month_without_a_partition_never_fails_an_insert(daemon: Daemon, pg_ur
     found = partitions(pg_url)
     assert found["events_p202403"] == 1 and found["events_default"] == 0
     assert {"events_p202611", "events_p202612", "events_p202701"} <= set(found)
-    assert prepare_partitions(daemon.store.engine, NOW, 2) == []  # idempotent
+    assert prepare_partitions(daemon.store.engine, NOW, PartitionWindow(retention_days=1100)) == []  # idempotent
     assert write(daemon, event("old-4", march_2024)) == (0, 1)  # still exactly once after the move
 
 
@@ -198,10 +220,17 @@ def test_retention_drops_whole_old_months_and_their_ids_and_keeps_rollups_and_re
         "oct-late": datetime(2026, 10, 30, 9, tzinfo=UTC),
         "nov": datetime(2026, 11, 20, 9, tzinfo=UTC),
     }
+    clock = daemon.clock
+    assert isinstance(clock, FakeClock)
     for request_id, when in stored.items():
+        clock.now = when + timedelta(minutes=5)  # each stored as it happened
         assert write(daemon, event(request_id, when)) == (1, 0)
-    assert write(daemon, event("2024", datetime(2024, 5, 1, tzinfo=UTC))) == (1, 0)  # a backfilled month
-    assert {"events_p202405", "events_p202609", "events_p202610", "events_p202611"} <= set(partitions(pg_url))
+    clock.now = NOW
+    # A backfill older than retention: its month gets no partition, the row waits in the default one.
+    assert write(daemon, event("2024", datetime(2024, 5, 1, tzinfo=UTC))) == (1, 0)
+    found = partitions(pg_url)
+    assert {"events_p202609", "events_p202610", "events_p202611"} <= set(found) and "events_p202405" not in found
+    assert found["events_default"] == 1
     rollup = "SELECT * FROM usage_rollup WHERE bucket_start >= '2026-01-01' ORDER BY bucket_start"
     before_rollup = rows(pg_url, rollup)
     before_usage = rows(pg_url, "SELECT * FROM budget_usage WHERE bucket_start >= '2026-10-01' ORDER BY bucket_start")
@@ -213,7 +242,7 @@ def test_retention_drops_whole_old_months_and_their_ids_and_keeps_rollups_and_re
 
     found = partitions(pg_url)
     assert "events_p202405" not in found and "events_p202609" not in found
-    assert found["events_p202610"] == 2 and found["events_p202611"] == 1
+    assert found["events_p202610"] == 2 and found["events_p202611"] == 1 and found["events_default"] == 0
     expected = ["nov", "oct-early", "oct-late"]
     assert [r[0] for r in rows(pg_url, "SELECT request_id FROM events ORDER BY request_id")] == expected
     assert [r[0] for r in rows(pg_url, "SELECT request_id FROM event_ids ORDER BY request_id")] == expected

@@ -218,6 +218,7 @@ class _Worker:
         from monitor.pricing import load_price_table
         from monitor.store.db import create_db_engine
         from monitor.store.leases import settler_for
+        from monitor.store.partitions import partition_window
 
         self.clock = _NowClock()
         prices = load_price_table(settings.pricing.models)  # checked when the daemon started
@@ -234,6 +235,7 @@ class _Worker:
             metric_labels=settings.metrics.labels,
             max_values_per_label=settings.metrics.max_values_per_label,
             max_unpriced_models=settings.metrics.max_unpriced_models,
+            partitions=partition_window(settings),
         )
         self.writer.settle_leases = settler_for(settings)  # a usage event settles its lease in its own transaction
 

@@ -22,7 +22,7 @@ from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.bulk_pg import BulkUpsert
 from monitor.store.labels import OTHER, LabelGate
 from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets, usage_rollup
-from monitor.store.partitions import MonthPartitions, insert_new_events
+from monitor.store.partitions import MonthPartitions, PartitionWindow, insert_new_events
 from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
 from monitor.store.rollup import (
     LATENESS,
@@ -168,6 +168,7 @@ class Writer:
         metric_labels: Sequence[str] = (),
         max_values_per_label: int = DEFAULT_MAX_VALUES_PER_LABEL,
         max_unpriced_models: int = DEFAULT_MAX_UNPRICED_MODELS,
+        partitions: PartitionWindow | None = None,
     ) -> None:
         self._engine = engine
         self._prices = prices
@@ -183,7 +184,7 @@ class Writer:
         self._sqlite = dialect.name == "sqlite"  # events go in as plain tuples through the DBAPI's executemany
         # PostgreSQL: COPY into a staging table, the request_ids claimed in event_ids (events is partitioned).
         self._copy_events = dialect.name == "postgresql"
-        self._partitions = MonthPartitions(engine) if self._copy_events else None
+        self._partitions = MonthPartitions(engine, partitions or PartitionWindow()) if self._copy_events else None
         self._insert = insert_ignoring_conflicts(events, dialect, "request_id").returning(events.c.request_id)
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
         self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
@@ -253,7 +254,7 @@ class Writer:
         # arrival order (their ids are the order they are read back in).
         rows.sort(key=_request_id_of_tuple if self._sqlite else _request_id_of_dict)
         if self._partitions is not None and rows:
-            self._partitions.ensure(row["ts"] for row in rows)
+            self._partitions.ensure((row["ts"] for row in rows), now)
         admitted: dict[str, frozenset[str]] = {}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
             inserted: set[str] = set()

@@ -2,10 +2,15 @@
 
 `events` is partitioned by RANGE (ts), one partition per UTC month (`events_pYYYYMM`) and a DEFAULT partition
 (`events_default`) that takes any row no month partition covers (a backfill of old logs, a month the job has not
-created yet), so an insert never fails for want of a partition. PostgreSQL only allows a unique key on a partitioned
-table if it contains the partition key, so exactly-once on request_id lives in the unpartitioned `event_ids` table:
-a batch goes through `INSERT INTO event_ids … ON CONFLICT DO NOTHING RETURNING`, and only the ids it returns are
-inserted into `events`, whatever month their timestamps fall in.
+created yet), so an insert never fails for want of a partition. Months get a partition only inside a window (from
+the retention cutoff's month to `partitions_ahead_months` ahead) and a batch creates at most a few: timestamps are
+outside input, and one body spread over thousands of months must not become thousands of tables. Rows outside the
+window stay in the default partition until retention deletes them; see docs/SCALING.md.
+
+PostgreSQL only allows a unique key on a partitioned table if it contains the partition key, so exactly-once on
+request_id lives in the unpartitioned `event_ids` table: a batch goes through `INSERT INTO event_ids … ON CONFLICT
+DO NOTHING RETURNING`, and only the ids it returns are inserted into `events`, whatever month their timestamps fall
+in.
 
 Lock order, which every writer of these tables follows so none can deadlock another: `event_ids` first, then `events`
 (and its partitions). Retention takes `event_ids` in SHARE ROW EXCLUSIVE mode before it drops a partition; the
@@ -15,15 +20,22 @@ partition job takes `events` in SHARE UPDATE EXCLUSIVE mode before it locks the 
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, date, datetime
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine
 
 from monitor.store.models import events
+
+if TYPE_CHECKING:
+    from monitor.config import Settings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PARTITION = "events_default"
 _MONTH_NAME = re.compile(r"^events_p(\d{4})(\d{2})$")
@@ -77,6 +89,41 @@ def next_month(month: date) -> date:
 
 def _naive_utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionWindow:
+    """Which months may get a partition, and how many a batch may create."""
+
+    retention_days: int = 90
+    months_ahead: int = 2
+    max_new_per_batch: int = 4
+
+    def months(self, now: datetime) -> tuple[date, date]:
+        """The first and last month (inclusive) that may get a partition at `now`: from the month of the retention
+        cutoff (older rows are deleted at the next retention run) to `months_ahead` after this one."""
+        try:
+            first = month_start(now - timedelta(days=self.retention_days))
+        except OverflowError:  # retention longer than the calendar goes back
+            first = date.min
+        last = month_start(now)
+        for _ in range(self.months_ahead):
+            last = next_month(last)
+        return first, last
+
+
+def _year_month(moment: datetime) -> tuple[int, int]:
+    utc = moment.astimezone(UTC)
+    return utc.year, utc.month
+
+
+def partition_window(settings: Settings) -> PartitionWindow:
+    """The partition window these settings configure."""
+    return PartitionWindow(
+        retention_days=settings.schedule.retention_days,
+        months_ahead=settings.schedule.partitions_ahead_months,
+        max_new_per_batch=settings.store.max_new_partitions_per_batch,
+    )
 
 
 def insert_new_events(connection: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
@@ -142,48 +189,77 @@ def ensure_month(connection: Connection, month: date) -> bool:
 
 
 class MonthPartitions:
-    """The months a writer has seen a partition for; a batch with another month gets its partition first, in a
-    transaction of its own (so a backfill of old logs fills month partitions, not the default one)."""
+    """The months a writer has seen a partition for; a batch with another month inside the window gets its
+    partition first, in a transaction of its own (so a backfill of old logs fills month partitions, not the default
+    one), at most `max_new_per_batch` of them, the newest first; the batch's other rows go to the default partition
+    and a later batch, or the partition job, gives their months a partition and moves them there."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, window: PartitionWindow) -> None:
         self._engine = engine
+        self._window = window
         self._known: set[tuple[int, int]] | None = None
 
-    def ensure(self, timestamps: Iterable[datetime]) -> None:
-        """Create the partitions missing for these UTC-aware timestamps. A month dropped since it was seen is not
-        noticed: its rows go to the default partition, and the next partition job moves them."""
-        wanted = {(moment.astimezone(UTC).year, moment.astimezone(UTC).month) for moment in timestamps}
+    def ensure(self, timestamps: Iterable[datetime], now: datetime) -> list[str]:
+        """Create partitions missing for these UTC timestamps, within the window at `now`; return those created. A
+        month dropped since it was seen is not noticed: its rows go to the default partition, and the next
+        partition job moves them."""
+        wanted = {
+            (moment.year, moment.month) if moment.tzinfo is UTC else _year_month(moment) for moment in timestamps
+        }
         if self._known is None:
             with self._engine.connect() as connection:
                 self._known = {(month.year, month.month) for month in month_partitions(connection)}
         missing = wanted - self._known
         if not missing:
-            return
+            return []
+        first, last = self._window.months(now)
+        low, high = (first.year, first.month), (last.year, last.month)
+        chosen = sorted((month for month in missing if low <= month <= high), reverse=True)
+        chosen = chosen[: self._window.max_new_per_batch]
+        if not chosen:
+            return []
+        created = []
         with self._engine.begin() as connection:
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(key)s)", {"key": _ADVISORY_KEY})
-            for year, month in sorted(missing):
-                ensure_month(connection, date(year, month, 1))
-        self._known |= missing
+            for year, month in sorted(chosen):
+                if ensure_month(connection, date(year, month, 1)):
+                    created.append(partition_name(date(year, month, 1)))
+        self._known.update(chosen)
+        return created
 
 
-def prepare_partitions(engine: Engine, now: datetime, months_ahead: int) -> list[str]:
-    """The partition job: a partition for this month and the next `months_ahead`, and for every month with rows
-    in the default partition (which moves them there). Returns the partitions it created."""
+def prepare_partitions(engine: Engine, now: datetime, window: PartitionWindow) -> list[str]:
+    """The partition job: a partition for this month and the next `months_ahead`, and for every month of the window
+    with rows in the default partition (which moves them there). Rows of months outside the window stay where they
+    are (retention deletes them once past its cutoff). Returns the partitions it created."""
     created = []
+    first, last = window.months(now)
     with engine.begin() as connection:
         connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%(key)s)", {"key": _ADVISORY_KEY})
         wanted = {month_start(now)}
-        for _ in range(months_ahead):
+        for _ in range(window.months_ahead):
             wanted.add(next_month(max(wanted)))
         wanted.update(
             month_start(moment.replace(tzinfo=UTC))
             for moment in connection.exec_driver_sql(
-                f"SELECT DISTINCT date_trunc('month', ts) FROM {DEFAULT_PARTITION}"
+                f"SELECT DISTINCT date_trunc('month', ts) FROM {DEFAULT_PARTITION} "
+                "WHERE ts >= %(first)s AND ts < %(end)s",
+                {"first": first, "end": next_month(last)},
             ).scalars()
         )
         for month in sorted(wanted):
             if ensure_month(connection, month):
                 created.append(partition_name(month))
+        left = connection.exec_driver_sql(f"SELECT count(*) FROM {DEFAULT_PARTITION}").scalar()
+    if left:
+        log.warning(
+            "%s holds %d events of months outside the partition window %s..%s (timestamps older than retention, or "
+            "past the months ahead): retention deletes those older than its cutoff",
+            DEFAULT_PARTITION,
+            left,
+            first.strftime("%Y-%m"),
+            last.strftime("%Y-%m"),
+        )
     return created
 
 
