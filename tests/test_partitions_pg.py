@@ -259,6 +259,86 @@ def test_retention_drops_whole_old_months_and_their_ids_and_keeps_rollups_and_re
     assert write(daemon, event("sep", stored["sep"])) == (1, 0)
 
 
+# Raw events kept 400 days: at NOW (2026-11-26 12:00) the cutoff is 2025-10-22 12:00 (365 days back is
+# 2025-11-26, 35 more 2025-10-22), so months from October 2025 to January 2027 (two ahead) may get a partition.
+SPREAD = {
+    "y1000": datetime(1000, 1, 1, tzinfo=UTC),
+    "y1999": datetime(1999, 12, 31, 23, tzinfo=UTC),
+    "y2020": datetime(2020, 5, 10, tzinfo=UTC),
+    "sep-2025": datetime(2025, 9, 30, 12, tzinfo=UTC),  # the month before the window
+    "oct-before": datetime(2025, 10, 20, tzinfo=UTC),  # in the window's first month, before the cutoff
+    "oct-after": datetime(2025, 10, 25, tzinfo=UTC),  # after it
+    **{
+        f"m{year}{month:02d}": datetime(year, month, 10, tzinfo=UTC)
+        for year, month in [(2025, 11), (2025, 12), *((2026, m) for m in range(1, 12))]
+    },
+}
+WINDOW_MONTHS = [f"events_p2025{m}" for m in ("10", "11", "12")] + [f"events_p2026{m:02d}" for m in range(1, 12)]
+
+
+def months_up_to_november_2026(found: dict[str, int]) -> dict[str, int]:
+    """The month partitions of `found` up to November 2026: the migration and the job also make the months of the
+    server's real clock (December 2026 on), which these tests do not choose."""
+    return {name: rows for name, rows in found.items() if name != "events_default" and name <= "events_p202611"}
+
+
+def test_a_batch_spread_over_many_months_creates_partitions_only_in_the_window_a_few_at_a_time(
+    pg_url: str, tmp_path: Path
+) -> None:
+    daemon = open_daemon(pg_url, tmp_path, "{retention_days: 400}", "{max_new_partitions_per_batch: 4}")
+    try:
+        assert months_up_to_november_2026(partitions(pg_url)) == {}
+        batch = [event(request_id, when) for request_id, when in SPREAD.items()]
+        assert write(daemon, *batch) == (19, 0)
+        # 14 of its months are in the window and none has a partition: the newest four get one.
+        found = partitions(pg_url)
+        assert months_up_to_november_2026(found) == dict.fromkeys(
+            ["events_p202608", "events_p202609", "events_p202610", "events_p202611"], 1
+        )
+        assert found["events_default"] == 19 - 4
+        # The same events again: all duplicates (exactly once whichever partition holds them), and the next four
+        # months get theirs, their rows moved out of the default partition.
+        assert write(daemon, *batch) == (0, 19)
+        found = partitions(pg_url)
+        assert months_up_to_november_2026(found) == dict.fromkeys([f"events_p2026{m:02d}" for m in range(4, 12)], 1)
+        assert found["events_default"] == 19 - 8
+        assert rows(pg_url, "SELECT count(*), count(DISTINCT request_id) FROM events") == [(19, 19)]
+        assert rows(pg_url, "SELECT count(*) FROM event_ids") == [(19,)]
+        # Reported whichever partition holds them: claude-haiku-4-5 has rates from 2025-10-01 on, so the four events
+        # before are unpriced and the other 15 cost 1,000 output tokens at $5 per million, $0.005 each.
+        config = tmp_path / "claude-monitor.yaml"
+        (total,) = report(config, "1000-01-01", "2026-12-01")["rows"]
+        assert (total["requests"], total["unpriced_requests"], Decimal(total["cost_usd"])) == (19, 4, Decimal("0.075"))
+    finally:
+        close_daemon(daemon)
+
+
+def test_retention_deletes_default_partition_rows_by_time_and_the_job_moves_the_windows_months(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # No partition made by a batch: every row lands in the default partition.
+    daemon = open_daemon(pg_url, tmp_path, "{retention_days: 400}", "{max_new_partitions_per_batch: 0}")
+    try:
+        assert write(daemon, *(event(request_id, when) for request_id, when in SPREAD.items())) == (19, 0)
+        assert months_up_to_november_2026(partitions(pg_url)) == {}
+        assert partitions(pg_url)["events_default"] == 19
+
+        daemon.retention()
+
+        # Before the cutoff: y1000, y1999, y2020, sep-2025 and oct-before, deleted with their ids. The rest are in
+        # the window: each month gets its partition and its row, and none older than October 2025 is made.
+        found = partitions(pg_url)
+        assert months_up_to_november_2026(found) == dict.fromkeys(WINDOW_MONTHS, 1)
+        assert found["events_default"] == 0
+        kept = sorted(set(SPREAD) - {"y1000", "y1999", "y2020", "sep-2025", "oct-before"})
+        assert [r[0] for r in rows(pg_url, "SELECT request_id FROM events ORDER BY request_id")] == kept
+        assert [r[0] for r in rows(pg_url, "SELECT request_id FROM event_ids ORDER BY request_id")] == kept
+        # A deleted event sent again is new again; one still stored stays a duplicate.
+        assert write(daemon, event("y1000", SPREAD["y1000"]), event("oct-after", SPREAD["oct-after"])) == (1, 1)
+    finally:
+        close_daemon(daemon)
+
+
 def test_migration_partitions_an_existing_events_table_with_its_rows(pg_url: str, tmp_path: Path) -> None:
     assert alembic("upgrade", "0010", url=pg_url).returncode == 0
     engine = create_engine(pg_url)
