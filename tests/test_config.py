@@ -109,6 +109,10 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ("timezone: Mars/Olympus\n", ["c.yaml:1", "timezone", "not an IANA timezone"]),
         ("schedule: {evaluate_every: fast}\n", ["schedule.evaluate_every", "not a duration"]),
         ("schedule:\n  partitions_ahead_months: 25\n", ["c.yaml:2", "schedule.partitions_ahead_months", "less than"]),
+        (
+            "store:\n  max_new_partitions_per_batch: -1\n",
+            ["c.yaml:2", "store.max_new_partitions_per_batch", "greater than or equal to 0"],
+        ),
         ("alerts: {webhooks: [{url: 'not a url', kind: slack}]}\n", ["alerts.webhooks[0].url", "http(s) URL"]),
         ("alerts: {webhooks: [{url: 'https://x', kind: pager}]}\n", ["alerts.webhooks[0].kind"]),
         ("metrics: {labels: [user_tier]}\n", ["metrics.labels", "'user_tier' is not one of dimensions"]),
@@ -141,6 +145,7 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         "timezone",
         "duration",
         "partitions-ahead",
+        "new-partitions-per-batch",
         "webhook-url",
         "webhook-kind",
         "metric-label",

@@ -17,6 +17,7 @@ from monitor.config import load_settings
 from monitor.service import Daemon
 from monitor.store.partitions import PartitionWindow, drop_expired_events, insert_new_events, prepare_partitions
 from tests.conftest import FakeClock, run_cli
+from tests.serve_harness import Serve
 from tests.test_migrations import alembic
 from tests.test_postgres import pg_config
 
@@ -337,6 +338,96 @@ def test_retention_deletes_default_partition_rows_by_time_and_the_job_moves_the_
         assert write(daemon, event("y1000", SPREAD["y1000"]), event("oct-after", SPREAD["oct-after"])) == (1, 1)
     finally:
         close_daemon(daemon)
+
+
+# A model priced at every date, so that events of any month cost the same: $5 per million output tokens, 1,000
+# output tokens an event, $0.005 each.
+SERVE_CONFIG = """\
+sources: []
+http: {{listen: "127.0.0.1:0"}}
+throttle: {{snapshot_file: throttle.json}}
+schedule: {{retention_days: {retention_days}}}
+store: {{max_new_partitions_per_batch: 3}}
+pricing:
+  models:
+    house-model:
+      rates:
+        - {{since: 0001-01-01, input: 1, output: 5, cache_write_5m: 1.25, cache_write_1h: 2, cache_read: 0.10}}
+"""
+
+
+def house_event(request_id: str, when: datetime) -> dict[str, Any]:
+    return {**event(request_id, when), "model": "house-model"}
+
+
+def months_back(month: datetime, count: int) -> datetime:
+    """The first of the month `count` months before `month` (itself the first of a month)."""
+    index = month.year * 12 + month.month - 1 - count
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+def test_one_body_over_2000_months_makes_three_partitions_and_stores_every_event_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    config = pg_config(tmp_path, pg_url, SERVE_CONFIG.format(retention_days=400))
+    daemon = Serve(config, tmp_path)
+    try:
+        before = partitions(pg_url)
+        # The first of this month and of each of the 1,999 before it (back to the 1860s): all valid, none in the
+        # future. The window goes back to the month 400 days ago (13 or 14 months), this month's partition exists
+        # (the migration made it), so the newest three before it are made and the rest wait in the default one.
+        this_month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        months = [months_back(this_month, back) for back in range(2000)]
+        answer = daemon.post_usage([house_event(f"r{back:04d}", when) for back, when in enumerate(months)])
+        assert answer.status == 202, answer.body
+        assert (answer.json()["accepted"], answer.json()["duplicates"], answer.json()["rejected"]) == (2000, 0, [])
+        after = partitions(pg_url)
+        made = sorted(set(after) - set(before))
+        assert made == sorted(f"events_p{m.year:04d}{m.month:02d}" for m in months[1:4])
+        assert len(after) == len(before) + 3  # rows of pg_inherits: three more, not 2,000
+        assert after["events_default"] == 2000 - 4
+        assert rows(pg_url, "SELECT count(*), count(DISTINCT request_id) FROM events") == [(2000, 2000)]
+        assert rows(pg_url, "SELECT count(*) FROM event_ids") == [(2000,)]
+        assert rows(pg_url, "SELECT sum(cost_pico) FROM events") == [(2000 * 5_000_000_000,)]
+        # The same body again: every event a duplicate, whichever partition holds it; three more months made.
+        again = daemon.post_usage([house_event(f"r{back:04d}", when) for back, when in enumerate(months)])
+        assert (again.json()["accepted"], again.json()["duplicates"]) == (0, 2000)
+        assert len(partitions(pg_url)) == len(before) + 6
+        assert rows(pg_url, "SELECT count(*) FROM events") == [(2000,)]
+        # Reported in full: 2,000 x $0.005.
+        since, until = months[-1].date().isoformat(), months_back(this_month, -1).date().isoformat()
+        (total,) = report(config, since, until)["rows"]
+        assert (total["requests"], Decimal(total["cost_usd"])) == (2000, Decimal("10"))
+    finally:
+        daemon.stop()
+
+
+def test_a_backfill_of_2024_lands_in_its_months_three_a_batch_and_is_reported(pg_url: str, tmp_path: Path) -> None:
+    # Raw events kept ten years: every month of 2024 is in the window.
+    config = pg_config(tmp_path, pg_url, SERVE_CONFIG.format(retention_days=3650))
+    daemon = Serve(config, tmp_path)
+    try:
+        # Four bodies of the year's logs, ten events a month each (the 5th, 10th, ... 50th hour of the month).
+        for body in range(4):
+            sent = [
+                house_event(f"b{body}-{month:02d}-{n}", datetime(2024, month, 1, tzinfo=UTC) + timedelta(hours=5 * n))
+                for month in range(1, 13)
+                for n in range(1, 11)
+            ]
+            answer = daemon.post_usage(sent)
+            assert (answer.json()["accepted"], answer.json()["rejected"]) == (120, []), answer.body
+            found = partitions(pg_url)
+            # Each body makes the three newest months still without a partition (and moves their rows there).
+            made = [f"events_p2024{month:02d}" for month in range(10 - 3 * body, 13)]
+            assert sorted(name for name in found if name.startswith("events_p2024")) == made
+            assert all(found[name] == 10 * (body + 1) for name in made)
+            assert found["events_default"] == 10 * (body + 1) * (12 - len(made))
+        assert rows(pg_url, "SELECT count(*) FROM events") == [(480,)]
+        # 480 x $0.005; March alone 40 x $0.005.
+        assert Decimal(report(config, "2024-01-01", "2025-01-01")["total_usd"]) == Decimal("2.4")
+        assert Decimal(report(config, "2024-03-01", "2024-04-01")["total_usd"]) == Decimal("0.2")
+    finally:
+        daemon.stop()
 
 
 def test_migration_partitions_an_existing_events_table_with_its_rows(pg_url: str, tmp_path: Path) -> None:
