@@ -45,8 +45,9 @@ class BulkUpsert:
         arrays = []
         for name, utc in zip(self._names, self._utc, strict=True):
             column = [row[name] for row in rows]
-            if utc:
-                column = [_naive_utc(value) for value in column]
+            if utc:  # a batch's rows share few distinct instants (bucket starts): each converted once
+                naive: dict[datetime, datetime] = {}
+                column = [naive.get(value) or naive.setdefault(value, _naive_utc(value)) for value in column]
             arrays.append(column)
         connection.exec_driver_sql(self._sql, tuple(arrays))
 

@@ -19,7 +19,6 @@ partition job takes `events` in SHARE UPDATE EXCLUSIVE mode before it locks the 
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import Connection, Engine
 
 from monitor.store.models import events
@@ -133,12 +133,18 @@ def insert_new_events(connection: Connection, rows: Sequence[dict[str, Any]]) ->
     if not rows:
         return set()
     unique: dict[str, list[Any]] = {}
+    received: dict[datetime, datetime] = {}  # a batch's rows share their received_at: converted once
     for row in rows:
         if row["request_id"] not in unique:
             values = list(_VALUES(row))
-            values[_TS] = _naive_utc(values[_TS])
-            values[_RECEIVED_AT] = _naive_utc(values[_RECEIVED_AT])
-            values[_ATTRIBUTES] = json.dumps(values[_ATTRIBUTES])
+            ts = values[_TS]
+            values[_TS] = ts.replace(tzinfo=None) if ts.tzinfo is UTC else _naive_utc(ts)
+            at = values[_RECEIVED_AT]
+            naive = received.get(at)
+            if naive is None:
+                naive = received[at] = _naive_utc(at)
+            values[_RECEIVED_AT] = naive
+            values[_ATTRIBUTES] = orjson.dumps(values[_ATTRIBUTES]).decode()  # compact, as SQLite stores it
             unique[row["request_id"]] = values
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
