@@ -39,13 +39,14 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 def _config_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
     """Every key the schema accepts, as a path (`proxy.clients[].name`, `pricing.models.<name>.rates[].since`),
-    with its default (`...` when required)."""
+    with its default (`...` when required); sections (`http`, `proxy`) are walked, not listed."""
     keys: list[tuple[str, Any]] = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         default = ... if field.is_required() else field.get_default(call_default_factory=True)
-        keys.append((path, default))
         annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):  # a section has no row
+            keys.append((path, default))
         for inner in _models_in(annotation):
             keys.extend(_config_keys(inner, f"{path}."))
         origin = typing.get_origin(annotation)
