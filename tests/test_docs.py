@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from monitor.cli import _parser
@@ -95,6 +96,27 @@ def test_the_env_overrides_are_documented() -> None:
     assert overridable
     for name in overridable:
         assert f"`CLAUDE_MONITOR_{name.upper()}`" in text
+
+
+def _mapping_paths(value: Any, prefix: str = "") -> set[str]:
+    """Every key path of nested mappings (lists are leaves)."""
+    if not isinstance(value, dict):
+        return set()
+    paths = set()
+    for key, inner in value.items():
+        paths.add(f"{prefix}{key}")
+        paths |= _mapping_paths(inner, f"{prefix}{key}.")
+    return paths
+
+
+def test_the_documented_tree_is_the_defaults() -> None:
+    text = _doc("configuration.md")
+    block = re.search(r"## The whole tree, with its defaults\n.*?```yaml\n(.*?)```", text, re.DOTALL)
+    assert block is not None
+    documented = yaml.safe_load(block.group(1))
+    defaults = Settings().model_dump(mode="json", exclude={"proxy": {"identity"}})
+    assert _mapping_paths(documented) == _mapping_paths(defaults)
+    assert Settings.model_validate(documented) == Settings()
 
 
 _METRIC = re.compile(
