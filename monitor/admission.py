@@ -50,6 +50,15 @@ class BadAdmit(ValueError):
     """An admit, release or renew body the daemon cannot use; the message says which field and why."""
 
 
+class AdmissionAway(Exception):
+    """A release or renew cannot reach the admission state (its database is away): 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryBounds:
     """What admission keeps in memory at most (the `admission:` keys of the same names); past a bound the entries

@@ -10,6 +10,7 @@ Each admit asks 10,000 input tokens estimated and max_tokens 6,000: worst case $
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -393,5 +394,41 @@ def test_admission_answers_503_while_postgres_is_away_and_recovers(private_postg
         private_postgres.start()
         assert wait_until(lambda: admit(base).status == 200, timeout=30)
         assert release(base, lease, None, None).json()["settled_by"] == "release"  # the lease survived the outage
+    finally:
+        daemon.stop()
+
+
+def test_release_and_renew_answer_503_with_one_warning_while_postgres_is_away(
+    private_postgres: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = private_postgres.create_database("away")
+    text = CONFIG.format(concurrent=2).replace("throttle.json", str(tmp_path / "t.json"))
+    daemon = Daemon(
+        load_settings(pg_config(tmp_path, url, text), environ={}),
+        clock=FakeClock(NOW),
+        environ={"CLAUDE_MONITOR_INGEST_TOKEN": TOKEN},
+    )
+    daemon.start()
+    try:
+        base = "http://{}:{}".format(*daemon.address)
+        lease = admit(base).json()["lease"]
+        private_postgres.stop()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            released = release(base, lease, "req_away", {"input_tokens": 10, "output_tokens": 5})
+            renewed = post(base, f"/v1/admit/{lease}/renew", {})
+        for answer in (released, renewed):
+            assert answer.status == 503 and answer.headers["retry-after"] == "5", answer.body
+            assert set(answer.json()) == {"error"} and "storage unavailable" in answer.json()["error"]
+        assert "nothing was released" in released.json()["error"]
+        away = [r for r in caplog.records if r.name.startswith("monitor") and r.levelno >= logging.WARNING]
+        assert [r.getMessage().split(" cannot ")[0] for r in away if "shared admission state" in r.getMessage()] == [
+            "admission: release",
+            "admission: renew",
+        ]
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        private_postgres.start()
+        assert wait_until(lambda: post(base, f"/v1/admit/{lease}/renew", {}).status == 200, timeout=30)
+        assert release(base, lease, None, None).json()["settled_by"] == "release"  # nothing was lost meanwhile
     finally:
         daemon.stop()

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.admission import (
     Admission,
+    AdmissionAway,
     AdmissionStats,
     AdmitRequest,
     Admitted,
@@ -44,6 +45,16 @@ from monitor.store import leases as store
 from monitor.usage import Usage
 
 log = logging.getLogger(__name__)
+
+
+def _warn_away(action: str, exc: SQLAlchemyError) -> None:
+    """One warning line, no traceback: the database being away is an outage the operator sees, not a bug."""
+    log.warning(
+        "admission: %s cannot read or store the shared admission state (%s: %s)",
+        action,
+        exc.__class__.__name__,
+        str(exc).splitlines()[0] if str(exc) else "",
+    )
 
 
 def _rate_terms(limit: Limit, request: AdmitRequest) -> tuple[tuple[str, int, int | None, int, str], ...]:
@@ -104,11 +115,7 @@ class SharedAdmission(Admission):
                 else:
                     transaction.rollback()  # nothing taken
         except SQLAlchemyError as exc:  # the store is away: the proxy's fail_mode decides
-            log.warning(
-                "admission: cannot read or store the shared admission state (%s: %s)",
-                exc.__class__.__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
-            )
+            _warn_away("admit", exc)
             return Unavailable("storage unavailable: admission state cannot be read; retry", 5)
         if isinstance(outcome, Refused):
             return self._count(outcome, decision)
@@ -200,14 +207,22 @@ class SharedAdmission(Admission):
         """Push an open lease's expiry to now + lease_ttl; None when it is unknown, expired or settled."""
         now = self._clock()
         expires = now + self.lease_ttl
-        with self._engine.begin() as connection:
-            return expires if store.renew_lease(connection, lease_id, now, expires) else None
+        try:
+            with self._engine.begin() as connection:
+                return expires if store.renew_lease(connection, lease_id, now, expires) else None
+        except SQLAlchemyError as exc:
+            _warn_away("renew", exc)
+            raise AdmissionAway("storage unavailable: the lease cannot be renewed now; retry", 5) from None
 
     def settled_how(self, lease_id: str) -> str | None:
         """How a lease ended ('usage event', 'release', 'expired'), or None when it is open or unknown."""
         now = self._clock()
-        with self._engine.connect() as connection:
-            row = store.lease_row(connection, lease_id)
+        try:
+            with self._engine.connect() as connection:
+                row = store.lease_row(connection, lease_id)
+        except SQLAlchemyError as exc:
+            _warn_away("renew", exc)
+            raise AdmissionAway("storage unavailable: the lease cannot be read now; retry", 5) from None
         if row is None:
             return None
         if row.ended is not None:
@@ -219,6 +234,13 @@ class SharedAdmission(Admission):
     def release(self, lease_id: str, request_id: str | None, usage: Any) -> tuple[str, int | None]:
         """Settle a lease with the call's actual usage, on any replica: ('released', cost) or how it had already
         ended. Slots and input tokens return at once; the actual usage stays reserved until the usage event lands."""
+        try:
+            return self._release(lease_id, request_id, usage)
+        except SQLAlchemyError as exc:  # nothing was stored: the proxy retries, or the lease expires
+            _warn_away("release", exc)
+            raise AdmissionAway("storage unavailable: nothing was released; retry", 5) from None
+
+    def _release(self, lease_id: str, request_id: str | None, usage: Any) -> tuple[str, int | None]:
         now = self._clock()
         with self._engine.connect() as connection, connection.begin():
             held = store.lease_for_release(connection, lease_id, request_id)

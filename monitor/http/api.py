@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.admission import Admission, Admitted, BadAdmit, NeedsRead, Refused, Unavailable, parse_admit
+from monitor.admission import Admission, AdmissionAway, Admitted, BadAdmit, NeedsRead, Refused, Unavailable, parse_admit
 from monitor.evaluation import BudgetEngine, state_json
 from monitor.events import EventParser, Rejected, redact
 from monitor.http.ingest_process import IngestProcess, IngestProcessFailed, StorageUnavailable
@@ -355,6 +355,8 @@ class Api:
             how, cost = self.admission.release(lease, request_id, body.get("usage"))
         except BadAdmit as exc:
             return error_response(400, f"usage: {exc}; the lease is still open")
+        except AdmissionAway as exc:
+            return error_response(503, exc.message, {"Retry-After": str(exc.retry_after)})
         if how == "unknown":
             return error_response(
                 404,
@@ -369,9 +371,12 @@ class Api:
     def renew(self, lease: str) -> Response:
         """Keep a running call's lease: 200 with the new expiry, 404 when it has ended."""
         assert self.admission is not None
-        expires = self.admission.renew(lease)
+        try:
+            expires = self.admission.renew(lease)
+            how = self.admission.settled_how(lease) if expires is None else None
+        except AdmissionAway as exc:
+            return error_response(503, exc.message, {"Retry-After": str(exc.retry_after)})
         if expires is None:
-            how = self.admission.settled_how(lease)
             why = f"it has ended ({how})" if how else "it is unknown here"
             return error_response(
                 404,
