@@ -519,6 +519,8 @@ class ProxyConfig(_Strict):
     # past count_tokens_timeout, or on any error, the byte bound it is.
     count_tokens: bool = False
     count_tokens_timeout: str = "2s"
+    # A count_tokens answer is a few dozen bytes; past this many it is not read on, and the byte bound it is.
+    count_tokens_max_answer_bytes: int = Field(default=64 * 1024, gt=0)
     # Bounds of the proxy's own server; over max_body_bytes a request is refused 413 (Anthropic's own limit
     # is lower, so nothing it would accept is refused here).
     max_body_bytes: int = Field(default=64 * MEBIBYTE, gt=0)

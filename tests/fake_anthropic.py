@@ -136,6 +136,8 @@ class FakeAnthropic:
         self.output_tokens: int | None = None  # when set, every answer bills this many output tokens, not max_tokens
         self.count_answer = COUNT_TOKENS_ANSWER  # what count_tokens says
         self.count_hold: threading.Event | None = None  # when set to an Event, count_tokens answers once it is set
+        self.count_padding = 0  # bytes of padding count_tokens' answer carries besides its count (Content-Length set)
+        self.count_endless = False  # when True, count_tokens answers a chunked body that never ends
         self.server = _Server(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -226,13 +228,33 @@ def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
                     return
                 if fake.count_hold is not None:
                     fake.count_hold.wait(fake.hold_timeout)
-                self._json(200, {"input_tokens": fake.count_answer}, request_id)
+                if fake.count_endless:
+                    self._endless(request_id)
+                    return
+                padding = {"padding": "x" * fake.count_padding} if fake.count_padding else {}
+                self._json(200, {"input_tokens": fake.count_answer, **padding}, request_id)
             elif path == "/v1/messages" and request.get("stream"):
                 self._stream(request, request_id)
             elif path == "/v1/messages":
                 self._json(200, self._message(request, request_id), request_id)
             else:
                 self._error(404, "not_found_error", f"{path} not found", request_id)
+
+        def _endless(self, request_id: str) -> None:
+            """A 200 whose chunked JSON body goes on until the reader leaves (at most 1 GiB, should it never)."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("request-id", request_id)
+            self.end_headers()
+            chunk = b'{"input_tokens": 17, "padding": "' + b"x" * 65_536
+            try:
+                for _ in range(16_384):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    chunk = b"x" * 65_536
+            except OSError:  # the reader closed the connection
+                pass
+            self.close_connection = True
 
         def _message(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
             return {

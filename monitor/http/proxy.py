@@ -129,6 +129,7 @@ class ProxySettings:
     allow_unpriced_models: bool = False
     fail_mode: Literal["open", "closed"] = "open"
     count_tokens_timeout: float | None = None  # set: admit on upstream's count of the input (proxy.count_tokens)
+    count_tokens_max_answer_bytes: int = 64 * 1024  # a longer count_tokens answer: the byte bound instead
     limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_body_bytes=64 * 1024 * 1024))
 
 
@@ -172,6 +173,7 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
         count_tokens_timeout=(
             parse_duration(config.count_tokens_timeout).total_seconds() if config.count_tokens else None
         ),
+        count_tokens_max_answer_bytes=config.count_tokens_max_answer_bytes,
         limits=limits,
     )
 
@@ -283,7 +285,11 @@ class ProxyApp:
         self.metrics = ProxyMetrics()
         self.gate = Gate(monitor, settings.fail_mode, self.metrics)
         timeout = settings.count_tokens_timeout
-        self.counter = None if timeout is None else InputCounter(self.upstream, timeout, self.metrics)
+        self.counter = (
+            None
+            if timeout is None
+            else InputCounter(self.upstream, timeout, self.metrics, settings.count_tokens_max_answer_bytes)
+        )
 
     async def close(self) -> None:
         """Close upstream connections and the worker threads (after the server drained)."""
