@@ -24,11 +24,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, select, tuple_, update
 
 from monitor.budgets import BudgetIndex
 from monitor.events import Event
@@ -106,24 +106,43 @@ class Repricer:
         return sorted(m for m in connection.execute(query).scalars() if self._prices.resolve(m) is not None)
 
     def run(self) -> RepriceResult:
-        """Price every stored unpriced event the table can price now; batches of `batch_size`, each one transaction."""
+        """Price every stored unpriced event the table can price now; batches of `batch_size`, each one transaction.
+
+        One model id at a time, on the partial index of unpriced events, and only from the UTC day of its first
+        rate: events the table still cannot price (an unknown model, a date before any rate) are never read, however
+        many batches the pass takes. The label gate is read once (values admitted meanwhile are looked up as met)."""
         result = RepriceResult()
         with self._engine.connect() as connection:
             ids = self.priceable(connection)
-        last = 0
-        while ids:
-            with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
-                rows = connection.execute(
-                    select(events)
-                    .where(events.c.cost_pico.is_(None), events.c.model_id.in_(ids), events.c.id > last)
-                    .order_by(events.c.id)
-                    .limit(self._batch)
-                    .with_for_update(skip_locked=True)  # PostgreSQL: another pass takes other rows meanwhile
-                ).all()
-                if not rows:
-                    break
-                last = rows[-1].id
-                self._batch_of(connection, rows, result)
+            gate = _Gate(connection, [*self._metric_labels, UNPRICED_LABEL])
+        for model_id in ids:
+            name = self._prices.resolve(model_id)
+            rates = self._prices.rates(name) if name is not None else []
+            if not rates:
+                continue
+            first = datetime.combine(rates[0].since, time(0), UTC)  # an event's rates are those of its UTC date
+            last = 0
+            while True:
+                with (
+                    self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection,
+                    connection.begin(),
+                ):
+                    rows = connection.execute(
+                        select(events)
+                        .where(
+                            events.c.cost_pico.is_(None),
+                            events.c.model_id == model_id,
+                            events.c.ts >= first,
+                            events.c.id > last,
+                        )
+                        .order_by(events.c.id)
+                        .limit(self._batch)
+                        .with_for_update(skip_locked=True)  # PostgreSQL: another pass takes other rows meanwhile
+                    ).all()
+                    if not rows:
+                        break
+                    last = rows[-1].id
+                    self._batch_of(connection, rows, result, gate)
         with self._engine.connect() as connection:
             result.unpriced_left = int(
                 connection.execute(
@@ -132,7 +151,7 @@ class Repricer:
             )
         return result
 
-    def _batch_of(self, connection: Connection, rows: Sequence[Any], result: RepriceResult) -> None:
+    def _batch_of(self, connection: Connection, rows: Sequence[Any], result: RepriceResult, gate: _Gate) -> None:
         """Price one batch of locked rows and move them, in the caller's transaction."""
         priced: list[tuple[Any, Price]] = []
         for row in rows:
@@ -161,7 +180,13 @@ class Repricer:
                 for row, price in priced
             ],
         )
-        admitted = _admitted(connection, [*self._metric_labels, UNPRICED_LABEL])
+        admitted = gate.admitted(
+            connection,
+            {
+                **{name: {(row.attributes or {}).get(name, "") for row, _ in priced} for name in self._metric_labels},
+                UNPRICED_LABEL: {row.model_id for row, _ in priced},
+            },
+        )
         counter_deltas: dict[tuple[str, str], int] = defaultdict(int)
         # Signed deltas: what leaves the row the event was counted in, what the row of its price-table name gains.
         rollup: dict[tuple[Any, ...], list[int]] = {}
@@ -273,15 +298,34 @@ def _add(target: dict[tuple[Any, ...], list[int]], key: tuple[Any, ...], counts:
             row[index] += value
 
 
-def _admitted(connection: Connection, labels: Iterable[str]) -> dict[str, dict[str, datetime]]:
-    """label -> value -> when it was admitted."""
-    out: dict[str, dict[str, datetime]] = {}
-    query = select(label_values.c.label, label_values.c.value, label_values.c.admitted_at).where(
-        label_values.c.label.in_(sorted(set(labels)))
-    )
-    for label, value, at in connection.execute(query):
-        out.setdefault(label, {})[value] = at
-    return out
+class _Gate:
+    """The label gate (label -> value -> when it was admitted), read once per pass; a value met that it lacks is
+    looked up, since it may have been admitted after the read (values are admitted, never moved)."""
+
+    def __init__(self, connection: Connection, labels: Iterable[str]) -> None:
+        self.labels = sorted(set(labels))
+        self.known: dict[str, dict[str, datetime]] = {label: {} for label in self.labels}
+        query = select(label_values.c.label, label_values.c.value, label_values.c.admitted_at).where(
+            label_values.c.label.in_(self.labels)
+        )
+        for label, value, at in connection.execute(query):
+            self.known[label][value] = at
+
+    def admitted(self, connection: Connection, met: Mapping[str, set[str]]) -> dict[str, dict[str, datetime]]:
+        """The gate, with the values in `met` (label -> values) it lacked looked up in one statement."""
+        missing = [
+            (label, value)
+            for label, values in met.items()
+            for value in sorted(values)
+            if value not in FREE_VALUES and value not in self.known[label]
+        ]
+        if missing:
+            query = select(label_values.c.label, label_values.c.value, label_values.c.admitted_at).where(
+                tuple_(label_values.c.label, label_values.c.value).in_(missing)
+            )
+            for label, value, at in connection.execute(query):
+                self.known[label][value] = at
+        return self.known
 
 
 def _as_counted(value: str, admitted: Mapping[str, datetime], received: datetime) -> str:
