@@ -377,10 +377,14 @@ class Daemon:
 
     def evaluate(self) -> None:
         """The scheduled evaluation: recount from the store, refresh metrics, rewrite the snapshot."""
-        self.admission.sweep()  # leases not renewed return their slots even when no call comes to notice
         # Every replica asks at every evaluation: a follower takes over within one period of the leader's death, and
         # the leader gauge is never older than that.
-        self.leadership.is_leader()
+        leading = self.leadership.is_leader()
+        # Leases not renewed return their slots even when no call comes to notice. State in memory is this replica's
+        # own: it sweeps it. State in the database is shared: the leader sweeps it, once, not every replica (an
+        # admit never counts an expired hold, so a sweep that waits for the next leader frees nothing late).
+        if leading or not self.admission.in_database:
+            self.admission.sweep()
         try:
             self.definitions()
             self.budgets.evaluate(self.admission)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, create_engine
 
 from monitor.config import ConfigError, admission_in_database, load_settings
 from monitor.service import Daemon
@@ -432,3 +433,107 @@ def test_release_and_renew_answer_503_with_one_warning_while_postgres_is_away(
         assert release(base, lease, None, None).json()["settled_by"] == "release"  # nothing was lost meanwhile
     finally:
         daemon.stop()
+
+
+# --- the sweep: the leader's, and what it deletes ---------------------------------------------------------------
+
+
+@pytest.fixture
+def swept(pg_url: str, tmp_path: Path) -> Iterator[tuple[list[Daemon], FakeClock, Engine]]:
+    """Three daemons as `clocked` builds them, evaluated only when a test says so (the schedule's period is an hour),
+    and an engine of the test's own to look at the tables."""
+    clock = FakeClock(NOW)
+    daemons: list[Daemon] = []
+    engine = create_engine(pg_url)
+    try:
+        for i in range(3):
+            text = CONFIG.format(concurrent=2).replace("throttle.json", str(tmp_path / f"t{i}.json"))
+            config = pg_config(tmp_path / f"d{i}", pg_url, text + "schedule: {evaluate_every: 1h}\n")
+            daemon = Daemon(
+                load_settings(config, environ={}), clock=clock, environ={"CLAUDE_MONITOR_INGEST_TOKEN": TOKEN}
+            )
+            daemon.start()
+            daemons.append(daemon)
+        assert [d.leadership.leading for d in daemons] == [True, False, False]  # the first to evaluate leads
+        yield daemons, clock, engine
+    finally:
+        for daemon in daemons:
+            if not daemon._stop.is_set():  # a test may have stopped one
+                daemon.stop()
+        engine.dispose()
+
+
+def url_of(daemon: Daemon) -> str:
+    return "http://{}:{}".format(*daemon.address)
+
+
+def bucket_rows(engine: Engine) -> list[tuple[str, str, float, datetime]]:
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "SELECT name, kind, level, updated_at FROM admission_buckets ORDER BY name, scope, kind"
+        ).all()
+    return [(name, kind, level, at.replace(tzinfo=UTC)) for name, kind, level, at in rows]
+
+
+def open_leases(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.exec_driver_sql("SELECT count(*) FROM admission_leases WHERE ended IS NULL").scalar_one())
+
+
+def test_the_sweep_deletes_buckets_back_at_burst_and_keeps_one_mid_refill_with_its_tokens(
+    swept: tuple[list[Daemon], FakeClock, Engine],
+) -> None:
+    daemons, clock, engine = swept
+    urls = [url_of(d) for d in daemons]
+    # Users a-e take one request each from their 20-request buckets (19 left); f takes all 20 (0 left). Each call
+    # takes 10 input tokens from the shared 50,000-token bucket: 25 calls leave 49,750.
+    for n, user in enumerate("abcde"):
+        assert admit(urls[n % 3], user=user, project="rated", estimated_input_tokens=10).status == 200
+    assert [admit(urls[n % 3], user="f", project="rated", estimated_input_tokens=10).status for n in range(21)] == [
+        200
+    ] * 20 + [429]
+    assert len(bucket_rows(engine)) == 7  # 6 request buckets, 1 input-token bucket
+    daemons[0].evaluate()  # no time has passed: none is full again
+    assert len(bucket_rows(engine)) == 7
+
+    clock.advance(seconds=30)
+    for follower in daemons[1:]:
+        follower.evaluate()
+    assert len(bucket_rows(engine)) == 7  # a follower does not sweep
+    daemons[0].evaluate()
+    # 30 s at 20 a minute adds 10 requests: a-e are at 29, full (20); f is at 10 of 20, kept as stored (0 at NOW).
+    # The input-token bucket gained 50,000 (100,000 a minute): full.
+    assert bucket_rows(engine) == [("rate", "rpm", 0.0, NOW)]
+    # f has exactly 10 requests: the 11th waits 3 s for the next one. A deleted scope starts full again.
+    assert [admit(urls[n % 3], user="f", project="rated", estimated_input_tokens=10).status for n in range(10)] == [
+        200
+    ] * 10
+    refused = admit(urls[1], user="f", project="rated", estimated_input_tokens=10)
+    assert refused.status == 429 and refused.headers["retry-after"] == "3"
+    assert [admit(urls[2], user="a", project="rated", estimated_input_tokens=10).status for _ in range(20)] == [
+        200
+    ] * 20
+
+
+def test_only_the_leader_sweeps_and_the_next_leader_frees_what_expired_after_it_died(
+    swept: tuple[list[Daemon], FakeClock, Engine],
+) -> None:
+    daemons, clock, engine = swept
+    urls = [url_of(d) for d in daemons]
+    assert admit(urls[1]).status == 200 and admit(urls[2]).status == 200
+    assert admit(urls[1]).status == 429  # concurrent: 2
+    clock.advance(seconds=61)  # both leases are past their 60 s, unrenewed
+    for follower in daemons[1:]:
+        follower.evaluate()
+    assert open_leases(engine) == 2  # not swept by a follower...
+    assert admit(urls[2]).status == 200  # ...yet an expired hold counts nowhere
+    daemons[0].evaluate()
+    assert open_leases(engine) == 1  # the leader's sweep ended the two expired leases
+
+    daemons[0].stop()  # the leader goes; its lock frees
+    clock.advance(seconds=61)
+    assert admit(urls[1]).status == 200 and admit(urls[2]).status == 200  # the third lease expired: 2 slots free
+    clock.advance(seconds=61)
+    daemons[1].evaluate()  # asks for leadership, gets it, sweeps
+    assert daemons[1].leadership.leading and not daemons[2].leadership.leading
+    assert open_leases(engine) == 0

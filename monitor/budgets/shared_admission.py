@@ -45,6 +45,7 @@ from monitor.store import leases as store
 from monitor.usage import Usage
 
 log = logging.getLogger(__name__)
+SWEEP_CHUNK = 1000  # stored buckets the sweep reads per transaction
 
 
 def _warn_away(action: str, exc: SQLAlchemyError) -> None:
@@ -95,6 +96,7 @@ class SharedAdmission(Admission):
             connect_args={"options": "-c lock_timeout=2000 -c idle_in_transaction_session_timeout=10000"},
         )
         self._last_totals = store.HeldTotals({}, {}, 0)
+        self.sweep_chunk = SWEEP_CHUNK
 
     # --- admit -----------------------------------------------------------------------------------------------
 
@@ -160,10 +162,11 @@ class SharedAdmission(Admission):
                     continue
                 stored = buckets.get((limit.name, key, kind))
                 # A level above capacity (refunds folded in) reads as full, as a bucket clamped on each refund would.
-                bucket = TokenBucket(
-                    float(capacity) if stored is None else min(float(capacity), stored.level),
-                    now if stored is None else stored.at,
-                )
+                if stored is None:  # never taken from, or deleted full by the sweep (refunds may wait for it)
+                    owed = min(0, counts.orphaned.get((limit.name, key), 0)) if kind == "itpm" else 0
+                    bucket = TokenBucket(float(capacity) + owed, now)
+                else:
+                    bucket = TokenBucket(min(float(capacity), stored.level), stored.at)
                 bucket.refill(now, per_minute, capacity)
                 wait = bucket.wait(amount, per_minute, capacity)
                 if wait:
@@ -305,7 +308,8 @@ class SharedAdmission(Admission):
 
     def sweep(self) -> int:
         """Mark leases past their time expired, end released leases whose event raced the release, give old
-        input-token refunds back to their buckets, and delete leases ended more than lease_ttl ago."""
+        input-token refunds back to their buckets, delete leases ended more than lease_ttl ago and buckets back at
+        their burst (a new bucket is full too, so nothing changes)."""
         now = self._clock()
         try:
             with self._engine.begin() as connection:
@@ -316,12 +320,41 @@ class SharedAdmission(Admission):
                 if scopes:
                     store.lock_scopes(connection, [store.lock_key("limit", name, scope) for name, scope in scopes])
                     store.fold_refunds(connection, scopes)
+            self._drop_full_buckets(now)
         except SQLAlchemyError as exc:  # expired holds stop counting by themselves; the next sweep deletes them
             log.warning("admission: sweep skipped, the database is away (%s)", exc.__class__.__name__)
             return 0
         if expired:
             log.info("admission: %d lease(s) expired unrenewed; their slots and reservations returned", expired)
         return expired
+
+    def _drop_full_buckets(self, now: datetime) -> int:
+        """Delete the stored buckets that are full by `now` — their level refilled since their last update at their
+        limit's rate, as the memory state decides — and those of limits or kinds no longer configured; `sweep_chunk`
+        buckets read per transaction. A bucket refunds wait for stays until they are folded into it."""
+        rates: dict[tuple[str, str], tuple[int | None, int]] = {}
+        for limit in self.limits:
+            rates[limit.name, "rpm"] = (limit.requests_per_minute, limit.burst)
+            rates[limit.name, "itpm"] = (limit.input_tokens_per_minute, limit.input_tokens_burst)
+        after: tuple[str, str, str] | None = None
+        dropped = 0
+        while True:
+            with self._engine.begin() as connection:
+                rows = store.bucket_chunk(connection, after, self.sweep_chunk)
+                full = []
+                for name, scope, kind, level, at, waiting in rows:
+                    per_minute, capacity = rates.get((name, kind), (None, 0))
+                    if waiting:
+                        continue
+                    # Read as an admit reads it: a level above capacity is full; then refilled to now.
+                    if per_minute is None or (
+                        TokenBucket(min(float(capacity), level), at).refill(now, per_minute, capacity) >= capacity
+                    ):
+                        full.append((name, scope, kind, level, at))
+                dropped += store.drop_buckets(connection, full)
+            if len(rows) < self.sweep_chunk:
+                return dropped
+            after = (rows[-1][0], rows[-1][1], rows[-1][2])
 
     def spend_mark(self) -> int:
         """Ceilings are not used: spend is read in every admit's transaction."""
