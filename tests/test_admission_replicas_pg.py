@@ -537,3 +537,28 @@ def test_only_the_leader_sweeps_and_the_next_leader_frees_what_expired_after_it_
     daemons[1].evaluate()  # asks for leadership, gets it, sweeps
     assert daemons[1].leadership.leading and not daemons[2].leadership.leading
     assert open_leases(engine) == 0
+
+
+def test_input_tokens_owed_to_a_bucket_the_sweep_deleted_are_taken_from_a_full_one(
+    swept: tuple[list[Daemon], FakeClock, Engine],
+) -> None:
+    daemons, clock, engine = swept
+    urls = [url_of(d) for d in daemons]
+    lease = admit(urls[0], project="rated", user="a", estimated_input_tokens=40_000).json()["lease"]  # 10,000 left
+    clock.advance(seconds=30)  # +50,000 at 100,000 a minute: full while the call still runs
+    daemons[0].evaluate()
+    assert bucket_rows(engine) == []
+    event = {
+        "request_id": "req_over",
+        "timestamp": NOW.isoformat(),
+        "model": HAIKU,
+        "usage": {"input_tokens": 45_000, "output_tokens": 5},  # 5,000 more than estimated
+        "attributes": {"project": "rated", "user": "a"},
+        "lease": lease,
+    }
+    assert post(urls[1], "/v1/usage", event).status == 202
+    # The 5,000 owed come off the full 50,000: 45,000 are there, not 45,001 (1 token at 100,000 a minute: 1 s).
+    refused = admit(urls[2], project="rated", user="b", estimated_input_tokens=45_001)
+    assert refused.status == 429 and refused.json()["refused_by"]["name"] == "tokens"
+    assert refused.headers["retry-after"] == "1"
+    assert admit(urls[2], project="rated", user="b", estimated_input_tokens=45_000).status == 200
