@@ -16,11 +16,12 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, create_engine
 
+from monitor.budgets.shared_admission import SharedAdmission
 from monitor.config import ConfigError, admission_in_database, load_settings
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
@@ -493,6 +494,7 @@ def test_the_sweep_deletes_buckets_back_at_burst_and_keeps_one_mid_refill_with_i
         200
     ] * 20 + [429]
     assert len(bucket_rows(engine)) == 7  # 6 request buckets, 1 input-token bucket
+    cast(SharedAdmission, daemons[0].admission).sweep_chunk = 2  # read in 4 transactions: the chunks join up
     daemons[0].evaluate()  # no time has passed: none is full again
     assert len(bucket_rows(engine)) == 7
 

@@ -46,6 +46,7 @@ from monitor.usage import Usage
 
 log = logging.getLogger(__name__)
 SWEEP_CHUNK = 1000  # stored buckets the sweep reads per transaction
+SWEEP_CHUNKS = 20  # transactions of buckets per sweep: the next sweep goes on from where this one stopped
 
 
 def _warn_away(action: str, exc: SQLAlchemyError) -> None:
@@ -97,6 +98,7 @@ class SharedAdmission(Admission):
         )
         self._last_totals = store.HeldTotals({}, {}, 0)
         self.sweep_chunk = SWEEP_CHUNK
+        self._bucket_cursor: tuple[str, str, str] | None = None  # where the last sweep stopped reading buckets
 
     # --- admit -----------------------------------------------------------------------------------------------
 
@@ -331,14 +333,15 @@ class SharedAdmission(Admission):
     def _drop_full_buckets(self, now: datetime) -> int:
         """Delete the stored buckets that are full by `now` — their level refilled since their last update at their
         limit's rate, as the memory state decides — and those of limits or kinds no longer configured; `sweep_chunk`
-        buckets read per transaction. A bucket refunds wait for stays until they are folded into it."""
+        buckets read per transaction, at most SWEEP_CHUNKS transactions a sweep (the next goes on from there). A
+        bucket refunds wait for stays until they are folded into it."""
         rates: dict[tuple[str, str], tuple[int | None, int]] = {}
         for limit in self.limits:
             rates[limit.name, "rpm"] = (limit.requests_per_minute, limit.burst)
             rates[limit.name, "itpm"] = (limit.input_tokens_per_minute, limit.input_tokens_burst)
-        after: tuple[str, str, str] | None = None
         dropped = 0
-        while True:
+        for _chunk in range(SWEEP_CHUNKS):
+            after = self._bucket_cursor
             with self._engine.begin() as connection:
                 rows = store.bucket_chunk(connection, after, self.sweep_chunk)
                 full = []
@@ -353,8 +356,10 @@ class SharedAdmission(Admission):
                         full.append((name, scope, kind, level, at))
                 dropped += store.drop_buckets(connection, full)
             if len(rows) < self.sweep_chunk:
-                return dropped
-            after = (rows[-1][0], rows[-1][1], rows[-1][2])
+                self._bucket_cursor = None  # the end: the next sweep starts again from the first
+                break
+            self._bucket_cursor = (rows[-1][0], rows[-1][1], rows[-1][2])
+        return dropped
 
     def spend_mark(self) -> int:
         """Ceilings are not used: spend is read in every admit's transaction."""
