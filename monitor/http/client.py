@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from monitor import __version__
-from monitor.estimate import input_token_bound
-from monitor.httppool import ConnectionPool
+from monitor.http.estimate import input_token_bound
+from monitor.http.pool import ConnectionPool
 
 if TYPE_CHECKING:
     from anthropic.types import Message, RawMessageStreamEvent
@@ -546,7 +546,7 @@ class MonitorClient:
     ) -> Lease:
         """Ask the daemon to admit one call before sending it; the Lease, or AdmissionRefused.
 
-        Give the Messages API body as `request` (its input is bounded from its bytes, see `monitor.estimate`) or
+        Give the Messages API body as `request` (its input is bounded from its bytes, see `monitor.http.estimate`) or
         your own `estimated_input_tokens`, which must never be below what the call is billed for. Raises
         MonitorError (status None) when the daemon cannot be reached: your fail-open or fail-closed policy decides.
         """
