@@ -18,10 +18,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor import report as report_mod
-from monitor.alerts import validate_webhooks
+from monitor.alerts.notifier import validate_webhooks
+from monitor.budgets.engine import DefinitionChange, state_json
+from monitor.budgets.throttle import iso
+from monitor.budgets.windows import Calendar, calendar_window
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
-from monitor.evaluation import DefinitionChange, state_json
 from monitor.explain import explain, reconcile_explained
 from monitor.ingest.files import ingest_files
 from monitor.pricing import format_usd
@@ -29,8 +31,6 @@ from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import Store, build_price_table, open_store
 from monitor.store.db import SchemaNotCurrent
 from monitor.store.models import budget_definitions, events
-from monitor.throttle import iso
-from monitor.windows import Calendar, calendar_window
 
 log = logging.getLogger("monitor")
 

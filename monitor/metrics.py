@@ -26,17 +26,17 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.admission import Admission
 from monitor.budgets import scope_key
-from monitor.evaluation import BudgetEngine, DefinitionChange
+from monitor.budgets.admission import Admission
+from monitor.budgets.engine import BudgetEngine, DefinitionChange
+from monitor.budgets.throttle import ThrottleState
+from monitor.budgets.windows import calendar_window
 from monitor.ingest.writer import LATENCY_BUCKETS, UNPRICED_LABEL
 from monitor.pricing import UNPRICED
 from monitor.reconcile.runner import Reconciler, Snapshot
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
 from monitor.store.rollup import BUCKET, TOKEN_FIELDS, RollupCounts, bucket_of, window_totals
-from monitor.throttle import ThrottleState
-from monitor.windows import calendar_window
 
 PICO = 10**12
 _USAGE_COUNTERS = frozenset({"requests", "cost_pico", "tokens"})  # the counters labelled by metrics.labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -16,21 +17,22 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
-from monitor.admission import Admission, MemoryBounds
-from monitor.alerts import Notifier, validate_webhooks
+from monitor.alerts.notifier import Notifier, validate_webhooks
 from monitor.budgets import BudgetIndex, compile_budgets
+from monitor.budgets.admission import Admission, MemoryBounds
+from monitor.budgets.engine import BudgetEngine, DefinitionChange
+from monitor.budgets.limits import compile_limits
 from monitor.budgets.shared_admission import SharedAdmission
+from monitor.budgets.throttle import ThrottleState
 from monitor.clock import Clock, system_clock
 from monitor.config import ConfigError, LoadedSettings, Settings, admission_in_database, parse_duration
-from monitor.evaluation import BudgetEngine, DefinitionChange
-from monitor.events import EventParser
 from monitor.http.api import HTTP_SOURCE, Api, ApiApp
-from monitor.http.ingest_process import IngestProcess
 from monitor.http.server import BindError, HttpServer, ServerLimits
+from monitor.ingest.parse import EventParser
 from monitor.ingest.watch import Watcher, follow
+from monitor.ingest.worker import IngestProcess
 from monitor.ingest.writer import BatchResult, Writer
 from monitor.leader import Leadership
-from monitor.limits import compile_limits
 from monitor.metrics import (
     AdmissionCollector,
     DefinitionsCollector,
@@ -52,7 +54,6 @@ from monitor.store.leases import settler_for
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
 from monitor.store.partitions import drop_expired_events, prepare_partitions
 from monitor.store.reprice import Repricer
-from monitor.throttle import ThrottleState
 
 log = logging.getLogger(__name__)
 TAIL_INTERVAL_S = 0.2
@@ -611,6 +612,10 @@ class Daemon:
             self.scheduler.add_job(
                 self.jobs.run, "interval", args=["deliver", self.deliver], seconds=DELIVER_EVERY_S, id="deliver"
             )
+        # What start-up built (modules, settings, the price table, the first evaluation's state) lives as long as the
+        # daemon: frozen, the collector's full passes stop walking it, so they stay short pauses on the answering loop.
+        gc.collect()
+        gc.freeze()
         self.scheduler.start()
         self.server.start()
         if self.ops_server is not None:

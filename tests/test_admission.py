@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
 from monitor.config import load_settings
-from monitor.estimate import IMAGE_ALLOWANCE, TOOLS_ALLOWANCE, input_token_bound
+from monitor.http.estimate import IMAGE_ALLOWANCE, TOOLS_ALLOWANCE, input_token_bound
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, request

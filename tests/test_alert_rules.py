@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitor.admission import AdmissionStats
+from monitor.budgets.admission import AdmissionStats
 from monitor.metrics import (
     AdmissionCollector,
     MonitorCollector,

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select
 
-from monitor.alerts import Notice, Notifier, backoff, slack_payload, validate_webhooks
+from monitor.alerts.notifier import Notice, Notifier, backoff, slack_payload, validate_webhooks
 from monitor.config import ConfigError, WebhookConfig, load_settings, parse_duration
 from monitor.service import Store, open_store
 from monitor.store.models import alert_deliveries, alert_notices
@@ -367,7 +367,7 @@ def test_each_webhook_is_delivered_on_its_own_a_4xx_is_final_and_429_waits_for_r
     try:
         receiver.status, receiver.answer = 400, b'{"error": "no such channel"}'
         other.status, other.answer_headers = 429, {"Retry-After": "120"}
-        caplog.set_level(logging.WARNING, logger="monitor.alerts")
+        caplog.set_level(logging.WARNING, logger="monitor.alerts.notifier")
         monitor.spend("6")
         monitor.cycle()
         states = {d["webhook"]: d for d in monitor.deliveries()}

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from monitor.config import ConfigError, load_settings
-from monitor.events import Event, Rejected
+from monitor.ingest.parse import Event, Rejected
 from monitor.pricing import load_price_table
 from monitor.service import Store, open_store
 from monitor.store.models import counters, events, label_values

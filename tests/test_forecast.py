@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from monitor.budgets.engine import state_json
 from monitor.config import load_settings
-from monitor.evaluation import state_json
 from monitor.service import open_store
 from monitor.simulate import _density as simulated_rate  # relative request rate at a UTC millisecond
 from tests.conftest import FakeClock, write_config

@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from monitor.events import Event, EventParser, Rejected
+from monitor.ingest.parse import Event, EventParser, Rejected
 from tests.fuzzing import DIMENSIONS, dumps, events, json_values, lines
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

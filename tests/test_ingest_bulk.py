@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from monitor.config import ModelPricing, load_settings
-from monitor.events import Event, EventParser, Rejected
 from monitor.ingest.files import ingest_files
+from monitor.ingest.parse import Event, EventParser, Rejected
 from monitor.ingest.writer import Item
 from monitor.pricing import load_price_table, usd
 from monitor.service import Store, open_store

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from monitor.budgets.engine import read_budgets
 from monitor.config import load_settings
-from monitor.evaluation import read_budgets
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, request, wait_until

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from monitor.config import load_settings
-from monitor.events import Event, Rejected
+from monitor.ingest.parse import Event, Rejected
 from monitor.service import Store, open_store
 from monitor.store.models import budget_usage, counters, dead_letters, events
 from tests.conftest import REPO, FakeClock, run_cli, write_config

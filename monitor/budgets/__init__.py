@@ -13,10 +13,10 @@ from decimal import Decimal
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from monitor.budgets.counters import Usage
+from monitor.budgets.windows import calendar_window
 from monitor.config import BudgetConfig, Window
 from monitor.pricing import PICO_PER_USD, PriceTable
-from monitor.usage import Usage
-from monitor.windows import calendar_window
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Rolling windows are kept in buckets: 1 minute, or 1/1440 of the span when that is longer (a 30-day window in

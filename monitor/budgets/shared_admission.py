@@ -21,7 +21,8 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.admission import (
+from monitor.budgets import BudgetIndex
+from monitor.budgets.admission import (
     Admission,
     AdmissionAway,
     AdmissionStats,
@@ -36,13 +37,12 @@ from monitor.admission import (
     concurrency_refusal,
     rate_refusal,
 )
-from monitor.budgets import BudgetIndex
-from monitor.evaluation import Ceiling
-from monitor.events import EventParser, Rejected
-from monitor.limits import Limit, TokenBucket
+from monitor.budgets.counters import Usage
+from monitor.budgets.engine import Ceiling
+from monitor.budgets.limits import Limit, TokenBucket
+from monitor.ingest.parse import EventParser, Rejected
 from monitor.pricing import PriceTable
 from monitor.store import leases as store
-from monitor.usage import Usage
 
 log = logging.getLogger(__name__)
 SWEEP_CHUNK = 1000  # stored buckets the sweep reads per transaction

@@ -21,10 +21,18 @@ from urllib.parse import parse_qsl
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.admission import Admission, AdmissionAway, Admitted, BadAdmit, NeedsRead, Refused, Unavailable, parse_admit
-from monitor.evaluation import BudgetEngine, state_json
-from monitor.events import EventParser, Rejected, redact
-from monitor.http.ingest_process import IngestProcess, IngestProcessFailed, StorageUnavailable
+from monitor.budgets.admission import (
+    Admission,
+    AdmissionAway,
+    Admitted,
+    BadAdmit,
+    NeedsRead,
+    Refused,
+    Unavailable,
+    parse_admit,
+)
+from monitor.budgets.engine import BudgetEngine, state_json
+from monitor.budgets.throttle import iso
 from monitor.http.server import (
     BadLength,
     BodyTimeout,
@@ -44,9 +52,10 @@ from monitor.http.server import (
 )
 from monitor.ingest.body import NotJsonNorNdjson, TooManyEvents, split_body
 from monitor.ingest.group import GroupCommit
+from monitor.ingest.parse import EventParser, Rejected, redact
+from monitor.ingest.worker import IngestProcess, IngestProcessFailed, StorageUnavailable
 from monitor.ingest.writer import Batch, BatchResult, LetterCap, Writer
 from monitor.pricing import PriceTable, format_usd
-from monitor.throttle import iso
 
 log = logging.getLogger(__name__)
 HTTP_SOURCE = "http"

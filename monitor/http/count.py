@@ -1,6 +1,6 @@
 """The input a call is admitted on, counted by Anthropic's `POST /v1/messages/count_tokens` (`proxy.count_tokens`).
 
-The byte bound (monitor.estimate) never undercounts but is loose: usually 3-4 times the real count for English,
+The byte bound (monitor.http.estimate) never undercounts but is loose: usually 3-4 times the real count for English,
 3 bytes a character of CJK text, every byte of a base64 image or PDF (an image costs a few thousand tokens). A
 loose estimate refuses calls that fit `max_input_tokens`, `max_request_usd` or a tight budget, and holds more than
 needed while a call runs. When the option is on, the proxy asks upstream for the count first (count_tokens is
@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx2
 
-from monitor.estimate import input_token_bound
+from monitor.http.estimate import input_token_bound
 from monitor.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ echoed, logged or stored either). The caller's identity is its client's fixed at
 client may assert; only the API's own headers go upstream. A model the price table does not know is refused 400
 (with the nearest known name) unless `proxy.allow_unpriced_models`.
 
-- `POST /v1/messages`: checked with `monitor.client` (the model as the price table names it), forwarded, and its
+- `POST /v1/messages`: checked with `monitor.http.client` (the model as the price table names it), forwarded, and its
   answer passed back unchanged — JSON whole, `stream: true` server-sent events byte for byte as they arrive, on
   the event loop (a stream costs a task and its buffers, not a thread). One usage event per upstream call is
   posted when the upstream response ends, before the client sees the end of the response, so the caller's next
@@ -49,10 +49,9 @@ from urllib.parse import urlsplit
 import httpx2
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from monitor.client import MonitorClient, MonitorError, Verdict
 from monitor.config import ConfigError, LoadedSettings, parse_duration
-from monitor.events import redact
 from monitor.http.admit import FAIL_MODE_HEADER, Denied, Gate
+from monitor.http.client import MonitorClient, MonitorError, Verdict
 from monitor.http.clients import ProxyClient, ProxyClients, Refused, forwarded
 from monitor.http.count import InputCounter
 from monitor.http.server import (
@@ -74,6 +73,7 @@ from monitor.http.server import (
     settle_heap,
 )
 from monitor.http.sse import SseUsage
+from monitor.ingest.parse import redact
 from monitor.metrics import ProxyMetrics
 from monitor.pricing import PriceTable
 from monitor.signals import StopSignals

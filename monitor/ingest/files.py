@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from monitor.events import EventParser, Rejected, redact
 from monitor.ingest.ahead import FileFailed, ParseAhead, Parsed
+from monitor.ingest.parse import EventParser, Rejected, redact
 from monitor.ingest.writer import BatchResult, Item, Writer
 
 MAX_LINE_BYTES = 1024 * 1024

@@ -47,8 +47,8 @@ from typing import IO, BinaryIO, cast
 from sqlalchemy import Engine, delete, select
 
 from monitor.config import SourceConfig
-from monitor.events import EventParser, Rejected
 from monitor.ingest.files import read_lines
+from monitor.ingest.parse import EventParser, Rejected
 from monitor.ingest.writer import BatchResult, Item, Offset, Writer
 from monitor.store.models import source_offsets
 

@@ -17,7 +17,8 @@ import orjson
 from sqlalchemy import Connection, Engine
 
 from monitor.budgets import Budget, BudgetIndex
-from monitor.events import Event, Rejected
+from monitor.budgets.counters import USAGE_FIELDS, Usage
+from monitor.ingest.parse import Event, Rejected
 from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.bulk_pg import BulkUpsert
 from monitor.store.labels import OTHER, LabelGate
@@ -37,7 +38,6 @@ from monitor.store.rollup import (
 )
 from monitor.store.sqlite_events import add_rows, sqlite_datetime
 from monitor.store.sqlite_events import insert_new_events as insert_new_sqlite_events
-from monitor.usage import USAGE_FIELDS, Usage
 
 # claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

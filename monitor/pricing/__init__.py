@@ -17,7 +17,7 @@ from monitor.config import ModelPricing, RateConfig
 from monitor.yamlio import load_yaml
 
 if TYPE_CHECKING:
-    from monitor.events import Event
+    from monitor.ingest.parse import Event
 
 PICO_PER_USD = 10**12
 # USD per million tokens -> pico-dollars per token: x 10^12 / 10^6.

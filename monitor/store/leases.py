@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
+from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.config import Settings, admission_in_database
 from monitor.store.models import (
     admission_buckets,
@@ -37,7 +38,6 @@ from monitor.store.models import (
     admission_refunds,
     event_ids,
 )
-from monitor.usage import USAGE_FIELDS, Usage
 
 # The leader and label locks are single bigint keys too; a scope hashing onto one of them moves aside.
 _RESERVED_KEYS = frozenset({0x636C6D6C6162656C})

@@ -31,13 +31,13 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, bindparam, delete, func, select, tuple_, update
 
 from monitor.budgets import BudgetIndex
-from monitor.events import Event
+from monitor.budgets.counters import USAGE_FIELDS, Usage
+from monitor.ingest.parse import Event
 from monitor.pricing import Price, PriceTable
 from monitor.store.labels import FREE_VALUES, OTHER
 from monitor.store.models import budget_usage, counters, events, label_values, usage_rollup
 from monitor.store.queries import upsert_adding
 from monitor.store.rollup import ROLLUP_FIELDS, bucket_of, labels_json, service_tier, status_class
-from monitor.usage import USAGE_FIELDS, Usage
 
 DEFAULT_BATCH = 1000
 UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total, as the write path names it

@@ -11,8 +11,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from monitor.budgets import scope_key
+from monitor.budgets.throttle import iso
 from monitor.pricing import format_usd
-from monitor.throttle import iso
 
 # The names of the shipped Prometheus rules (dashboards/prometheus/alerts.yaml): one runbook, one set of routes.
 _ALERTNAMES = {

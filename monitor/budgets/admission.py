@@ -32,12 +32,12 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Engine
 
 from monitor.budgets import Budget, BudgetIndex
-from monitor.evaluation import Ceiling
-from monitor.events import Event, EventParser, Rejected
-from monitor.limits import Limit, TokenBucket, describe_scope, scope_key_of, worst_case_pico
+from monitor.budgets.counters import Usage
+from monitor.budgets.engine import Ceiling
+from monitor.budgets.limits import Limit, TokenBucket, describe_scope, scope_key_of, worst_case_pico
+from monitor.ingest.parse import Event, EventParser, Rejected
 from monitor.pricing import PriceTable, format_usd
 from monitor.store.queries import scope_totals
-from monitor.usage import Usage
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 10_000_000

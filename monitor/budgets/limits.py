@@ -9,7 +9,7 @@ from datetime import datetime
 
 from monitor.budgets import scope_for, scope_key
 from monitor.config import LimitConfig
-from monitor.events import Event
+from monitor.ingest.parse import Event
 from monitor.pricing import PICO_PER_USD, PriceTable
 
 
