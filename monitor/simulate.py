@@ -621,8 +621,8 @@ class LearnerRow:
     user: str
     before_pico: int  # spend in the budget's current window stamped before the live run started
     live_pico: int  # spend of the calls the daemon admitted during the live run
-    admitted: int
-    refused: int
+    admitted: int  # calls of the live run the budget counts (stored: admitted and made)
+    refused: int  # calls of the live run the budget refused
 
 
 def refused_learners(outcome: LiveOutcome, budget: BudgetConfig, engine: Engine, zone: Any) -> list[LearnerRow]:
@@ -637,14 +637,24 @@ def refused_learners(outcome: LiveOutcome, budget: BudgetConfig, engine: Engine,
     else:
         window_start, _ = calendar_window(window.kind, outcome.started, zone)
     key = budget.per or "user"
-    before = build_report(engine, since=window_start, until=outcome.started, by=[key])
-    live = build_report(engine, since=outcome.started, until=None, by=[key])
-    before_by = {row.keys[key]: row.cost_pico for row in before.rows}
-    live_by = {row.keys[key]: row.cost_pico for row in live.rows}
+    # Only what the budget counts: the learner's calls its match selects (another project's are not its spend).
+    by = [key, *sorted(k for k in budget.match if k != key)]
+
+    def spend(since: datetime, until: datetime | None) -> dict[str | None, tuple[int, int]]:
+        """Learner -> (cost, requests) of the calls the budget counts, stamped in [since, until)."""
+        out: dict[str | None, tuple[int, int]] = {}
+        for row in build_report(engine, since=since, until=until, by=by).rows:
+            if all(row.keys[k] == v for k, v in budget.match.items() if k != key):
+                cost, requests = out.get(row.keys[key], (0, 0))
+                out[row.keys[key]] = (cost + row.cost_pico, requests + row.counts["requests"])
+        return out
+
+    before_by = spend(window_start, outcome.started)
+    live_by = spend(outcome.started, None)
     rows = [
-        LearnerRow(user, before_by.get(user, 0), live_by.get(user, 0), outcome.admitted_by_user.get(user, 0), n)
-        for user, by in outcome.refused_by_user.items()
-        if (n := by.get(budget.name, 0))
+        LearnerRow(user, before_by.get(user, (0, 0))[0], *live_by.get(user, (0, 0)), refused)
+        for user, refusals in outcome.refused_by_user.items()
+        if (refused := refusals.get(budget.name, 0))
     ]
     rows.sort(key=lambda row: (-row.before_pico, row.user))
     return rows
@@ -672,15 +682,17 @@ def explain_live(
         f"{'learner':<10}  {'spent before the daemon watched':>31}  {'live calls admitted':>19}"
         f"  {'refused':>7}  {'live spend':>10}  {'spend today':>11}",
     ]
-    for row in rows[:shown]:
+    # The learners who reached the cap live are the ones whose spend admission held: show them past the top too.
+    listed = rows[:shown] + [row for row in rows[shown:] if row.before_pico < cap][:shown]
+    for row in listed:
         lines.append(
             f"{row.user:<10}  {_usd(row.before_pico):>31}  {row.admitted:>19}  {row.refused:>7}"
             f"  {_usd(row.live_pico):>10}  {_usd(row.before_pico + row.live_pico):>11}"
         )
-    if len(rows) > shown:
-        rest = rows[shown:]
+    if len(rows) > len(listed):
+        rest = [row for row in rows if row not in listed]
         lines.append(
-            f"... and {len(rest)} more learners: {sum(r.refused for r in rest)} calls refused, "
+            f"... and {len(rest)} more: {sum(r.refused for r in rest)} calls refused, "
             f"{_usd(sum(r.live_pico for r in rest))} live spend"
         )
     text = (
@@ -688,14 +700,14 @@ def explain_live(
         f"before the daemon watched them, so nothing could refuse them: that is why learners stand at several times "
         f"their {_usd(cap)} cap there. The throttle acts on calls before they are made. In the live phase "
         f"({duration_s:g} s) each of {outcome.calls} simulated calls asked the daemon first (POST /v1/admit); it "
-        f"admitted {outcome.admitted} and refused {refused} calls of the {len(rows)} learners above, because their "
+        f"admitted {outcome.admitted} and refused {refused} calls of the {_learners(len(rows))} above, because their "
         f"spend today plus the call's worst case would have passed {_usd(cap)}. A refused call is never sent and "
-        f"costs nothing: the {len(already_over)} learners already past the cap spent "
+        f"costs nothing: the {_learners(len(already_over))} already past the cap spent "
         f"{_usd(sum(row.live_pico for row in already_over))} in the live phase"
     )
     if reached:
         text += (
-            f", and the {len(reached)} who reached it during the live phase spent "
+            f", and the {_learners(len(reached))} who reached it during the live phase spent "
             f"{_usd(sum(row.live_pico for row in reached))} there"
         )
     if past:
@@ -705,6 +717,11 @@ def explain_live(
     if outcome.unanswered:
         text += f" {outcome.unanswered} calls got no answer from the daemon and were not made."
     return "\n".join([*lines, "", *_wrap(text, 110)]) + "\n"
+
+
+def _learners(n: int) -> str:
+    """'1 learner', '2 learners'."""
+    return f"{n} learner" if n == 1 else f"{n} learners"
 
 
 def _wrap(text: str, width: int) -> list[str]:
