@@ -550,13 +550,18 @@ class LiveOutcome:
     admitted_by_user: dict[str, int] = field(default_factory=dict)
     refused_by_user: dict[str, dict[str, int]] = field(default_factory=dict)  # user -> refusing limit -> calls
 
+    @property
+    def refused(self) -> int:
+        """Calls the daemon refused, by any limit."""
+        return sum(sum(by.values()) for by in self.refused_by_user.values())
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the CLI prints it)."""
         return {
             "started": self.started.isoformat().replace("+00:00", "Z"),
             "calls": self.calls,
             "admitted": self.admitted,
-            "refused": sum(sum(by.values()) for by in self.refused_by_user.values()),
+            "refused": self.refused,
             "unanswered": self.unanswered,
             "admitted_by_user": dict(sorted(self.admitted_by_user.items())),
             "refused_by_user": {user: dict(sorted(by.items())) for user, by in sorted(self.refused_by_user.items())},
@@ -573,16 +578,18 @@ def run_admitted(
     clock: Callable[[], datetime],
     sleep: Callable[[float], None],
     users: int = 20_000,
+    make_event: Callable[[int, str], dict[str, Any]] | None = None,
 ) -> LiveOutcome:
     """Like run_live, but each simulated call asks the daemon to admit it first: a refused call is never made.
 
     An admitted call's event carries its lease and is appended to out_path; the lease is then released with the
     call's usage, so the daemon holds the real cost from that moment, before its tailer reads the line.
+    `make_event(ms, request_id)` builds each call's event (default: the app's traffic drawn from `seed`).
     """
     from monitor.client import AdmissionRefused, MonitorError
 
     _check_live(rate, duration_s, users)
-    maker = _Maker(random.Random(seed), users)
+    make = make_event or _Maker(random.Random(seed), users).event
     begun = clock()
     run = _to_ms(begun)
     outcome = LiveOutcome(started=begun)
@@ -593,7 +600,7 @@ def run_admitted(
             if wait > 0:
                 sleep(wait)
             outcome.calls += 1
-            event = maker.event(_to_ms(clock()), f"req_sim_{seed}_{run}_{outcome.calls}")
+            event = make(_to_ms(clock()), f"req_sim_{seed}_{run}_{outcome.calls}")
             user = event["attributes"]["user"]
             try:
                 lease = client.admit(**admission_request(event))
@@ -661,10 +668,10 @@ def refused_learners(outcome: LiveOutcome, budget: BudgetConfig, engine: Engine,
 
 
 def _usd(pico: int) -> str:
-    """Pico-dollars as dollars and cents, rounded half-even (display only: sums use the exact integers)."""
-    from decimal import ROUND_HALF_EVEN, Decimal
-
-    return f"${(Decimal(pico) / 10**12).quantize(Decimal('0.01'), ROUND_HALF_EVEN):,}"
+    """Pico-dollars as exact dollars: every digit kept, at least cents ($8.4612345, $0.075, $1.50)."""
+    dollars, rest = divmod(pico, 10**12)
+    cents = f"{rest:012d}".rstrip("0").ljust(2, "0")
+    return f"${dollars:,}.{cents}"
 
 
 def explain_live(
@@ -677,17 +684,20 @@ def explain_live(
     already_over = [row for row in rows if row.before_pico >= cap]
     reached = [row for row in rows if row.before_pico < cap]
     past = [row.user for row in rows if row.live_pico and row.before_pico + row.live_pico > cap]
+    elsewhere = outcome.refused - refused
+    others = f" ({elsewhere} more calls were refused by other limits)" if elsewhere else ""
+    today = "spend today" if budget.window == "day" else "in window"
     lines = [
         f"== what the throttle did to the live traffic ({budget.name}: {_usd(cap)} per learner per {budget.window})",
         f"{'learner':<10}  {'spent before the daemon watched':>31}  {'live calls admitted':>19}"
-        f"  {'refused':>7}  {'live spend':>10}  {'spend today':>11}",
+        f"  {'refused':>7}  {'live spend':>14}  {today:>14}",
     ]
     # The learners who reached the cap live are the ones whose spend admission held: show them past the top too.
     listed = rows[:shown] + [row for row in rows[shown:] if row.before_pico < cap][:shown]
     for row in listed:
         lines.append(
             f"{row.user:<10}  {_usd(row.before_pico):>31}  {row.admitted:>19}  {row.refused:>7}"
-            f"  {_usd(row.live_pico):>10}  {_usd(row.before_pico + row.live_pico):>11}"
+            f"  {_usd(row.live_pico):>14}  {_usd(row.before_pico + row.live_pico):>14}"
         )
     if len(rows) > len(listed):
         rest = [row for row in rows if row not in listed]
@@ -700,8 +710,8 @@ def explain_live(
         f"before the daemon watched them, so nothing could refuse them: that is why learners stand at several times "
         f"their {_usd(cap)} cap there. The throttle acts on calls before they are made. In the live phase "
         f"({duration_s:g} s) each of {outcome.calls} simulated calls asked the daemon first (POST /v1/admit); it "
-        f"admitted {outcome.admitted} and refused {refused} calls of the {_learners(len(rows))} above, because their "
-        f"spend today plus the call's worst case would have passed {_usd(cap)}. A refused call is never sent and "
+        f"admitted {outcome.admitted} calls and refused {refused} calls by the {_learners(len(rows))} above, whose "
+        f"spend plus the call's worst case would have passed {_usd(cap)}{others}. A refused call is never sent and "
         f"costs nothing: the {_learners(len(already_over))} already past the cap spent "
         f"{_usd(sum(row.live_pico for row in already_over))} in the live phase"
     )
