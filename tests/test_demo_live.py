@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
+from monitor.cli import main
 from monitor.client import MonitorClient
 from monitor.config import load_settings
 from monitor.simulate import LiveOutcome, admission_request, explain_live, refused_learners, run_admitted
@@ -159,3 +160,28 @@ def test_the_outcome_prints_as_json() -> None:
         "admitted_by_user": {"ben": 1},
         "refused_by_user": {"ana": {"per-user-daily": 2}},
     }
+
+
+def test_the_command_explains_a_live_run_from_the_store(
+    serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One learner, u-000001, already at $1.50 of lingo spend today: every lingo call it makes live is refused.
+    stamp = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
+    history = [{**event("u-000001", 500_000, 0), "request_id": f"h-{i}", "timestamp": stamp} for i in range(3)]
+    (tmp_path / "usage" / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))
+    wait_until(lambda: sum_metric(serve.metrics(), "claude_requests_total") >= 3)
+    monkeypatch.setenv("CLAUDE_MONITOR_INGEST_TOKEN", TOKEN)
+    config = str(tmp_path / "claude-monitor.yaml")
+    args = ["simulate", "--config", config, "--live", "--admit", serve.url, "--rate", "40", "--duration", "0.5"]
+    assert main([*args, "--users", "1", "--seed", "5", "--out", str(tmp_path / "usage"), "--explain"]) == 0
+    text = capsys.readouterr().out
+    row = next(line.split() for line in text.splitlines() if line.startswith("u-000001"))
+    assert row[1] == "$1.50" and row[2] == "0" and int(row[3]) > 0 and row[4:] == ["$0.00", "$1.50"]
+    assert "the 1 learner already past the cap spent $0.00 in the live phase" in " ".join(text.split())
+
+
+def test_explain_and_admit_need_a_live_run(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--config", str(config_path), "--explain"]) == 2
+    assert "--explain tells what admission refused: it needs --live --admit URL" in capsys.readouterr().err
+    assert main(["simulate", "--config", str(config_path), "--admit", "http://127.0.0.1:9"]) == 2
+    assert "--admit URL: only live traffic can ask the daemon before each call; add --live" in capsys.readouterr().err
