@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
     from sqlalchemy.engine import Engine
 
     from monitor.client import MonitorClient
@@ -617,7 +620,9 @@ def run_admitted(
             handle.flush()
             outcome.admitted += 1
             outcome.admitted_by_user[user] = outcome.admitted_by_user.get(user, 0) + 1
-            client.release(lease, request_id=event["request_id"], usage=event["usage"])
+            # Unreachable now, the daemon still settles the lease: the event written above carries it.
+            with contextlib.suppress(MonitorError):
+                client.release(lease, request_id=event["request_id"], usage=event["usage"])
     return outcome
 
 
@@ -632,7 +637,7 @@ class LearnerRow:
     refused: int  # calls of the live run the budget refused
 
 
-def refused_learners(outcome: LiveOutcome, budget: BudgetConfig, engine: Engine, zone: Any) -> list[LearnerRow]:
+def refused_learners(outcome: LiveOutcome, budget: BudgetConfig, engine: Engine, zone: ZoneInfo) -> list[LearnerRow]:
     """Every learner `budget` refused a call of, with spend read from the store; most spent before first."""
     from monitor.report import build_report
     from monitor.windows import calendar_window
