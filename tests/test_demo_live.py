@@ -15,7 +15,14 @@ from sqlalchemy import create_engine
 from monitor.cli import main
 from monitor.client import MonitorClient
 from monitor.config import load_settings
-from monitor.simulate import LiveOutcome, admission_request, explain_live, refused_learners, run_admitted
+from monitor.simulate import (
+    LiveOutcome,
+    admission_request,
+    explain_live,
+    generate_events,
+    refused_learners,
+    run_admitted,
+)
 from tests.conftest import write_config
 from tests.serve_harness import TOKEN, Serve, sum_metric, wait_until
 
@@ -185,3 +192,12 @@ def test_explain_and_admit_need_a_live_run(config_path: Path, capsys: pytest.Cap
     assert "--explain tells what admission refused: it needs --live --admit URL" in capsys.readouterr().err
     assert main(["simulate", "--config", str(config_path), "--admit", "http://127.0.0.1:9"]) == 2
     assert "--admit URL: only live traffic can ask the daemon before each call; add --live" in capsys.readouterr().err
+
+
+def test_the_max_tokens_a_simulated_caller_asks_covers_every_output_it_draws() -> None:
+    # A week at 2 events a minute: nightly batches (400 more output tokens) and Sonnet's long prompts included.
+    start = datetime(2026, 11, 23, tzinfo=UTC)
+    lines = generate_events(count=20_160, start=start, end=start + timedelta(days=7), seed=11)
+    drawn = [json.loads(line) for line in lines]
+    assert any(e["batch"] for e in drawn)
+    assert all(e["usage"]["output_tokens"] <= admission_request(e)["max_tokens"] for e in drawn)
