@@ -65,6 +65,12 @@ def event(user: str, input_tokens: int, output_tokens: int, project: str = "ling
     }
 
 
+def earlier_today() -> str:
+    """A moment of today (UTC, the config's timezone) before now: when the replayed history happened."""
+    now = datetime.now(UTC)
+    return max(now - timedelta(seconds=2), now.replace(hour=0, minute=0, second=0, microsecond=0)).isoformat()
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Serve]:
     (tmp_path / "usage").mkdir()
@@ -91,7 +97,7 @@ def test_the_worst_case_a_simulated_caller_asks_covers_cache_writes_and_searches
 def test_live_callers_over_the_cap_are_refused_and_one_reaching_it_is_held_under(serve: Serve, tmp_path: Path) -> None:
     # Today's history, stamped before the daemon watched: ana $1.50 and ben $0.90 in lingo, cy $2.00 in
     # lingo-labs (another project: not what per-user-daily counts).
-    stamp = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
+    stamp = earlier_today()
     history = [{**event("ana", 500_000, 0), "request_id": f"h-ana-{i}", "timestamp": stamp} for i in range(3)] + [
         {**event("ben", 900_000, 0), "request_id": "h-ben", "timestamp": stamp},
         {**event("cy", 2_000_000, 0, project="lingo-labs"), "request_id": "h-cy", "timestamp": stamp},
@@ -173,7 +179,7 @@ def test_the_command_explains_a_live_run_from_the_store(
     serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # One learner, u-000001, already at $1.50 of lingo spend today: every lingo call it makes live is refused.
-    stamp = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
+    stamp = earlier_today()
     history = [{**event("u-000001", 500_000, 0), "request_id": f"h-{i}", "timestamp": stamp} for i in range(3)]
     (tmp_path / "usage" / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))
     wait_until(lambda: sum_metric(serve.metrics(), "claude_requests_total") >= 3)
