@@ -338,6 +338,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.explain and not args.admit:
+        raise UsageError("--explain tells what admission refused: it needs --live --admit URL")
+    if args.admit and not args.live:
+        raise UsageError("--admit URL: only live traffic can ask the daemon before each call; add --live")
+    if args.live and args.admit:
+        return _simulate_admitted(args, out / "usage-live.jsonl")
     if args.live:
         import time
 
@@ -366,6 +372,68 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     paths = simulate.write_files(lines, out, lines_per_file=args.lines_per_file)
     print(json.dumps({"events": count, "files": [str(p) for p in paths]}))
+    return 0
+
+
+def _simulate_admitted(args: argparse.Namespace, out_path: Path) -> int:
+    """Live traffic whose every call asks the daemon at --admit first; its outcome, or with --explain, in words."""
+    import time
+
+    from monitor import simulate
+    from monitor.client import MonitorClient, MonitorError
+
+    loaded = _settings(args)
+    settings = loaded.settings
+    token_env = settings.http.ingest_token_env
+    token = os.environ.get(token_env)
+    if not token:
+        raise UsageError(f"--admit: ${token_env} (http.ingest_token_env) must hold the daemon's ingest token")
+    explained = [b for b in settings.budgets if b.per and b.limit_usd is not None and b.throttle_at is not None]
+    if args.explain and not explained:
+        raise UsageError("--explain: the config has no per: budget in dollars with throttle_at to explain")
+    try:
+        client = MonitorClient(args.admit, token=token, background=False)
+    except (MonitorError, OSError) as exc:
+        raise UsageError(f"--admit {args.admit}: {exc}") from None
+    try:
+        outcome = simulate.run_admitted(
+            rate=args.rate,
+            duration_s=args.duration,
+            out_path=out_path,
+            client=client,
+            seed=args.seed,
+            clock=system_clock,
+            sleep=time.sleep,
+            users=args.users,
+        )
+    finally:
+        client.close()
+    if not args.explain:
+        print(json.dumps({**outcome.to_json(), "files": [str(out_path)]}))
+        return 0
+    store = open_store(loaded, migrate=False)
+    try:
+        # The daemon's tailer reads the admitted calls' lines a moment after they are written: wait until the
+        # store holds them all, so the spend below is the whole live phase.
+        deadline = time.monotonic() + args.wait
+        while True:
+            stored = report_mod.build_report(store.engine, since=outcome.started, until=None, by=[])
+            have = sum(row.counts["requests"] for row in stored.rows)
+            if have >= outcome.admitted:
+                break
+            if time.monotonic() > deadline:
+                print(
+                    f"claude-monitor: the store holds {have} of the {outcome.admitted} admitted live calls after "
+                    f"--wait {args.wait:g} s (is the daemon tailing {out_path}?)",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.1)
+        for budget in explained:
+            rows = simulate.refused_learners(outcome, budget, store.engine, settings.zone)
+            sys.stdout.write(simulate.explain_live(outcome, budget, rows, args.duration))
+    finally:
+        store.close()
     return 0
 
 
@@ -608,6 +676,24 @@ def _parser() -> argparse.ArgumentParser:
         "--live",
         action="store_true",
         help="append events stamped now to OUT/usage-live.jsonl at --rate for --duration seconds",
+    )
+    p.add_argument(
+        "--admit",
+        metavar="URL",
+        help="with --live: each call asks the daemon at URL (POST /v1/admit, ingest token) first; refused calls "
+        "are not made",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="with --admit: once the daemon has stored the admitted calls, tell per learner what was refused and "
+        "spent, instead of the JSON outcome",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="with --explain: seconds to wait for the daemon to store the admitted calls (default 60)",
     )
     p.set_defaults(func=cmd_simulate)
     return parser
