@@ -639,8 +639,8 @@ class LearnerRow:
 
 def refused_learners(outcome: LiveOutcome, budget: BudgetConfig, engine: Engine, zone: ZoneInfo) -> list[LearnerRow]:
     """Every learner `budget` refused a call of, with spend read from the store; most spent before first."""
+    from monitor.budgets.windows import calendar_window
     from monitor.report import build_report
-    from monitor.windows import calendar_window
 
     window = budget.parsed_window
     if window.kind == "rolling":
