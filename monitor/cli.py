@@ -26,6 +26,7 @@ from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.explain import explain, reconcile_explained
 from monitor.ingest.files import ingest_files
+from monitor.ingest.pipeline import Ingestor
 from monitor.pricing import format_usd
 from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import Store, build_price_table, open_store
@@ -168,7 +169,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         result, failed = ingest_files(
             [Path(p) for p in args.files],
             store.parser,
-            store.writer,
+            # A one-shot backfill: no proxy reads this process's flags; the daemon's next evaluation counts it all.
+            Ingestor(store.writer),
             batch_size=args.batch_size,
             on_error=lambda message: print(f"error: {message}", file=sys.stderr),
             parse_ahead=args.parse_process,

@@ -29,9 +29,10 @@ from monitor.config import ConfigError, LoadedSettings, Settings, admission_in_d
 from monitor.http.api import HTTP_SOURCE, Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.parse import EventParser
+from monitor.ingest.pipeline import Ingestor
 from monitor.ingest.watch import Watcher, follow
 from monitor.ingest.worker import IngestProcess
-from monitor.ingest.writer import BatchResult, Writer
+from monitor.ingest.writer import Writer
 from monitor.leader import Leadership
 from monitor.metrics import (
     AdmissionCollector,
@@ -79,6 +80,7 @@ class Store:
     parser: EventParser
     writer: Writer
     budgets: BudgetEngine
+    ingestor: Ingestor  # writes through `writer`, then updates `budgets`' flags
     closing: list[Callable[[], None]] = field(default_factory=list)  # run first by close (e.g. stop a worker)
 
     def close(self) -> None:
@@ -124,7 +126,7 @@ def open_store(
     )
     # A usage event settles its lease wherever it is stored (serve, its ingest worker, or ingest).
     writer.settle_leases = settler_for(settings)
-    return Store(settings, engine, prices, parser, writer, budgets)
+    return Store(settings, engine, prices, parser, writer, budgets, Ingestor(writer, budgets))
 
 
 def http_limits(settings: Settings) -> ServerLimits:
@@ -220,17 +222,6 @@ class Daemon:
         if self.ingest_process is not None:  # evaluations read every scope there too: 100,000 of them take a while
             self.budgets.reader = self.ingest_process.read_budgets
             self.store.closing.append(self.ingest_process.close)
-        self.tailers = [
-            Tailer(
-                source,
-                self.store.parser,
-                self.ingest_process or self.store.writer,  # type: ignore[arg-type]  # the worker quacks like a Writer
-                self.store.engine,
-                clock,
-                on_batch=self._after_batch,
-            )
-            for source in settings.sources
-        ]
         self.collector = MonitorCollector(
             self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock, models=self.store.prices.models
         )
@@ -267,6 +258,11 @@ class Daemon:
                     settings.admission.max_settled_remembered,
                 ),
             )
+        # Every source writes through this one: flags and admission follow each committed batch.
+        self.ingestor = Ingestor(self.ingest_process or self.store.writer, self.budgets, self.admission)
+        self.tailers = [
+            Tailer(source, self.store.parser, self.ingestor, self.store.engine, clock) for source in settings.sources
+        ]
         self.registry.register(AdmissionCollector(self.admission))
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)
@@ -303,7 +299,7 @@ class Daemon:
             )
         self.api = Api(
             parser=self.store.parser,
-            writer=self.store.writer,
+            ingestor=self.ingestor,
             budgets=self.budgets,
             prices=self.store.prices,
             dimensions=settings.dimensions,
@@ -523,10 +519,6 @@ class Daemon:
                 failed.append(f"{tailer.label}: {exc.__class__.__name__}: {exc}")
         if failed:
             raise RuntimeError("; ".join(failed))
-
-    def _after_batch(self, result: BatchResult) -> None:
-        self.budgets.on_batch(result.touched)
-        self.admission.on_batch(result.touched, result.settles)
 
     def _lag(self) -> dict[str, float]:
         return {tailer.source.label: tailer.lag_seconds() for tailer in self.tailers}

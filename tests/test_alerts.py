@@ -154,9 +154,8 @@ class Monitor:
             }
             for i in range(count)
         ]
-        result = self.store.writer.write([("test", self.store.parser.parse_object(e)) for e in events], "test")
+        result = self.store.ingestor.submit([("test", self.store.parser.parse_object(e)) for e in events], "test")
         assert result.accepted == count
-        self.store.budgets.on_batch(result.touched)
 
     def deliveries(self) -> list[dict[str, Any]]:
         with self.store.engine.connect() as connection:
