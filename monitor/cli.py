@@ -18,7 +18,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor import report as report_mod
-from monitor.alerts.notifier import validate_webhooks
 from monitor.budgets.engine import DefinitionChange, state_json
 from monitor.budgets.throttle import iso
 from monitor.budgets.windows import Calendar, calendar_window
@@ -63,7 +62,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config and explain it; say what it would change against the stored budget definitions."""
     loaded = _settings(args)
     prices = build_price_table(loaded)
-    validate_webhooks(loaded.settings.alerts.webhooks, str(loaded.path or "built-in defaults"))
     changes, note = _stored_definition_changes(loaded)
     if args.format == "json":
         print(
