@@ -69,7 +69,7 @@ class Problems(ValueError):
     """Every problem a section's checks found, each at its own key: all are reported, each with its line."""
 
     def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("; ".join(f"{p.shown or _format_loc(p.loc)}: {p.reason}" for p in problems))
+        super().__init__("; ".join(f"{p.shown or _shown_loc(p.loc)}: {p.reason}" for p in problems))
         self.problems = problems
 
 
