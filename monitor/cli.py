@@ -18,7 +18,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor import report as report_mod
-from monitor.alerts.notifier import validate_webhooks
 from monitor.budgets.engine import DefinitionChange, state_json
 from monitor.budgets.throttle import iso
 from monitor.budgets.windows import Calendar, calendar_window
@@ -26,6 +25,7 @@ from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.explain import explain, reconcile_explained
 from monitor.ingest.files import ingest_files
+from monitor.ingest.pipeline import Ingestor
 from monitor.pricing import format_usd
 from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import Store, build_price_table, open_store
@@ -62,7 +62,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config and explain it; say what it would change against the stored budget definitions."""
     loaded = _settings(args)
     prices = build_price_table(loaded)
-    validate_webhooks(loaded.settings.alerts.webhooks, str(loaded.path or "built-in defaults"))
     changes, note = _stored_definition_changes(loaded)
     if args.format == "json":
         print(
@@ -168,7 +167,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         result, failed = ingest_files(
             [Path(p) for p in args.files],
             store.parser,
-            store.writer,
+            # A one-shot backfill: no proxy reads this process's flags; the daemon's next evaluation counts it all.
+            Ingestor(store.writer),
             batch_size=args.batch_size,
             on_error=lambda message: print(f"error: {message}", file=sys.stderr),
             parse_ahead=args.parse_process,

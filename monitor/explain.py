@@ -15,7 +15,6 @@ from monitor.config import (
     ProxyConfig,
     ReconcileConfig,
     admission_in_database,
-    parse_duration,
 )
 from monitor.pricing import PriceTable
 from monitor.redaction import database_url, webhook_url
@@ -201,7 +200,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
         scope = ", ".join(f"{k}={v}" for k, v in entry.match.items()) or "all traffic"
         who = f"each {entry.per} of {scope}" if entry.per else scope
         lines.append(f"  - {entry.name}: {who}: " + "; ".join(_enforces(entry)))
-    ttl = parse_duration(s.admission.lease_ttl)
+    ttl = s.admission.lease_ttl.delta
     shared = admission_in_database(s)
     lines.append(
         f"admission leases: expire {s.admission.lease_ttl} after admit or their last renewal "

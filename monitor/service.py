@@ -17,7 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
-from monitor.alerts.notifier import Notifier, validate_webhooks
+from monitor.alerts.notifier import Notifier
 from monitor.budgets import BudgetIndex, compile_budgets
 from monitor.budgets.admission import Admission, MemoryBounds
 from monitor.budgets.engine import BudgetEngine, DefinitionChange
@@ -25,13 +25,14 @@ from monitor.budgets.limits import compile_limits
 from monitor.budgets.shared_admission import SharedAdmission
 from monitor.budgets.throttle import ThrottleState
 from monitor.clock import Clock, system_clock
-from monitor.config import ConfigError, LoadedSettings, Settings, admission_in_database, parse_duration
+from monitor.config import ConfigError, HostPort, LoadedSettings, Settings, admission_in_database
 from monitor.http.api import HTTP_SOURCE, Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.parse import EventParser
+from monitor.ingest.pipeline import Ingestor
 from monitor.ingest.watch import Watcher, follow
 from monitor.ingest.worker import IngestProcess
-from monitor.ingest.writer import BatchResult, Writer
+from monitor.ingest.writer import Writer
 from monitor.leader import Leadership
 from monitor.metrics import (
     AdmissionCollector,
@@ -61,12 +62,8 @@ DELIVER_EVERY_S = 5
 
 
 def build_price_table(loaded: LoadedSettings) -> PriceTable:
-    """The shipped table with the config's overrides; a conflict is a config error naming the file."""
-    try:
-        return load_price_table(loaded.settings.pricing.models)
-    except ValueError as exc:
-        where = loaded.path or "built-in defaults"
-        raise ConfigError(f"invalid configuration:\n  {where}: {exc}") from None
+    """The shipped table with the config's overrides (checked against it when the config was loaded)."""
+    return load_price_table(loaded.settings.pricing.models)
 
 
 @dataclass
@@ -79,6 +76,7 @@ class Store:
     parser: EventParser
     writer: Writer
     budgets: BudgetEngine
+    ingestor: Ingestor  # writes through `writer`, then updates `budgets`' flags
     closing: list[Callable[[], None]] = field(default_factory=list)  # run first by close (e.g. stop a worker)
 
     def close(self) -> None:
@@ -124,7 +122,7 @@ def open_store(
     )
     # A usage event settles its lease wherever it is stored (serve, its ingest worker, or ingest).
     writer.settle_leases = settler_for(settings)
-    return Store(settings, engine, prices, parser, writer, budgets)
+    return Store(settings, engine, prices, parser, writer, budgets, Ingestor(writer, budgets))
 
 
 def http_limits(settings: Settings) -> ServerLimits:
@@ -132,8 +130,8 @@ def http_limits(settings: Settings) -> ServerLimits:
     http = settings.http
     return ServerLimits(
         backlog=http.backlog,
-        header_timeout=parse_duration(http.header_timeout).total_seconds(),
-        keepalive_timeout=parse_duration(http.keepalive_timeout).total_seconds(),
+        header_timeout=http.header_timeout.seconds,
+        keepalive_timeout=http.keepalive_timeout.seconds,
         max_connections=http.max_connections,
         max_body_bytes=http.max_body_bytes,
     )
@@ -206,8 +204,6 @@ class Daemon:
         env = os.environ if environ is None else environ
         self.settings = settings = loaded.settings
         self.clock = clock
-        where = str(loaded.path or "built-in defaults")
-        validate_webhooks(settings.alerts.webhooks, where)  # a bad receiver fails `serve` before anything is touched
         self.store = open_store(loaded, clock, snapshot_file=Path(settings.throttle.snapshot_file))
         self.budgets = self.store.budgets
         self.mismatched: list[DefinitionChange] = []  # how this replica's budgets differ from the stored ones
@@ -220,17 +216,6 @@ class Daemon:
         if self.ingest_process is not None:  # evaluations read every scope there too: 100,000 of them take a while
             self.budgets.reader = self.ingest_process.read_budgets
             self.store.closing.append(self.ingest_process.close)
-        self.tailers = [
-            Tailer(
-                source,
-                self.store.parser,
-                self.ingest_process or self.store.writer,  # type: ignore[arg-type]  # the worker quacks like a Writer
-                self.store.engine,
-                clock,
-                on_batch=self._after_batch,
-            )
-            for source in settings.sources
-        ]
         self.collector = MonitorCollector(
             self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock, models=self.store.prices.models
         )
@@ -249,7 +234,7 @@ class Daemon:
             self.store.engine,
             settings.zone,
             clock,
-            parse_duration(settings.admission.lease_ttl),
+            settings.admission.lease_ttl.delta,
             settings.admission.max_open_leases,
         )
         if admission_in_database(settings):  # replicas share leases through the database (the writer settles them)
@@ -260,17 +245,22 @@ class Daemon:
                 *admission_args,
                 # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
                 # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
-                spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
+                spend_max_age=None if sqlite else settings.schedule.evaluate_every.delta,
                 bounds=MemoryBounds(
                     settings.admission.max_buckets,
                     settings.admission.max_spend_scopes,
                     settings.admission.max_settled_remembered,
                 ),
             )
+        # Every source writes through this one: flags and admission follow each committed batch.
+        self.ingestor = Ingestor(self.ingest_process or self.store.writer, self.budgets, self.admission)
+        self.tailers = [
+            Tailer(source, self.store.parser, self.ingestor, self.store.engine, clock) for source in settings.sources
+        ]
         self.registry.register(AdmissionCollector(self.admission))
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)
-        self.every = parse_duration(settings.schedule.evaluate_every)
+        self.every = settings.schedule.evaluate_every.delta
         self.reconciler = Reconciler(
             self.store.engine,
             self.store.prices,
@@ -278,14 +268,14 @@ class Daemon:
             clock,
             env.get(settings.reconcile.admin_key_env) or None,
         )
-        self.reconcile_every = parse_duration(settings.reconcile.every)
+        self.reconcile_every = settings.reconcile.every.delta
         self.reconcile_metrics = ReconcileCollector(
             self.reconciler, self.store.prices.label, self.reconcile_every.total_seconds()
         )
         self.registry.register(self.reconcile_metrics)
         # Which models the account can call against what the table prices: run by the leader when a key is set.
         self.price_check_key = env.get(settings.pricing.check.api_key_env) or None
-        self.price_check_every = parse_duration(settings.pricing.check.every)
+        self.price_check_every = settings.pricing.check.every.delta
         self.price_table_missing: int | None = None  # as of the last check this replica ran
         self.registry.register(PriceCheckCollector(lambda: self.price_table_missing))
         http = settings.http
@@ -303,7 +293,7 @@ class Daemon:
             )
         self.api = Api(
             parser=self.store.parser,
-            writer=self.store.writer,
+            ingestor=self.ingestor,
             budgets=self.budgets,
             prices=self.store.prices,
             dimensions=settings.dimensions,
@@ -345,9 +335,8 @@ class Daemon:
             settings.alerts.webhooks,
             self.budgets.budgets,
             settings.zone,
-            where=where,
             generator_url="http://{}:{}/v1/budgets".format(*self.address),
-            digest_every=parse_duration(settings.alerts.digest_every),
+            digest_every=settings.alerts.digest_every.delta,
         )
         self.leadership = Leadership(self.store.engine)
         self.registry.register(LeaderCollector(lambda: self.leadership.leading))
@@ -358,10 +347,9 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._heads_ok = True
 
-    def _listen(self, app: ApiApp, key: str, listen: str) -> HttpServer:
-        host, _, port = listen.rpartition(":")
+    def _listen(self, app: ApiApp, key: str, listen: HostPort) -> HttpServer:
         try:
-            return HttpServer(app, host.strip("[]"), int(port), http_limits(self.settings), key)
+            return HttpServer(app, listen.host, listen.port, http_limits(self.settings), key)
         except BindError as exc:
             self.store.close()
             raise ConfigError(
@@ -527,10 +515,6 @@ class Daemon:
                 failed.append(f"{tailer.label}: {exc.__class__.__name__}: {exc}")
         if failed:
             raise RuntimeError("; ".join(failed))
-
-    def _after_batch(self, result: BatchResult) -> None:
-        self.budgets.on_batch(result.touched)
-        self.admission.on_batch(result.touched, result.settles)
 
     def _lag(self) -> dict[str, float]:
         return {tailer.source.label: tailer.lag_seconds() for tailer in self.tailers}

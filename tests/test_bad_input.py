@@ -100,7 +100,7 @@ def token_rows(db: Path) -> list[tuple[str, int, int]]:
 
 
 def ingest(store: Store, *paths: Path) -> BatchResult:
-    result, failed = ingest_files(list(paths), store.parser, store.writer)
+    result, failed = ingest_files(list(paths), store.parser, store.ingestor)
     assert failed == []
     return result
 

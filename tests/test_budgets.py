@@ -75,9 +75,8 @@ def send(store: Store, when: datetime, *, model: str = "claude-haiku-4-5", **usa
         "usage": usage,
         "attributes": attrs,
     }
-    result = store.writer.write([("test", store.parser.parse_object(event))], "test")
+    result = store.ingestor.submit([("test", store.parser.parse_object(event))], "test")
     assert result.accepted == 1
-    store.budgets.on_batch(result.touched)
 
 
 def blocked(store: Store, now: datetime, model: str = "claude-haiku-4-5", **attrs: str) -> str | None:

@@ -69,9 +69,8 @@ def test_forecast_holds_still_over_seven_days_of_the_daily_curve(tmp_path: Path)
                 for name in limits
             ]
             clock.advance(minutes=15)
-            result = store.writer.write([("sim", store.parser.parse_object(e)) for e in events], "sim")
+            result = store.ingestor.submit([("sim", store.parser.parse_object(e)) for e in events], "sim")
             assert result.accepted == len(limits)
-            store.budgets.on_batch(result.touched)
             store.budgets.evaluate()
             if clock.now - MONTH_START < timedelta(days=1):
                 continue

@@ -194,7 +194,7 @@ def test_ingest_reads_a_named_pipe(store: Store, tmp_path: Path) -> None:
 
     feeder = threading.Thread(target=feed)
     feeder.start()
-    result, failed = ingest_files([pipe], store.parser, store.writer, batch_size=3)
+    result, failed = ingest_files([pipe], store.parser, store.ingestor, batch_size=3)
     feeder.join()
     assert failed == []
     assert (result.accepted, result.rejected) == (7, 1)
@@ -227,7 +227,7 @@ def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock
             result, failed = ingest_files(
                 [first, tmp_path / "missing.jsonl", second],
                 store.parser,
-                store.writer,
+                store.ingestor,
                 batch_size=4,
                 on_error=errors.append,
                 parse_ahead=parse_ahead,

@@ -190,9 +190,8 @@ def usage_event(request_id: str, when: datetime, user: str, output_tokens: int, 
 
 def send(store: Store, event: dict[str, Any]) -> None:
     """The HTTP path's order: write the batch, then the fast path."""
-    result = store.writer.write([("test", store.parser.parse_object(event))], "test")
+    result = store.ingestor.submit([("test", store.parser.parse_object(event))], "test")
     assert result.accepted == 1
-    store.budgets.on_batch(result.touched)
 
 
 def blocked(store: Store, now: datetime, user: str) -> str | None:

@@ -454,7 +454,7 @@ def test_the_daemon_reprices_at_start_through_budgets_and_metrics_once(tmp_path:
         daemon = Daemon(load_settings(config, environ={}), clock=clock, environ={})
         try:
             if ingest:
-                ingest_files([events_file], daemon.store.parser, daemon.store.writer)
+                ingest_files([events_file], daemon.store.parser, daemon.ingestor)
             daemon.start()
             return scrape(daemon)
         finally:
@@ -505,7 +505,7 @@ def test_on_postgres_two_passes_at_once_price_each_event_once_under_capped_label
     store = open_store(load_settings(tmp_path / "before.yaml", environ={}), clock=clock)
     try:
         ingest_files([jsonl(tmp_path / "u.jsonl", *usage_events(datetime(2026, 11, 24, tzinfo=UTC)))],
-                     store.parser, store.writer)  # fmt: skip
+                     store.parser, store.ingestor)  # fmt: skip
     finally:
         store.close()
     store = open_store(load_settings(tmp_path / "after.yaml", environ={}), clock=clock)

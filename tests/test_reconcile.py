@@ -105,7 +105,7 @@ def test_a_day_that_matches_shows_drift_exactly_zero(tmp_path: Path, fake: FakeA
     clock = FakeClock(NOW)
     store = open_store(loaded, clock=clock)
     try:
-        ingest_files([path], store.parser, store.writer)
+        ingest_files([path], store.parser, store.ingestor)
         reconciler = Reconciler(store.engine, store.prices, loaded.settings.reconcile, clock, ADMIN_KEY)
         reconciler.fetch(date(2026, 11, 20), date(2026, 11, 21))
         (row,) = reconciler.compare(date(2026, 11, 20), date(2026, 11, 21))
@@ -144,7 +144,7 @@ def test_on_postgres_a_refetch_replaces_and_a_match_is_exactly_zero(
     clock = FakeClock(NOW)
     store = open_store(loaded, clock=clock)
     try:
-        ingest_files([path], store.parser, store.writer)
+        ingest_files([path], store.parser, store.ingestor)
         reconciler = Reconciler(store.engine, store.prices, loaded.settings.reconcile, clock, ADMIN_KEY)
         day = (date(2026, 11, 20), date(2026, 11, 21))
         reconciler.fetch(*day)
@@ -317,7 +317,7 @@ def test_mapped_keys_are_compared_per_project_and_unmapped_keys_on_their_own(
     clock = FakeClock(NOW)
     store = open_store(loaded, clock=clock)
     try:
-        ingest_files([path], store.parser, store.writer)
+        ingest_files([path], store.parser, store.ingestor)
         reconciler = Reconciler(store.engine, store.prices, loaded.settings.reconcile, clock, ADMIN_KEY)
         reconciler.fetch(day, day + timedelta(days=1))
         rows = [row_json(r) for r in reconciler.compare(day, day + timedelta(days=1))]
@@ -377,7 +377,7 @@ def test_a_day_fetched_before_keys_were_mapped_is_compared_whole(tmp_path: Path,
     clock = FakeClock(NOW)
     store = open_store(whole, clock=clock)
     try:
-        ingest_files([path], store.parser, store.writer)
+        ingest_files([path], store.parser, store.ingestor)
         Reconciler(store.engine, store.prices, whole.settings.reconcile, clock, ADMIN_KEY).fetch(
             day, day + timedelta(1)
         )
@@ -474,7 +474,7 @@ def test_thirty_one_days_name_exactly_the_two_findings(tmp_path: Path, fake: Fak
     config = config_for(tmp_path, fake.url)
     store = open_store(load_settings(config, environ={}))
     try:
-        result, failed = ingest_files(files, store.parser, store.writer)
+        result, failed = ingest_files(files, store.parser, store.ingestor)
     finally:
         store.close()
     assert not failed and result.accepted == 31 * 160
@@ -571,7 +571,7 @@ def test_daemon_job_gauges_and_the_key_kept_secret(
     environ = {"ANTHROPIC_ADMIN_KEY": ADMIN_KEY}
     daemon = Daemon(load_settings(config, environ={}), clock=clock, environ=environ)
     try:
-        ingest_files([path], daemon.store.parser, daemon.store.writer)
+        ingest_files([path], daemon.store.parser, daemon.ingestor)
         daemon.start()
         job = daemon.scheduler.get_job("reconcile")
         assert job is not None and job.trigger.interval == timedelta(hours=6)

@@ -144,9 +144,8 @@ def test_fast_path_flag_set_while_an_evaluation_reads_survives_that_evaluation(
         worker.start()
         try:
             assert read_done.wait(30), "the evaluation never read"
-            result = store.writer.write([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
-            assert result.accepted == 1
-            store.budgets.on_batch(result.touched)  # as ingest does, after the commit
+            result = store.ingestor.submit([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
+            assert result.accepted == 1  # the ingestor took the fast path after the commit
             assert checked(store, clock.now) == "lingo-daily"
         finally:
             batch_done.set()
@@ -172,8 +171,7 @@ def test_an_evaluation_still_clears_flags_the_fast_path_set_before_it_read(tmp_p
     store = open_store(load_settings(write_config(tmp_path, DAILY), environ={}), clock=clock)
     try:
         store.budgets.sync_definitions()
-        result = store.writer.write([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
-        store.budgets.on_batch(result.touched)
+        store.ingestor.submit([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
         assert checked(store, clock.now) == "lingo-daily"
         clock.advance(days=1)  # a new day: the scope is under its limit again
         store.budgets.evaluate()

@@ -53,8 +53,9 @@ from monitor.http.server import (
 from monitor.ingest.body import NotJsonNorNdjson, TooManyEvents, split_body
 from monitor.ingest.group import GroupCommit
 from monitor.ingest.parse import EventParser, Rejected, redact
+from monitor.ingest.pipeline import Ingestor
 from monitor.ingest.worker import IngestProcess, IngestProcessFailed, StorageUnavailable
-from monitor.ingest.writer import Batch, BatchResult, LetterCap, Writer
+from monitor.ingest.writer import Batch, BatchResult, LetterCap
 from monitor.pricing import PriceTable, format_usd
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Api:
         self,
         *,
         parser: EventParser,
-        writer: Writer,
+        ingestor: Ingestor,
         budgets: BudgetEngine,
         prices: PriceTable,
         dimensions: list[str],
@@ -163,7 +164,7 @@ class Api:
     ) -> None:
         self.admission = admission
         self.parser = parser
-        self.writer = writer
+        self.ingestor = ingestor
         self.budgets = budgets
         self.prices = prices
         self.dimensions = dimensions
@@ -214,13 +215,14 @@ class Api:
         return prepare_body(body, remote, self.parser, self.max_events_per_request)
 
     def commit(self, requests: Sequence[IngestRequest]) -> list[Response]:
-        """Write prepared requests in one transaction, flip throttle flags, then each request's own answer.
+        """Write prepared requests in one transaction (the ingestor flips throttle flags and settles leases), then
+        each request's own answer.
 
         Should the group fail for a reason other than storage, each request is written alone, so that one
         request's failure is its own.
         """
         try:
-            results = self.writer.write_group([request.batch for request in requests], HTTP_SOURCE)
+            results = self.ingestor.submit_group([request.batch for request in requests], HTTP_SOURCE)
         except SQLAlchemyError as exc:
             log.error("ingest failed, storage unavailable: %s", str(exc).splitlines()[0])
             return [request.storage_unavailable() for request in requests]
@@ -229,27 +231,19 @@ class Api:
                 raise
             log.exception("ingest of %d requests in one transaction failed; writing them one by one", len(requests))
             return [self.commit([request])[0] for request in requests]
-        if results:
-            self.budgets.on_batch(results[0].touched)  # flags flip before any answer returns
-            if self.admission is not None:  # leases the events name are settled
-                self.admission.on_batch(results[0].touched, [s for result in results for s in result.settles])
         for request, result in zip(requests, results, strict=True):
             if request.refused is None:
                 self.on_ingest(result)
         return [request.answer(result) for request, result in zip(requests, results, strict=True)]
 
-    def commit_in(self, worker: IngestProcess, bodies: Sequence[tuple[bytes, str]]) -> list[Response]:
-        """Have the ingest worker parse and write request bodies ((body, remote) each), flip throttle flags and
-        settle leases for each transaction it committed, then each request's own answer."""
+    def commit_in(self, bodies: Sequence[tuple[bytes, str]]) -> list[Response]:
+        """Have the ingest worker parse and write request bodies ((body, remote) each) — the ingestor flips throttle
+        flags and settles leases for each transaction it committed — then each request's own answer."""
         try:
-            written = worker.bodies(bodies, self.max_events_per_request, self.group_commit_max_events)
+            written = self.ingestor.submit_bodies(bodies, self.max_events_per_request, self.group_commit_max_events)
         except (IngestProcessFailed, StorageUnavailable) as exc:
             log.error("ingest failed: %s", exc)
             return [error_response(503, "ingest unavailable; retry", {"Retry-After": "1"})] * len(bodies)
-        for touched, settles in written.groups:
-            self.budgets.on_batch(touched)  # flags flip before any answer returns
-            if self.admission is not None:  # leases the events name are settled
-                self.admission.on_batch(touched, settles)
         for result in written.results:
             if result is not None:
                 self.on_ingest(result)
@@ -453,7 +447,7 @@ class ApiApp:
         self._group: GroupCommit[Any, Response]
         if worker is not None:  # bodies go to the worker whole; it splits them into transactions by their events
             self._group = GroupCommit(
-                lambda bodies: api.commit_in(worker, bodies),
+                api.commit_in,
                 lambda body: 1,
                 api.group_commit_max_events,
                 self._ingest_pool,

@@ -44,12 +44,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import httpx2
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from monitor.config import ConfigError, LoadedSettings, parse_duration
+from monitor.config import ConfigError, LoadedSettings
 from monitor.http.admit import FAIL_MODE_HEADER, Denied, Gate
 from monitor.http.client import MonitorClient, MonitorError, Verdict
 from monitor.http.clients import ProxyClient, ProxyClients, Refused, forwarded
@@ -137,14 +136,6 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
     """The `proxy:` section made usable; ConfigError naming the file and key when it is not."""
     where = str(loaded.path or "built-in defaults")
     config = loaded.settings.proxy
-    host, sep, port = config.listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: proxy.listen {config.listen!r} is not HOST:PORT (e.g. 127.0.0.1:8088)")
-    parts = urlsplit(config.upstream)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-        raise ConfigError(
-            f"{where}: proxy.upstream {config.upstream!r} is not an http(s) URL (https://api.anthropic.com)"
-        )
     key = environ.get(config.api_key_env, "").strip()
     if not key:
         raise ConfigError(
@@ -156,23 +147,21 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
         log.warning("%s: proxy.clients lists no client: every call will be refused 401", where)
     limits = ServerLimits(
         backlog=config.backlog,
-        header_timeout=parse_duration(config.header_timeout).total_seconds(),
-        keepalive_timeout=parse_duration(config.keepalive_timeout).total_seconds(),
+        header_timeout=config.header_timeout.seconds,
+        keepalive_timeout=config.keepalive_timeout.seconds,
         max_connections=config.max_connections,
         max_body_bytes=config.max_body_bytes,
     )
     return ProxySettings(
-        host=host.strip("[]"),
-        port=int(port),
+        host=config.listen.host,
+        port=config.listen.port,
         upstream=config.upstream.rstrip("/"),
         api_key=key,
         clients=clients,
         spool=Path(loaded.settings.throttle.snapshot_file).absolute().parent / SPOOL_NAME,
         allow_unpriced_models=config.allow_unpriced_models,
         fail_mode=config.fail_mode,
-        count_tokens_timeout=(
-            parse_duration(config.count_tokens_timeout).total_seconds() if config.count_tokens else None
-        ),
+        count_tokens_timeout=config.count_tokens_timeout.seconds if config.count_tokens else None,
         count_tokens_max_answer_bytes=config.count_tokens_max_answer_bytes,
         limits=limits,
     )
@@ -657,16 +646,13 @@ def run_proxy(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, 
             config.read_token_env,
             config.read_token_env,
         )
-    try:
-        monitor = MonitorClient(
-            config.monitor_url,
-            token=token,
-            read_token=read_token,
-            snapshot_file=loaded.settings.throttle.snapshot_file,
-            fail_mode=config.fail_mode,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"{where}: proxy.monitor_url: {exc}") from None
+    monitor = MonitorClient(
+        config.monitor_url,
+        token=token,
+        read_token=read_token,
+        snapshot_file=loaded.settings.throttle.snapshot_file,
+        fail_mode=config.fail_mode,
+    )
     try:
         proxy = Proxy(settings, monitor, prices)
     except ConfigError as exc:
