@@ -193,15 +193,6 @@ class BudgetIndex:
             values = tuple(value for _, value in budget.match)
             self._groups.setdefault(keys, {}).setdefault(values, []).append(budget)
 
-    def touched(self, model: str, attributes: Mapping[str, str]) -> Iterator[tuple[Budget, dict[str, str]]]:
-        """(budget, scope) for every budget the event counts toward."""
-        for keys, by_values in self._groups.items():
-            values = tuple(model if key == "model" else attributes.get(key, "\x00") for key in keys)
-            for budget in by_values.get(values, ()):
-                scope = budget.scope_of(model, attributes)
-                if scope is not None:
-                    yield budget, scope
-
     def touched_keys(self, model: str, attributes: Mapping[str, str]) -> Iterator[tuple[Budget, str]]:
         """(budget, scope key) for every budget the event counts toward; keys are built once and reused."""
         for keys, by_values in self._groups.items():

@@ -17,7 +17,6 @@ from sqlalchemy import Connection, case, func, select
 from monitor.store.models import usage_rollup
 
 BUCKET = timedelta(minutes=15)
-TIERS = ("standard", "priority", "batch")
 ROLLUP_FIELDS = (
     "requests",
     "input",
