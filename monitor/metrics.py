@@ -26,7 +26,6 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.budgets import scope_key
 from monitor.budgets.admission import Admission
 from monitor.budgets.engine import BudgetEngine, DefinitionChange
 from monitor.budgets.throttle import ThrottleState
@@ -37,6 +36,7 @@ from monitor.reconcile.runner import Reconciler, Snapshot
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
 from monitor.store.rollup import BUCKET, TOKEN_FIELDS, RollupCounts, bucket_of, window_totals
+from monitor.wire import scope_key
 
 PICO = 10**12
 _USAGE_COUNTERS = frozenset({"requests", "cost_pico", "tokens"})  # the counters labelled by metrics.labels

@@ -10,9 +10,9 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from monitor.budgets import scope_key
 from monitor.budgets.throttle import iso
 from monitor.pricing import format_usd
+from monitor.wire import scope_key
 
 # The names of the shipped Prometheus rules (dashboards/prometheus/alerts.yaml): one runbook, one set of routes.
 _ALERTNAMES = {

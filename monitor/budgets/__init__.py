@@ -17,6 +17,7 @@ from monitor.budgets.counters import Usage
 from monitor.budgets.windows import calendar_window
 from monitor.config import BudgetConfig, Window
 from monitor.pricing import PICO_PER_USD, PriceTable
+from monitor.wire import scope_key
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Rolling windows are kept in buckets: 1 minute, or 1/1440 of the span when that is longer (a 30-day window in
@@ -119,10 +120,6 @@ def _calendar_start(kind: str, moment: datetime, zone: ZoneInfo) -> datetime:
     seconds = int((moment - _EPOCH).total_seconds())
     return _calendar_start_cached(kind, seconds // 900, zone)
 
-
-def scope_key(scope: Mapping[str, str]) -> str:
-    """The canonical text of a scope: its identity in the store, the API and the snapshot."""
-    return json.dumps(dict(sorted(scope.items())), separators=(",", ":"), ensure_ascii=False)
 
 def scope_for(
     match: tuple[tuple[str, str], ...], per: str | None, model: str, attributes: Mapping[str, str]

@@ -16,12 +16,13 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.budgets import Budget, BudgetIndex, ScopeState, evaluate_scope, scope_key
+from monitor.budgets import Budget, BudgetIndex, ScopeState, evaluate_scope
 from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.budgets.throttle import Flag, ThrottleState, flag_from_state, iso
 from monitor.pricing import format_usd
 from monitor.store.models import budget_definitions, budget_usage, events
 from monitor.store.queries import scope_buckets, upsert_adding, window_totals
+from monitor.wire import scope_key
 
 log = logging.getLogger(__name__)
 TOP_SCOPES = 10  # of a `per:` budget, the biggest spenders are always shown, whatever their utilization

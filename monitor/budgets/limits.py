@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from monitor.budgets import scope_for, scope_key
+from monitor.budgets import scope_for
 from monitor.config import LimitConfig
 from monitor.ingest.parse import Event
 from monitor.pricing import PICO_PER_USD, PriceTable
+from monitor.wire import scope_key
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,13 +30,13 @@ from monitor.store.rollup import (
     RollupCounts,
     RollupKey,
     bucket_of,
-    labels_json,
     lateness,
     rollup_rows,
     service_tier,
 )
 from monitor.store.sqlite_events import add_rows, sqlite_datetime
 from monitor.store.sqlite_events import insert_new_events as insert_new_sqlite_events
+from monitor.wire import scope_key as labels_key
 
 # claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -52,11 +51,6 @@ DEFAULT_MAX_VALUES_PER_LABEL = 200
 DEFAULT_MAX_UNPRICED_MODELS = 50
 UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total (never a dimension's name)
 _LABEL_KEY_CACHE = 4096  # (model, label values) entries; values are capped already, this bounds memory
-
-
-def labels_key(labels: dict[str, str]) -> str:
-    """Canonical JSON of a label set."""
-    return json.dumps(dict(sorted(labels.items())), separators=(",", ":"), ensure_ascii=False)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -530,7 +524,7 @@ class Writer:
             present = tuple([name in attributes for name in names])
             labels = label_json.get((label_values, present))
             if labels is None:
-                labels = label_json[label_values, present] = labels_json(
+                labels = label_json[label_values, present] = labels_key(
                     {
                         name: value if has else None
                         for name, value, has in zip(names, label_values, present, strict=True)

@@ -37,7 +37,8 @@ from monitor.pricing import Price, PriceTable
 from monitor.store.labels import FREE_VALUES, OTHER
 from monitor.store.models import budget_usage, counters, events, label_values, usage_rollup
 from monitor.store.queries import upsert_adding
-from monitor.store.rollup import ROLLUP_FIELDS, bucket_of, labels_json, service_tier, status_class
+from monitor.store.rollup import ROLLUP_FIELDS, bucket_of, service_tier, status_class
+from monitor.wire import scope_key
 
 DEFAULT_BATCH = 1000
 UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total, as the write path names it
@@ -61,11 +62,6 @@ class RepriceResult:
     def cost_pico(self) -> int:
         """Their cost, in pico-dollars."""
         return sum(cost for _, cost in self.by_model.values())
-
-
-def _labels_key(labels: Mapping[str, str]) -> str:
-    """The counters' canonical label JSON, as the write path builds it."""
-    return labels_json(labels)
 
 
 class Repricer:
@@ -178,8 +174,8 @@ class Repricer:
                 for name in self._metric_labels
             }
             counter_labels = {"model": price.model, **values}
-            counter_deltas["cost_pico", _labels_key(counter_labels)] += cost
-            counter_deltas["repriced_events", _labels_key({"model": price.model})] += 1
+            counter_deltas["cost_pico", scope_key(counter_labels)] += cost
+            counter_deltas["repriced_events", scope_key({"model": price.model})] += 1
             # The rollup row the event was counted in: the stored name when the table resolved the id then (it had
             # no rate for the event's date), else the unpriced-model label (the id while it had a slot, else
             # __other__). A table name sent as is and dated before its first rate took that label too.
@@ -188,7 +184,7 @@ class Repricer:
                 if row.model != row.model_id
                 else _as_counted(row.model_id, admitted.get(UNPRICED_LABEL, {}), received)
             )
-            labels = labels_json({name: (values[name] if name in attributes else None) for name in self._metric_labels})
+            labels = scope_key({name: (values[name] if name in attributes else None) for name in self._metric_labels})
             tier = service_tier(row.batch, row.service_tier)
             klass = status_class(row.status)
             bucket = bucket_of(row.ts)

@@ -6,7 +6,6 @@ or month in any of them is a run of whole buckets.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -69,11 +68,6 @@ def lateness(received: datetime, timestamp: datetime) -> str | None:
         if late >= lower:
             found = name
     return found
-
-
-def labels_json(values: Mapping[str, str | None]) -> str:
-    """Canonical JSON of a row's label values (None: the event had no such attribute)."""
-    return json.dumps(dict(sorted(values.items())), separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True, order=True, slots=True)
