@@ -18,6 +18,7 @@ from monitor.pricing import format_usd, usd
 from monitor.store.labels import OTHER
 from monitor.store.models import events
 from monitor.store.rollup import BUCKET, ROLLUP_FIELDS, bucket_of, is_bucket_edge, totals_by_model_and_labels
+from monitor.wire import iso_z
 
 COUNT_COLUMNS = (
     "requests",
@@ -161,10 +162,6 @@ def _from_events(connection: Connection, since: datetime | None, until: datetime
     return groups
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
-
-
 def _row_dict(report: Report, row: ReportRow) -> dict[str, Any]:
     return {
         **row.keys,
@@ -177,8 +174,8 @@ def _row_dict(report: Report, row: ReportRow) -> dict[str, Any]:
 def to_json(report: Report) -> str:
     """`report --format json`: since, until, total_usd and rows; money as decimal strings."""
     document = {
-        "since": _iso(report.since),
-        "until": _iso(report.until),
+        "since": iso_z(report.since),
+        "until": iso_z(report.until),
         "total_usd": format_usd(report.total_pico),
         "rows": [_row_dict(report, row) for row in report.rows],
     }
@@ -241,8 +238,8 @@ def to_table(report: Report, zone_name: str) -> str:
             cell.ljust(widths[i]) if i < numeric_from else cell.rjust(widths[i]) for i, cell in enumerate(line)
         ).rstrip()
 
-    since = _iso(report.since) or "the beginning"
-    until = _iso(report.until) or "now"
+    since = iso_z(report.since) or "the beginning"
+    until = iso_z(report.until) or "now"
     out = [f"Spend from {since} to {until} (calendar windows in {zone_name})", render(headers)]
     out += [render(line) for line in body]
     out.append(render(footer))

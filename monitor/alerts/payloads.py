@@ -10,9 +10,8 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from monitor.budgets.throttle import iso
 from monitor.pricing import format_usd
-from monitor.wire import scope_key
+from monitor.wire import iso_z, scope_key
 
 # The names of the shipped Prometheus rules (dashboards/prometheus/alerts.yaml): one runbook, one set of routes.
 _ALERTNAMES = {
@@ -110,9 +109,9 @@ def generic_payload(notice: Notice, now: datetime) -> dict[str, Any]:
                 {"scope": t["scope"], "spend_usd": format_usd(t["spend_pico"]), "limit_usd": _limit_usd(notice)}
                 for t in notice.top
             ],
-            "window_start": iso(notice.window_start),
-            "window_end": iso(notice.window_end),
-            "sent_at": iso(now),
+            "window_start": iso_z(notice.window_start),
+            "window_end": iso_z(notice.window_end),
+            "sent_at": iso_z(now),
         }
     return {
         "kind": notice.kind,
@@ -123,9 +122,9 @@ def generic_payload(notice: Notice, now: datetime) -> dict[str, Any]:
         "spend_usd": format_usd(notice.spend_pico),
         "limit_usd": _limit_usd(notice),
         "forecast_usd": _forecast_usd(notice.forecast_pico),
-        "window_start": iso(notice.window_start),
-        "window_end": iso(notice.window_end),
-        "sent_at": iso(now),
+        "window_start": iso_z(notice.window_start),
+        "window_end": iso_z(notice.window_end),
+        "sent_at": iso_z(now),
     }
 
 
@@ -222,14 +221,14 @@ def description(notice: Notice, zone: ZoneInfo) -> str:
         biggest = "; ".join(top_text(notice).splitlines())
         return (
             f"{_scopes(notice, notice.scopes_over)} at or over {_percent(notice.threshold)} of their own limit "
-            f"({limit} each) in the window ending {end} ({iso(notice.window_end)}). Biggest: {biggest}. "
+            f"({limit} each) in the window ending {end} ({iso_z(notice.window_end)}). Biggest: {biggest}. "
             "All of them: claude-monitor budgets, or GET /v1/budgets."
         )
     spent, limit, forecast = _facts(notice)
     end = notice.window_end.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
     text = f"Spent {spent} of {limit}; threshold {_percent(notice.threshold)}"
     if notice.calendar:
-        text += f"; forecast {forecast} by the window's end at {end} ({iso(notice.window_end)})"
+        text += f"; forecast {forecast} by the window's end at {end} ({iso_z(notice.window_end)})"
     return text + "."
 
 
@@ -257,7 +256,7 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
             _mrkdwn(f"*Threshold*\n{_percent(notice.threshold)}"),
             _mrkdwn(f"*Scopes over*\n{notice.scopes_over}"),
             _mrkdwn(f"*Limit (each)*\n{limit}"),
-            _mrkdwn(f"*Window ends*\n{end} ({iso(notice.window_end)})"),
+            _mrkdwn(f"*Window ends*\n{end} ({iso_z(notice.window_end)})"),
             _mrkdwn(f"*Biggest*\n{_escape(top_text(notice))}"),
             _mrkdwn(f"*Status*\n{notice.status}"),
         ]
@@ -269,7 +268,7 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
                 {
                     "type": "context",
                     "elements": [
-                        _mrkdwn(f"claude-monitor · {notice.kind} digest of {notice.per} scopes · sent {iso(now)}")
+                        _mrkdwn(f"claude-monitor · {notice.kind} digest of {notice.per} scopes · sent {iso_z(now)}")
                     ],
                 },
             ],
@@ -281,7 +280,7 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
         _mrkdwn(f"*Limit*\n{limit}"),
         _mrkdwn(f"*Threshold*\n{_percent(notice.threshold)}"),
         _mrkdwn(f"*Forecast*\n{forecast}"),
-        _mrkdwn(f"*Window ends*\n{end} ({iso(notice.window_end)})"),
+        _mrkdwn(f"*Window ends*\n{end} ({iso_z(notice.window_end)})"),
         _mrkdwn(f"*Status*\n{notice.status}"),
     ]
     return {
@@ -291,7 +290,7 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
             {"type": "section", "fields": fields},
             {
                 "type": "context",
-                "elements": [_mrkdwn(f"claude-monitor · {notice.kind} notice · sent {iso(now)}")],
+                "elements": [_mrkdwn(f"claude-monitor · {notice.kind} notice · sent {iso_z(now)}")],
             },
         ],
     }
@@ -320,14 +319,14 @@ def alertmanager_payload(notice: Notice, zone: ZoneInfo, generator_url: str) -> 
     alert: dict[str, Any] = {
         "labels": labels,
         "annotations": {"summary": headline(notice), "description": description(notice, zone)},
-        "startsAt": iso(notice.fired_at),
+        "startsAt": iso_z(notice.fired_at),
         "generatorURL": generator_url,
     }
     if notice.status == "resolved":
         assert notice.resolved_at is not None
         ends = min(notice.window_end, notice.resolved_at) if notice.calendar else notice.resolved_at
-        alert["endsAt"] = iso(ends)
+        alert["endsAt"] = iso_z(ends)
     elif notice.calendar:
         # Sent once, so Alertmanager must not time it out after its resolve_timeout: it holds until the window ends.
-        alert["endsAt"] = iso(notice.window_end)
+        alert["endsAt"] = iso_z(notice.window_end)
     return [alert]

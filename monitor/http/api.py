@@ -23,7 +23,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.budgets.admission import Admission, Admitted, BadAdmit, NeedsRead, Refused, Unavailable, parse_admit
 from monitor.budgets.engine import BudgetEngine, state_json
-from monitor.budgets.throttle import iso
 from monitor.http.server import (
     BadLength,
     BodyTimeout,
@@ -47,6 +46,7 @@ from monitor.ingest.parse import EventParser, Rejected, redact
 from monitor.ingest.worker import IngestProcess, IngestProcessFailed, StorageUnavailable
 from monitor.ingest.writer import Batch, BatchResult, LetterCap, Writer
 from monitor.pricing import PriceTable, format_usd
+from monitor.wire import iso_z
 
 log = logging.getLogger(__name__)
 HTTP_SOURCE = "http"
@@ -292,7 +292,7 @@ class Api:
             "scope": flag.scope,
             "spend_usd": format_usd(flag.spend_pico),
             "limit_usd": None if flag.limit_pico is None else format_usd(flag.limit_pico),
-            "until": iso(flag.until),
+            "until": iso_z(flag.until),
             "utilization": round(flag.utilization, 4),
             "measure": flag.measure,
             "amount": flag.amount,
@@ -324,7 +324,7 @@ class Api:
                 {
                     "lease": outcome.lease,
                     "reserved_usd": format_usd(outcome.reserved_pico),
-                    "expires_at": iso(outcome.expires_at),
+                    "expires_at": iso_z(outcome.expires_at),
                     "renew_every_s": self._renew_every(),
                 },
             )
@@ -377,7 +377,7 @@ class Api:
                 404,
                 f"lease {lease[:80]!r} cannot be renewed: {why}; the running call may finish, admit the next one",
             )
-        return json_response(200, {"lease": lease, "expires_at": iso(expires), "renew_every_s": self._renew_every()})
+        return json_response(200, {"lease": lease, "expires_at": iso_z(expires), "renew_every_s": self._renew_every()})
 
     # --- the rest -----------------------------------------------------------------------------------------------
 

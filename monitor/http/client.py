@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from monitor import __version__
 from monitor.http.estimate import input_token_bound
 from monitor.http.pool import ConnectionPool
+from monitor.wire import iso_z
 
 if TYPE_CHECKING:
     from anthropic.types import Message, RawMessageStreamEvent
@@ -129,7 +130,7 @@ class _Flag:
         elif self.detail.get("limit") is not None and self.detail.get("measure") not in (None, "usd"):
             text += f": {self.detail.get('amount')} {self.detail['measure']} of {self.detail['limit']}"
         if self.until is not None:
-            text += f" (until {_iso(self.until)})"
+            text += f" (until {iso_z(self.until, 'milliseconds')})"
         return text
 
 
@@ -517,7 +518,7 @@ class MonitorClient:
         when = timestamp if timestamp is not None else datetime.fromtimestamp(self.clock(), UTC)
         event: dict[str, Any] = {
             "request_id": request_id,
-            "timestamp": _iso(when),
+            "timestamp": iso_z(when, "milliseconds"),
             "model": model,
             "usage": dict(usage),
             "attributes": dict(attributes),
@@ -721,13 +722,6 @@ def _parse_time(text: str | None) -> datetime | None:
         return None
     moment = datetime.fromisoformat(text)  # ValueError on a bad one; 3.11 reads the trailing Z
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _iso(moment: datetime) -> str:
-    """RFC 3339 UTC with a Z; a naive datetime is taken as UTC, as in usage events."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _as_dict(event: Any) -> dict[str, Any]:
