@@ -30,7 +30,7 @@ from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import Store, build_price_table, open_store
 from monitor.store.db import SchemaNotCurrent
 from monitor.store.models import budget_definitions, events
-from monitor.wire import iso_z
+from monitor.wire import iso_z, scope_text
 
 log = logging.getLogger("monitor")
 
@@ -279,7 +279,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         body.append(
             [
                 row["budget"],
-                ",".join(f"{k}={v}" for k, v in row["scope"].items()) or "all",
+                scope_text(row["scope"], ","),
                 row["window"],
                 _cents(row["spend_usd"]),
                 limit,

@@ -19,6 +19,7 @@ from monitor.config import (
 )
 from monitor.pricing import PriceTable
 from monitor.redaction import database_url, webhook_url
+from monitor.wire import scope_text
 
 
 def _limit(budget: BudgetConfig) -> str:
@@ -181,7 +182,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     else:
         lines.append("budgets:")
     for b in s.budgets:
-        scope = ", ".join(f"{k}={v}" for k, v in b.match.items()) or "all traffic"
+        scope = scope_text(b.match)
         who = f"each {b.per} of {scope}" if b.per else scope
         limit = _limit(b)
         window = b.parsed_window
@@ -198,7 +199,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     else:
         lines.append("admission limits (checked by POST /v1/admit before a call starts):")
     for entry in s.limits:
-        scope = ", ".join(f"{k}={v}" for k, v in entry.match.items()) or "all traffic"
+        scope = scope_text(entry.match)
         who = f"each {entry.per} of {scope}" if entry.per else scope
         lines.append(f"  - {entry.name}: {who}: " + "; ".join(_enforces(entry)))
     ttl = parse_duration(s.admission.lease_ttl)

@@ -36,7 +36,7 @@ from monitor.reconcile.runner import Reconciler, Snapshot
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
 from monitor.store.rollup import BUCKET, TOKEN_FIELDS, RollupCounts, bucket_of, window_totals
-from monitor.wire import scope_key
+from monitor.wire import scope_key, scope_text
 
 PICO = 10**12
 _USAGE_COUNTERS = frozenset({"requests", "cost_pico", "tokens"})  # the counters labelled by metrics.labels
@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 
 def _fraction(value: Decimal) -> str:
     return f"{value.normalize():f}"
-
-
-def scope_label(scope: dict[str, str]) -> str:
-    """A budget scope as one label value: 'project=lingo,environment=prod', or 'all'."""
-    return ",".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all"
 
 
 class MonitorCollector(Collector):
@@ -283,12 +278,12 @@ class MonitorCollector(Collector):
                 if budget.per is None:
                     for st in summary.states.values():
                         crossed.add_metric(
-                            [name, scope_label(st.scope), text], 1.0 if budget.over(st.amount, fraction) else 0.0
+                            [name, scope_text(st.scope, ","), text], 1.0 if budget.over(st.amount, fraction) else 0.0
                         )
             if budget.per is not None:
                 continue  # per-user values never become labels
             for key, state in summary.states.items():
-                label = [name, scope_label(state.scope)]
+                label = [name, scope_text(state.scope, ",")]
                 if summary.budget.measure == "usd":
                     gauges["limit"].add_metric(label, summary.budget.limit / PICO)
                 gauges["spend"].add_metric(label, state.usage.cost_pico / PICO)
@@ -481,7 +476,7 @@ class AdmissionCollector(Collector):
         )
         shown = {(budget.name, scope_key(dict(budget.match))): 0 for budget in self._admission.reserving_budgets}
         for (budget_name, key), pico in sorted({**shown, **stats.reserved_pico}.items()):
-            reserved.add_metric([budget_name, scope_label(json.loads(key))], pico / PICO)
+            reserved.add_metric([budget_name, scope_text(json.loads(key), ",")], pico / PICO)
         yield reserved
         leases = GaugeMetricFamily("claude_admission_open_leases", "Leases open now (admitted, not yet settled).")
         leases.add_metric([], float(stats.open_leases))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -11,7 +10,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from monitor.pricing import format_usd
-from monitor.wire import iso_z, scope_key
+from monitor.wire import iso_z, scope_key, scope_text
 
 # The names of the shipped Prometheus rules (dashboards/prometheus/alerts.yaml): one runbook, one set of routes.
 _ALERTNAMES = {
@@ -136,10 +135,6 @@ def _unit(measure: str) -> str:
     return "requests" if measure == "requests" else f"{measure} tokens"
 
 
-def _scope_text(scope: Mapping[str, str]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all traffic"
-
-
 def _facts(notice: Notice) -> tuple[str, str, str]:
     """(spent, limit, forecast) in the budget's own unit; a non-USD budget adds what its usage cost."""
     if notice.measure == "usd":
@@ -180,7 +175,7 @@ def top_text(notice: Notice) -> str:
         spent = f"${format_usd(entry['spend_pico'])}"
         if notice.measure != "usd":
             spent = f"{entry['amount']:,} {_unit(notice.measure)} ({spent})"
-        lines.append(f"{_scope_text(entry['scope'])}: {spent}")
+        lines.append(f"{scope_text(entry['scope'])}: {spent}")
     return "\n".join(lines) or "none"
 
 
@@ -188,7 +183,7 @@ def headline(notice: Notice) -> str:
     """One line saying what happened, for Slack text and Alertmanager's summary."""
     if notice.per is not None:
         return _aggregate_headline(notice)
-    where = f"budget {notice.budget} ({_scope_text(notice.scope)})"
+    where = f"budget {notice.budget} ({scope_text(notice.scope)})"
     percent = _percent(notice.threshold)
     if notice.status == "firing":
         what = {
@@ -275,7 +270,7 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
         }
     fields = [
         _mrkdwn(f"*Budget*\n{notice.budget}"),
-        _mrkdwn(f"*Scope*\n{_escape(_scope_text(notice.scope))}"),
+        _mrkdwn(f"*Scope*\n{_escape(scope_text(notice.scope))}"),
         _mrkdwn(f"*Spend*\n{spent}"),
         _mrkdwn(f"*Limit*\n{limit}"),
         _mrkdwn(f"*Threshold*\n{_percent(notice.threshold)}"),

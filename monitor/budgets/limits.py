@@ -61,11 +61,6 @@ def compile_limits(configs: Sequence[LimitConfig], prices: PriceTable) -> list[L
     return compiled
 
 
-def describe_scope(scope: Mapping[str, str]) -> str:
-    """A scope for a message: 'project=lingo, user=u-1', or 'all traffic'."""
-    return ", ".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all traffic"
-
-
 class TokenBucket:
     """A bucket of `capacity` tokens refilled at `per_minute` a minute; taking may go below zero (a large call
     admitted on a full bucket pays its debt before the next one)."""

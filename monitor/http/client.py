@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from monitor import __version__
 from monitor.http.estimate import input_token_bound
 from monitor.http.pool import ConnectionPool
-from monitor.wire import iso_z
+from monitor.wire import iso_z, scope_text
 
 if TYPE_CHECKING:
     from anthropic.types import Message, RawMessageStreamEvent
@@ -122,8 +122,7 @@ class _Flag:
         return all(caller.get(key) == value for key, value in self.scope.items())
 
     def reason(self) -> str:
-        scope = ", ".join(f"{key}={value}" for key, value in sorted(self.scope.items())) or "all traffic"
-        text = f"{self.budget} exceeded for {scope}"
+        text = f"{self.budget} exceeded for {scope_text(self.scope)}"
         spend, limit = self.detail.get("spend_usd"), self.detail.get("limit_usd")
         if spend is not None and limit is not None:
             text += f": ${spend} of ${limit}"
