@@ -287,18 +287,7 @@ class Api:
         if decision is None:
             return Response(204, b"", None, staleness)
         flag = decision.flag
-        body = {
-            "budget": flag.budget,
-            "scope": flag.scope,
-            "spend_usd": format_usd(flag.spend_pico),
-            "limit_usd": None if flag.limit_pico is None else format_usd(flag.limit_pico),
-            "until": iso_z(flag.until),
-            "utilization": round(flag.utilization, 4),
-            "measure": flag.measure,
-            "amount": flag.amount,
-            "limit": flag.limit,
-            "budgets": [f.budget for f in decision.flags],
-        }
+        body = {**flag.as_json(), "budgets": [f.budget for f in decision.flags]}  # the flag as the snapshot writes it
         headers_out = {"Retry-After": str(decision.retry_after(now)), "X-Monitor-Budget": flag.budget, **staleness}
         deny = args.get("deny_status")
         status = int(deny) if deny in ("401", "403") else 429  # nginx auth_request understands only 401/403
