@@ -35,10 +35,9 @@ from monitor.pricing import UNPRICED
 from monitor.reconcile.runner import Reconciler, Snapshot
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
-from monitor.store.rollup import BUCKET, TOKEN_FIELDS, RollupCounts, bucket_of, window_totals
-from monitor.wire import scope_key, scope_text
+from monitor.store.rollup import BUCKET, RollupCounts, bucket_of, window_totals
+from monitor.wire import PICO_PER_USD, TOKEN_TYPES, scope_key, scope_text
 
-PICO = 10**12
 _USAGE_COUNTERS = frozenset({"requests", "cost_pico", "tokens"})  # the counters labelled by metrics.labels
 log = logging.getLogger(__name__)
 
@@ -234,7 +233,7 @@ class MonitorCollector(Collector):
             return
         with self._lock:
             for values, value in self._project("cost_pico", usage_keys).items():
-                cost.add_metric(list(values), value / PICO)
+                cost.add_metric(list(values), value / PICO_PER_USD)
             for values, value in self._project("tokens", ["model", "type", *self._labels]).items():
                 tokens.add_metric(list(values), value)
             for values, value in self._project("requests", usage_keys).items():
@@ -285,10 +284,10 @@ class MonitorCollector(Collector):
             for key, state in summary.states.items():
                 label = [name, scope_text(state.scope, ",")]
                 if summary.budget.measure == "usd":
-                    gauges["limit"].add_metric(label, summary.budget.limit / PICO)
-                gauges["spend"].add_metric(label, state.usage.cost_pico / PICO)
+                    gauges["limit"].add_metric(label, summary.budget.limit / PICO_PER_USD)
+                gauges["spend"].add_metric(label, state.usage.cost_pico / PICO_PER_USD)
                 gauges["util"].add_metric(label, state.utilization)
-                gauges["forecast"].add_metric(label, state.forecast_cost_pico / PICO)
+                gauges["forecast"].add_metric(label, state.forecast_cost_pico / PICO_PER_USD)
                 gauges["end"].add_metric(label, state.window_end.timestamp())
                 scope_flag = flags.get((name, key))
                 gauges["throttle"].add_metric(label, 1.0 if scope_flag is not None and scope_flag.active(now) else 0.0)
@@ -389,9 +388,9 @@ class WindowCollector(Collector):
             labels=["window", "model", "type", *self._labels],
         )
         for (window, model, values), counts in sorted(totals.items()):
-            spend.add_metric([window, model, *values], counts.cost_pico / PICO)
+            spend.add_metric([window, model, *values], counts.cost_pico / PICO_PER_USD)
             requests.add_metric([window, model, *values], counts.requests)
-            for kind in TOKEN_FIELDS:
+            for kind in TOKEN_TYPES:
                 tokens.add_metric([window, model, kind, *values], getattr(counts, kind))
         yield from (spend, requests, tokens)
 
@@ -476,7 +475,7 @@ class AdmissionCollector(Collector):
         )
         shown = {(budget.name, scope_key(dict(budget.match))): 0 for budget in self._admission.reserving_budgets}
         for (budget_name, key), pico in sorted({**shown, **stats.reserved_pico}.items()):
-            reserved.add_metric([budget_name, scope_text(json.loads(key), ",")], pico / PICO)
+            reserved.add_metric([budget_name, scope_text(json.loads(key), ",")], pico / PICO_PER_USD)
         yield reserved
         leases = GaugeMetricFamily("claude_admission_open_leases", "Leases open now (admitted, not yet settled).")
         leases.add_metric([], float(stats.open_leases))

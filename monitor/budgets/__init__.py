@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 from monitor.budgets.counters import Usage
 from monitor.budgets.windows import calendar_window
 from monitor.config import BudgetConfig, Window
-from monitor.pricing import PICO_PER_USD, PriceTable
-from monitor.wire import scope_key
+from monitor.pricing import PriceTable
+from monitor.wire import PICO_PER_USD, scope_key
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Rolling windows are kept in buckets: 1 minute, or 1/1440 of the span when that is longer (a 30-day window in

@@ -10,8 +10,8 @@ from datetime import datetime
 from monitor.budgets import scope_for
 from monitor.config import LimitConfig
 from monitor.ingest.parse import Event
-from monitor.pricing import PICO_PER_USD, PriceTable
-from monitor.wire import scope_key
+from monitor.pricing import PriceTable
+from monitor.wire import PICO_PER_USD, scope_key
 
 
 @dataclass(frozen=True)

@@ -36,17 +36,11 @@ from monitor.store.rollup import (
 )
 from monitor.store.sqlite_events import add_rows, sqlite_datetime
 from monitor.store.sqlite_events import insert_new_events as insert_new_sqlite_events
+from monitor.wire import TOKEN_TYPES
 from monitor.wire import scope_key as labels_key
 
 # claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-TOKEN_TYPES = (
-    ("input", "input_tokens"),
-    ("output", "output_tokens"),
-    ("cache_read", "cache_read_tokens"),
-    ("cache_write_5m", "cache_write_5m_tokens"),
-    ("cache_write_1h", "cache_write_1h_tokens"),
-)
 DEFAULT_MAX_VALUES_PER_LABEL = 200
 DEFAULT_MAX_UNPRICED_MODELS = 50
 UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total (never a dimension's name)
@@ -202,7 +196,7 @@ class Writer:
             cached = _LabelKeys(
                 labels_key(labels),
                 labels_key({"model": model}),
-                tuple(labels_key({**labels, "type": kind}) for kind, _ in TOKEN_TYPES),
+                tuple(labels_key({**labels, "type": kind}) for kind in TOKEN_TYPES),
                 tuple(labels_key({"model": model, "le": le}) for le in [*map(repr, LATENCY_BUCKETS), "+Inf"]),
             )
             self._label_cache[model, label_values] = cached

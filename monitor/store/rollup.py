@@ -14,20 +14,10 @@ from typing import Any
 from sqlalchemy import Connection, case, func, select
 
 from monitor.store.models import usage_rollup
+from monitor.wire import BILLED_COUNTS
 
 BUCKET = timedelta(minutes=15)
-ROLLUP_FIELDS = (
-    "requests",
-    "input",
-    "output",
-    "cache_read",
-    "cache_write_5m",
-    "cache_write_1h",
-    "web_search_requests",
-    "cost_pico",
-    "unpriced_requests",
-)
-TOKEN_FIELDS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+ROLLUP_FIELDS = ("requests", *BILLED_COUNTS, "cost_pico", "unpriced_requests")
 # Lateness (ingest time minus event time) of the events counted in claude_monitor_late_events_total: an event is
 # late from 5 minutes on; each class is [lower, upper).
 LATENESS = (
