@@ -18,6 +18,22 @@ from sqlalchemy import Connection, Engine
 from monitor.budgets import Budget, BudgetIndex
 from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.ingest.parse import Event, Rejected
+from monitor.metric_names import (
+    ATTRIBUTES_DROPPED,
+    COST_PICO,
+    INGEST_EVENTS,
+    LATE_EVENTS,
+    LATENCY_BUCKET,
+    LATENCY_BUCKETS,
+    LATENCY_COUNT,
+    LATENCY_LE,
+    LATENCY_SUM_US,
+    REQUEST_ERRORS,
+    REQUESTS,
+    TOKENS,
+    UNPRICED_EVENTS,
+    UNPRICED_LABEL,
+)
 from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.bulk_pg import BulkUpsert
 from monitor.store.labels import OTHER, LabelGate
@@ -39,11 +55,8 @@ from monitor.store.sqlite_events import insert_new_events as insert_new_sqlite_e
 from monitor.wire import TOKEN_TYPES
 from monitor.wire import scope_key as labels_key
 
-# claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DEFAULT_MAX_VALUES_PER_LABEL = 200
 DEFAULT_MAX_UNPRICED_MODELS = 50
-UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total (never a dimension's name)
 _LABEL_KEY_CACHE = 4096  # (model, label values) entries; values are capped already, this bounds memory
 
 
@@ -197,7 +210,7 @@ class Writer:
                 labels_key(labels),
                 labels_key({"model": model}),
                 tuple(labels_key({**labels, "type": kind}) for kind in TOKEN_TYPES),
-                tuple(labels_key({"model": model, "le": le}) for le in [*map(repr, LATENCY_BUCKETS), "+Inf"]),
+                tuple(labels_key({"model": model, "le": le}) for le in LATENCY_LE),
             )
             self._label_cache[model, label_values] = cached
         return cached
@@ -467,9 +480,9 @@ class Writer:
             ("rejected", result.rejected),
         ):
             if count:
-                values["ingest_events", labels_key({"source": source, "outcome": outcome})] += count
+                values[INGEST_EVENTS, labels_key({"source": source, "outcome": outcome})] += count
         if result.attributes_dropped:
-            values["attributes_dropped", labels_key({"source": source})] += result.attributes_dropped
+            values[ATTRIBUTES_DROPPED, labels_key({"source": source})] += result.attributes_dropped
         # Labels are bounded here, as the counter is written: the model label is a price-table name or `unpriced`,
         # every other label an admitted value or `__other__`. Spend is kept whole; only its labels are capped.
         labelled, admitted = self._metric_values(connection, new, now)
@@ -551,24 +564,24 @@ class Writer:
                 deltas[7] += cost
         for (model, label_values), row in sums.items():
             keys = self._label_keys(model, label_values)
-            values["requests", keys.base] += row[0]
+            values[REQUESTS, keys.base] += row[0]
             if row[7]:
-                values["cost_pico", keys.base] += row[1]
+                values[COST_PICO, keys.base] += row[1]
             for token_key, count in zip(keys.tokens, row[2:7], strict=True):
                 if count:
-                    values["tokens", token_key] += count
+                    values[TOKENS, token_key] += count
             if row[8]:
-                values["latency_count", keys.model] += row[8]
-                values["latency_sum_us", keys.model] += row[9]
+                values[LATENCY_COUNT, keys.model] += row[8]
+                values[LATENCY_SUM_US, keys.model] += row[9]
                 for bucket_key, count in zip(keys.latency, row[10:], strict=True):
                     if count:
-                        values["latency_bucket", bucket_key] += count
+                        values[LATENCY_BUCKET, bucket_key] += count
         for unpriced, count in unpriced_counts.items():
-            values["unpriced_events", labels_key({"model": unpriced})] += count
+            values[UNPRICED_EVENTS, labels_key({"model": unpriced})] += count
         for (model, status), count in errors.items():
-            values["request_errors", labels_key({"model": model, "status": str(status)})] += count
+            values[REQUEST_ERRORS, labels_key({"model": model, "status": str(status)})] += count
         for late, count in late_counts.items():
-            values["late_events", labels_key({"lateness": late})] += count
+            values[LATE_EVENTS, labels_key({"lateness": late})] += count
         if values and self._sqlite:
             ordered = [(name, key, value) for (name, key), value in sorted(values.items())]
             add_rows(connection, counters, ("name", "labels"), ("value",), ordered)

@@ -33,6 +33,7 @@ from sqlalchemy import Connection, Engine, bindparam, delete, func, select, upda
 from monitor.budgets import BudgetIndex
 from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.ingest.parse import Event
+from monitor.metric_names import COST_PICO, REPRICED_EVENTS, UNPRICED_LABEL
 from monitor.pricing import Price, PriceTable
 from monitor.store.labels import FREE_VALUES, OTHER
 from monitor.store.models import budget_usage, counters, events, label_values, usage_rollup
@@ -41,7 +42,6 @@ from monitor.store.rollup import ROLLUP_FIELDS, bucket_of, service_tier, status_
 from monitor.wire import scope_key
 
 DEFAULT_BATCH = 1000
-UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total, as the write path names it
 _ROLLUP_KEY = ("bucket_start", "model", "service_tier", "status_class", "labels")
 _USAGE_KEY = ("budget", "scope", "bucket_start")
 
@@ -174,8 +174,8 @@ class Repricer:
                 for name in self._metric_labels
             }
             counter_labels = {"model": price.model, **values}
-            counter_deltas["cost_pico", scope_key(counter_labels)] += cost
-            counter_deltas["repriced_events", scope_key({"model": price.model})] += 1
+            counter_deltas[COST_PICO, scope_key(counter_labels)] += cost
+            counter_deltas[REPRICED_EVENTS, scope_key({"model": price.model})] += 1
             # The rollup row the event was counted in: the stored name when the table resolved the id then (it had
             # no rate for the event's date), else the unpriced-model label (the id while it had a slot, else
             # __other__). A table name sent as is and dated before its first rate took that label too.
