@@ -22,6 +22,12 @@ from monitor.redaction import database_url, webhook_url
 from monitor.wire import scope_text
 
 
+def _who(match: Mapping[str, str], per: str | None) -> str:
+    """Whom a budget or limit counts: its scope, or each value of `per` within it."""
+    scope = scope_text(match)
+    return f"each {per} of {scope}" if per else scope
+
+
 def _limit(budget: BudgetConfig) -> str:
     if budget.limit_usd is not None:
         return f"${budget.limit_usd}"
@@ -182,8 +188,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     else:
         lines.append("budgets:")
     for b in s.budgets:
-        scope = scope_text(b.match)
-        who = f"each {b.per} of {scope}" if b.per else scope
+        who = _who(b.match, b.per)
         limit = _limit(b)
         window = b.parsed_window
         period = f"per {window.kind} ({s.timezone})"
@@ -199,8 +204,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     else:
         lines.append("admission limits (checked by POST /v1/admit before a call starts):")
     for entry in s.limits:
-        scope = scope_text(entry.match)
-        who = f"each {entry.per} of {scope}" if entry.per else scope
+        who = _who(entry.match, entry.per)
         lines.append(f"  - {entry.name}: {who}: " + "; ".join(_enforces(entry)))
     ttl = parse_duration(s.admission.lease_ttl)
     shared = admission_in_database(s)

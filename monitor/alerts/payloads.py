@@ -255,19 +255,7 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
             _mrkdwn(f"*Biggest*\n{_escape(top_text(notice))}"),
             _mrkdwn(f"*Status*\n{notice.status}"),
         ]
-        return {
-            "text": f"{icon} {title}",
-            "blocks": [
-                {"type": "section", "text": _mrkdwn(f"{icon} *{title}*")},
-                {"type": "section", "fields": fields},
-                {
-                    "type": "context",
-                    "elements": [
-                        _mrkdwn(f"claude-monitor · {notice.kind} digest of {notice.per} scopes · sent {iso_z(now)}")
-                    ],
-                },
-            ],
-        }
+        return _slack_message(icon, title, fields, f"{notice.kind} digest of {notice.per} scopes · sent {iso_z(now)}")
     fields = [
         _mrkdwn(f"*Budget*\n{notice.budget}"),
         _mrkdwn(f"*Scope*\n{_escape(scope_text(notice.scope))}"),
@@ -278,15 +266,17 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
         _mrkdwn(f"*Window ends*\n{end} ({iso_z(notice.window_end)})"),
         _mrkdwn(f"*Status*\n{notice.status}"),
     ]
+    return _slack_message(icon, title, fields, f"{notice.kind} notice · sent {iso_z(now)}")
+
+
+def _slack_message(icon: str, title: str, fields: list[dict[str, str]], context: str) -> dict[str, Any]:
+    """A headline, its fields and a context line, as Slack blocks (with `text` for the notification itself)."""
     return {
         "text": f"{icon} {title}",
         "blocks": [
             {"type": "section", "text": _mrkdwn(f"{icon} *{title}*")},
             {"type": "section", "fields": fields},
-            {
-                "type": "context",
-                "elements": [_mrkdwn(f"claude-monitor · {notice.kind} notice · sent {iso_z(now)}")],
-            },
+            {"type": "context", "elements": [_mrkdwn(f"claude-monitor · {context}")]},
         ],
     }
 

@@ -402,23 +402,10 @@ class MonitorClient:
         Raises MonitorError when the daemon answers 4xx/5xx or cannot be reached. Resending the same event is
         safe: the daemon counts a request_id once.
         """
-        body = json.dumps(event, allow_nan=False).encode()
-        try:
-            status, headers, data = self._http.request(
-                "POST", "/v1/usage", body=body, headers={"Content-Type": "application/json"}
-            )
-        except (OSError, http.client.HTTPException) as exc:
-            raise MonitorError(f"POST {self.url}/v1/usage failed: {_describe(exc)}") from exc
-        answer = _json_or_text(data)
+        # A NaN or infinity is not JSON: refused here (ValueError) instead of sent.
+        status, headers, answer = self._post("/v1/usage", json.dumps(event, allow_nan=False).encode())
         if not 200 <= status < 300:
-            error = answer.get("error") if isinstance(answer, dict) else answer
-            retry = headers.get("retry-after")
-            raise MonitorError(
-                f"POST {self.url}/v1/usage answered HTTP {status}: {error}",
-                status=status,
-                retry_after=int(retry) if retry and retry.isdigit() else None,
-                body=answer,
-            )
+            raise self._error("/v1/usage", status, headers, answer)
         if not isinstance(answer, dict):
             raise MonitorError(f"POST {self.url}/v1/usage answered {status} with a body that is not a JSON object")
         for rejected in answer.get("rejected") or ():
@@ -609,10 +596,11 @@ class MonitorClient:
             return None
         raise self._error("/v1/admit/<lease>/renew", status, headers, answer)
 
-    def _post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, str], Any]:
+    def _post(self, path: str, body: Mapping[str, Any] | bytes) -> tuple[int, dict[str, str], Any]:
+        encoded = body if isinstance(body, bytes) else json.dumps(body).encode()
         try:
             status, headers, data = self._http.request(
-                "POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+                "POST", path, body=encoded, headers={"Content-Type": "application/json"}
             )
         except (OSError, http.client.HTTPException) as exc:
             raise MonitorError(f"POST {self.url}{path} failed: {_describe(exc)}") from exc
