@@ -17,7 +17,14 @@ from sqlalchemy import Connection, Engine, case, func, select
 from monitor.pricing import format_usd, usd
 from monitor.store.labels import OTHER
 from monitor.store.models import events
-from monitor.store.rollup import BUCKET, ROLLUP_FIELDS, bucket_of, is_bucket_edge, totals_by_model_and_labels
+from monitor.store.rollup import (
+    BUCKET,
+    ROLLUP_FIELDS,
+    add_counts,
+    bucket_of,
+    is_bucket_edge,
+    totals_by_model_and_labels,
+)
 from monitor.wire import iso_z
 
 COUNT_COLUMNS = (
@@ -90,12 +97,7 @@ def build_report(engine: Engine, *, since: datetime | None, until: datetime | No
 
 def _merge(into: Groups, more: Groups) -> None:
     for key, numbers in more.items():
-        have = into.get(key)
-        if have is None:
-            into[key] = list(numbers)
-        else:
-            for i, value in enumerate(numbers):
-                have[i] += value
+        add_counts(into, key, numbers)
 
 
 def _from_rollup(

@@ -38,7 +38,7 @@ from monitor.pricing import Price, PriceTable
 from monitor.store.labels import FREE_VALUES, OTHER
 from monitor.store.models import budget_usage, counters, events, label_values, usage_rollup
 from monitor.store.queries import upsert_adding
-from monitor.store.rollup import ROLLUP_FIELDS, bucket_of, service_tier, status_class
+from monitor.store.rollup import ROLLUP_FIELDS, add_counts, bucket_of, service_tier, status_class
 from monitor.wire import scope_key
 
 DEFAULT_BATCH = 1000
@@ -197,8 +197,8 @@ class Repricer:
                 row.cache_write_1h_tokens,
                 row.web_search_requests,
             ]
-            _add(rollup, (bucket, old_model, tier, klass, labels), [-count for count in counts] + [0, -1])
-            _add(rollup, (bucket, price.model, tier, klass, labels), [*counts, cost, 0])
+            add_counts(rollup, (bucket, old_model, tier, klass, labels), [-count for count in counts] + [0, -1])
+            add_counts(rollup, (bucket, price.model, tier, klass, labels), [*counts, cost, 0])
             tokens = (
                 row.input_tokens,
                 row.output_tokens,
@@ -258,15 +258,6 @@ class Repricer:
                 self._drop_usage,
                 [{f"k_{n}": v for n, v in zip(_USAGE_KEY, key, strict=True)} for key, _ in usage_rows],
             )
-
-
-def _add(target: dict[tuple[Any, ...], list[int]], key: tuple[Any, ...], counts: list[int]) -> None:
-    row = target.get(key)
-    if row is None:
-        target[key] = list(counts)
-    else:
-        for index, value in enumerate(counts):
-            row[index] += value
 
 
 def _admitted(connection: Connection, labels: Iterable[str]) -> dict[str, dict[str, datetime]]:

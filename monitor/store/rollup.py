@@ -6,16 +6,17 @@ or month in any of them is a run of whole buckets.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, case, func, select
 
 from monitor.store.models import usage_rollup
 from monitor.wire import BILLED_COUNTS
 
+K = TypeVar("K", bound=Hashable)
 BUCKET = timedelta(minutes=15)
 ROLLUP_FIELDS = ("requests", *BILLED_COUNTS, "cost_pico", "unpriced_requests")
 # Lateness (ingest time minus event time) of the events counted in claude_monitor_late_events_total: an event is
@@ -93,6 +94,16 @@ class RollupCounts:
     def as_dict(self) -> dict[str, int]:
         """The counts by column name."""
         return {name: getattr(self, name) for name in ROLLUP_FIELDS}
+
+
+def add_counts(into: dict[K, list[int]], key: K, counts: Sequence[int]) -> None:
+    """Add `counts` to the row of `key`, element by element (a new key gets a copy)."""
+    row = into.get(key)
+    if row is None:
+        into[key] = list(counts)
+    else:
+        for index, value in enumerate(counts):
+            row[index] += value
 
 
 def rollup_rows(deltas: Mapping[RollupKey, RollupCounts]) -> list[dict[str, Any]]:
