@@ -102,12 +102,10 @@ class FakeAnalytics(LoopbackServer):
         with self._lock:
             return [s for s in self.requests if s.path == path]
 
-    def _arrived(self, seen: Seen, authenticated: bool) -> tuple[int | None, str]:
-        """(the failure to answer with, if any; the answer's request-id)."""
+    def _arrived(self, seen: Seen, authenticated: bool) -> int | None:
         with self._lock:
             self.requests.append(seen)
-            failure = self._failures.pop(0) if self._failures and authenticated else None
-            return failure, f"req_fake_analytics_{len(self.requests):04d}"
+            return self._failures.pop(0) if self._failures and authenticated else None
 
 
 def _group(row: Row, by_key: bool) -> dict[str, Any]:
@@ -181,7 +179,8 @@ def _handler(fake: FakeAnalytics) -> type[BaseHTTPRequestHandler]:
             headers = {name.lower(): value for name, value in self.headers.items()}
             bearer = headers.get("authorization", "").removeprefix("Bearer ")
             authenticated = fake.admin_key in (bearer, headers.get("x-api-key"))
-            failure, request_id = fake._arrived(Seen(parts.path, query, headers), authenticated)
+            failure = fake._arrived(Seen(parts.path, query, headers), authenticated)
+            request_id = f"req_fake_analytics_{len(fake.requests):04d}"
             if parts.path not in (COST_PATH, USAGE_PATH):
                 self._error(404, "not_found_error", f"{parts.path} not found", request_id)
                 return
