@@ -25,17 +25,9 @@ from monitor.store.rollup import (
     is_bucket_edge,
     totals_by_model_and_labels,
 )
-from monitor.wire import iso_z
+from monitor.wire import TOKEN_TYPES, iso_z
 
-COUNT_COLUMNS = (
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-    "web_search_requests",
-)
+COUNT_COLUMNS = ("requests", *(f"{kind}_tokens" for kind in TOKEN_TYPES), "web_search_requests")
 
 
 @dataclass(frozen=True)
