@@ -139,13 +139,19 @@ def scope_for(
 
 
 
+def resolved_match(match: Mapping[str, str], prices: PriceTable) -> dict[str, str]:
+    """A budget's or limit's `match` with its `model` (an alias or dated id) as the price-table name events carry."""
+    resolved = dict(match)
+    if "model" in resolved:
+        resolved["model"] = prices.resolve(resolved["model"]) or resolved["model"]
+    return resolved
+
+
 def compile_budgets(configs: Sequence[BudgetConfig], prices: PriceTable) -> list[Budget]:
     """Budgets from config: limits as integers, a `model` in match resolved to its price-table name."""
     compiled = []
     for config in configs:
-        match = dict(config.match)
-        if "model" in match:
-            match["model"] = prices.resolve(match["model"]) or match["model"]
+        match = resolved_match(config.match, prices)
         window = config.parsed_window
         bucket = None
         if window.kind == "rolling":

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from monitor.budgets import scope_for
+from monitor.budgets import resolved_match, scope_for
 from monitor.config import LimitConfig
 from monitor.ingest.parse import Event
 from monitor.pricing import PriceTable
@@ -39,9 +39,7 @@ def compile_limits(configs: Sequence[LimitConfig], prices: PriceTable) -> list[L
     """Limits from config; a `model` in match resolved to its price-table name, as budgets do."""
     compiled = []
     for config in configs:
-        match = dict(config.match)
-        if "model" in match:
-            match["model"] = prices.resolve(match["model"]) or match["model"]
+        match = resolved_match(config.match, prices)
         rpm, tpm = config.requests_per_minute, config.input_tokens_per_minute
         compiled.append(
             Limit(
