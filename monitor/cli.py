@@ -19,7 +19,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from monitor import report as report_mod
 from monitor.budgets.engine import DefinitionChange, state_json
-from monitor.budgets.throttle import iso
 from monitor.budgets.windows import Calendar, calendar_window
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
@@ -31,6 +30,7 @@ from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import Store, build_price_table, open_store
 from monitor.store.db import SchemaNotCurrent
 from monitor.store.models import budget_definitions, events
+from monitor.wire import iso_z, scope_text
 
 log = logging.getLogger("monitor")
 
@@ -115,7 +115,7 @@ def _definitions_text(changes: list[DefinitionChange] | None, note: str) -> str:
     if changes is not None and not changes:
         lines.append("  no change: the database counts exactly these budgets")
     for change in changes or []:
-        since = iso(change.since)
+        since = iso_z(change.since)
         if change.change == "new":
             lines.append(f"  new budget {change.budget}: on the next serve start the leader will count it from {since}")
         elif change.change == "changed":
@@ -279,7 +279,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         body.append(
             [
                 row["budget"],
-                ",".join(f"{k}={v}" for k, v in row["scope"].items()) or "all",
+                scope_text(row["scope"], ","),
                 row["window"],
                 _cents(row["spend_usd"]),
                 limit,

@@ -32,7 +32,6 @@ from monitor.yamlio import key_lines, load_yaml
 
 DEFAULT_CONFIG_PATH = Path("claude-monitor.yaml")
 ENV_PREFIX = "CLAUDE_MONITOR_"
-TOKEN_TYPES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
 WINDOW_HELP = "use day, week, month or rolling:<N>m|h|d (e.g. rolling:1h)"
 # Dimensions with a value per person or credential: as metric labels, one series each, without bound.
 HIGH_CARDINALITY_DIMENSIONS = ("user", "api_key")

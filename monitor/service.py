@@ -34,6 +34,7 @@ from monitor.ingest.watch import Watcher, follow
 from monitor.ingest.worker import IngestProcess
 from monitor.ingest.writer import Writer
 from monitor.leader import Leadership
+from monitor.metric_names import JOB_DURATION_BUCKETS
 from monitor.metrics import (
     AdmissionCollector,
     DefinitionsCollector,
@@ -152,7 +153,7 @@ class Jobs:
             "How long each scheduled task ran.",
             ["task"],
             registry=registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=JOB_DURATION_BUCKETS,
         )
         self.interval = Gauge(
             "claude_monitor_job_interval_seconds",

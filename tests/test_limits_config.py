@@ -151,7 +151,7 @@ def test_check_config_explains_limits(tmp_path: Path) -> None:
         "  - high-token-guard: project=lingo: max_tokens at most 4,096 (a call asking more is refused 400); "
         "estimated input at most 50,000 tokens; worst-case cost of one call at most $0.25"
     ) in out
-    assert "  - bursty: all traffic: 60 requests a minute (bursts of up to 5)" in out
+    assert "  - bursty: all: 60 requests a minute (bursts of up to 5)" in out
     assert "admission leases: expire 90s after admit or their last renewal (running calls renew every 30s)" in out
     memory = "admission memory: at most 200,000 rate buckets, 200,000 budget scopes' spend, 100,000 ended leases"
     assert memory + " remembered" in out

@@ -70,6 +70,7 @@ def test_per_user_budget_throttles_before_the_ingest_answer_returns(serve: Serve
     assert body["scope"] == {"project": "lingo", "user": "u-1"}
     assert body["spend_usd"] == "0.500000" and body["limit_usd"] == "0.500000"
     assert body["utilization"] == 1.0
+    assert body["action"] == "block" and body["budgets"] == ["per-user-daily"]  # the snapshot's flag, and who holds
     until = datetime.fromisoformat(body["until"].replace("Z", "+00:00"))
     assert 0 < int(check.headers["retry-after"]) <= (until - datetime.now(UTC)).total_seconds() + 2
     assert until.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin")).time().hour == 0  # Berlin midnight

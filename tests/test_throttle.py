@@ -17,13 +17,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy.exc import OperationalError
 
-from monitor.budgets import engine, scope_key
+from monitor.budgets import engine
 from monitor.budgets.counters import Usage
 from monitor.budgets.engine import state_json
 from monitor.budgets.throttle import ThrottleState
 from monitor.config import load_settings
 from monitor.metrics import MonitorCollector
 from monitor.service import Store, open_store
+from monitor.wire import scope_key
 from tests.conftest import FakeClock, write_config
 
 

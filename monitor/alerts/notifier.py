@@ -22,10 +22,11 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 from monitor import __version__
 from monitor.alerts.digests import Digest, digests_from_states, final_digests, fire_digest, insert_notice, update_digest
 from monitor.alerts.payloads import Notice, alertmanager_payload, fraction_text, generic_payload, slack_payload
-from monitor.budgets import Budget, ScopeState, forecast_settle, scope_key
+from monitor.budgets import Budget, ScopeState, forecast_settle
 from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.config import WebhookConfig
 from monitor.store.models import alert_deliveries, alert_notices, budget_usage
+from monitor.wire import scope_key
 
 log = logging.getLogger(__name__)
 

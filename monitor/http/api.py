@@ -32,7 +32,6 @@ from monitor.budgets.admission import (
     parse_admit,
 )
 from monitor.budgets.engine import BudgetEngine, state_json
-from monitor.budgets.throttle import iso
 from monitor.http.server import (
     BadLength,
     BodyTimeout,
@@ -57,6 +56,7 @@ from monitor.ingest.pipeline import Ingestor
 from monitor.ingest.worker import IngestProcess, IngestProcessFailed, StorageUnavailable
 from monitor.ingest.writer import Batch, BatchResult, LetterCap
 from monitor.pricing import PriceTable, format_usd
+from monitor.wire import iso_z
 
 log = logging.getLogger(__name__)
 HTTP_SOURCE = "http"
@@ -290,18 +290,7 @@ class Api:
         if decision is None:
             return Response(204, b"", None, staleness)
         flag = decision.flag
-        body = {
-            "budget": flag.budget,
-            "scope": flag.scope,
-            "spend_usd": format_usd(flag.spend_pico),
-            "limit_usd": None if flag.limit_pico is None else format_usd(flag.limit_pico),
-            "until": iso(flag.until),
-            "utilization": round(flag.utilization, 4),
-            "measure": flag.measure,
-            "amount": flag.amount,
-            "limit": flag.limit,
-            "budgets": [f.budget for f in decision.flags],
-        }
+        body = {**flag.as_json(), "budgets": [f.budget for f in decision.flags]}  # the flag as the snapshot writes it
         headers_out = {"Retry-After": str(decision.retry_after(now)), "X-Monitor-Budget": flag.budget, **staleness}
         deny = args.get("deny_status")
         status = int(deny) if deny in ("401", "403") else 429  # nginx auth_request understands only 401/403
@@ -327,7 +316,7 @@ class Api:
                 {
                     "lease": outcome.lease,
                     "reserved_usd": format_usd(outcome.reserved_pico),
-                    "expires_at": iso(outcome.expires_at),
+                    "expires_at": iso_z(outcome.expires_at),
                     "renew_every_s": self._renew_every(),
                 },
             )
@@ -385,7 +374,7 @@ class Api:
                 404,
                 f"lease {lease[:80]!r} cannot be renewed: {why}; the running call may finish, admit the next one",
             )
-        return json_response(200, {"lease": lease, "expires_at": iso(expires), "renew_every_s": self._renew_every()})
+        return json_response(200, {"lease": lease, "expires_at": iso_z(expires), "renew_every_s": self._renew_every()})
 
     # --- the rest -----------------------------------------------------------------------------------------------
 

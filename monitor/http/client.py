@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from monitor import __version__
 from monitor.http.estimate import input_token_bound
 from monitor.http.pool import ConnectionPool
+from monitor.wire import iso_z, scope_text
 
 if TYPE_CHECKING:
     from anthropic.types import Message, RawMessageStreamEvent
@@ -121,15 +122,14 @@ class _Flag:
         return all(caller.get(key) == value for key, value in self.scope.items())
 
     def reason(self) -> str:
-        scope = ", ".join(f"{key}={value}" for key, value in sorted(self.scope.items())) or "all traffic"
-        text = f"{self.budget} exceeded for {scope}"
+        text = f"{self.budget} exceeded for {scope_text(self.scope)}"
         spend, limit = self.detail.get("spend_usd"), self.detail.get("limit_usd")
         if spend is not None and limit is not None:
             text += f": ${spend} of ${limit}"
         elif self.detail.get("limit") is not None and self.detail.get("measure") not in (None, "usd"):
             text += f": {self.detail.get('amount')} {self.detail['measure']} of {self.detail['limit']}"
         if self.until is not None:
-            text += f" (until {_iso(self.until)})"
+            text += f" (until {iso_z(self.until, 'milliseconds')})"
         return text
 
 
@@ -402,23 +402,10 @@ class MonitorClient:
         Raises MonitorError when the daemon answers 4xx/5xx or cannot be reached. Resending the same event is
         safe: the daemon counts a request_id once.
         """
-        body = json.dumps(event, allow_nan=False).encode()
-        try:
-            status, headers, data = self._http.request(
-                "POST", "/v1/usage", body=body, headers={"Content-Type": "application/json"}
-            )
-        except (OSError, http.client.HTTPException) as exc:
-            raise MonitorError(f"POST {self.url}/v1/usage failed: {_describe(exc)}") from exc
-        answer = _json_or_text(data)
+        # A NaN or infinity is not JSON: refused here (ValueError) instead of sent.
+        status, headers, answer = self._post("/v1/usage", json.dumps(event, allow_nan=False).encode())
         if not 200 <= status < 300:
-            error = answer.get("error") if isinstance(answer, dict) else answer
-            retry = headers.get("retry-after")
-            raise MonitorError(
-                f"POST {self.url}/v1/usage answered HTTP {status}: {error}",
-                status=status,
-                retry_after=int(retry) if retry and retry.isdigit() else None,
-                body=answer,
-            )
+            raise self._error("/v1/usage", status, headers, answer)
         if not isinstance(answer, dict):
             raise MonitorError(f"POST {self.url}/v1/usage answered {status} with a body that is not a JSON object")
         for rejected in answer.get("rejected") or ():
@@ -517,7 +504,7 @@ class MonitorClient:
         when = timestamp if timestamp is not None else datetime.fromtimestamp(self.clock(), UTC)
         event: dict[str, Any] = {
             "request_id": request_id,
-            "timestamp": _iso(when),
+            "timestamp": iso_z(when, "milliseconds"),
             "model": model,
             "usage": dict(usage),
             "attributes": dict(attributes),
@@ -609,10 +596,11 @@ class MonitorClient:
             return None
         raise self._error("/v1/admit/<lease>/renew", status, headers, answer)
 
-    def _post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, str], Any]:
+    def _post(self, path: str, body: Mapping[str, Any] | bytes) -> tuple[int, dict[str, str], Any]:
+        encoded = body if isinstance(body, bytes) else json.dumps(body).encode()
         try:
             status, headers, data = self._http.request(
-                "POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+                "POST", path, body=encoded, headers={"Content-Type": "application/json"}
             )
         except (OSError, http.client.HTTPException) as exc:
             raise MonitorError(f"POST {self.url}{path} failed: {_describe(exc)}") from exc
@@ -721,13 +709,6 @@ def _parse_time(text: str | None) -> datetime | None:
         return None
     moment = datetime.fromisoformat(text)  # ValueError on a bad one; 3.11 reads the trailing Z
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _iso(moment: datetime) -> str:
-    """RFC 3339 UTC with a Z; a naive datetime is taken as UTC, as in usage events."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _as_dict(event: Any) -> dict[str, Any]:

@@ -76,6 +76,7 @@ from monitor.ingest.parse import redact
 from monitor.metrics import ProxyMetrics
 from monitor.pricing import PriceTable
 from monitor.signals import StopSignals
+from monitor.wire import iso_z
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class _Call:
 
     def event(self, request_id: str, usage: Mapping[str, Any], status: int, model: str | None = None) -> dict[str, Any]:
         """Its usage event, stamped with the time the call was sent."""
-        when = datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        when = iso_z(datetime.fromtimestamp(self.started, UTC), "milliseconds")
         return {
             "request_id": request_id,
             "timestamp": when,

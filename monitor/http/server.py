@@ -384,11 +384,6 @@ class HttpServer:
         self._server = _Server(self._config)
         self._thread: threading.Thread | None = None
 
-    @property
-    def open_connections(self) -> int:
-        """Connections open right now."""
-        return len(self._server.server_state.connections)
-
     def start(self) -> None:
         """Serve on a background thread; returns once the event loop is accepting."""
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-http", daemon=True)

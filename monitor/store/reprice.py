@@ -33,14 +33,15 @@ from sqlalchemy import Connection, Engine, bindparam, delete, func, select, tupl
 from monitor.budgets import BudgetIndex
 from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.ingest.parse import Event
+from monitor.metric_names import COST_PICO, REPRICED_EVENTS, UNPRICED_LABEL
 from monitor.pricing import Price, PriceTable
 from monitor.store.labels import FREE_VALUES, OTHER
 from monitor.store.models import budget_usage, counters, events, label_values, usage_rollup
 from monitor.store.queries import upsert_adding
-from monitor.store.rollup import ROLLUP_FIELDS, bucket_of, labels_json, service_tier, status_class
+from monitor.store.rollup import ROLLUP_FIELDS, add_counts, bucket_of, service_tier, status_class
+from monitor.wire import scope_key
 
 DEFAULT_BATCH = 1000
-UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total, as the write path names it
 _ROLLUP_KEY = ("bucket_start", "model", "service_tier", "status_class", "labels")
 _USAGE_KEY = ("budget", "scope", "bucket_start")
 
@@ -61,11 +62,6 @@ class RepriceResult:
     def cost_pico(self) -> int:
         """Their cost, in pico-dollars."""
         return sum(cost for _, cost in self.by_model.values())
-
-
-def _labels_key(labels: Mapping[str, str]) -> str:
-    """The counters' canonical label JSON, as the write path builds it."""
-    return labels_json(labels)
 
 
 class Repricer:
@@ -203,8 +199,8 @@ class Repricer:
                 for name in self._metric_labels
             }
             counter_labels = {"model": price.model, **values}
-            counter_deltas["cost_pico", _labels_key(counter_labels)] += cost
-            counter_deltas["repriced_events", _labels_key({"model": price.model})] += 1
+            counter_deltas[COST_PICO, scope_key(counter_labels)] += cost
+            counter_deltas[REPRICED_EVENTS, scope_key({"model": price.model})] += 1
             # The rollup row the event was counted in: the stored name when the table resolved the id then (it had
             # no rate for the event's date), else the unpriced-model label (the id while it had a slot, else
             # __other__). A table name sent as is and dated before its first rate took that label too.
@@ -213,7 +209,7 @@ class Repricer:
                 if row.model != row.model_id
                 else _as_counted(row.model_id, admitted.get(UNPRICED_LABEL, {}), received)
             )
-            labels = labels_json({name: (values[name] if name in attributes else None) for name in self._metric_labels})
+            labels = scope_key({name: (values[name] if name in attributes else None) for name in self._metric_labels})
             tier = service_tier(row.batch, row.service_tier)
             klass = status_class(row.status)
             bucket = bucket_of(row.ts)
@@ -226,8 +222,8 @@ class Repricer:
                 row.cache_write_1h_tokens,
                 row.web_search_requests,
             ]
-            _add(rollup, (bucket, old_model, tier, klass, labels), [-count for count in counts] + [0, -1])
-            _add(rollup, (bucket, price.model, tier, klass, labels), [*counts, cost, 0])
+            add_counts(rollup, (bucket, old_model, tier, klass, labels), [-count for count in counts] + [0, -1])
+            add_counts(rollup, (bucket, price.model, tier, klass, labels), [*counts, cost, 0])
             tokens = (
                 row.input_tokens,
                 row.output_tokens,
@@ -287,15 +283,6 @@ class Repricer:
                 self._drop_usage,
                 [{f"k_{n}": v for n, v in zip(_USAGE_KEY, key, strict=True)} for key, _ in usage_rows],
             )
-
-
-def _add(target: dict[tuple[Any, ...], list[int]], key: tuple[Any, ...], counts: list[int]) -> None:
-    row = target.get(key)
-    if row is None:
-        target[key] = list(counts)
-    else:
-        for index, value in enumerate(counts):
-            row[index] += value
 
 
 class _Gate:
