@@ -567,7 +567,7 @@ def test_reprice_reads_only_events_it_can_price_and_the_label_gate_once(
     store = open_store(load_settings(before, environ={}), clock=FakeClock(NOW))
     try:
         ingest_files([jsonl(tmp_path / "u.jsonl", *backlog[:20], *early, *nova, *backlog[20:])],
-                     store.parser, store.writer)  # fmt: skip
+                     store.parser, store.ingestor)  # fmt: skip
     finally:
         store.close()
 
