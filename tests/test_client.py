@@ -524,10 +524,22 @@ def test_background_thread_refreshes_survives_errors_and_stops_on_close(
     assert len(calls) > 2 and threads[0].is_alive()
 
     client.close()
-    assert not threads[0].is_alive()
     settled = len(calls)
-    time.sleep(0.2)
-    assert len(calls) == settled
+    # Proof that refresh intervals went by after close: a second client on the same 0.05 s interval, started now,
+    # refreshes five times from its own thread. A first client still refreshing would have refreshed meanwhile too.
+    witness = make(clients, serve.url, background=True, refresh_interval=0.05)
+    witnessed: list[str] = []
+    witness_refresh = witness.refresh
+
+    def counted() -> bool:
+        witnessed.append("call")
+        return witness_refresh()
+
+    witness.refresh = counted  # type: ignore[method-assign]
+    wait_until(lambda: len(witnessed) >= 5, timeout=30)
+    assert len(calls) == settled, f"{len(calls) - settled} refresh(es) after close()"
+    assert not threads[0].is_alive()
+    assert [t for t in threading.enumerate() if t.name == "claude-monitor-client"] == [witness._thread]
     client.close()  # twice is harmless
 
 
