@@ -289,3 +289,31 @@ def test_keep_alive_connection_answers_several_routes(api: Api) -> None:
             assert answer.status == status, path
     finally:
         connection.close()
+
+
+def test_the_client_sees_at_once_a_budget_its_own_record_crossed(api: Api) -> None:
+    from monitor.client import MonitorClient, MonitorError
+
+    def epoch() -> float:
+        return api.clock.now.timestamp()
+
+    with MonitorClient(api.url, token=TOKEN, background=False, clock=epoch) as client:
+        before = client.check(model=HAIKU, project="lingo", user="u-1")
+        assert (before.allowed, before.source, before.stale) == (True, "daemon", False)
+        # 20,000 output tokens x $5/M = $0.10, the day's limit: the refresh after the record sees the flag.
+        assert client.record(event("req-c", 20_000)) == {"accepted": 1, "duplicates": 0, "rejected": []}
+        after = client.check(model=HAIKU, project="lingo", user="u-1")
+        assert (after.allowed, after.budget, after.scope, after.retry_after, after.source) == (
+            False,
+            "lingo-daily",
+            {"project": "lingo"},
+            43200,  # noon to midnight UTC
+            "daemon",
+        )
+        assert after.until == datetime(2026, 11, 27, tzinfo=UTC)
+        assert client.check(model=HAIKU, project="other").allowed
+    with MonitorClient(api.url, token="wrong", background=False, clock=epoch) as wrong:
+        with pytest.raises(MonitorError) as refused:
+            wrong.record(event("req-d", 1))
+        assert refused.value.status == 401 and "missing or wrong Bearer token" in str(refused.value)
+    assert api.rows("events") == 1
