@@ -28,6 +28,9 @@ from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, Serve, request, sum_metric, wait_until
 from tests.test_postgres import pg_config, scalar
 
+# Starts PostgreSQL and daemons: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["tests.pg"]
 
 HAIKU = "claude-haiku-4-5"

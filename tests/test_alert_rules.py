@@ -158,6 +158,7 @@ def runbook_anchors() -> set[str]:
 # --- promtool ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_promtool_check_rules() -> None:
     done = promtool("check", "rules", RULES.name)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -668,6 +668,7 @@ def late_in_the_day(now: datetime) -> str:
     raise AssertionError("every hour has a zone where it is afternoon")
 
 
+@pytest.mark.slow
 def test_a_real_alertmanager_holds_the_alert_while_firing_and_drops_it_when_resolved(
     tmp_path: Path, alertmanager: str
 ) -> None:
@@ -737,6 +738,7 @@ def test_an_alertmanager_url_that_is_not_the_alerts_api_is_a_config_error(url: s
     assert f"{config}:5: alerts.webhooks[1].url:" in str(error.value) and "/api/v2/alerts" in str(error.value)
 
 
+@pytest.mark.slow
 def test_serve_with_a_bad_alertmanager_url_fails_before_touching_anything(tmp_path: Path) -> None:
     config = tmp_path / "claude-monitor.yaml"
     config.write_text(
@@ -756,6 +758,7 @@ def test_serve_with_a_bad_alertmanager_url_fails_before_touching_anything(tmp_pa
 # --- the daemon -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_notifies_a_crossing_through_its_scheduled_jobs(tmp_path: Path, receiver: Receiver) -> None:
     config = tmp_path / "claude-monitor.yaml"
     config.write_text(

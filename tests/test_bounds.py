@@ -28,6 +28,9 @@ from tests.serve_harness import Serve, wait_until
 from tests.test_migrations import alembic
 from tests.test_postgres import pg_config, scalar
 
+# Starts `serve` processes and PostgreSQL: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["tests.pg"]
 
 DEFAULT_CAP = 200  # metrics.max_values_per_label, as documented

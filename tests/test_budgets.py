@@ -264,6 +264,7 @@ def test_a_young_window_is_averaged_over_a_day_at_least(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.slow
 def test_budgets_command_json_shape(tmp_path: Path) -> None:
     from tests.conftest import jsonl, run_cli
 

@@ -199,6 +199,7 @@ def test_durations_and_windows() -> None:
             parse_window(bad)
 
 
+@pytest.mark.slow
 def test_check_config_explains_what_it_loaded(tmp_path: Path) -> None:
     path = write_config(tmp_path, FULL)
     run = run_cli("check-config", "--config", str(path))
@@ -212,6 +213,7 @@ def test_check_config_explains_what_it_loaded(tmp_path: Path) -> None:
     assert out.rstrip().endswith("config OK")
 
 
+@pytest.mark.slow
 def test_check_config_fails_with_exit_2_and_a_clear_message(tmp_path: Path) -> None:
     path = write_config(tmp_path, "budgets:\n  - name: x\n    window: fortnight\n    limit_usd: 1\n")
     run = run_cli("check-config", "--config", str(path), check=False)
@@ -220,6 +222,7 @@ def test_check_config_fails_with_exit_2_and_a_clear_message(tmp_path: Path) -> N
     assert run.stdout == ""
 
 
+@pytest.mark.slow
 def test_pricing_alias_conflict_with_shipped_model_is_a_config_error(tmp_path: Path) -> None:
     text = (
         "pricing:\n  models:\n    my-model:\n      aliases: [claude-haiku-4-5]\n      rates:\n"

@@ -14,11 +14,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from monitor.budgets.engine import state_json
 from monitor.config import load_settings
 from monitor.service import open_store
 from monitor.simulate import _density as simulated_rate  # relative request rate at a UTC millisecond
 from tests.conftest import FakeClock, write_config
+
+# Seven days of events minute by minute: seconds of work: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 MONTH_START = datetime(2027, 3, 1, tzinfo=UTC)  # a Monday; timezone UTC, so the month is 31 whole UTC days
 MONTH_END = datetime(2027, 4, 1, tzinfo=UTC)

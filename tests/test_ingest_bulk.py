@@ -211,6 +211,7 @@ def test_an_attribute_number_past_64_bits_keeps_its_digits(clock: FakeClock) -> 
     assert parsed.attributes == {"project": "18446744073709551616", "user": "1.5"}
 
 
+@pytest.mark.slow
 def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock) -> None:
     lines = [json.dumps(event(f"q{i % 9}", input_tokens=1000, output_tokens=100)) for i in range(12)]
     first = tmp_path / "first.jsonl"

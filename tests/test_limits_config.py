@@ -122,6 +122,7 @@ def test_bad_limits_name_file_line_key_and_reason(tmp_path: Path, text: str, exp
         assert part in message, f"{part!r} not in {message!r}"
 
 
+@pytest.mark.slow
 def test_proxy_count_tokens_defaults_off_and_check_config_says_what_calls_are_admitted_on(tmp_path: Path) -> None:
     path = tmp_path / "claude-monitor.yaml"
     path.write_text(f"database_url: sqlite:///{tmp_path / 'm.db'}\n", encoding="utf-8")
@@ -139,6 +140,7 @@ def test_budget_cross_check_errors_now_carry_their_line(tmp_path: Path) -> None:
     assert "c.yaml:4: budgets[0] (a).match: 'plan'" in message
 
 
+@pytest.mark.slow
 def test_check_config_explains_limits(tmp_path: Path) -> None:
     path = tmp_path / "claude-monitor.yaml"
     path.write_text(f"database_url: sqlite:///{tmp_path / 'm.db'}\n{LIMITS}", encoding="utf-8")

@@ -25,6 +25,9 @@ from tests.serve_harness import Serve, wait_until
 from tests.test_ingest import reference_cost, simulated_file
 from tests.test_migrations import alembic
 
+# Starts PostgreSQL and `serve`: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 if TYPE_CHECKING:  # imported by pytest as a plugin, so that its assertions are rewritten too
     from tests.pg import PostgresServer
 

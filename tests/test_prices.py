@@ -31,6 +31,9 @@ from monitor.store.reprice import Repricer
 from tests.conftest import FakeClock, jsonl, run_cli
 from tests.fake_models import MODELS_PATH, FakeModels
 
+# Runs the command line in processes and daemons with their worker: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["tests.pg"]
 
 API_KEY = "sk-ant-api03-PricesTESTONLYnotarealkey0123456789abcdef"

@@ -24,6 +24,9 @@ from monitor.store.db import alembic_config, create_db_engine
 from tests.conftest import FakeClock, jsonl, run_cli, write_config
 from tests.serve_harness import Serve
 
+# Runs the command line in processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["tests.pg"]
 
 # Budget A counts all of project lingo; budget B only its chat feature and throttles at its limit.

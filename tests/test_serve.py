@@ -19,6 +19,10 @@ from tests.conftest import write_config
 from tests.serve_harness import TOKEN, Serve, sum_metric, wait_until
 from tests.test_ingest import reference_cost
 
+# Starts `serve` processes: in the slow lane (`scripts/test -m slow`); tests/test_api_inprocess.py covers the
+# routes in the fast lane.
+pytestmark = pytest.mark.slow
+
 CONFIG = """\
 timezone: Europe/Berlin
 http: {listen: "127.0.0.1:0", max_body_bytes: 2000000}
