@@ -14,7 +14,7 @@ import pytest
 from anthropic.types import Usage
 
 from monitor.config import ModelPricing
-from monitor.events import Event, EventParser
+from monitor.ingest.parse import Event, EventParser
 from monitor.pricing import Price, PriceTable, load_price_table, usd
 from tests.conftest import FakeClock
 
