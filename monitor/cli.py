@@ -527,7 +527,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
                 hint = f"; closest known spelling: {model.nearest}" if model.nearest else ""
                 print(
                     f"  MISSING  {model.id} ({model.lifecycle}): tried {', '.join(model.tried)}{hint}; add it under "
-                    "pricing.models (see README, Configuration) or upgrade claude-monitor"
+                    "pricing.models (see docs/pricing.md, Overrides) or upgrade claude-monitor"
                 )
     return 1 if missing else 0
 

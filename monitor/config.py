@@ -475,7 +475,7 @@ class AdmissionConfig(_Strict):
     # A lease not renewed (or settled) within this returns its slot and reservation.
     lease_ttl: Duration = Duration("10m")
     max_open_leases: int = Field(default=100_000, gt=0)  # past it admit answers 503: memory stays bounded
-    # Memory the daemon keeps for admission; past each bound the entries worth least go (README: Admission).
+    # Memory the daemon keeps for admission; past each bound the entries worth least go (docs/admission.md).
     max_buckets: int = Field(default=200_000, gt=0)  # rate-limit token buckets (one per limit, scope and kind)
     max_spend_scopes: int = Field(default=200_000, gt=0)  # budget scopes whose window spend is kept
     max_settled_remembered: int = Field(default=100_000, gt=0)  # ended leases and stored request ids remembered
@@ -805,7 +805,7 @@ def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], 
         key = _shown_loc(loc) or "(top level)"
         reason = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            reason = "unknown key (check its spelling; the README's Configuration section lists every key)"
+            reason = "unknown key (check its spelling; docs/configuration.md lists every key)"
         elif error["type"] == "missing":
             reason = "required key is missing"
         position = f"{where}:{line}" if line else where
@@ -979,7 +979,7 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
             problem = getattr(exc, "problem", None) or str(exc)
             raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys (see the README's Configuration)")
+            raise ConfigError(f"{path}: the top level must be a mapping of keys (see docs/configuration.md)")
     overrides = _env_overrides(env)
     data = {**data, **overrides}
     try:
