@@ -18,19 +18,19 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor import report as report_mod
-from monitor.alerts import validate_webhooks
+from monitor.budgets.engine import DefinitionChange, state_json
+from monitor.budgets.windows import Calendar, calendar_window
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
-from monitor.evaluation import DefinitionChange, state_json
 from monitor.explain import explain, reconcile_explained
 from monitor.ingest.files import ingest_files, settle_for_bulk
+from monitor.ingest.pipeline import Ingestor
 from monitor.pricing import format_usd
 from monitor.redaction import Redactor, database_url, webhook_url
 from monitor.service import Store, build_price_table, open_store
 from monitor.store.db import SchemaNotCurrent
 from monitor.store.models import budget_definitions, events
-from monitor.throttle import iso
-from monitor.windows import Calendar, calendar_window
+from monitor.wire import iso_z, scope_text
 
 log = logging.getLogger("monitor")
 
@@ -62,7 +62,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config and explain it; say what it would change against the stored budget definitions."""
     loaded = _settings(args)
     prices = build_price_table(loaded)
-    validate_webhooks(loaded.settings.alerts.webhooks, str(loaded.path or "built-in defaults"))
     changes, note = _stored_definition_changes(loaded)
     if args.format == "json":
         print(
@@ -116,7 +115,7 @@ def _definitions_text(changes: list[DefinitionChange] | None, note: str) -> str:
     if changes is not None and not changes:
         lines.append("  no change: the database counts exactly these budgets")
     for change in changes or []:
-        since = iso(change.since)
+        since = iso_z(change.since)
         if change.change == "new":
             lines.append(f"  new budget {change.budget}: on the next serve start the leader will count it from {since}")
         elif change.change == "changed":
@@ -169,7 +168,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         result, failed = ingest_files(
             [Path(p) for p in args.files],
             store.parser,
-            store.writer,
+            # A one-shot backfill: no proxy reads this process's flags; the daemon's next evaluation counts it all.
+            Ingestor(store.writer),
             batch_size=args.batch_size,
             on_error=lambda message: print(f"error: {message}", file=sys.stderr),
             parse_ahead=args.parse_process,
@@ -280,7 +280,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         body.append(
             [
                 row["budget"],
-                ",".join(f"{k}={v}" for k, v in row["scope"].items()) or "all",
+                scope_text(row["scope"], ","),
                 row["window"],
                 _cents(row["spend_usd"]),
                 limit,
@@ -339,6 +339,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.explain and not args.admit:
+        raise UsageError("--explain tells what admission refused: it needs --live --admit URL")
+    if args.admit and not args.live:
+        raise UsageError("--admit URL: only live traffic can ask the daemon before each call; add --live")
+    if args.live and args.admit:
+        return _simulate_admitted(args, out / "usage-live.jsonl")
     if args.live:
         import time
 
@@ -367,6 +373,68 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     paths = simulate.write_files(lines, out, lines_per_file=args.lines_per_file)
     print(json.dumps({"events": count, "files": [str(p) for p in paths]}))
+    return 0
+
+
+def _simulate_admitted(args: argparse.Namespace, out_path: Path) -> int:
+    """Live traffic whose every call asks the daemon at --admit first; its outcome, or with --explain, in words."""
+    import time
+
+    from monitor import simulate
+    from monitor.client import MonitorClient, MonitorError
+
+    loaded = _settings(args)
+    settings = loaded.settings
+    token_env = settings.http.ingest_token_env
+    token = os.environ.get(token_env)
+    if not token:
+        raise UsageError(f"--admit: ${token_env} (http.ingest_token_env) must hold the daemon's ingest token")
+    explained = [b for b in settings.budgets if b.per and b.limit_usd is not None and b.throttle_at is not None]
+    if args.explain and not explained:
+        raise UsageError("--explain: the config has no per: budget in dollars with throttle_at to explain")
+    try:
+        client = MonitorClient(args.admit, token=token, background=False)
+    except (MonitorError, OSError) as exc:
+        raise UsageError(f"--admit {args.admit}: {exc}") from None
+    try:
+        outcome = simulate.run_admitted(
+            rate=args.rate,
+            duration_s=args.duration,
+            out_path=out_path,
+            client=client,
+            seed=args.seed,
+            clock=system_clock,
+            sleep=time.sleep,
+            users=args.users,
+        )
+    finally:
+        client.close()
+    if not args.explain:
+        print(json.dumps({**outcome.to_json(), "files": [str(out_path)]}))
+        return 0
+    store = open_store(loaded, migrate=False)
+    try:
+        # The daemon's tailer reads the admitted calls' lines a moment after they are written: wait until the
+        # store holds them all, so the spend below is the whole live phase.
+        deadline = time.monotonic() + args.wait
+        while True:
+            stored = report_mod.build_report(store.engine, since=outcome.started, until=None, by=[])
+            have = sum(row.counts["requests"] for row in stored.rows)
+            if have >= outcome.admitted:
+                break
+            if time.monotonic() > deadline:
+                print(
+                    f"claude-monitor: the store holds {have} of the {outcome.admitted} admitted live calls after "
+                    f"--wait {args.wait:g} s (is the daemon tailing {out_path}?)",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.1)
+        for budget in explained:
+            rows = simulate.refused_learners(outcome, budget, store.engine, settings.zone)
+            sys.stdout.write(simulate.explain_live(outcome, budget, rows, args.duration))
+    finally:
+        store.close()
     return 0
 
 
@@ -460,7 +528,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
                 hint = f"; closest known spelling: {model.nearest}" if model.nearest else ""
                 print(
                     f"  MISSING  {model.id} ({model.lifecycle}): tried {', '.join(model.tried)}{hint}; add it under "
-                    "pricing.models (see README, Configuration) or upgrade claude-monitor"
+                    "pricing.models (see docs/pricing.md, Overrides) or upgrade claude-monitor"
                 )
     return 1 if missing else 0
 
@@ -609,6 +677,24 @@ def _parser() -> argparse.ArgumentParser:
         "--live",
         action="store_true",
         help="append events stamped now to OUT/usage-live.jsonl at --rate for --duration seconds",
+    )
+    p.add_argument(
+        "--admit",
+        metavar="URL",
+        help="with --live: each call asks the daemon at URL (POST /v1/admit, ingest token) first; refused calls "
+        "are not made",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="with --admit: once the daemon has stored the admitted calls, tell per learner what was refused and "
+        "spent, instead of the JSON outcome",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="with --explain: seconds to wait for the daemon to store the admitted calls (default 60)",
     )
     p.set_defaults(func=cmd_simulate)
     return parser

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 import zoneinfo
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -18,21 +19,23 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import core_schema
 
 from monitor import redaction
 from monitor.yamlio import key_lines, load_yaml
 
 DEFAULT_CONFIG_PATH = Path("claude-monitor.yaml")
 ENV_PREFIX = "CLAUDE_MONITOR_"
-TOKEN_TYPES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
 WINDOW_HELP = "use day, week, month or rolling:<N>m|h|d (e.g. rolling:1h)"
 # Dimensions with a value per person or credential: as metric labels, one series each, without bound.
 HIGH_CARDINALITY_DIMENSIONS = ("user", "api_key")
+ALERTMANAGER_PATH = "/api/v2/alerts"  # Alertmanager's API that takes alerts
 _API_KEY_ID = re.compile(r"^apikey_[A-Za-z0-9_-]+$")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_SECONDS = {
@@ -46,6 +49,27 @@ _UNIT_SECONDS = {
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file, the key and the reason."""
+
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem a check found: the key it is at (a path under the checked section), why, and how the key is
+    shown when not by its path (e.g. with the budget's name)."""
+
+    loc: Loc
+    reason: str
+    shown: str | None = None
+
+
+class Problems(ValueError):
+    """Every problem a section's checks found, each at its own key: all are reported, each with its line."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(f"{p.shown or _shown_loc(p.loc)}: {p.reason}" for p in problems))
+        self.problems = problems
 
 
 def parse_duration(text: str) -> timedelta:
@@ -93,6 +117,66 @@ def parse_window(text: str) -> Window:
     raise ValueError(f"{text!r} is not a window; {WINDOW_HELP}")
 
 
+class _ParsedText(str):
+    """Config text checked once, when loaded, and kept with what it means: later code reads the parsed value and
+    cannot meet a parse error. It is still the text as written (shown and dumped as such)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            cls,
+            core_schema.str_schema(),
+            serialization=core_schema.plain_serializer_function_ser_schema(str),
+        )
+
+
+class Duration(_ParsedText):
+    """A duration as written ('15s', '500ms', '5m', '1h', '7d'); `delta` is its length."""
+
+    delta: timedelta
+
+    def __new__(cls, text: str) -> Duration:
+        """Parse `text`; ValueError saying how to write it when it is no duration."""
+        delta = parse_duration(text)
+        self = super().__new__(cls, text)
+        self.delta = delta
+        return self
+
+    @property
+    def seconds(self) -> float:
+        """The length in seconds."""
+        return self.delta.total_seconds()
+
+
+class WindowText(_ParsedText):
+    """A budget window as written ('day', 'week', 'month', 'rolling:1h'); `window` is its value."""
+
+    window: Window
+
+    def __new__(cls, text: str) -> WindowText:
+        """Parse `text`; ValueError listing the windows when it is none."""
+        window = parse_window(text)
+        self = super().__new__(cls, text)
+        self.window = window
+        return self
+
+
+class HostPort(_ParsedText):
+    """Where to listen, as written: HOST:PORT ('127.0.0.1:9464', '[::1]:9464'); `host` has no brackets."""
+
+    host: str
+    port: int
+
+    def __new__(cls, text: str) -> HostPort:
+        """Split `text`; ValueError when it is not HOST:PORT with a port from 0 to 65535."""
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+        self = super().__new__(cls, text)
+        self.host, self.port = host.strip("[]"), int(port)
+        return self
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -116,35 +200,19 @@ class SourceConfig(_Strict):
 class HttpConfig(_Strict):
     """The HTTP API."""
 
-    listen: str = "127.0.0.1:9464"
+    listen: HostPort = HostPort("127.0.0.1:9464")
     ingest_token_env: str = "CLAUDE_MONITOR_INGEST_TOKEN"
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     backlog: int = Field(default=2048, ge=1)
-    header_timeout: str = "10s"
-    keepalive_timeout: str = "30s"
+    header_timeout: Duration = Duration("10s")
+    keepalive_timeout: Duration = Duration("30s")
     max_connections: int = Field(default=1000, gt=0)
     max_events_per_request: int = Field(default=10_000, gt=0)
     group_commit_max_events: int = Field(default=10_000, gt=0)
     ingest_process: bool = True  # parse, price and write ingest in a worker process, off the checks' interpreter
     check_require: list[str] = []
     read_token_env: str | None = None
-    metrics_listen: str | None = None
-
-    @field_validator("listen", "metrics_listen")
-    @classmethod
-    def _listen(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
-        return value
-
-    @field_validator("header_timeout", "keepalive_timeout")
-    @classmethod
-    def _timeout(cls, value: str) -> str:
-        parse_duration(value)
-        return value
+    metrics_listen: HostPort | None = None
 
 
 class MetricsConfig(_Strict):
@@ -175,18 +243,12 @@ class MetricsConfig(_Strict):
 class ScheduleConfig(_Strict):
     """Scheduled jobs."""
 
-    evaluate_every: str = "15s"
+    evaluate_every: Duration = Duration("15s")
     retention_days: int = Field(default=90, ge=1)
     # The event-time rollup outlives raw events; it must at least cover the current month.
     rollup_retention_days: int = Field(default=400, ge=32)
     # PostgreSQL: month partitions of `events` the hourly job keeps created ahead of the current one.
     partitions_ahead_months: int = Field(default=2, ge=1, le=24)
-
-    @field_validator("evaluate_every")
-    @classmethod
-    def _every(cls, value: str) -> str:
-        parse_duration(value)
-        return value
 
 
 class ThrottleConfig(_Strict):
@@ -219,20 +281,25 @@ class WebhookConfig(_Strict):
             )
         return value
 
+    @model_validator(mode="after")
+    def _alertmanager_path(self) -> WebhookConfig:
+        parts = urlsplit(self.url)
+        if self.kind == "alertmanager" and not parts.path.endswith(ALERTMANAGER_PATH):
+            base = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+            reason = (
+                f"{redaction.webhook_url(self.url)!r}: its path is not Alertmanager's alerts API "
+                f"({ALERTMANAGER_PATH}); kind alertmanager posts to {base}{ALERTMANAGER_PATH} (give that URL)"
+            )
+            raise Problems([Problem(("url",), reason)])
+        return self
+
 
 class AlertsConfig(_Strict):
     """The daemon's own notifier."""
 
     webhooks: list[WebhookConfig] = []
     # A `per:` budget's notice is updated at most this often while more of its scopes cross.
-    digest_every: str = "1h"
-
-    @field_validator("digest_every")
-    @classmethod
-    def _digest_every(cls, value: str) -> str:
-        if parse_duration(value) <= timedelta(0):
-            raise ValueError("must be longer than 0 (e.g. 1h)")
-        return value
+    digest_every: Duration = Duration("1h")  # longer than zero, as every duration
 
 
 class LongPromptRates(_Strict):
@@ -277,6 +344,18 @@ class ModelPricing(_Strict):
         return rates
 
 
+def _url_parts(value: str) -> SplitResult | None:
+    """The parts of an http(s) URL with a host; None for anything else."""
+    try:
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            parts.port  # noqa: B018  # a port that is no number raises here
+            return parts
+    except ValueError:
+        pass
+    return None
+
+
 def anthropic_base_url(value: str) -> str:
     """An Anthropic API base URL: http(s) with a host (the Models, Analytics and Messages APIs hang under it)."""
     try:
@@ -299,13 +378,12 @@ class PriceCheckConfig(_Strict):
     # The daemon runs the check only when that variable is set.
     api_key_env: str = Field(default="ANTHROPIC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     base_url: AnthropicURL = "https://api.anthropic.com"
-    every: str = "24h"
-
+    every: Duration = Duration("24h")
 
     @field_validator("every")
     @classmethod
-    def _every(cls, value: str) -> str:
-        if parse_duration(value) < timedelta(minutes=5):
+    def _every(cls, value: Duration) -> Duration:
+        if value.delta < timedelta(minutes=5):
             raise ValueError(f"{value!r} is shorter than 5m; the model list changes a few times a year")
         return value
 
@@ -323,7 +401,7 @@ class BudgetConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     match: dict[str, str] = {}
     per: str | None = None
-    window: str = "month"
+    window: WindowText = WindowText("month")
     limit_usd: Annotated[Decimal, Field(gt=0)] | None = None
     limit_tokens: (
         dict[
@@ -335,12 +413,6 @@ class BudgetConfig(_Strict):
     limit_requests: Annotated[int, Field(gt=0)] | None = None
     alert_at: list[Annotated[Decimal, Field(gt=0)]] = []
     throttle_at: Annotated[Decimal, Field(gt=0)] | None = None
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, value: str) -> str:
-        parse_window(value)
-        return value
 
     @model_validator(mode="after")
     def _one_limit(self) -> BudgetConfig:
@@ -356,7 +428,7 @@ class BudgetConfig(_Strict):
     @property
     def parsed_window(self) -> Window:
         """The window as a value."""
-        return parse_window(self.window)
+        return self.window.window
 
 
 class LimitConfig(_Strict):
@@ -400,9 +472,10 @@ LIMIT_KINDS = (
 class AdmissionConfig(_Strict):
     """Leases handed out by POST /v1/admit."""
 
-    lease_ttl: str = "10m"  # a lease not renewed (or settled) within this returns its slot and reservation
+    # A lease not renewed (or settled) within this returns its slot and reservation.
+    lease_ttl: Duration = Duration("10m")
     max_open_leases: int = Field(default=100_000, gt=0)  # past it admit answers 503: memory stays bounded
-    # Memory the daemon keeps for admission; past each bound the entries worth least go (README: Admission).
+    # Memory the daemon keeps for admission; past each bound the entries worth least go (docs/admission.md).
     max_buckets: int = Field(default=200_000, gt=0)  # rate-limit token buckets (one per limit, scope and kind)
     max_spend_scopes: int = Field(default=200_000, gt=0)  # budget scopes whose window spend is kept
     max_settled_remembered: int = Field(default=100_000, gt=0)  # ended leases and stored request ids remembered
@@ -412,8 +485,8 @@ class AdmissionConfig(_Strict):
 
     @field_validator("lease_ttl")
     @classmethod
-    def _ttl(cls, value: str) -> str:
-        if parse_duration(value) < timedelta(seconds=3):
+    def _ttl(cls, value: Duration) -> Duration:
+        if value.delta < timedelta(seconds=3):
             raise ValueError(f"{value!r} is too short: a running call renews every lease_ttl/3; use 3s or more")
         return value
 
@@ -506,7 +579,7 @@ class ProxyClientConfig(_Strict):
 class ProxyConfig(_Strict):
     """The reference Claude proxy."""
 
-    listen: str = "127.0.0.1:8088"
+    listen: HostPort = HostPort("127.0.0.1:8088")
     upstream: str = "https://api.anthropic.com"
     api_key_env: str = "ANTHROPIC_API_KEY"
     clients: list[ProxyClientConfig] = []
@@ -518,27 +591,38 @@ class ProxyConfig(_Strict):
     # Admit on Anthropic's count of the input (POST /v1/messages/count_tokens, free) instead of the byte bound;
     # past count_tokens_timeout, or on any error, the byte bound it is.
     count_tokens: bool = False
-    count_tokens_timeout: str = "2s"
+    count_tokens_timeout: Duration = Duration("2s")
+    # A count_tokens answer is a few dozen bytes; past this many it is not read on, and the byte bound it is.
+    count_tokens_max_answer_bytes: int = Field(default=64 * 1024, gt=0)
     # Bounds of the proxy's own server; over max_body_bytes a request is refused 413 (Anthropic's own limit
     # is lower, so nothing it would accept is refused here).
     max_body_bytes: int = Field(default=64 * MEBIBYTE, gt=0)
-    header_timeout: str = "10s"
-    keepalive_timeout: str = "30s"
+    header_timeout: Duration = Duration("10s")
+    keepalive_timeout: Duration = Duration("30s")
     max_connections: int = Field(default=1000, gt=0)
     backlog: int = Field(default=2048, gt=0)
     # The former `identity:` key, kept in the schema only to refuse it with its `clients:` equivalent.
     identity: Any = Field(default=None, exclude=True)
 
-    @field_validator("header_timeout", "keepalive_timeout")
+    @field_validator("upstream")
     @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
+    def _upstream(cls, value: str) -> str:
+        parts = _url_parts(value)
+        if parts is None or parts.query:
+            raise ValueError(f"{value!r} is not an http(s) URL (https://api.anthropic.com)")
+        return value
+
+    @field_validator("monitor_url")
+    @classmethod
+    def _monitor_url(cls, value: str) -> str:
+        if _url_parts(value) is None:
+            raise ValueError(f"{value!r} is not the daemon's http(s) URL (e.g. http://127.0.0.1:9464)")
         return value
 
     @field_validator("count_tokens_timeout")
     @classmethod
-    def _count_timeout(cls, value: str) -> str:
-        if parse_duration(value) > timedelta(seconds=60):
+    def _count_timeout(cls, value: Duration) -> Duration:
+        if value.delta > timedelta(seconds=60):
             raise ValueError(f"{value!r} is too long: every call waits for it before it is admitted; use 60s or less")
         return value
 
@@ -586,7 +670,7 @@ class ReconcileConfig(_Strict):
     # The name of the environment variable holding the Admin API key; the key itself never appears in config.
     admin_key_env: str = Field(default="ANTHROPIC_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     base_url: AnthropicURL = "https://api.anthropic.com"
-    every: str = "6h"
+    every: Duration = Duration("6h")
     lookback_days: int = Field(default=7, ge=1, le=31)
     settle_hours: int = Field(default=26, ge=0, le=24 * 31)
     tolerance: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal("0.001")
@@ -594,11 +678,10 @@ class ReconcileConfig(_Strict):
     # and compared per mapped attributes. Checked against metrics.labels after loading (the rollup keeps only those).
     api_keys: dict[str, dict[str, str]] = {}
 
-
     @field_validator("every")
     @classmethod
-    def _every(cls, value: str) -> str:
-        if parse_duration(value) < timedelta(minutes=5):
+    def _every(cls, value: Duration) -> Duration:
+        if value.delta < timedelta(minutes=5):
             raise ValueError(f"{value!r} is shorter than 5m; Anthropic refreshes these reports a few times an hour")
         return value
 
@@ -652,50 +735,16 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
-        dims = set(self.dimensions)
-        problems: list[str] = []
-        for label in self.metrics.labels:
-            if label not in dims:
-                problems.append(f"metrics.labels: {label!r} is not one of dimensions {self.dimensions}")
-        for name in self.http.check_require:
-            if name not in dims and name != "model":
-                problems.append(f"http.check_require: {name!r} is not 'model' or one of dimensions {self.dimensions}")
-        names: set[str] = set()
-        for i, budget in enumerate(self.budgets):
-            where = f"budgets[{i}] ({budget.name})"
-            if budget.name in names:
-                problems.append(f"{where}: the name is used by another budget")
-            names.add(budget.name)
-            for key in budget.match:
-                if key not in dims and key != "model":
-                    problems.append(f"{where}.match: {key!r} is not 'model' or one of dimensions {self.dimensions}")
-            if budget.per is not None and budget.per not in dims and budget.per != "model":
-                problems.append(f"{where}.per: {budget.per!r} is not 'model' or one of dimensions {self.dimensions}")
-            if budget.per is not None and budget.per in budget.match:
-                problems.append(f"{where}.per: {budget.per!r} is also fixed by match")
-        limit_names: set[str] = set()
-        for i, limit in enumerate(self.limits):
-            where = f"limits[{i}] ({limit.name})"
-            if limit.name in limit_names:
-                problems.append(f"{where}: the name is used by another limit")
-            limit_names.add(limit.name)
-            for key in limit.match:
-                if key not in dims and key != "model":
-                    problems.append(f"{where}.match: {key!r} is not 'model' or one of dimensions {self.dimensions}")
-            if limit.per is not None and limit.per not in dims and limit.per != "model":
-                problems.append(f"{where}.per: {limit.per!r} is not 'model' or one of dimensions {self.dimensions}")
-            if limit.per is not None and limit.per in limit.match:
-                problems.append(f"{where}.per: {limit.per!r} is also fixed by match")
-        aliases: dict[str, str] = {}
-        for model, entry in self.pricing.models.items():
-            if model == "unpriced" or "unpriced" in entry.aliases:
-                problems.append(f"pricing.models.{model}: 'unpriced' is the metric label of unknown models; rename it")
-            for alias in entry.aliases:
-                if alias in aliases and aliases[alias] != model:
-                    problems.append(f"pricing.models.{model}.aliases: {alias!r} is also an alias of {aliases[alias]}")
-                aliases[alias] = model
+        """Checks across sections, all of them run: every problem is reported at its own key."""
+        problems = (
+            _dimension_problems(self)
+            + _price_override_problems(self)
+            + _proxy_client_problems(self)
+            + _reconcile_key_problems(self)
+            + _admission_problems(self)
+        )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise Problems(problems)
         return self
 
     @property
@@ -730,22 +779,12 @@ def _format_loc(loc: tuple[str | int, ...]) -> str:
     return out
 
 
-_PROBLEM_KEY = re.compile(r"^(\w+)\[(\d+)\](?: \([^)]*\))?(?:\.(\w+))?: ")
-
-
-def _cross_check_lines(reason: str, lines: dict[tuple[str | int, ...], int], where: str) -> list[str] | None:
-    """The problems of the cross-checks (one message, `; `-separated), each with the line of the key it names."""
-    problems = reason.split("; ")
-    out = []
-    for problem in problems:
-        match = _PROBLEM_KEY.match(problem)
-        if match is None:
-            return None
-        section, index, key = match.group(1), int(match.group(2)), match.group(3)
-        line = lines.get((section, index, key)) if key else None
-        line = line or lines.get((section, index))
-        out.append(f"{where}:{line}: {problem}" if line else f"{where}: {problem}")
-    return out
+def _line_of(loc: Loc, lines: dict[Loc, int]) -> int | None:
+    """The line of a key, else of the nearest enclosing key the file has."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
 
 
 def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], where: str) -> list[str]:
@@ -754,19 +793,19 @@ def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], 
         loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
         # Pydantic adds the union member or literal tag to loc; keep only keys present in the file.
         loc = tuple(part for part in loc if not (isinstance(part, str) and part in ("decimal", "constrained-decimal")))
-        line = None
-        probe = loc
-        while probe and line is None:
-            line = lines.get(probe)
-            probe = probe[:-1]
+        found = (error.get("ctx") or {}).get("error")
+        if isinstance(found, Problems):
+            for problem in found.problems:
+                at = (*loc, *problem.loc)
+                line = _line_of(at, lines)
+                position = f"{where}:{line}" if line else where
+                messages.append(f"{position}: {problem.shown or _shown_loc(at)}: {problem.reason}")
+            continue
+        line = _line_of(loc, lines)
         key = _shown_loc(loc) or "(top level)"
         reason = str(error["msg"]).removeprefix("Value error, ")
-        located = _cross_check_lines(reason, lines, where) if not loc else None
-        if located:
-            messages.extend(located)
-            continue
         if error["type"] == "extra_forbidden":
-            reason = "unknown key (check its spelling; the README's Configuration section lists every key)"
+            reason = "unknown key (check its spelling; docs/configuration.md lists every key)"
         elif error["type"] == "missing":
             reason = "required key is missing"
         position = f"{where}:{line}" if line else where
@@ -774,34 +813,92 @@ def _error_lines(exc: ValidationError, lines: dict[tuple[str | int, ...], int], 
     return messages
 
 
-def _proxy_client_problems(settings: Settings) -> list[tuple[tuple[str | int, ...], str]]:
-    """Proxy clients naming dimensions the daemon does not keep: (key path, reason) for each."""
+def _dimension_problems(settings: Settings) -> list[Problem]:
+    """Keys that name dimensions the daemon does not keep, and budget or limit names used twice."""
+    dims = set(settings.dimensions)
+    known = f"is not 'model' or one of dimensions {settings.dimensions}"
+    problems: list[Problem] = []
+    for i, label in enumerate(settings.metrics.labels):
+        if label not in dims:
+            reason = f"{label!r} is not one of dimensions {settings.dimensions}"
+            problems.append(Problem(("metrics", "labels", i), reason, "metrics.labels"))
+    for i, name in enumerate(settings.http.check_require):
+        if name not in dims and name != "model":
+            problems.append(Problem(("http", "check_require", i), f"{name!r} {known}", "http.check_require"))
+    sections: list[tuple[str, str, Sequence[BudgetConfig | LimitConfig]]] = [
+        ("budgets", "budget", settings.budgets),
+        ("limits", "limit", settings.limits),
+    ]
+    for section, kind, entries in sections:
+        names: set[str] = set()
+        for i, entry in enumerate(entries):
+            where = f"{section}[{i}] ({entry.name})"
+            if entry.name in names:
+                problems.append(Problem((section, i, "name"), f"the name is used by another {kind}", where))
+            names.add(entry.name)
+            for key in entry.match:
+                if key not in dims and key != "model":
+                    problems.append(Problem((section, i, "match", key), f"{key!r} {known}", f"{where}.match"))
+            if entry.per is not None and entry.per not in dims and entry.per != "model":
+                problems.append(Problem((section, i, "per"), f"{entry.per!r} {known}", f"{where}.per"))
+            if entry.per is not None and entry.per in entry.match:
+                problems.append(Problem((section, i, "per"), f"{entry.per!r} is also fixed by match", f"{where}.per"))
+    return problems
+
+
+def _price_override_problems(settings: Settings) -> list[Problem]:
+    """pricing.models entries the price table cannot take: a reserved name, an alias of two models, or an alias
+    that is a model of the shipped table."""
+    from monitor.pricing import builtin_models  # the table's own module reads this schema: imported when used
+
+    shipped = builtin_models()[1] if settings.pricing.models else {}
+    problems: list[Problem] = []
+    aliases: dict[str, str] = {}
+    for model, entry in settings.pricing.models.items():
+        at: Loc = ("pricing", "models", model)
+        if model == "unpriced" or "unpriced" in entry.aliases:
+            reason = "'unpriced' is the metric label of unknown models; rename it"
+            problems.append(Problem(at, reason, f"pricing.models.{model}"))
+        for j, alias in enumerate(entry.aliases):
+            shown = f"pricing.models.{model}.aliases"
+            if alias in aliases and aliases[alias] != model:
+                problems.append(Problem((*at, "aliases", j), f"{alias!r} is also an alias of {aliases[alias]}", shown))
+            if alias in shipped and alias != model:
+                reason = f"{alias!r} is a model of the shipped table; override it under its own name instead"
+                problems.append(Problem((*at, "aliases", j), reason, shown))
+            aliases[alias] = model
+    return problems
+
+
+def _proxy_client_problems(settings: Settings) -> list[Problem]:
+    """Proxy clients naming dimensions the daemon does not keep."""
     dims = settings.dimensions
-    problems: list[tuple[tuple[str | int, ...], str]] = []
+    problems: list[Problem] = []
     for i, client in enumerate(settings.proxy.clients):
         at: tuple[str | int, ...] = ("proxy", "clients", i)
         for dimension in client.attributes:
             if dimension not in dims:
-                problems.append(((*at, "attributes", dimension), f"{dimension!r} is not one of dimensions {dims}"))
+                reason = f"{dimension!r} is not one of dimensions {dims}"
+                problems.append(Problem((*at, "attributes", dimension), reason))
         for header, dimension in client.identity.headers.items():
             if dimension not in dims:
                 problems.append(
-                    ((*at, "identity", "headers", header), f"{dimension!r} is not one of dimensions {dims}")
+                    Problem((*at, "identity", "headers", header), f"{dimension!r} is not one of dimensions {dims}")
                 )
         for j, dimension in enumerate(client.require):
             if dimension not in dims:
-                problems.append(((*at, "require", j), f"{dimension!r} is not one of dimensions {dims}"))
+                problems.append(Problem((*at, "require", j), f"{dimension!r} is not one of dimensions {dims}"))
     return problems
 
 
-def _admission_problems(settings: Settings) -> list[tuple[tuple[str | int, ...], str]]:
+def _admission_problems(settings: Settings) -> list[Problem]:
     """admission.state: database needs PostgreSQL."""
     if settings.admission.state == "database" and not settings.database_url.startswith("postgresql"):
         reason = (
             "'database' keeps admission state in PostgreSQL so replicas share it, and database_url is SQLite, which "
             "one daemon serves alone: use memory (or auto), or a postgresql+psycopg:// database_url"
         )
-        return [(("admission", "state"), reason)]
+        return [Problem(("admission", "state"), reason)]
     return []
 
 
@@ -818,19 +915,19 @@ def _shown_loc(loc: tuple[str | int, ...]) -> str:
     return _format_loc(loc)
 
 
-def _reconcile_key_problems(settings: Settings) -> list[tuple[tuple[str | int, ...], str]]:
-    """reconcile.api_keys entries that cannot be compared: (key path, reason) for each."""
+def _reconcile_key_problems(settings: Settings) -> list[Problem]:
+    """reconcile.api_keys entries that cannot be compared."""
     labels = settings.metrics.labels
-    problems: list[tuple[tuple[str | int, ...], str]] = []
+    problems: list[Problem] = []
     first: tuple[str, tuple[str, ...]] | None = None
     for key_id, attributes in settings.reconcile.api_keys.items():
         at: tuple[str | int, ...] = ("reconcile", "api_keys", key_id)
         if not _API_KEY_ID.match(key_id):
             # Not echoed: a key pasted here by mistake must not reach logs through the error.
             reason = "not an Anthropic API key id; write the id the Console shows (apikey_01…), never the key itself"
-            problems.append((at, reason))
+            problems.append(Problem(at, reason))
         if not attributes:
-            problems.append((at, "maps to no attribute; give at least one, e.g. {project: lingo}"))
+            problems.append(Problem(at, "maps to no attribute; give at least one, e.g. {project: lingo}"))
             continue
         for dimension, value in attributes.items():
             if dimension not in labels:
@@ -838,9 +935,10 @@ def _reconcile_key_problems(settings: Settings) -> list[tuple[tuple[str | int, .
                     f"{dimension!r} is not one of metrics.labels {labels}: our daily figures are kept by metric "
                     "label only, so only a label can be compared; map a label, or add it to metrics.labels"
                 )
-                problems.append(((*at, dimension), reason))
+                problems.append(Problem((*at, dimension), reason))
             elif not value:
-                problems.append(((*at, dimension), "an empty value matches no traffic; give the value events carry"))
+                reason = "an empty value matches no traffic; give the value events carry"
+                problems.append(Problem((*at, dimension), reason))
         dimensions = tuple(sorted(attributes))
         if first is None:
             first = (key_id, dimensions)
@@ -849,7 +947,7 @@ def _reconcile_key_problems(settings: Settings) -> list[tuple[tuple[str | int, .
                 f"maps {', '.join(dimensions)} where {first[0]} maps {', '.join(first[1])}: every key must map the "
                 "same attributes, so each of our requests falls in exactly one compared group"
             )
-            problems.append((at, reason))
+            problems.append(Problem(at, reason))
     return problems
 
 
@@ -881,7 +979,7 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
             problem = getattr(exc, "problem", None) or str(exc)
             raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys (see the README's Configuration)")
+            raise ConfigError(f"{path}: the top level must be a mapping of keys (see docs/configuration.md)")
     overrides = _env_overrides(env)
     data = {**data, **overrides}
     try:
@@ -894,13 +992,6 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         for name in overrides:
             messages = [m.replace(f": {name}:", f": {name} (from {ENV_PREFIX}{name.upper()}):", 1) for m in messages]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages)) from None
-    if problems := _proxy_client_problems(settings) + _reconcile_key_problems(settings) + _admission_problems(settings):
-        positions = key_lines(text)
-        messages = []
-        for loc, reason in problems:
-            number = next((positions[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in positions), None)
-            messages.append(f"{where}:{number}: {_shown_loc(loc)}: {reason}" if number else f"{where}: {reason}")
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages))
     return LoadedSettings(
         settings,
         path if path is not None and path.exists() else None,

@@ -15,10 +15,16 @@ from monitor.config import (
     ProxyConfig,
     ReconcileConfig,
     admission_in_database,
-    parse_duration,
 )
 from monitor.pricing import PriceTable
 from monitor.redaction import database_url, webhook_url
+from monitor.wire import scope_text
+
+
+def _who(match: Mapping[str, str], per: str | None) -> str:
+    """Whom a budget or limit counts: its scope, or each value of `per` within it."""
+    scope = scope_text(match)
+    return f"each {per} of {scope}" if per else scope
 
 
 def _limit(budget: BudgetConfig) -> str:
@@ -181,8 +187,7 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     else:
         lines.append("budgets:")
     for b in s.budgets:
-        scope = ", ".join(f"{k}={v}" for k, v in b.match.items()) or "all traffic"
-        who = f"each {b.per} of {scope}" if b.per else scope
+        who = _who(b.match, b.per)
         limit = _limit(b)
         window = b.parsed_window
         period = f"per {window.kind} ({s.timezone})"
@@ -198,10 +203,9 @@ def explain(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, st
     else:
         lines.append("admission limits (checked by POST /v1/admit before a call starts):")
     for entry in s.limits:
-        scope = ", ".join(f"{k}={v}" for k, v in entry.match.items()) or "all traffic"
-        who = f"each {entry.per} of {scope}" if entry.per else scope
+        who = _who(entry.match, entry.per)
         lines.append(f"  - {entry.name}: {who}: " + "; ".join(_enforces(entry)))
-    ttl = parse_duration(s.admission.lease_ttl)
+    ttl = s.admission.lease_ttl.delta
     shared = admission_in_database(s)
     lines.append(
         f"admission leases: expire {s.admission.lease_ttl} after admit or their last renewal "

@@ -26,30 +26,39 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.admission import Admission
-from monitor.budgets import scope_key
-from monitor.evaluation import BudgetEngine, DefinitionChange
-from monitor.ingest.writer import LATENCY_BUCKETS, UNPRICED_LABEL
+from monitor.budgets.admission import Admission
+from monitor.budgets.engine import BudgetEngine, DefinitionChange
+from monitor.budgets.throttle import ThrottleState
+from monitor.budgets.windows import calendar_window
+from monitor.metric_names import (
+    ATTRIBUTES_DROPPED,
+    COST_PICO,
+    INGEST_EVENTS,
+    LATE_EVENTS,
+    LATENCY_BUCKET,
+    LATENCY_LE,
+    LATENCY_SUM_US,
+    PROXY_LATENCY_BUCKETS,
+    REPRICED_EVENTS,
+    REQUEST_ERRORS,
+    REQUESTS,
+    TOKENS,
+    UNPRICED_EVENTS,
+    UNPRICED_LABEL,
+    USAGE_COUNTERS,
+)
 from monitor.pricing import UNPRICED
 from monitor.reconcile.runner import Reconciler, Snapshot
 from monitor.store.labels import FREE_VALUES, OTHER, read_admitted
 from monitor.store.models import counters
-from monitor.store.rollup import BUCKET, TOKEN_FIELDS, RollupCounts, bucket_of, window_totals
-from monitor.throttle import ThrottleState
-from monitor.windows import calendar_window
+from monitor.store.rollup import BUCKET, RollupCounts, bucket_of, window_totals
+from monitor.wire import PICO_PER_USD, TOKEN_TYPES, scope_key, scope_text
 
-PICO = 10**12
-_USAGE_COUNTERS = frozenset({"requests", "cost_pico", "tokens"})  # the counters labelled by metrics.labels
 log = logging.getLogger(__name__)
 
 
 def _fraction(value: Decimal) -> str:
     return f"{value.normalize():f}"
-
-
-def scope_label(scope: dict[str, str]) -> str:
-    """A budget scope as one label value: 'project=lingo,environment=prod', or 'all'."""
-    return ",".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all"
 
 
 class MonitorCollector(Collector):
@@ -100,7 +109,7 @@ class MonitorCollector(Collector):
 
     def _bound(self, name: str, labels: dict[str, str], admitted: dict[str, frozenset[str]]) -> dict[str, str]:
         """Counters are written with bounded labels already; this keeps rows written before that bounded too."""
-        if name == "unpriced_events":
+        if name == UNPRICED_EVENTS:
             value = labels.get("model", "")
             if value not in FREE_VALUES and value not in admitted.get(UNPRICED_LABEL, ()):
                 labels["model"] = OTHER
@@ -108,7 +117,7 @@ class MonitorCollector(Collector):
         model = labels.get("model")
         if model is not None and self._models is not None and model != UNPRICED and model not in self._models:
             labels["model"] = UNPRICED
-        if name in _USAGE_COUNTERS:
+        if name in USAGE_COUNTERS:
             for key in self._labels:
                 value = labels.get(key, "")
                 if value not in FREE_VALUES and value not in admitted.get(key, ()):
@@ -238,23 +247,23 @@ class MonitorCollector(Collector):
             yield from families
             return
         with self._lock:
-            for values, value in self._project("cost_pico", usage_keys).items():
-                cost.add_metric(list(values), value / PICO)
-            for values, value in self._project("tokens", ["model", "type", *self._labels]).items():
+            for values, value in self._project(COST_PICO, usage_keys).items():
+                cost.add_metric(list(values), value / PICO_PER_USD)
+            for values, value in self._project(TOKENS, ["model", "type", *self._labels]).items():
                 tokens.add_metric(list(values), value)
-            for values, value in self._project("requests", usage_keys).items():
+            for values, value in self._project(REQUESTS, usage_keys).items():
                 requests.add_metric(list(values), value)
-            for values, value in self._project("request_errors", ["model", "status"]).items():
+            for values, value in self._project(REQUEST_ERRORS, ["model", "status"]).items():
                 errors.add_metric(list(values), value)
-            for values, value in self._project("ingest_events", ["source", "outcome"]).items():
+            for values, value in self._project(INGEST_EVENTS, ["source", "outcome"]).items():
                 ingest.add_metric(list(values), value)
-            for values, value in self._project("unpriced_events", ["model"]).items():
+            for values, value in self._project(UNPRICED_EVENTS, ["model"]).items():
                 unpriced.add_metric(list(values), value)
-            for values, value in self._project("repriced_events", ["model"]).items():
+            for values, value in self._project(REPRICED_EVENTS, ["model"]).items():
                 repriced.add_metric(list(values), value)
-            for values, value in self._project("late_events", ["lateness"]).items():
+            for values, value in self._project(LATE_EVENTS, ["lateness"]).items():
                 late.add_metric(list(values), value)
-            for values, value in self._project("attributes_dropped", ["source"]).items():
+            for values, value in self._project(ATTRIBUTES_DROPPED, ["source"]).items():
                 dropped.add_metric(list(values), value)
             self._histogram(duration)
         for source, seconds in sorted(self._lag().items()):
@@ -283,17 +292,17 @@ class MonitorCollector(Collector):
                 if budget.per is None:
                     for st in summary.states.values():
                         crossed.add_metric(
-                            [name, scope_label(st.scope), text], 1.0 if budget.over(st.amount, fraction) else 0.0
+                            [name, scope_text(st.scope, ","), text], 1.0 if budget.over(st.amount, fraction) else 0.0
                         )
             if budget.per is not None:
                 continue  # per-user values never become labels
             for key, state in summary.states.items():
-                label = [name, scope_label(state.scope)]
+                label = [name, scope_text(state.scope, ",")]
                 if summary.budget.measure == "usd":
-                    gauges["limit"].add_metric(label, summary.budget.limit / PICO)
-                gauges["spend"].add_metric(label, state.usage.cost_pico / PICO)
+                    gauges["limit"].add_metric(label, summary.budget.limit / PICO_PER_USD)
+                gauges["spend"].add_metric(label, state.usage.cost_pico / PICO_PER_USD)
                 gauges["util"].add_metric(label, state.utilization)
-                gauges["forecast"].add_metric(label, state.forecast_cost_pico / PICO)
+                gauges["forecast"].add_metric(label, state.forecast_cost_pico / PICO_PER_USD)
                 gauges["end"].add_metric(label, state.window_end.timestamp())
                 scope_flag = flags.get((name, key))
                 gauges["throttle"].add_metric(label, 1.0 if scope_flag is not None and scope_flag.active(now) else 0.0)
@@ -303,11 +312,11 @@ class MonitorCollector(Collector):
         yield from families
 
     def _histogram(self, family: HistogramMetricFamily) -> None:
-        bounds = [*map(repr, LATENCY_BUCKETS), "+Inf"]
+        bounds = LATENCY_LE
         per_model: dict[str, dict[str, int]] = defaultdict(dict)
-        for labels, value in self._counters.get("latency_bucket", []):
+        for labels, value in self._counters.get(LATENCY_BUCKET, []):
             per_model[labels.get("model", "")][labels.get("le", "+Inf")] = value
-        sums = {labels.get("model", ""): value for labels, value in self._counters.get("latency_sum_us", [])}
+        sums = {labels.get("model", ""): value for labels, value in self._counters.get(LATENCY_SUM_US, [])}
         for model, counts in sorted(per_model.items()):
             running = 0
             buckets = []
@@ -394,9 +403,9 @@ class WindowCollector(Collector):
             labels=["window", "model", "type", *self._labels],
         )
         for (window, model, values), counts in sorted(totals.items()):
-            spend.add_metric([window, model, *values], counts.cost_pico / PICO)
+            spend.add_metric([window, model, *values], counts.cost_pico / PICO_PER_USD)
             requests.add_metric([window, model, *values], counts.requests)
-            for kind in TOKEN_FIELDS:
+            for kind in TOKEN_TYPES:
                 tokens.add_metric([window, model, kind, *values], getattr(counts, kind))
         yield from (spend, requests, tokens)
 
@@ -481,7 +490,7 @@ class AdmissionCollector(Collector):
         )
         shown = {(budget.name, scope_key(dict(budget.match))): 0 for budget in self._admission.reserving_budgets}
         for (budget_name, key), pico in sorted({**shown, **stats.reserved_pico}.items()):
-            reserved.add_metric([budget_name, scope_label(json.loads(key))], pico / PICO)
+            reserved.add_metric([budget_name, scope_text(json.loads(key), ",")], pico / PICO_PER_USD)
         yield reserved
         leases = GaugeMetricFamily("claude_admission_open_leases", "Leases open now (admitted, not yet settled).")
         leases.add_metric([], float(stats.open_leases))
@@ -663,7 +672,6 @@ class ReconcileCollector(Collector):
         yield from families
 
 
-PROXY_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PROXY_ADMISSION_OUTCOMES = ("admitted", "rate_limited", "concurrency", "too_large", "budget", "unavailable")
 
 

@@ -17,17 +17,17 @@ from sqlalchemy import Connection, Engine, case, func, select
 from monitor.pricing import format_usd, usd
 from monitor.store.labels import OTHER
 from monitor.store.models import events
-from monitor.store.rollup import BUCKET, ROLLUP_FIELDS, bucket_of, is_bucket_edge, totals_by_model_and_labels
-
-COUNT_COLUMNS = (
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-    "web_search_requests",
+from monitor.store.rollup import (
+    BUCKET,
+    ROLLUP_FIELDS,
+    add_counts,
+    bucket_of,
+    is_bucket_edge,
+    totals_by_model_and_labels,
 )
+from monitor.wire import TOKEN_TYPES, iso_z
+
+COUNT_COLUMNS = ("requests", *(f"{kind}_tokens" for kind in TOKEN_TYPES), "web_search_requests")
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,7 @@ def build_report(engine: Engine, *, since: datetime | None, until: datetime | No
 
 def _merge(into: Groups, more: Groups) -> None:
     for key, numbers in more.items():
-        have = into.get(key)
-        if have is None:
-            into[key] = list(numbers)
-        else:
-            for i, value in enumerate(numbers):
-                have[i] += value
+        add_counts(into, key, numbers)
 
 
 def _from_rollup(
@@ -161,10 +156,6 @@ def _from_events(connection: Connection, since: datetime | None, until: datetime
     return groups
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
-
-
 def _row_dict(report: Report, row: ReportRow) -> dict[str, Any]:
     return {
         **row.keys,
@@ -177,8 +168,8 @@ def _row_dict(report: Report, row: ReportRow) -> dict[str, Any]:
 def to_json(report: Report) -> str:
     """`report --format json`: since, until, total_usd and rows; money as decimal strings."""
     document = {
-        "since": _iso(report.since),
-        "until": _iso(report.until),
+        "since": iso_z(report.since),
+        "until": iso_z(report.until),
         "total_usd": format_usd(report.total_pico),
         "rows": [_row_dict(report, row) for row in report.rows],
     }
@@ -241,8 +232,8 @@ def to_table(report: Report, zone_name: str) -> str:
             cell.ljust(widths[i]) if i < numeric_from else cell.rjust(widths[i]) for i, cell in enumerate(line)
         ).rstrip()
 
-    since = _iso(report.since) or "the beginning"
-    until = _iso(report.until) or "now"
+    since = iso_z(report.since) or "the beginning"
+    until = iso_z(report.until) or "now"
     out = [f"Spend from {since} to {until} (calendar windows in {zone_name})", render(headers)]
     out += [render(line) for line in body]
     out.append(render(footer))

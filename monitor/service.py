@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -16,21 +17,24 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import Engine, delete, text
 
-from monitor.admission import Admission, MemoryBounds
-from monitor.alerts import Notifier, validate_webhooks
+from monitor.alerts.notifier import Notifier
 from monitor.budgets import BudgetIndex, compile_budgets
+from monitor.budgets.admission import Admission, MemoryBounds
+from monitor.budgets.engine import BudgetEngine, DefinitionChange
+from monitor.budgets.limits import compile_limits
 from monitor.budgets.shared_admission import SharedAdmission
+from monitor.budgets.throttle import ThrottleState
 from monitor.clock import Clock, system_clock
-from monitor.config import ConfigError, LoadedSettings, Settings, admission_in_database, parse_duration
-from monitor.evaluation import BudgetEngine, DefinitionChange
-from monitor.events import EventParser
+from monitor.config import ConfigError, HostPort, LoadedSettings, Settings, admission_in_database
 from monitor.http.api import HTTP_SOURCE, Api, ApiApp
-from monitor.http.ingest_process import IngestProcess
 from monitor.http.server import BindError, HttpServer, ServerLimits
+from monitor.ingest.parse import EventParser
+from monitor.ingest.pipeline import Ingestor
 from monitor.ingest.watch import Watcher, follow
-from monitor.ingest.writer import BatchResult, Writer
+from monitor.ingest.worker import IngestProcess
+from monitor.ingest.writer import Writer
 from monitor.leader import Leadership
-from monitor.limits import compile_limits
+from monitor.metric_names import JOB_DURATION_BUCKETS
 from monitor.metrics import (
     AdmissionCollector,
     DefinitionsCollector,
@@ -52,7 +56,6 @@ from monitor.store.leases import settler_for
 from monitor.store.models import budget_usage, dead_letters, events, usage_rollup
 from monitor.store.partitions import drop_expired_events, prepare_partitions
 from monitor.store.reprice import Repricer
-from monitor.throttle import ThrottleState
 
 log = logging.getLogger(__name__)
 TAIL_INTERVAL_S = 0.2
@@ -60,12 +63,8 @@ DELIVER_EVERY_S = 5
 
 
 def build_price_table(loaded: LoadedSettings) -> PriceTable:
-    """The shipped table with the config's overrides; a conflict is a config error naming the file."""
-    try:
-        return load_price_table(loaded.settings.pricing.models)
-    except ValueError as exc:
-        where = loaded.path or "built-in defaults"
-        raise ConfigError(f"invalid configuration:\n  {where}: {exc}") from None
+    """The shipped table with the config's overrides (checked against it when the config was loaded)."""
+    return load_price_table(loaded.settings.pricing.models)
 
 
 @dataclass
@@ -78,6 +77,7 @@ class Store:
     parser: EventParser
     writer: Writer
     budgets: BudgetEngine
+    ingestor: Ingestor  # writes through `writer`, then updates `budgets`' flags
     closing: list[Callable[[], None]] = field(default_factory=list)  # run first by close (e.g. stop a worker)
 
     def close(self) -> None:
@@ -123,7 +123,7 @@ def open_store(
     )
     # A usage event settles its lease wherever it is stored (serve, its ingest worker, or ingest).
     writer.settle_leases = settler_for(settings)
-    return Store(settings, engine, prices, parser, writer, budgets)
+    return Store(settings, engine, prices, parser, writer, budgets, Ingestor(writer, budgets))
 
 
 def http_limits(settings: Settings) -> ServerLimits:
@@ -131,8 +131,8 @@ def http_limits(settings: Settings) -> ServerLimits:
     http = settings.http
     return ServerLimits(
         backlog=http.backlog,
-        header_timeout=parse_duration(http.header_timeout).total_seconds(),
-        keepalive_timeout=parse_duration(http.keepalive_timeout).total_seconds(),
+        header_timeout=http.header_timeout.seconds,
+        keepalive_timeout=http.keepalive_timeout.seconds,
         max_connections=http.max_connections,
         max_body_bytes=http.max_body_bytes,
     )
@@ -153,7 +153,7 @@ class Jobs:
             "How long each scheduled task ran.",
             ["task"],
             registry=registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=JOB_DURATION_BUCKETS,
         )
         self.interval = Gauge(
             "claude_monitor_job_interval_seconds",
@@ -205,8 +205,6 @@ class Daemon:
         env = os.environ if environ is None else environ
         self.settings = settings = loaded.settings
         self.clock = clock
-        where = str(loaded.path or "built-in defaults")
-        validate_webhooks(settings.alerts.webhooks, where)  # a bad receiver fails `serve` before anything is touched
         self.store = open_store(loaded, clock, snapshot_file=Path(settings.throttle.snapshot_file))
         self.budgets = self.store.budgets
         self.mismatched: list[DefinitionChange] = []  # how this replica's budgets differ from the stored ones
@@ -219,17 +217,6 @@ class Daemon:
         if self.ingest_process is not None:  # evaluations read every scope there too: 100,000 of them take a while
             self.budgets.reader = self.ingest_process.read_budgets
             self.store.closing.append(self.ingest_process.close)
-        self.tailers = [
-            Tailer(
-                source,
-                self.store.parser,
-                self.ingest_process or self.store.writer,  # type: ignore[arg-type]  # the worker quacks like a Writer
-                self.store.engine,
-                clock,
-                on_batch=self._after_batch,
-            )
-            for source in settings.sources
-        ]
         self.collector = MonitorCollector(
             self.store.engine, self.budgets, settings.metrics.labels, self._lag, clock, models=self.store.prices.models
         )
@@ -248,7 +235,7 @@ class Daemon:
             self.store.engine,
             settings.zone,
             clock,
-            parse_duration(settings.admission.lease_ttl),
+            settings.admission.lease_ttl.delta,
             settings.admission.max_open_leases,
         )
         if admission_in_database(settings):  # replicas share leases through the database (the writer settles them)
@@ -259,17 +246,22 @@ class Daemon:
                 *admission_args,
                 # SQLite: every batch goes through this process, so the spend it keeps is exact. Replicas on
                 # PostgreSQL ingest elsewhere too: spend is read again once it is an evaluation period old.
-                spend_max_age=None if sqlite else parse_duration(settings.schedule.evaluate_every),
+                spend_max_age=None if sqlite else settings.schedule.evaluate_every.delta,
                 bounds=MemoryBounds(
                     settings.admission.max_buckets,
                     settings.admission.max_spend_scopes,
                     settings.admission.max_settled_remembered,
                 ),
             )
+        # Every source writes through this one: flags and admission follow each committed batch.
+        self.ingestor = Ingestor(self.ingest_process or self.store.writer, self.budgets, self.admission)
+        self.tailers = [
+            Tailer(source, self.store.parser, self.ingestor, self.store.engine, clock) for source in settings.sources
+        ]
         self.registry.register(AdmissionCollector(self.admission))
         self.registry.register(DefinitionsCollector(lambda: self.mismatched))
         self.jobs = Jobs(self.registry)
-        self.every = parse_duration(settings.schedule.evaluate_every)
+        self.every = settings.schedule.evaluate_every.delta
         self.reconciler = Reconciler(
             self.store.engine,
             self.store.prices,
@@ -277,14 +269,14 @@ class Daemon:
             clock,
             env.get(settings.reconcile.admin_key_env) or None,
         )
-        self.reconcile_every = parse_duration(settings.reconcile.every)
+        self.reconcile_every = settings.reconcile.every.delta
         self.reconcile_metrics = ReconcileCollector(
             self.reconciler, self.store.prices.label, self.reconcile_every.total_seconds()
         )
         self.registry.register(self.reconcile_metrics)
         # Which models the account can call against what the table prices: run by the leader when a key is set.
         self.price_check_key = env.get(settings.pricing.check.api_key_env) or None
-        self.price_check_every = parse_duration(settings.pricing.check.every)
+        self.price_check_every = settings.pricing.check.every.delta
         self.price_table_missing: int | None = None  # as of the last check this replica ran
         self.registry.register(PriceCheckCollector(lambda: self.price_table_missing))
         http = settings.http
@@ -302,7 +294,7 @@ class Daemon:
             )
         self.api = Api(
             parser=self.store.parser,
-            writer=self.store.writer,
+            ingestor=self.ingestor,
             budgets=self.budgets,
             prices=self.store.prices,
             dimensions=settings.dimensions,
@@ -344,9 +336,8 @@ class Daemon:
             settings.alerts.webhooks,
             self.budgets.budgets,
             settings.zone,
-            where=where,
             generator_url="http://{}:{}/v1/budgets".format(*self.address),
-            digest_every=parse_duration(settings.alerts.digest_every),
+            digest_every=settings.alerts.digest_every.delta,
         )
         self.leadership = Leadership(self.store.engine)
         self.registry.register(LeaderCollector(lambda: self.leadership.leading))
@@ -357,10 +348,9 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._heads_ok = True
 
-    def _listen(self, app: ApiApp, key: str, listen: str) -> HttpServer:
-        host, _, port = listen.rpartition(":")
+    def _listen(self, app: ApiApp, key: str, listen: HostPort) -> HttpServer:
         try:
-            return HttpServer(app, host.strip("[]"), int(port), http_limits(self.settings), key)
+            return HttpServer(app, listen.host, listen.port, http_limits(self.settings), key)
         except BindError as exc:
             self.store.close()
             raise ConfigError(
@@ -377,10 +367,14 @@ class Daemon:
 
     def evaluate(self) -> None:
         """The scheduled evaluation: recount from the store, refresh metrics, rewrite the snapshot."""
-        self.admission.sweep()  # leases not renewed return their slots even when no call comes to notice
         # Every replica asks at every evaluation: a follower takes over within one period of the leader's death, and
         # the leader gauge is never older than that.
-        self.leadership.is_leader()
+        leading = self.leadership.is_leader()
+        # Leases not renewed return their slots even when no call comes to notice. State in memory is this replica's
+        # own: it sweeps it. State in the database is shared: the leader sweeps it, once, not every replica (an
+        # admit never counts an expired hold, so a sweep that waits for the next leader frees nothing late).
+        if leading or not self.admission.in_database:
+            self.admission.sweep()
         try:
             self.definitions()
             self.budgets.evaluate(self.admission)
@@ -523,10 +517,6 @@ class Daemon:
         if failed:
             raise RuntimeError("; ".join(failed))
 
-    def _after_batch(self, result: BatchResult) -> None:
-        self.budgets.on_batch(result.touched)
-        self.admission.on_batch(result.touched, result.settles)
-
     def _lag(self) -> dict[str, float]:
         return {tailer.source.label: tailer.lag_seconds() for tailer in self.tailers}
 
@@ -607,6 +597,10 @@ class Daemon:
             self.scheduler.add_job(
                 self.jobs.run, "interval", args=["deliver", self.deliver], seconds=DELIVER_EVERY_S, id="deliver"
             )
+        # What start-up built (modules, settings, the price table, the first evaluation's state) lives as long as the
+        # daemon: frozen, the collector's full passes stop walking it, so they stay short pauses on the answering loop.
+        gc.collect()
+        gc.freeze()
         self.scheduler.start()
         self.server.start()
         if self.ops_server is not None:

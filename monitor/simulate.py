@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
+    from sqlalchemy.engine import Engine
+
+    from monitor.client import MonitorClient
+    from monitor.config import BudgetConfig
 
 _T = TypeVar("_T")
 
@@ -40,6 +49,9 @@ _LONG_PROMPT_THRESHOLD = 200_000
 _ZIPF_OFFSET = 10.0  # Zipf–Mandelbrot offset: a heavy head without one user taking most of the traffic
 _RESERVOIR = 1_000
 _MAX_TOKENS = 10_000_000
+# A web search's $0.01 fee as input tokens of the cheapest model the app calls (claude-3-5-haiku, $0.80 per
+# million): what a caller adds to its input bound per search the call may run.
+_SEARCH_FEE_TOKENS = 12_500
 
 # Cached system prompt size (tokens) of each feature; what a prompt-caching request reads back.
 _SYSTEM_PROMPT = {
@@ -67,6 +79,7 @@ class _Profile:
     long_prompt_p: float
     base_ms: float
     ms_per_output_token: float
+    max_tokens: int  # the app's max_tokens for this model: above every output the profile draws
 
 
 _PROFILES = (
@@ -86,6 +99,7 @@ _PROFILES = (
         long_prompt_p=0.0,
         base_ms=250.0,
         ms_per_output_token=7.0,
+        max_tokens=2_048,
     ),
     _Profile(
         share=0.12,
@@ -98,6 +112,7 @@ _PROFILES = (
         long_prompt_p=0.002,
         base_ms=500.0,
         ms_per_output_token=16.0,
+        max_tokens=4_096,
     ),
     _Profile(
         share=0.03,
@@ -110,6 +125,7 @@ _PROFILES = (
         long_prompt_p=0.0,
         base_ms=800.0,
         ms_per_output_token=25.0,
+        max_tokens=4_096,
     ),
     _Profile(
         share=0.05,
@@ -122,8 +138,10 @@ _PROFILES = (
         long_prompt_p=0.0,
         base_ms=300.0,
         ms_per_output_token=12.0,
+        max_tokens=1_024,
     ),
 )
+_MAX_TOKENS_BY_MODEL = {model: p.max_tokens for p in _PROFILES for _, model in p.ids}
 _PROFILE_TABLE = tuple((sum(p.share for p in _PROFILES[: i + 1]), _PROFILES[i]) for i in range(len(_PROFILES)))
 
 
@@ -465,6 +483,16 @@ def write_files(lines: Iterable[str], out_dir: Path, *, prefix: str = "usage", l
     return paths
 
 
+def _check_live(rate: float, duration_s: float, users: int) -> None:
+    """Refuse live-run arguments no run can honour."""
+    if rate <= 0:
+        raise ValueError(f"rate must be above 0, got {rate}")
+    if duration_s < 0:
+        raise ValueError(f"duration_s must be 0 or more, got {duration_s}")
+    if users < 1:
+        raise ValueError(f"users must be 1 or more, got {users}")
+
+
 def run_live(
     *,
     rate: float,
@@ -476,12 +504,7 @@ def run_live(
     users: int = 20_000,
 ) -> int:
     """Append clock()-stamped events to out_path, `rate` a second for duration_s (flushed); return count."""
-    if rate <= 0:
-        raise ValueError(f"rate must be above 0, got {rate}")
-    if duration_s < 0:
-        raise ValueError(f"duration_s must be 0 or more, got {duration_s}")
-    if users < 1:
-        raise ValueError(f"users must be 1 or more, got {users}")
+    _check_live(rate, duration_s, users)
     maker = _Maker(random.Random(seed), users)
     begun = clock()
     # The run's start in the request_id keeps two live runs with one seed from posing as duplicates.
@@ -498,3 +521,226 @@ def run_live(
             handle.write("\n")
             handle.flush()
     return n
+
+
+def admission_request(event: dict[str, Any]) -> dict[str, Any]:
+    """The POST /v1/admit arguments of the call that produces `event`: a worst case never below its real cost.
+
+    The simulated caller knows its prompt (cached prefix and search results included) and sends its model's fixed
+    max_tokens; cached tokens count twice (a 1-hour cache write costs twice the input rate, more than any other
+    kind) and each search adds its fee as input tokens, so the admitted worst case covers the call's bill.
+    """
+    usage = event["usage"]
+    cached = (usage["cache_creation_input_tokens"] or 0) + (usage["cache_read_input_tokens"] or 0)
+    searches = (usage["server_tool_use"] or {}).get("web_search_requests") or 0
+    return {
+        "model": event["model"],
+        "max_tokens": _MAX_TOKENS_BY_MODEL[event["model"]],
+        "estimated_input_tokens": (usage["input_tokens"] or 0) + 2 * cached + searches * _SEARCH_FEE_TOKENS,
+        "batch": event["batch"],
+        **event["attributes"],
+    }
+
+
+@dataclass(slots=True)
+class LiveOutcome:
+    """What the daemon answered the admitted live callers: calls made and refused, per learner."""
+
+    started: datetime  # every call of the run is stamped at or after this moment
+    calls: int = 0
+    admitted: int = 0
+    unanswered: int = 0  # the daemon could not be reached or answered 503: the caller gave up on the call
+    admitted_by_user: dict[str, int] = field(default_factory=dict)
+    refused_by_user: dict[str, dict[str, int]] = field(default_factory=dict)  # user -> refusing limit -> calls
+
+    @property
+    def refused(self) -> int:
+        """Calls the daemon refused, by any limit."""
+        return sum(sum(by.values()) for by in self.refused_by_user.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the CLI prints it)."""
+        return {
+            "started": self.started.isoformat().replace("+00:00", "Z"),
+            "calls": self.calls,
+            "admitted": self.admitted,
+            "refused": self.refused,
+            "unanswered": self.unanswered,
+            "admitted_by_user": dict(sorted(self.admitted_by_user.items())),
+            "refused_by_user": {user: dict(sorted(by.items())) for user, by in sorted(self.refused_by_user.items())},
+        }
+
+
+def run_admitted(
+    *,
+    rate: float,
+    duration_s: float,
+    out_path: Path,
+    client: MonitorClient,
+    seed: int = 1,
+    clock: Callable[[], datetime],
+    sleep: Callable[[float], None],
+    users: int = 20_000,
+    make_event: Callable[[int, str], dict[str, Any]] | None = None,
+) -> LiveOutcome:
+    """Like run_live, but each simulated call asks the daemon to admit it first: a refused call is never made.
+
+    An admitted call's event carries its lease and is appended to out_path; the lease is then released with the
+    call's usage, so the daemon holds the real cost from that moment, before its tailer reads the line.
+    `make_event(ms, request_id)` builds each call's event (default: the app's traffic drawn from `seed`).
+    """
+    from monitor.client import AdmissionRefused, MonitorError
+
+    _check_live(rate, duration_s, users)
+    make = make_event or _Maker(random.Random(seed), users).event
+    begun = clock()
+    run = _to_ms(begun)
+    outcome = LiveOutcome(started=begun)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("a", encoding="utf-8", newline="\n") as handle:
+        while outcome.calls < rate * duration_s:
+            wait = outcome.calls / rate - (clock() - begun).total_seconds()
+            if wait > 0:
+                sleep(wait)
+            outcome.calls += 1
+            event = make(_to_ms(clock()), f"req_sim_{seed}_{run}_{outcome.calls}")
+            user = event["attributes"]["user"]
+            try:
+                lease = client.admit(**admission_request(event))
+            except AdmissionRefused as refused:
+                by = outcome.refused_by_user.setdefault(user, {})
+                by[refused.name] = by.get(refused.name, 0) + 1
+                continue
+            except MonitorError:
+                outcome.unanswered += 1
+                continue
+            event["lease"] = lease.id
+            handle.write(json.dumps(event))
+            handle.write("\n")
+            handle.flush()
+            outcome.admitted += 1
+            outcome.admitted_by_user[user] = outcome.admitted_by_user.get(user, 0) + 1
+            # Unreachable now, the daemon still settles the lease: the event written above carries it.
+            with contextlib.suppress(MonitorError):
+                client.release(lease, request_id=event["request_id"], usage=event["usage"])
+    return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerRow:
+    """One learner a per-user dollar budget refused calls of: spend before and after the daemon watched."""
+
+    user: str
+    before_pico: int  # spend in the budget's current window stamped before the live run started
+    live_pico: int  # spend of the calls the daemon admitted during the live run
+    admitted: int  # calls of the live run the budget counts (stored: admitted and made)
+    refused: int  # calls of the live run the budget refused
+
+
+def refused_learners(outcome: LiveOutcome, budget: BudgetConfig, engine: Engine, zone: ZoneInfo) -> list[LearnerRow]:
+    """Every learner `budget` refused a call of, with spend read from the store; most spent before first."""
+    from monitor.budgets.windows import calendar_window
+    from monitor.report import build_report
+
+    window = budget.parsed_window
+    if window.kind == "rolling":
+        assert window.span is not None
+        window_start = outcome.started - window.span
+    else:
+        window_start, _ = calendar_window(window.kind, outcome.started, zone)
+    key = budget.per or "user"
+    # Only what the budget counts: the learner's calls its match selects (another project's are not its spend).
+    by = [key, *sorted(k for k in budget.match if k != key)]
+
+    def spend(since: datetime, until: datetime | None) -> dict[str | None, tuple[int, int]]:
+        """Learner -> (cost, requests) of the calls the budget counts, stamped in [since, until)."""
+        out: dict[str | None, tuple[int, int]] = {}
+        for row in build_report(engine, since=since, until=until, by=by).rows:
+            if all(row.keys[k] == v for k, v in budget.match.items() if k != key):
+                cost, requests = out.get(row.keys[key], (0, 0))
+                out[row.keys[key]] = (cost + row.cost_pico, requests + row.counts["requests"])
+        return out
+
+    before_by = spend(window_start, outcome.started)
+    live_by = spend(outcome.started, None)
+    rows = [
+        LearnerRow(user, before_by.get(user, (0, 0))[0], *live_by.get(user, (0, 0)), refused)
+        for user, refusals in outcome.refused_by_user.items()
+        if (refused := refusals.get(budget.name, 0))
+    ]
+    rows.sort(key=lambda row: (-row.before_pico, row.user))
+    return rows
+
+
+def _usd(pico: int) -> str:
+    """Pico-dollars as exact dollars: every digit kept, at least cents ($8.4612345, $0.075, $1.50)."""
+    dollars, rest = divmod(pico, 10**12)
+    cents = f"{rest:012d}".rstrip("0").ljust(2, "0")
+    return f"${dollars:,}.{cents}"
+
+
+def explain_live(
+    outcome: LiveOutcome, budget: BudgetConfig, rows: list[LearnerRow], duration_s: float, shown: int = 10
+) -> str:
+    """The live run told in words: what the budgets table counts, what the throttle did, per learner."""
+    assert budget.limit_usd is not None
+    cap = int(budget.limit_usd * (budget.throttle_at or 1) * 10**12)
+    refused = sum(row.refused for row in rows)
+    already_over = [row for row in rows if row.before_pico >= cap]
+    reached = [row for row in rows if row.before_pico < cap]
+    past = [row.user for row in rows if row.live_pico and row.before_pico + row.live_pico > cap]
+    elsewhere = outcome.refused - refused
+    others = f" ({elsewhere} more calls were refused by other limits)" if elsewhere else ""
+    today = "spend today" if budget.window == "day" else "in window"
+    lines = [
+        f"== what the throttle did to the live traffic ({budget.name}: {_usd(cap)} per learner per {budget.window})",
+        f"{'learner':<10}  {'spent before the daemon watched':>31}  {'live calls admitted':>19}"
+        f"  {'refused':>7}  {'live spend':>14}  {today:>14}",
+    ]
+    # The learners who reached the cap live are the ones whose spend admission held: show them past the top too.
+    listed = rows[:shown] + [row for row in rows[shown:] if row.before_pico < cap][:shown]
+    for row in listed:
+        lines.append(
+            f"{row.user:<10}  {_usd(row.before_pico):>31}  {row.admitted:>19}  {row.refused:>7}"
+            f"  {_usd(row.live_pico):>14}  {_usd(row.before_pico + row.live_pico):>14}"
+        )
+    if len(rows) > len(listed):
+        rest = [row for row in rows if row not in listed]
+        lines.append(
+            f"... and {len(rest)} more: {sum(r.refused for r in rest)} calls refused, "
+            f"{_usd(sum(r.live_pico for r in rest))} live spend"
+        )
+    text = (
+        f"The budgets table counts every call stamped today, the replayed history included. Those calls were made "
+        f"before the daemon watched them, so nothing could refuse them: that is why learners stand at several times "
+        f"their {_usd(cap)} cap there. The throttle acts on calls before they are made. In the live phase "
+        f"({duration_s:g} s) each of {outcome.calls} simulated calls asked the daemon first (POST /v1/admit); it "
+        f"admitted {outcome.admitted} calls and refused {refused} calls by the {_learners(len(rows))} above, whose "
+        f"spend plus the call's worst case would have passed {_usd(cap)}{others}. A refused call is never sent and "
+        f"costs nothing: the {_learners(len(already_over))} already past the cap spent "
+        f"{_usd(sum(row.live_pico for row in already_over))} in the live phase"
+    )
+    if reached:
+        text += (
+            f", and the {_learners(len(reached))} who reached it during the live phase spent "
+            f"{_usd(sum(row.live_pico for row in reached))} there"
+        )
+    if past:
+        text += f". Live calls took {', '.join(past)} past the cap: the worst case admitted did not cover the call."
+    else:
+        text += ", none of it past the cap."
+    if outcome.unanswered:
+        text += f" {outcome.unanswered} calls got no answer from the daemon and were not made."
+    return "\n".join([*lines, "", *_wrap(text, 110)]) + "\n"
+
+
+def _learners(n: int) -> str:
+    """'1 learner', '2 learners'."""
+    return f"{n} learner" if n == 1 else f"{n} learners"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Lines of at most `width` characters, broken between words."""
+    import textwrap
+
+    return textwrap.wrap(text, width)

@@ -33,6 +33,14 @@ class FakeClock:
         self.now += timedelta(**kwargs)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the throwaway PostgreSQL (tests/pg.py) is slow whatever its module says: starting the
+    server takes seconds, and the fast lane (`-m "not slow"`) must never pay for it."""
+    for item in items:
+        if "postgres" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(datetime(2026, 11, 26, 12, 0, tzinfo=UTC))

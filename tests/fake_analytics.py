@@ -9,14 +9,15 @@ Fed by a test with known figures per UTC day, model, tier and API key; keeps eve
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fake_server import AnthropicHandler, LoopbackServer
 
 BETA = "analytics-usage-cost-2026-08-24"
 COST_PATH = "/v1/organizations/analytics/cost"
@@ -80,7 +81,7 @@ class Seen:
     headers: dict[str, str]  # lower-cased names
 
 
-class FakeAnalytics:
+class FakeAnalytics(LoopbackServer):
     """The server, on a free loopback port, in a background thread."""
 
     def __init__(self, admin_key: str, rows: list[Row] | None = None, page_size: int | None = None) -> None:
@@ -90,15 +91,7 @@ class FakeAnalytics:
         self.requests: list[Seen] = []
         self._failures: list[int] = []
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        super().__init__(_handler(self))
 
     def fail_next(self, status: int) -> None:
         """Answer the next authenticated request with this status (429 says retry after 1 s, as Anthropic does)."""
@@ -113,10 +106,6 @@ class FakeAnalytics:
         with self._lock:
             self.requests.append(seen)
             return self._failures.pop(0) if self._failures and authenticated else None
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _group(row: Row, by_key: bool) -> dict[str, Any]:
@@ -183,26 +172,7 @@ def usage_item(row: Row, by_key: bool = False) -> dict[str, Any]:
 
 
 def _handler(fake: FakeAnalytics) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(document).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("request-id", f"req_fake_analytics_{len(fake.requests):04d}")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
-            self._json(status, {"type": "error", "error": {"type": kind, "message": message}}, headers)
-
+    class Handler(AnthropicHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             query = parse_qs(parts.query, keep_blank_values=True)
@@ -210,25 +180,27 @@ def _handler(fake: FakeAnalytics) -> type[BaseHTTPRequestHandler]:
             bearer = headers.get("authorization", "").removeprefix("Bearer ")
             authenticated = fake.admin_key in (bearer, headers.get("x-api-key"))
             failure = fake._arrived(Seen(parts.path, query, headers), authenticated)
+            request_id = f"req_fake_analytics_{len(fake.requests):04d}"
             if parts.path not in (COST_PATH, USAGE_PATH):
-                self._error(404, "not_found_error", f"{parts.path} not found")
+                self._error(404, "not_found_error", f"{parts.path} not found", request_id)
                 return
             if not authenticated:
-                self._error(401, "authentication_error", "invalid x-api-key")
+                self._error(401, "authentication_error", "invalid x-api-key", request_id)
                 return
             if BETA not in [b.strip() for b in headers.get("anthropic-beta", "").split(",")]:
-                self._error(400, "invalid_request_error", f"this endpoint is in beta: send anthropic-beta: {BETA}")
+                beta = f"this endpoint is in beta: send anthropic-beta: {BETA}"
+                self._error(400, "invalid_request_error", beta, request_id)
                 return
             if failure is not None:
                 if failure == 429:
                     self._error(429, "rate_limit_error", "Number of requests has exceeded your rate limit",
-                                {"retry-after": "1"})  # fmt: skip
+                                request_id, {"retry-after": "1"})  # fmt: skip
                 else:
-                    self._error(failure, "api_error", "Internal server error")
+                    self._error(failure, "api_error", "Internal server error", request_id)
                 return
             problem = self._check(query)
             if problem:
-                self._error(400, "invalid_request_error", problem)
+                self._error(400, "invalid_request_error", problem, request_id)
                 return
             start, end = _when(query["starting_at"][0]), _when(query["ending_at"][0])
             by_key = "api_key_id" in query.get("group_by[]", [])
@@ -251,6 +223,7 @@ def _handler(fake: FakeAnalytics) -> type[BaseHTTPRequestHandler]:
                     "next_page": f"page_{offset + size}" if more else None,
                     "data_refreshed_at": REFRESHED_AT,
                 },
+                request_id,
             )
 
         @staticmethod

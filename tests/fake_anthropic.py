@@ -11,11 +11,13 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from anthropic.types import message_count_tokens_params
 from anthropic.types.beta import message_count_tokens_params as beta_count_tokens_params
+
+from tests.fake_server import AnthropicHandler, LoopbackServer
 
 INPUT_TOKENS = 100
 CACHE_5M, CACHE_1H, CACHE_READ = 100, 200, 400
@@ -113,12 +115,7 @@ def stream_events(model: str, message_id: str, output_tokens: int) -> list[tuple
     ]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # hundreds of the proxy's connections may arrive at once
-
-
-class FakeAnthropic:
+class FakeAnthropic(LoopbackServer):
     """The server, on a free loopback port, in a background thread."""
 
     def __init__(self, api_key: str) -> None:
@@ -136,14 +133,9 @@ class FakeAnthropic:
         self.output_tokens: int | None = None  # when set, every answer bills this many output tokens, not max_tokens
         self.count_answer = COUNT_TOKENS_ANSWER  # what count_tokens says
         self.count_hold: threading.Event | None = None  # when set to an Event, count_tokens answers once it is set
-        self.server = _Server(("127.0.0.1", 0), _handler(self))
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        self.count_padding = 0  # bytes of padding count_tokens' answer carries besides its count (Content-Length set)
+        self.count_endless = False  # when True, count_tokens answers a chunked body that never ends
+        super().__init__(_handler(self), backlog=1024)  # hundreds of the proxy's connections may arrive at once
 
     def fail_next(self, status: int, error_type: str = "api_error") -> None:
         """Answer the next request with this error."""
@@ -180,29 +172,12 @@ class FakeAnthropic:
     def close(self) -> None:
         if self.hold is not None:
             self.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(AnthropicHandler):
         disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _json(self, status: int, document: Any, request_id: str) -> None:
-            data = json.dumps(document).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("request-id", request_id)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, kind: str, message: str, request_id: str) -> None:
-            self._json(status, {"type": "error", "error": {"type": kind, "message": message}}, request_id)
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -226,13 +201,33 @@ def _handler(fake: FakeAnthropic) -> type[BaseHTTPRequestHandler]:
                     return
                 if fake.count_hold is not None:
                     fake.count_hold.wait(fake.hold_timeout)
-                self._json(200, {"input_tokens": fake.count_answer}, request_id)
+                if fake.count_endless:
+                    self._endless(request_id)
+                    return
+                padding = {"padding": "x" * fake.count_padding} if fake.count_padding else {}
+                self._json(200, {"input_tokens": fake.count_answer, **padding}, request_id)
             elif path == "/v1/messages" and request.get("stream"):
                 self._stream(request, request_id)
             elif path == "/v1/messages":
                 self._json(200, self._message(request, request_id), request_id)
             else:
                 self._error(404, "not_found_error", f"{path} not found", request_id)
+
+        def _endless(self, request_id: str) -> None:
+            """A 200 whose chunked JSON body goes on until the reader leaves (at most 1 GiB, should it never)."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("request-id", request_id)
+            self.end_headers()
+            chunk = b'{"input_tokens": 17, "padding": "' + b"x" * 65_536
+            try:
+                for _ in range(16_384):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    chunk = b"x" * 65_536
+            except OSError:  # the reader closed the connection
+                pass
+            self.close_connection = True
 
         def _message(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
             return {

@@ -8,12 +8,13 @@ when asked for with `lifecycle[]=retired`, as the API does.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fake_server import AnthropicHandler, LoopbackServer
 
 MODELS_PATH = "/v1/models"
 
@@ -27,7 +28,7 @@ class Seen:
     headers: dict[str, str]  # lower-cased names
 
 
-class FakeModels:
+class FakeModels(LoopbackServer):
     """The server, on a free loopback port, in a background thread."""
 
     def __init__(self, api_key: str, models: list[tuple[str, str, str]] | None = None) -> None:
@@ -36,19 +37,7 @@ class FakeModels:
         self.page_size: int | None = None  # overrides the client's `limit`, to force pages
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(_handler(self))
 
 
 def model_object(model_id: str, name: str, lifecycle: str) -> dict[str, Any]:
@@ -67,36 +56,20 @@ def model_object(model_id: str, name: str, lifecycle: str) -> dict[str, Any]:
 
 
 def _handler(fake: FakeModels) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _json(self, status: int, document: Any) -> None:
-            data = json.dumps(document).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("request-id", f"req_fake_models_{len(fake.requests):04d}")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, kind: str, message: str) -> None:
-            self._json(status, {"type": "error", "error": {"type": kind, "message": message}})
-
+    class Handler(AnthropicHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             query = parse_qs(parts.query)
             headers = {k.lower(): v for k, v in self.headers.items()}
             with fake._lock:
                 fake.requests.append(Seen(parts.path, query, headers))
+                request_id = f"req_fake_models_{len(fake.requests):04d}"
             if parts.path != MODELS_PATH:
-                self._error(404, "not_found_error", f"no route {parts.path}")
+                self._error(404, "not_found_error", f"no route {parts.path}", request_id)
                 return
             bearer = headers.get("authorization", "").removeprefix("Bearer ")
             if fake.api_key not in (bearer, headers.get("x-api-key")):
-                self._error(401, "authentication_error", "invalid x-api-key")
+                self._error(401, "authentication_error", "invalid x-api-key", request_id)
                 return
             wanted = set(query.get("lifecycle[]", query.get("lifecycle", []))) or {"active", "deprecated"}
             listed = [m for m in fake.models if m[2] in wanted]
@@ -106,7 +79,7 @@ def _handler(fake: FakeModels) -> type[BaseHTTPRequestHandler]:
                 ids = [m[0] for m in listed]
                 after = query["after_id"][0]
                 if after not in ids:
-                    self._error(400, "invalid_request_error", f"after_id {after!r} is not a model id")
+                    self._error(400, "invalid_request_error", f"after_id {after!r} is not a model id", request_id)
                     return
                 start = ids.index(after) + 1
             page = listed[start : start + limit]
@@ -118,6 +91,7 @@ def _handler(fake: FakeModels) -> type[BaseHTTPRequestHandler]:
                     "first_id": page[0][0] if page else None,
                     "last_id": page[-1][0] if page else None,
                 },
+                request_id,
             )
 
     return Handler

@@ -19,10 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
 from monitor.config import load_settings
-from monitor.estimate import IMAGE_ALLOWANCE, TOOLS_ALLOWANCE, input_token_bound
+from monitor.http.estimate import IMAGE_ALLOWANCE, TOOLS_ALLOWANCE, input_token_bound
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, request
+
+# Each test starts a daemon with its ingest worker process: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}

@@ -22,6 +22,9 @@ from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, request
 
+# Each test starts a daemon with its ingest worker process: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 HAIKU = "claude-haiku-4-5"

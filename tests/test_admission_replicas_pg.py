@@ -10,20 +10,26 @@ Each admit asks 10,000 input tokens estimated and max_tokens 6,000: worst case $
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from sqlalchemy import Engine, create_engine
 
+from monitor.budgets.shared_admission import SharedAdmission
 from monitor.config import ConfigError, admission_in_database, load_settings
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, Serve, request, sum_metric, wait_until
 from tests.test_postgres import pg_config, scalar
+
+# Starts PostgreSQL and daemons: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 pytest_plugins = ["tests.pg"]
 
@@ -395,3 +401,169 @@ def test_admission_answers_503_while_postgres_is_away_and_recovers(private_postg
         assert release(base, lease, None, None).json()["settled_by"] == "release"  # the lease survived the outage
     finally:
         daemon.stop()
+
+
+def test_release_and_renew_answer_503_with_one_warning_while_postgres_is_away(
+    private_postgres: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = private_postgres.create_database("away")
+    text = CONFIG.format(concurrent=2).replace("throttle.json", str(tmp_path / "t.json"))
+    daemon = Daemon(
+        load_settings(pg_config(tmp_path, url, text), environ={}),
+        clock=FakeClock(NOW),
+        environ={"CLAUDE_MONITOR_INGEST_TOKEN": TOKEN},
+    )
+    daemon.start()
+    try:
+        base = "http://{}:{}".format(*daemon.address)
+        lease = admit(base).json()["lease"]
+        private_postgres.stop()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            released = release(base, lease, "req_away", {"input_tokens": 10, "output_tokens": 5})
+            renewed = post(base, f"/v1/admit/{lease}/renew", {})
+        for answer in (released, renewed):
+            assert answer.status == 503 and answer.headers["retry-after"] == "5", answer.body
+            assert set(answer.json()) == {"error"} and "storage unavailable" in answer.json()["error"]
+        assert "nothing was released" in released.json()["error"]
+        away = [r for r in caplog.records if r.name.startswith("monitor") and r.levelno >= logging.WARNING]
+        assert [r.getMessage().split(" cannot ")[0] for r in away if "shared admission state" in r.getMessage()] == [
+            "admission: release",
+            "admission: renew",
+        ]
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        private_postgres.start()
+        assert wait_until(lambda: post(base, f"/v1/admit/{lease}/renew", {}).status == 200, timeout=30)
+        assert release(base, lease, None, None).json()["settled_by"] == "release"  # nothing was lost meanwhile
+    finally:
+        daemon.stop()
+
+
+# --- the sweep: the leader's, and what it deletes ---------------------------------------------------------------
+
+
+@pytest.fixture
+def swept(pg_url: str, tmp_path: Path) -> Iterator[tuple[list[Daemon], FakeClock, Engine]]:
+    """Three daemons as `clocked` builds them, evaluated only when a test says so (the schedule's period is an hour),
+    and an engine of the test's own to look at the tables."""
+    clock = FakeClock(NOW)
+    daemons: list[Daemon] = []
+    engine = create_engine(pg_url)
+    try:
+        for i in range(3):
+            text = CONFIG.format(concurrent=2).replace("throttle.json", str(tmp_path / f"t{i}.json"))
+            config = pg_config(tmp_path / f"d{i}", pg_url, text + "schedule: {evaluate_every: 1h}\n")
+            daemon = Daemon(
+                load_settings(config, environ={}), clock=clock, environ={"CLAUDE_MONITOR_INGEST_TOKEN": TOKEN}
+            )
+            daemon.start()
+            daemons.append(daemon)
+        assert [d.leadership.leading for d in daemons] == [True, False, False]  # the first to evaluate leads
+        yield daemons, clock, engine
+    finally:
+        for daemon in daemons:
+            if not daemon._stop.is_set():  # a test may have stopped one
+                daemon.stop()
+        engine.dispose()
+
+
+def url_of(daemon: Daemon) -> str:
+    return "http://{}:{}".format(*daemon.address)
+
+
+def bucket_rows(engine: Engine) -> list[tuple[str, str, float, datetime]]:
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "SELECT name, kind, level, updated_at FROM admission_buckets ORDER BY name, scope, kind"
+        ).all()
+    return [(name, kind, level, at.replace(tzinfo=UTC)) for name, kind, level, at in rows]
+
+
+def open_leases(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.exec_driver_sql("SELECT count(*) FROM admission_leases WHERE ended IS NULL").scalar_one())
+
+
+def test_the_sweep_deletes_buckets_back_at_burst_and_keeps_one_mid_refill_with_its_tokens(
+    swept: tuple[list[Daemon], FakeClock, Engine],
+) -> None:
+    daemons, clock, engine = swept
+    urls = [url_of(d) for d in daemons]
+    # Users a-e take one request each from their 20-request buckets (19 left); f takes all 20 (0 left). Each call
+    # takes 10 input tokens from the shared 50,000-token bucket: 25 calls leave 49,750.
+    for n, user in enumerate("abcde"):
+        assert admit(urls[n % 3], user=user, project="rated", estimated_input_tokens=10).status == 200
+    assert [admit(urls[n % 3], user="f", project="rated", estimated_input_tokens=10).status for n in range(21)] == [
+        200
+    ] * 20 + [429]
+    assert len(bucket_rows(engine)) == 7  # 6 request buckets, 1 input-token bucket
+    cast(SharedAdmission, daemons[0].admission).sweep_chunk = 2  # read in 4 transactions: the chunks join up
+    daemons[0].evaluate()  # no time has passed: none is full again
+    assert len(bucket_rows(engine)) == 7
+
+    clock.advance(seconds=30)
+    for follower in daemons[1:]:
+        follower.evaluate()
+    assert len(bucket_rows(engine)) == 7  # a follower does not sweep
+    daemons[0].evaluate()
+    # 30 s at 20 a minute adds 10 requests: a-e are at 29, full (20); f is at 10 of 20, kept as stored (0 at NOW).
+    # The input-token bucket gained 50,000 (100,000 a minute): full.
+    assert bucket_rows(engine) == [("rate", "rpm", 0.0, NOW)]
+    # f has exactly 10 requests: the 11th waits 3 s for the next one. A deleted scope starts full again.
+    assert [admit(urls[n % 3], user="f", project="rated", estimated_input_tokens=10).status for n in range(10)] == [
+        200
+    ] * 10
+    refused = admit(urls[1], user="f", project="rated", estimated_input_tokens=10)
+    assert refused.status == 429 and refused.headers["retry-after"] == "3"
+    assert [admit(urls[2], user="a", project="rated", estimated_input_tokens=10).status for _ in range(20)] == [
+        200
+    ] * 20
+
+
+def test_only_the_leader_sweeps_and_the_next_leader_frees_what_expired_after_it_died(
+    swept: tuple[list[Daemon], FakeClock, Engine],
+) -> None:
+    daemons, clock, engine = swept
+    urls = [url_of(d) for d in daemons]
+    assert admit(urls[1]).status == 200 and admit(urls[2]).status == 200
+    assert admit(urls[1]).status == 429  # concurrent: 2
+    clock.advance(seconds=61)  # both leases are past their 60 s, unrenewed
+    for follower in daemons[1:]:
+        follower.evaluate()
+    assert open_leases(engine) == 2  # not swept by a follower...
+    assert admit(urls[2]).status == 200  # ...yet an expired hold counts nowhere
+    daemons[0].evaluate()
+    assert open_leases(engine) == 1  # the leader's sweep ended the two expired leases
+
+    daemons[0].stop()  # the leader goes; its lock frees
+    clock.advance(seconds=61)
+    assert admit(urls[1]).status == 200 and admit(urls[2]).status == 200  # the third lease expired: 2 slots free
+    clock.advance(seconds=61)
+    daemons[1].evaluate()  # asks for leadership, gets it, sweeps
+    assert daemons[1].leadership.leading and not daemons[2].leadership.leading
+    assert open_leases(engine) == 0
+
+
+def test_input_tokens_owed_to_a_bucket_the_sweep_deleted_are_taken_from_a_full_one(
+    swept: tuple[list[Daemon], FakeClock, Engine],
+) -> None:
+    daemons, clock, engine = swept
+    urls = [url_of(d) for d in daemons]
+    lease = admit(urls[0], project="rated", user="a", estimated_input_tokens=40_000).json()["lease"]  # 10,000 left
+    clock.advance(seconds=30)  # +50,000 at 100,000 a minute: full while the call still runs
+    daemons[0].evaluate()
+    assert bucket_rows(engine) == []
+    event = {
+        "request_id": "req_over",
+        "timestamp": NOW.isoformat(),
+        "model": HAIKU,
+        "usage": {"input_tokens": 45_000, "output_tokens": 5},  # 5,000 more than estimated
+        "attributes": {"project": "rated", "user": "a"},
+        "lease": lease,
+    }
+    assert post(urls[1], "/v1/usage", event).status == 202
+    # The 5,000 owed come off the full 50,000: 45,000 are there, not 45,001 (1 token at 100,000 a minute: 1 s).
+    refused = admit(urls[2], project="rated", user="b", estimated_input_tokens=45_001)
+    assert refused.status == 429 and refused.json()["refused_by"]["name"] == "tokens"
+    assert refused.headers["retry-after"] == "1"
+    assert admit(urls[2], project="rated", user="b", estimated_input_tokens=45_000).status == 200

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitor.admission import AdmissionStats
+from monitor.budgets.admission import AdmissionStats
 from monitor.metrics import (
     AdmissionCollector,
     MonitorCollector,
@@ -158,6 +158,7 @@ def runbook_anchors() -> set[str]:
 # --- promtool ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_promtool_check_rules() -> None:
     done = promtool("check", "rules", RULES.name)
     assert done.returncode == 0, done.stdout + done.stderr

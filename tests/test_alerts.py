@@ -23,8 +23,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select
 
-from monitor.alerts import Notice, Notifier, backoff, slack_payload, validate_webhooks
-from monitor.config import ConfigError, WebhookConfig, load_settings, parse_duration
+from monitor.alerts.notifier import Notice, Notifier, backoff, slack_payload, webhook_receivers
+from monitor.config import ConfigError, WebhookConfig, load_settings
 from monitor.service import Store, open_store
 from monitor.store.models import alert_deliveries, alert_notices
 from tests.conftest import FakeClock, run_cli
@@ -154,9 +154,8 @@ class Monitor:
             }
             for i in range(count)
         ]
-        result = self.store.writer.write([("test", self.store.parser.parse_object(e)) for e in events], "test")
+        result = self.store.ingestor.submit([("test", self.store.parser.parse_object(e)) for e in events], "test")
         assert result.accepted == count
-        self.store.budgets.on_batch(result.touched)
 
     def deliveries(self) -> list[dict[str, Any]]:
         with self.store.engine.connect() as connection:
@@ -191,8 +190,7 @@ def open_monitor(
         settings.alerts.webhooks,
         store.budgets.budgets,
         settings.zone,
-        where=str(path),
-        digest_every=parse_duration(settings.alerts.digest_every),
+        digest_every=settings.alerts.digest_every.delta,
     )
     return Monitor(store, notifier, clock)
 
@@ -367,7 +365,7 @@ def test_each_webhook_is_delivered_on_its_own_a_4xx_is_final_and_429_waits_for_r
     try:
         receiver.status, receiver.answer = 400, b'{"error": "no such channel"}'
         other.status, other.answer_headers = 429, {"Retry-After": "120"}
-        caplog.set_level(logging.WARNING, logger="monitor.alerts")
+        caplog.set_level(logging.WARNING, logger="monitor.alerts.notifier")
         monitor.spend("6")
         monitor.cycle()
         states = {d["webhook"]: d for d in monitor.deliveries()}
@@ -670,6 +668,7 @@ def late_in_the_day(now: datetime) -> str:
     raise AssertionError("every hour has a zone where it is afternoon")
 
 
+@pytest.mark.slow
 def test_a_real_alertmanager_holds_the_alert_while_firing_and_drops_it_when_resolved(
     tmp_path: Path, alertmanager: str
 ) -> None:
@@ -719,18 +718,27 @@ def test_a_real_alertmanager_holds_the_alert_while_firing_and_drops_it_when_reso
     ["http://am:9093/api/v2/alerts", "https://am.example/prefix/api/v2/alerts", "http://127.0.0.1:1/api/v2/alerts"],
 )
 def test_alertmanager_urls_that_name_the_alerts_api_are_accepted(url: str) -> None:
-    (hook,) = validate_webhooks([WebhookConfig(url=url, kind="alertmanager")])
+    (hook,) = webhook_receivers([WebhookConfig(url=url, kind="alertmanager")])
     assert hook.url == url
 
 
 @pytest.mark.parametrize("url", ["http://am:9093/", "http://am:9093/api/v1/alerts", "http://am:9093/api/v2/alerts/"])
 def test_an_alertmanager_url_that_is_not_the_alerts_api_is_a_config_error(url: str, tmp_path: Path) -> None:
-    hooks = [WebhookConfig(url="https://hooks.example/x", kind="slack"), WebhookConfig(url=url, kind="alertmanager")]
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "alerts:\n"
+        "  webhooks:\n"
+        "    - {url: 'https://hooks.example/x', kind: slack}\n"
+        "    - kind: alertmanager\n"
+        f"      url: '{url}'\n",
+        encoding="utf-8",
+    )
     with pytest.raises(ConfigError) as error:
-        validate_webhooks(hooks, where="c.yaml")
-    assert "c.yaml: alerts.webhooks[1].url:" in str(error.value) and "/api/v2/alerts" in str(error.value)
+        load_settings(config, environ={})
+    assert f"{config}:5: alerts.webhooks[1].url:" in str(error.value) and "/api/v2/alerts" in str(error.value)
 
 
+@pytest.mark.slow
 def test_serve_with_a_bad_alertmanager_url_fails_before_touching_anything(tmp_path: Path) -> None:
     config = tmp_path / "claude-monitor.yaml"
     config.write_text(
@@ -742,7 +750,7 @@ def test_serve_with_a_bad_alertmanager_url_fails_before_touching_anything(tmp_pa
     )
     run = run_cli("serve", "--config", str(config), cwd=tmp_path, check=False)
     assert run.returncode == 2
-    assert f"{config}: alerts.webhooks[0].url:" in run.stderr and "not Alertmanager's alerts API" in run.stderr
+    assert f"{config}:4: alerts.webhooks[0].url:" in run.stderr and "not Alertmanager's alerts API" in run.stderr
     assert "s3cret" not in run.stderr
     assert not (tmp_path / "monitor.db").exists() and not (tmp_path / "throttle.json").exists()
 
@@ -750,6 +758,7 @@ def test_serve_with_a_bad_alertmanager_url_fails_before_touching_anything(tmp_pa
 # --- the daemon -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_notifies_a_crossing_through_its_scheduled_jobs(tmp_path: Path, receiver: Receiver) -> None:
     config = tmp_path / "claude-monitor.yaml"
     config.write_text(

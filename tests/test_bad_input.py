@@ -100,7 +100,7 @@ def token_rows(db: Path) -> list[tuple[str, int, int]]:
 
 
 def ingest(store: Store, *paths: Path) -> BatchResult:
-    result, failed = ingest_files(list(paths), store.parser, store.writer)
+    result, failed = ingest_files(list(paths), store.parser, store.ingestor)
     assert failed == []
     return result
 
@@ -712,6 +712,7 @@ def test_same_file_twice_adds_nothing(store: Store, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the real command line
 
 
+@pytest.mark.slow
 def test_cli_ingest_of_a_file_with_every_bad_class(tmp_path: Path, config_path: Path) -> None:
     now = datetime.now(UTC)
     stamp = (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")

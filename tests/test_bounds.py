@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from monitor.config import ConfigError, load_settings
-from monitor.events import Event, Rejected
+from monitor.ingest.parse import Event, Rejected
 from monitor.pricing import load_price_table
 from monitor.service import Store, open_store
 from monitor.store.models import counters, events, label_values
@@ -27,6 +27,9 @@ from tests.conftest import FakeClock, write_config
 from tests.serve_harness import Serve, wait_until
 from tests.test_migrations import alembic
 from tests.test_postgres import pg_config, scalar
+
+# Starts `serve` processes and PostgreSQL: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 pytest_plugins = ["tests.pg"]
 

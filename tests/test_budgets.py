@@ -75,9 +75,8 @@ def send(store: Store, when: datetime, *, model: str = "claude-haiku-4-5", **usa
         "usage": usage,
         "attributes": attrs,
     }
-    result = store.writer.write([("test", store.parser.parse_object(event))], "test")
+    result = store.ingestor.submit([("test", store.parser.parse_object(event))], "test")
     assert result.accepted == 1
-    store.budgets.on_batch(result.touched)
 
 
 def blocked(store: Store, now: datetime, model: str = "claude-haiku-4-5", **attrs: str) -> str | None:
@@ -265,6 +264,7 @@ def test_a_young_window_is_averaged_over_a_day_at_least(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.slow
 def test_budgets_command_json_shape(tmp_path: Path) -> None:
     from tests.conftest import jsonl, run_cli
 

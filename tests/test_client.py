@@ -106,6 +106,7 @@ def next_utc_midnight(now: datetime) -> datetime:
     return datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
 
 
+@pytest.mark.slow
 def test_a_crossing_message_denies_that_user_at_once_and_no_one_else(
     serve: Serve, tmp_path: Path, clients: list[MonitorClient]
 ) -> None:
@@ -152,6 +153,7 @@ def test_a_crossing_message_denies_that_user_at_once_and_no_one_else(
     }
 
 
+@pytest.mark.slow
 def test_concurrent_records_each_see_their_own_crossing_in_memory(serve: Serve, clients: list[MonitorClient]) -> None:
     # Sixteen threads of one client record at once, each the event that spends its own user's daily $0.01; the
     # refresh after a record may be shared with other threads, but it must have begun after that record's answer:
@@ -174,6 +176,7 @@ def test_concurrent_records_each_see_their_own_crossing_in_memory(serve: Serve, 
     assert 1 <= stats.fetches + stats.not_modified <= 1 + len(users)  # the first fetch, then at most one each
 
 
+@pytest.mark.slow
 def test_check_in_memory_defers_to_check_once_the_daemon_state_is_stale(
     serve: Serve, tmp_path: Path, clients: list[MonitorClient]
 ) -> None:
@@ -186,6 +189,7 @@ def test_check_in_memory_defers_to_check_once_the_daemon_state_is_stale(
     assert client.check(project="lingo", user="u-1").source in ("snapshot", "none")
 
 
+@pytest.mark.slow
 def test_record_message_options_and_its_request_id(serve: Serve, tmp_path: Path, clients: list[MonitorClient]) -> None:
     client = make(clients, serve.url)
     with pytest.raises(ValueError, match="request_id"):
@@ -203,6 +207,7 @@ def test_record_message_options_and_its_request_id(serve: Serve, tmp_path: Path,
     assert datetime.fromisoformat(row["ts"]) == when.replace(tzinfo=None)
 
 
+@pytest.mark.slow
 def test_refresh_uses_the_etag_and_keeps_the_copy_on_304(serve: Serve, clients: list[MonitorClient]) -> None:
     client = make(clients, serve.url)
     first = client.stats
@@ -295,6 +300,7 @@ def sdk_stream(events: list[tuple[str, dict[str, Any]]], request_id: str) -> ant
     return anthropic.Stream(cast_to=cast(Any, RawMessageStreamEvent), response=response, client=sdk)
 
 
+@pytest.mark.slow
 def test_record_stream_takes_cache_from_message_start_and_output_from_the_last_delta(
     serve: Serve, tmp_path: Path, clients: list[MonitorClient]
 ) -> None:
@@ -347,6 +353,7 @@ def _delta(output_tokens: int) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_record_failure_stores_the_status_with_zero_usage(
     serve: Serve, tmp_path: Path, clients: list[MonitorClient]
 ) -> None:
@@ -365,6 +372,7 @@ def test_record_failure_stores_the_status_with_zero_usage(
     assert sum_metric(serve.metrics(), "claude_request_errors_total", status="529") == 1
 
 
+@pytest.mark.slow
 def test_record_errors_raise_monitor_error(serve: Serve, clients: list[MonitorClient]) -> None:
     for token in ("wrong-token", None):
         client = make(clients, serve.url, token=token)
@@ -379,6 +387,7 @@ def test_record_errors_raise_monitor_error(serve: Serve, clients: list[MonitorCl
     assert caught.value.status is None
 
 
+@pytest.mark.slow
 def test_daemon_killed_snapshot_then_fail_mode(serve: Serve, tmp_path: Path, clients: list[MonitorClient]) -> None:
     snapshot = tmp_path / "throttle.json"
     # This client last heard from the daemon a minute ago (by its clock), before u-1 crossed the budget.
@@ -495,6 +504,7 @@ def test_check_semantics_from_a_snapshot_file(tmp_path: Path, clients: list[Moni
     assert (broken.allowed, broken.stale) == (True, True) and "unusable" in broken.reason
 
 
+@pytest.mark.slow
 def test_background_thread_refreshes_survives_errors_and_stops_on_close(
     serve: Serve, clients: list[MonitorClient]
 ) -> None:
@@ -524,13 +534,26 @@ def test_background_thread_refreshes_survives_errors_and_stops_on_close(
     assert len(calls) > 2 and threads[0].is_alive()
 
     client.close()
-    assert not threads[0].is_alive()
     settled = len(calls)
-    time.sleep(0.2)
-    assert len(calls) == settled
+    # Proof that refresh intervals went by after close: a second client on the same 0.05 s interval, started now,
+    # refreshes five times from its own thread. A first client still refreshing would have refreshed meanwhile too.
+    witness = make(clients, serve.url, background=True, refresh_interval=0.05)
+    witnessed: list[str] = []
+    witness_refresh = witness.refresh
+
+    def counted() -> bool:
+        witnessed.append("call")
+        return witness_refresh()
+
+    witness.refresh = counted  # type: ignore[method-assign]
+    wait_until(lambda: len(witnessed) >= 5, timeout=30)
+    assert len(calls) == settled, f"{len(calls) - settled} refresh(es) after close()"
+    assert not threads[0].is_alive()
+    assert [t for t in threading.enumerate() if t.name == "claude-monitor-client"] == [witness._thread]
     client.close()  # twice is harmless
 
 
+@pytest.mark.slow
 def test_client_imports_without_the_daemon_stack() -> None:
     code = (
         "import sys, monitor.client\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -197,6 +199,7 @@ def test_durations_and_windows() -> None:
             parse_window(bad)
 
 
+@pytest.mark.slow
 def test_check_config_explains_what_it_loaded(tmp_path: Path) -> None:
     path = write_config(tmp_path, FULL)
     run = run_cli("check-config", "--config", str(path))
@@ -210,6 +213,7 @@ def test_check_config_explains_what_it_loaded(tmp_path: Path) -> None:
     assert out.rstrip().endswith("config OK")
 
 
+@pytest.mark.slow
 def test_check_config_fails_with_exit_2_and_a_clear_message(tmp_path: Path) -> None:
     path = write_config(tmp_path, "budgets:\n  - name: x\n    window: fortnight\n    limit_usd: 1\n")
     run = run_cli("check-config", "--config", str(path), check=False)
@@ -218,6 +222,7 @@ def test_check_config_fails_with_exit_2_and_a_clear_message(tmp_path: Path) -> N
     assert run.stdout == ""
 
 
+@pytest.mark.slow
 def test_pricing_alias_conflict_with_shipped_model_is_a_config_error(tmp_path: Path) -> None:
     text = (
         "pricing:\n  models:\n    my-model:\n      aliases: [claude-haiku-4-5]\n      rates:\n"
@@ -226,3 +231,140 @@ def test_pricing_alias_conflict_with_shipped_model_is_a_config_error(tmp_path: P
     run = run_cli("check-config", "--config", str(write_config(tmp_path, text)), check=False)
     assert run.returncode == 2
     assert "my-model" in run.stderr and "claude-haiku-4-5" in run.stderr
+
+
+RATES = "{since: 2026-01-01, input: 1, output: 1, cache_write_5m: 1, cache_write_1h: 1, cache_read: 1}"
+KEY_SHA256 = "ab" * 32
+# Line numbers below count the database_url line write_config puts first.
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('proxy:\n  listen: "localhost"\n', ":3: proxy.listen: 'localhost' is not HOST:PORT"),
+        ("proxy:\n  upstream: api.anthropic.com\n", ":3: proxy.upstream: 'api.anthropic.com' is not an http(s) URL"),
+        (
+            "proxy:\n  upstream: 'https://api.anthropic.com/?beta=1'\n",
+            ":3: proxy.upstream: 'https://api.anthropic.com/?beta=1' is not an http(s) URL",
+        ),
+        (
+            "proxy:\n  monitor_url: 'ftp://127.0.0.1:9464'\n",
+            ":3: proxy.monitor_url: 'ftp://127.0.0.1:9464' is not the daemon's http(s) URL",
+        ),
+        (
+            "alerts:\n  webhooks:\n    - kind: alertmanager\n      url: 'http://am:9093/'\n",
+            ":5: alerts.webhooks[0].url: 'http://am:9093/': its path is not Alertmanager's alerts API (/api/v2/alerts)",
+        ),
+        (
+            f"pricing:\n  models:\n    my-model:\n      aliases: [claude-haiku-4-5]\n      rates: [{RATES}]\n",
+            ":5: pricing.models.my-model.aliases: 'claude-haiku-4-5' is a model of the shipped table",
+        ),
+        (
+            f"pricing:\n  models:\n    unpriced:\n      rates: [{RATES}]\n",
+            ":4: pricing.models.unpriced: 'unpriced' is the metric label of unknown models",
+        ),
+        (
+            f"pricing:\n  models:\n    a:\n      aliases: [x]\n      rates: [{RATES}]\n"
+            f"    b:\n      aliases: [y, x]\n      rates: [{RATES}]\n",
+            ":8: pricing.models.b.aliases: 'x' is also an alias of a",
+        ),
+        (
+            f"proxy:\n  clients:\n    - name: app\n      key_sha256: {KEY_SHA256}\n      attributes: {{team: core}}\n",
+            ":6: proxy.clients[0].attributes.team: 'team' is not one of dimensions",
+        ),
+        (
+            "reconcile:\n  api_keys:\n    apikey_01X: {user_tier: pro}\n",
+            ":4: reconcile.api_keys.apikey_01X.user_tier: 'user_tier' is not one of metrics.labels",
+        ),
+        (
+            "admission:\n  state: database\n",
+            ":3: admission.state: 'database' keeps admission state in PostgreSQL",
+        ),
+        (
+            "dimensions: [project]\nmetrics:\n  labels:\n    - project\n    - user_tier\n",
+            ":6: metrics.labels: 'user_tier' is not one of dimensions ['project']",
+        ),
+        (
+            "http:\n  check_require: [model, team]\n",
+            ":3: http.check_require: 'team' is not 'model' or one of dimensions",
+        ),
+        (
+            "limits:\n  - {name: a, concurrent: 1}\n  - {name: a, concurrent: 2}\n",
+            ":4: limits[1] (a): the name is used by another limit",
+        ),
+    ],
+    ids=[
+        "proxy-listen",
+        "proxy-upstream",
+        "proxy-upstream-query",
+        "proxy-monitor-url",
+        "alertmanager-path",
+        "alias-of-a-shipped-model",
+        "unpriced-name",
+        "alias-of-two-models",
+        "proxy-client-dimension",
+        "reconcile-key-label",
+        "admission-state",
+        "metric-label-dimension",
+        "check-require",
+        "duplicate-limit",
+    ],
+)
+def test_check_config_names_the_line_and_key_of_every_cross_check(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_config(tmp_path, text)
+    run = run_cli("check-config", "--config", str(path), check=False)
+    assert run.returncode == 2
+    assert f"{path}{expected}" in run.stderr, run.stderr
+
+
+def test_check_config_reports_every_cross_check_problem_at_once(tmp_path: Path) -> None:
+    text = (
+        "admission:\n"  # 2
+        "  state: database\n"  # 3
+        "budgets:\n"  # 4
+        "  - name: a\n"  # 5
+        "    limit_usd: 1\n"  # 6
+        "    match: {plan: pro}\n"  # 7
+        "proxy:\n"  # 8
+        "  clients:\n"  # 9
+        "    - name: app\n"  # 10
+        f"      key_sha256: {KEY_SHA256}\n"  # 11
+        "      require: [team]\n"  # 12
+        "      attributes: {team: core}\n"  # 13
+    )
+    path = write_config(tmp_path, text)
+    run = run_cli("check-config", "--config", str(path), check=False)
+    assert run.returncode == 2
+    for part in (
+        f"{path}:7: budgets[0] (a).match: 'plan' is not 'model' or one of dimensions",
+        f"{path}:13: proxy.clients[0].attributes.team: 'team' is not one of dimensions",
+        f"{path}:12: proxy.clients[0].require[0]: 'team' is not one of dimensions",
+        f"{path}:3: admission.state: 'database'",
+    ):
+        assert part in run.stderr, run.stderr
+
+
+def test_durations_windows_and_addresses_are_parsed_once_when_loaded(tmp_path: Path) -> None:
+    text = (
+        "http: {listen: '[::1]:0', header_timeout: 500ms, metrics_listen: '0.0.0.0:9465'}\n"
+        "schedule: {evaluate_every: 2m}\n"
+        "admission: {lease_ttl: 90s}\n"
+        "proxy: {listen: '127.0.0.1:8089', count_tokens_timeout: 3s}\n"
+        "budgets:\n  - {name: a, window: 'rolling:2h', limit_usd: 1}\n"
+    )
+    settings = load(tmp_path, text).settings
+    assert (settings.http.listen.host, settings.http.listen.port) == ("::1", 0)
+    assert settings.http.metrics_listen is not None and settings.http.metrics_listen.port == 9465
+    assert settings.http.header_timeout.seconds == 0.5
+    assert settings.http.keepalive_timeout.delta == timedelta(seconds=30)  # the default, parsed too
+    assert settings.schedule.evaluate_every.delta == timedelta(minutes=2)
+    assert settings.admission.lease_ttl.delta == timedelta(seconds=90)
+    assert (settings.proxy.listen.host, settings.proxy.listen.port) == ("127.0.0.1", 8089)
+    assert settings.proxy.count_tokens_timeout.seconds == 3
+    assert settings.budgets[0].parsed_window.span == timedelta(hours=2)
+    # As written wherever they are shown; the ingest worker gets them pickled, parsed values and all.
+    assert settings.model_dump(mode="json")["http"]["header_timeout"] == "500ms"
+    assert settings.budgets[0].window == "rolling:2h"
+    again = pickle.loads(pickle.dumps(settings))
+    assert again == settings and again.schedule.evaluate_every.delta == timedelta(minutes=2)
+    assert again.http.listen.port == 0

@@ -14,11 +14,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
+from monitor.budgets.engine import state_json
 from monitor.config import load_settings
-from monitor.evaluation import state_json
 from monitor.service import open_store
 from monitor.simulate import _density as simulated_rate  # relative request rate at a UTC millisecond
 from tests.conftest import FakeClock, write_config
+
+# Seven days of events minute by minute: seconds of work: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 MONTH_START = datetime(2027, 3, 1, tzinfo=UTC)  # a Monday; timezone UTC, so the month is 31 whole UTC days
 MONTH_END = datetime(2027, 4, 1, tzinfo=UTC)
@@ -69,9 +74,8 @@ def test_forecast_holds_still_over_seven_days_of_the_daily_curve(tmp_path: Path)
                 for name in limits
             ]
             clock.advance(minutes=15)
-            result = store.writer.write([("sim", store.parser.parse_object(e)) for e in events], "sim")
+            result = store.ingestor.submit([("sim", store.parser.parse_object(e)) for e in events], "sim")
             assert result.accepted == len(limits)
-            store.budgets.on_batch(result.touched)
             store.budgets.evaluate()
             if clock.now - MONTH_START < timedelta(days=1):
                 continue

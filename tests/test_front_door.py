@@ -17,6 +17,9 @@ import pytest
 from tests.conftest import write_config
 from tests.serve_harness import TOKEN, Serve, read_until_closed, request, wait_until
 
+# Starts `serve` processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 MAX_BODY = 4_000_000
 CONFIG = f"""\
 http:

@@ -24,7 +24,8 @@ from tests.fuzzing import dumps, events, json_values, lines
 from tests.serve_harness import TOKEN, Response, Serve, request, wait_until
 
 # The strategies are large; hypothesis warns when it renders them, which says nothing about the server.
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+# Fuzzes a `serve` process at length: in the slow lane (`scripts/test -m slow`).
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
 
 MAX_BODY = 4096
 CLIENT_TIMEOUT = 15.0  # seconds: an answer slower than this is a hang

@@ -11,11 +11,15 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from monitor.events import Event, EventParser, Rejected
+from monitor.ingest.parse import Event, EventParser, Rejected
 from tests.fuzzing import DIMENSIONS, dumps, events, json_values, lines
+
+# Fuzzes the parser at length: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 # A parse is microseconds; half a second is an unmistakable hang (a regex gone quadratic, a runaway loop) even on a

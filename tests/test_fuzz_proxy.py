@@ -43,7 +43,8 @@ ROUND_TRIPS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+# Fuzzes a proxy process at length: in the slow lane (`scripts/test -m slow`).
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
 
 
 # --- the proxy under test ---------------------------------------------------------------------------------------

@@ -158,6 +158,7 @@ def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Serve]:
     daemon.stop(signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_requests_queued_behind_a_write_share_one_transaction_and_keep_their_own_answers(
     serve: Serve, tmp_path: Path
 ) -> None:
@@ -224,6 +225,7 @@ def test_requests_queued_behind_a_write_share_one_transaction_and_keep_their_own
 
 
 @pytest.mark.parametrize("serve", [3], indirect=True)
+@pytest.mark.slow
 def test_the_group_cap_splits_a_queue_and_the_event_limit_stays_per_request(serve: Serve, tmp_path: Path) -> None:
     # group_commit_max_events 3, max_events_per_request 5: a request of 5 is taken (alone), one of 6 is not.
     assert post(serve.url, json.dumps([event(f"six-{i}", "u-1", 1) for i in range(6)]).encode())[0] == 413
@@ -262,6 +264,7 @@ def test_the_group_cap_splits_a_queue_and_the_event_limit_stays_per_request(serv
     assert len({*transaction["plug"], *transaction["two"], *transaction["five"], *transaction["three"]}) == 4
 
 
+@pytest.mark.slow
 def test_many_concurrent_posters_with_overlapping_ids_store_each_event_exactly_once(
     serve: Serve, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from monitor.http.server import (
     Scope,
     Send,
     ServerLimits,
+    _OneWrite,
     error_response,
     json_response,
     read_body,
@@ -140,3 +142,79 @@ def test_read_body_counts_a_chunked_body_against_the_limit(gated: tuple[HttpServ
 def test_http_bounds_are_checked_in_the_config(tmp_path: Path, http_block: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(write_config(tmp_path, f"http: {http_block}\n"), environ={})
+
+
+class RecordingTransport:
+    """Stands in for the socket's transport under the server's write coalescing: records each write and close."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def test_a_response_header_block_leaves_with_its_body_in_one_write() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        raw = RecordingTransport()
+        out = _OneWrite(raw, loop)  # type: ignore[arg-type]
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n"
+        out.write(head)
+        assert raw.writes == []  # held for the body
+        out.write(b"ok\n")
+        assert raw.writes == [head + b"ok\n"]  # one send for the whole response
+
+        # A header block whose body does not follow in the same turn (a stream's first chunk comes later) still
+        # leaves on the loop's next turn, before anything written after it.
+        out.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        loop.run_until_complete(asyncio.sleep(0))
+        assert raw.writes[-1] == b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        out.write(b"5\r\nhello\r\n")
+        assert raw.writes[-1] == b"5\r\nhello\r\n" and len(raw.writes) == 3
+
+        # A close sends what is held first; anything else passes through to the real transport.
+        out.write(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n")
+        out.close()
+        assert raw.writes[-1] == b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n" and raw.closed
+        assert out.get_extra_info("peername") == "info:peername"
+
+        # An abort drops a held header block: the connection is gone.
+        again = RecordingTransport()
+        cut = _OneWrite(again, loop)  # type: ignore[arg-type]
+        cut.write(head)
+        cut.abort()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert again.writes == [] and again.aborted
+    finally:
+        loop.close()
+
+
+def test_keep_alive_answers_arrive_whole_through_the_coalescing_transport(
+    gated: tuple[HttpServer, GatedApp],
+) -> None:
+    server, _app = gated
+    host, port = server.address
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        for _ in range(3):  # one connection, several answers: each complete, none stuck behind a held header block
+            connection.request("GET", "/fast")
+            response = connection.getresponse()
+            assert response.status == 200
+            assert json.loads(response.read()) == {"path": "/fast", "bytes": 0}
+    finally:
+        connection.close()

@@ -14,6 +14,9 @@ import pytest
 from monitor import simulate
 from tests.conftest import event, jsonl, run_cli
 
+# Runs the command line in processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 # USD per million tokens, copied by hand from Anthropic's published list prices, not from the code under test:
 # (input, output, 5-minute write, 1-hour write, cache read); Sonnet 4.5 over 200k prompt tokens bills LONG.
 LIST = {

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from monitor.config import ModelPricing, load_settings
-from monitor.events import Event, EventParser, Rejected
 from monitor.ingest.files import ingest_files
+from monitor.ingest.parse import Event, EventParser, Rejected
 from monitor.ingest.writer import Item
 from monitor.pricing import load_price_table, usd
 from monitor.service import Store, open_store
@@ -194,7 +194,7 @@ def test_ingest_reads_a_named_pipe(store: Store, tmp_path: Path) -> None:
 
     feeder = threading.Thread(target=feed)
     feeder.start()
-    result, failed = ingest_files([pipe], store.parser, store.writer, batch_size=3)
+    result, failed = ingest_files([pipe], store.parser, store.ingestor, batch_size=3)
     feeder.join()
     assert failed == []
     assert (result.accepted, result.rejected) == (7, 1)
@@ -211,6 +211,7 @@ def test_an_attribute_number_past_64_bits_keeps_its_digits(clock: FakeClock) -> 
     assert parsed.attributes == {"project": "18446744073709551616", "user": "1.5"}
 
 
+@pytest.mark.slow
 def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock) -> None:
     lines = [json.dumps(event(f"q{i % 9}", input_tokens=1000, output_tokens=100)) for i in range(12)]
     first = tmp_path / "first.jsonl"
@@ -227,7 +228,7 @@ def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock
             result, failed = ingest_files(
                 [first, tmp_path / "missing.jsonl", second],
                 store.parser,
-                store.writer,
+                store.ingestor,
                 batch_size=4,
                 on_error=errors.append,
                 parse_ahead=parse_ahead,

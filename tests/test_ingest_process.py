@@ -19,11 +19,14 @@ from typing import Any
 
 import pytest
 
+from monitor.budgets.engine import read_budgets
 from monitor.config import load_settings
-from monitor.evaluation import read_budgets
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, request, wait_until
+
+# Starts ingest worker processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)  # days from the machine's clock: the worker must not read its own
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}

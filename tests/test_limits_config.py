@@ -122,6 +122,7 @@ def test_bad_limits_name_file_line_key_and_reason(tmp_path: Path, text: str, exp
         assert part in message, f"{part!r} not in {message!r}"
 
 
+@pytest.mark.slow
 def test_proxy_count_tokens_defaults_off_and_check_config_says_what_calls_are_admitted_on(tmp_path: Path) -> None:
     path = tmp_path / "claude-monitor.yaml"
     path.write_text(f"database_url: sqlite:///{tmp_path / 'm.db'}\n", encoding="utf-8")
@@ -139,6 +140,7 @@ def test_budget_cross_check_errors_now_carry_their_line(tmp_path: Path) -> None:
     assert "c.yaml:4: budgets[0] (a).match: 'plan'" in message
 
 
+@pytest.mark.slow
 def test_check_config_explains_limits(tmp_path: Path) -> None:
     path = tmp_path / "claude-monitor.yaml"
     path.write_text(f"database_url: sqlite:///{tmp_path / 'm.db'}\n{LIMITS}", encoding="utf-8")
@@ -151,7 +153,7 @@ def test_check_config_explains_limits(tmp_path: Path) -> None:
         "  - high-token-guard: project=lingo: max_tokens at most 4,096 (a call asking more is refused 400); "
         "estimated input at most 50,000 tokens; worst-case cost of one call at most $0.25"
     ) in out
-    assert "  - bursty: all traffic: 60 requests a minute (bursts of up to 5)" in out
+    assert "  - bursty: all: 60 requests a minute (bursts of up to 5)" in out
     assert "admission leases: expire 90s after admit or their last renewal (running calls renew every 30s)" in out
     memory = "admission memory: at most 200,000 rate buckets, 200,000 budget scopes' spend, 100,000 ended leases"
     assert memory + " remembered" in out

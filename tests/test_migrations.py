@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, run_cli, write_config
+
+# Runs the command line in processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 
 def alembic(*args: str, url: str) -> subprocess.CompletedProcess[str]:

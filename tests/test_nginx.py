@@ -17,7 +17,11 @@ from tests.serve_harness import Serve, request, wait_until
 from tests.test_serve import CONFIG, usage_event
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/test installs it)")
+# Starts nginx and `serve`: in the slow lane (`scripts/test -m slow`).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/test installs it)"),
+]
 
 
 def free_port() -> int:

@@ -20,6 +20,9 @@ from tests.conftest import FakeClock, run_cli
 from tests.test_migrations import alembic
 from tests.test_postgres import pg_config
 
+# Starts PostgreSQL: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["tests.pg"]
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)

@@ -17,13 +17,16 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from monitor.config import load_settings
-from monitor.events import Event, Rejected
+from monitor.ingest.parse import Event, Rejected
 from monitor.service import Store, open_store
 from monitor.store.models import budget_usage, counters, dead_letters, events
 from tests.conftest import REPO, FakeClock, run_cli, write_config
 from tests.serve_harness import Serve, wait_until
 from tests.test_ingest import reference_cost, simulated_file
 from tests.test_migrations import alembic
+
+# Starts PostgreSQL and `serve`: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 if TYPE_CHECKING:  # imported by pytest as a plugin, so that its assertions are rewritten too
     from tests.pg import PostgresServer
@@ -190,9 +193,8 @@ def usage_event(request_id: str, when: datetime, user: str, output_tokens: int, 
 
 def send(store: Store, event: dict[str, Any]) -> None:
     """The HTTP path's order: write the batch, then the fast path."""
-    result = store.writer.write([("test", store.parser.parse_object(event))], "test")
+    result = store.ingestor.submit([("test", store.parser.parse_object(event))], "test")
     assert result.accepted == 1
-    store.budgets.on_batch(result.touched)
 
 
 def blocked(store: Store, now: datetime, user: str) -> str | None:

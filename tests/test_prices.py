@@ -21,6 +21,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
+from sqlalchemy.event import listen as event_listen
 
 from monitor.config import load_settings
 from monitor.ingest.files import ingest_files
@@ -29,6 +30,9 @@ from monitor.store.models import usage_rollup
 from monitor.store.reprice import Repricer
 from tests.conftest import FakeClock, jsonl, run_cli
 from tests.fake_models import MODELS_PATH, FakeModels
+
+# Runs the command line in processes and daemons with their worker: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 pytest_plugins = ["tests.pg"]
 
@@ -453,7 +457,7 @@ def test_the_daemon_reprices_at_start_through_budgets_and_metrics_once(tmp_path:
         daemon = Daemon(load_settings(config, environ={}), clock=clock, environ={})
         try:
             if ingest:
-                ingest_files([events_file], daemon.store.parser, daemon.store.writer)
+                ingest_files([events_file], daemon.store.parser, daemon.ingestor)
             daemon.start()
             return scrape(daemon)
         finally:
@@ -504,7 +508,7 @@ def test_on_postgres_two_passes_at_once_price_each_event_once_under_capped_label
     store = open_store(load_settings(tmp_path / "before.yaml", environ={}), clock=clock)
     try:
         ingest_files([jsonl(tmp_path / "u.jsonl", *usage_events(datetime(2026, 11, 24, tzinfo=UTC)))],
-                     store.parser, store.writer)  # fmt: skip
+                     store.parser, store.ingestor)  # fmt: skip
     finally:
         store.close()
     store = open_store(load_settings(tmp_path / "after.yaml", environ={}), clock=clock)
@@ -542,3 +546,67 @@ def test_on_postgres_two_passes_at_once_price_each_event_once_under_capped_label
         ("claude-haiku-4-5", '{"project":"lingo"}'): (1, 0, 1_000_000, 5_000_000_000_000, 0),  # out 1 M x 5
         ("claude-mystery-1", '{"project":"lingo"}'): (1, 1_000, 0, 0, 1),  # still unpriced
     }
+
+
+def test_reprice_reads_only_events_it_can_price_and_the_label_gate_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "monitor.db"
+    before = write(tmp_path / "before.yaml", db, "metrics: {labels: [project]}\n")
+    after = write(tmp_path / "after.yaml", db, "metrics: {labels: [project]}\n" + NOVA)
+
+    def event(request_id: str, model: str, day: str) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "timestamp": f"{day}T10:00:00Z",
+            "model": model,
+            "attributes": {"project": "lingo"},
+            "usage": {"input_tokens": 0, "output_tokens": 100_000},
+        }
+
+    backlog = [event(f"mystery-{n}", "claude-mystery-1", "2026-11-24") for n in range(40)]  # nothing prices it
+    early = [event(f"early-{n}", "claude-nova-6", "2026-10-30") for n in range(3)]  # before its first rate, 11-01
+    nova = [event(f"nova-{n}", "claude-nova-6", "2026-11-24") for n in range(5)]
+    store = open_store(load_settings(before, environ={}), clock=FakeClock(NOW))
+    try:
+        ingest_files([jsonl(tmp_path / "u.jsonl", *backlog[:20], *early, *nova, *backlog[20:])],
+                     store.parser, store.ingestor)  # fmt: skip
+    finally:
+        store.close()
+
+    store = open_store(load_settings(after, environ={}), clock=FakeClock(NOW))
+    statements: list[tuple[str, Any]] = []
+    handed: list[list[str]] = []
+    batch_of = Repricer._batch_of
+
+    def spy(self: Repricer, connection: Any, rows: Any, *args: Any) -> None:
+        handed.append([row.request_id for row in rows])
+        batch_of(self, connection, rows, *args)
+
+    monkeypatch.setattr(Repricer, "_batch_of", spy)
+    try:
+        event_listen(store.engine, "before_cursor_execute", lambda *a: statements.append((a[2], a[3])))
+        repricer = Repricer(store.engine, store.prices, metric_labels=["project"], batch_size=2)
+        result = repricer.run()
+        batches = [(sql, params) for sql, params in statements if "FROM events" in sql and "ORDER BY" in sql]
+        gate_reads = [sql for sql, _params in statements if "FROM label_values" in sql]
+        with store.engine.connect() as connection:
+            plan = " ".join(str(row[-1]) for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + batches[0][0],
+                                                                              batches[0][1]))  # fmt: skip
+        first_handed = list(handed)
+        statements.clear()
+        handed.clear()
+        again = repricer.run()
+    finally:
+        store.close()
+
+    # Five events of $1 (100,000 output tokens at $10 per million); the 40 unknown and the 3 early ones stay unpriced.
+    assert (result.repriced, result.cost_pico, result.unpriced_left) == (5, 5_000_000_000_000, 43)
+    # Batches of 2, 2 and 1, then one empty read: each event read once, none that cannot be priced.
+    assert first_handed == [["nova-0", "nova-1"], ["nova-2", "nova-3"], ["nova-4"]]
+    assert len(batches) == 4
+    assert all("claude-mystery-1" not in repr(params) for _sql, params in batches)
+    assert "ix_events_unpriced_model_id" in plan  # one model's unpriced rows, found on the partial index
+    assert len(gate_reads) == 1  # once for the pass, not once a batch ("lingo" and the model id are admitted)
+    assert (again.repriced, again.unpriced_left) == (0, 43) and handed == []
+    assert len([sql for sql, _params in statements if "FROM events" in sql and "ORDER BY" in sql]) == 1

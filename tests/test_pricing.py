@@ -14,14 +14,14 @@ import pytest
 from anthropic.types import Usage
 
 from monitor.config import ModelPricing
-from monitor.events import Event, EventParser
+from monitor.ingest.parse import Event, EventParser
 from monitor.pricing import Price, PriceTable, load_price_table, usd
 from tests.conftest import FakeClock
 
 DIMENSIONS = ("api_key", "project", "user", "feature", "environment")
-WHEN = "2026-11-24T10:15:02.123Z"  # the README example event's timestamp; every shipped model has a rate by then
+WHEN = "2026-11-24T10:15:02.123Z"  # docs/events.md's example event's timestamp; every shipped model has a rate by then
 
-# The README's example usage event, word for word (on claude-haiku-4-5: in 1, out 5, 5m 1.25, 1h 2, read 0.10 /M).
+# docs/events.md's example usage event, word for word (on claude-haiku-4-5: in 1, out 5, 5m 1.25, 1h 2, read 0.10 /M).
 EXAMPLE_EVENT: dict[str, Any] = {
     "request_id": "req_011CUabc",
     "timestamp": "2026-11-24T10:15:02.123Z",

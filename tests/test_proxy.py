@@ -39,6 +39,9 @@ from tests.proxy_harness import (
 )
 from tests.serve_harness import Serve, wait_until
 
+# Starts proxy and `serve` processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 SERVE_CONFIG = """\
 http: {listen: "127.0.0.1:0"}
 throttle: {snapshot_file: throttle.json}

@@ -24,6 +24,9 @@ from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_harness import ASK, CLIENT_KEY, HAIKU, ProxyProcess, proxy_config, stored_row
 from tests.serve_harness import Serve, request
 
+# Starts proxy and `serve` processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 NIGHTLY_KEY = "sk-ant-api03-the-nightly-jobs-own-proxy-key-0000"
 NIGHTLY_ENV = "TEST_PROXY_NIGHTLY_KEY"
 STRANGER_KEY = "sk-ant-api03-a-key-no-client-of-this-proxy-has"

@@ -149,6 +149,35 @@ def test_count_tokens_failing_or_slow_falls_back_to_the_byte_bound(
     assert fake.seen("/v1/messages") == []  # neither call went upstream
 
 
+def test_a_huge_or_endless_count_tokens_answer_is_not_read_past_the_bound_and_falls_back(
+    counting: ProxyProcess, fake: FakeAnthropic
+) -> None:
+    # A count of 17 carried in a 1 MiB answer: past proxy.count_tokens_max_answer_bytes (64 KiB by default), so
+    # not believed: the call is admitted on the byte bound, which is over the cap.
+    fake.count_padding = 1024 * 1024
+    with pytest.raises(anthropic.BadRequestError) as huge:
+        client(counting).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)
+    assert isinstance(huge.value.body, dict)
+    assert f"estimated at up to {CJK_BOUND:,} tokens, over the cap of 1,000" in huge.value.body["error"]["message"]
+    assert counts(counting) == (0, 1)
+    assert "longer than 65,536 bytes (proxy.count_tokens_max_answer_bytes)" in counting.output()
+
+    # An answer that never ends: the proxy stops reading at the bound, long before its 10 s timeout would.
+    fake.count_padding, fake.count_endless = 0, True
+    with pytest.raises(anthropic.BadRequestError) as endless:
+        client(counting).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)
+    assert isinstance(endless.value.body, dict)
+    assert f"estimated at up to {CJK_BOUND:,} tokens" in endless.value.body["error"]["message"]
+    assert counts(counting) == (0, 2)
+    assert counting.output().count("longer than 65,536 bytes") == 2
+    assert "no answer within" not in counting.output()
+    assert fake.seen("/v1/messages") == []  # neither call went upstream
+
+    fake.count_endless = False  # a count of ordinary size is believed again
+    assert client(counting).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)
+    assert counts(counting) == (1, 2)
+
+
 def test_without_the_option_no_count_tokens_call_goes_upstream(bounding: ProxyProcess, fake: FakeAnthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as caught:
         client(bounding).messages.create(model=HAIKU, max_tokens=5, messages=CJK_ASK)

@@ -24,6 +24,9 @@ from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_harness import ASK, CLIENT_KEY, HAIKU, PROXY_KEY, ProxyProcess, proxy_config, stored_row
 from tests.serve_harness import Serve, read_until_closed, wait_until
 
+# Starts proxy and `serve` processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 MAX_BODY = 1024 * 1024
 BOUNDS = f"  max_body_bytes: {MAX_BODY}\n  header_timeout: 1s\n  keepalive_timeout: 3s\n"
 SERVE_CONFIG = """\

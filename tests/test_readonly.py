@@ -17,12 +17,15 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
+from monitor.budgets.engine import DefinitionChange
 from monitor.config import load_settings
-from monitor.evaluation import DefinitionChange
 from monitor.service import Daemon, open_store
 from monitor.store.db import alembic_config, create_db_engine
 from tests.conftest import FakeClock, jsonl, run_cli, write_config
 from tests.serve_harness import Serve
+
+# Runs the command line in processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 pytest_plugins = ["tests.pg"]
 

@@ -105,7 +105,7 @@ def test_a_day_that_matches_shows_drift_exactly_zero(tmp_path: Path, fake: FakeA
     clock = FakeClock(NOW)
     store = open_store(loaded, clock=clock)
     try:
-        ingest_files([path], store.parser, store.writer)
+        ingest_files([path], store.parser, store.ingestor)
         reconciler = Reconciler(store.engine, store.prices, loaded.settings.reconcile, clock, ADMIN_KEY)
         reconciler.fetch(date(2026, 11, 20), date(2026, 11, 21))
         (row,) = reconciler.compare(date(2026, 11, 20), date(2026, 11, 21))
@@ -144,7 +144,7 @@ def test_on_postgres_a_refetch_replaces_and_a_match_is_exactly_zero(
     clock = FakeClock(NOW)
     store = open_store(loaded, clock=clock)
     try:
-        ingest_files([path], store.parser, store.writer)
+        ingest_files([path], store.parser, store.ingestor)
         reconciler = Reconciler(store.engine, store.prices, loaded.settings.reconcile, clock, ADMIN_KEY)
         day = (date(2026, 11, 20), date(2026, 11, 21))
         reconciler.fetch(*day)
@@ -206,6 +206,7 @@ def test_three_pages_a_429_retried_and_refetching_replaces_the_days(tmp_path: Pa
         store.close()
 
 
+@pytest.mark.slow
 def test_a_refused_key_and_an_unreachable_api_are_exit_4_and_write_nothing(tmp_path: Path, fake: FakeAnalytics) -> None:
     day = system_clock().date() - timedelta(days=3)
     fake.rows = [Row(day, "claude-haiku-4-5", "standard", Decimal("1.5"), 3)]
@@ -279,6 +280,7 @@ def on_project(request_id: str, project: str | None, **usage: Any) -> Any:
     return event
 
 
+@pytest.mark.slow
 def test_mapped_keys_are_compared_per_project_and_unmapped_keys_on_their_own(
     tmp_path: Path, fake: FakeAnalytics
 ) -> None:
@@ -317,7 +319,7 @@ def test_mapped_keys_are_compared_per_project_and_unmapped_keys_on_their_own(
     clock = FakeClock(NOW)
     store = open_store(loaded, clock=clock)
     try:
-        ingest_files([path], store.parser, store.writer)
+        ingest_files([path], store.parser, store.ingestor)
         reconciler = Reconciler(store.engine, store.prices, loaded.settings.reconcile, clock, ADMIN_KEY)
         reconciler.fetch(day, day + timedelta(days=1))
         rows = [row_json(r) for r in reconciler.compare(day, day + timedelta(days=1))]
@@ -377,7 +379,7 @@ def test_a_day_fetched_before_keys_were_mapped_is_compared_whole(tmp_path: Path,
     clock = FakeClock(NOW)
     store = open_store(whole, clock=clock)
     try:
-        ingest_files([path], store.parser, store.writer)
+        ingest_files([path], store.parser, store.ingestor)
         Reconciler(store.engine, store.prices, whole.settings.reconcile, clock, ADMIN_KEY).fetch(
             day, day + timedelta(1)
         )
@@ -389,6 +391,7 @@ def test_a_day_fetched_before_keys_were_mapped_is_compared_whole(tmp_path: Path,
     assert (row_json(row)["attributes"], row_json(row)["drift_usd"], row_json(row)["finding"]) == (None, "0", False)
 
 
+@pytest.mark.slow
 def test_check_config_explains_reconcile_without_the_key(tmp_path: Path) -> None:
     config = config_for(tmp_path, "https://analytics.example.test", api_keys=KEYS)
     text = run_cli("check-config", "--config", str(config), env={"ANTHROPIC_ADMIN_KEY": ADMIN_KEY}).stdout
@@ -465,6 +468,7 @@ def anthropic_rows_from_events(db: Path) -> dict[tuple[date, str, str], Row]:
     return rows
 
 
+@pytest.mark.slow
 def test_thirty_one_days_name_exactly_the_two_findings(tmp_path: Path, fake: FakeAnalytics) -> None:
     now = system_clock()  # the CLI runs on the real clock: the traffic ends now
     today = now.date()
@@ -474,7 +478,7 @@ def test_thirty_one_days_name_exactly_the_two_findings(tmp_path: Path, fake: Fak
     config = config_for(tmp_path, fake.url)
     store = open_store(load_settings(config, environ={}))
     try:
-        result, failed = ingest_files(files, store.parser, store.writer)
+        result, failed = ingest_files(files, store.parser, store.ingestor)
     finally:
         store.close()
     assert not failed and result.accepted == 31 * 160
@@ -551,6 +555,7 @@ def scrape(daemon: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     return out
 
 
+@pytest.mark.slow
 def test_daemon_job_gauges_and_the_key_kept_secret(
     tmp_path: Path, fake: FakeAnalytics, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -571,7 +576,7 @@ def test_daemon_job_gauges_and_the_key_kept_secret(
     environ = {"ANTHROPIC_ADMIN_KEY": ADMIN_KEY}
     daemon = Daemon(load_settings(config, environ={}), clock=clock, environ=environ)
     try:
-        ingest_files([path], daemon.store.parser, daemon.store.writer)
+        ingest_files([path], daemon.store.parser, daemon.ingestor)
         daemon.start()
         job = daemon.scheduler.get_job("reconcile")
         assert job is not None and job.trigger.interval == timedelta(hours=6)
@@ -624,6 +629,7 @@ def test_only_the_leader_fetches(tmp_path: Path, fake: FakeAnalytics, monkeypatc
         daemon.store.close()
 
 
+@pytest.mark.slow
 def test_no_admin_key_no_job(tmp_path: Path) -> None:
     config = config_for(tmp_path, "http://127.0.0.1:9")
     daemon = Daemon(load_settings(config, environ={}), clock=FakeClock(NOW), environ={})

@@ -8,9 +8,14 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
+
 from monitor.redaction import Redactor
 from tests.conftest import run_cli
 from tests.serve_harness import Serve
+
+# Runs the command line and `serve` in processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 if TYPE_CHECKING:  # imported by pytest as a plugin, so that its assertions are rewritten too
     from tests.pg import PostgresServer

@@ -23,6 +23,9 @@ import pytest
 from tests.serve_harness import Serve, sum_metric, wait_until
 from tests.test_postgres import pg_config, scalar
 
+# Starts PostgreSQL and `serve` replicas: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["tests.pg"]
 
 REPLICAS = 3

@@ -6,7 +6,12 @@ import csv
 import io
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import event, jsonl, run_cli, write_config
+
+# Runs the command line in processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
 
 
 def attrs(e: dict, **kv: str) -> dict:  # type: ignore[type-arg]

@@ -171,7 +171,7 @@ def test_utc_days_by_model_and_tier_leave_failed_calls_out(kathmandu: Store) -> 
     }
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def test_the_migration_fills_the_rollup_from_stored_events_exactly(
     database: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -387,6 +387,7 @@ def test_retention_drops_raw_events_and_keeps_the_rollup(tmp_path: Path) -> None
         daemon.store.close()
 
 
+@pytest.mark.slow
 def test_report_day_equals_the_day_gauge_of_a_real_serve_to_the_cent(tmp_path: Path) -> None:
     zone = ZoneInfo("Asia/Kathmandu")
     now = datetime.now(UTC)

@@ -19,6 +19,10 @@ from tests.conftest import write_config
 from tests.serve_harness import TOKEN, Serve, sum_metric, wait_until
 from tests.test_ingest import reference_cost
 
+# Starts `serve` processes: in the slow lane (`scripts/test -m slow`); tests/test_api_inprocess.py covers the
+# routes in the fast lane.
+pytestmark = pytest.mark.slow
+
 CONFIG = """\
 timezone: Europe/Berlin
 http: {listen: "127.0.0.1:0", max_body_bytes: 2000000}
@@ -70,6 +74,7 @@ def test_per_user_budget_throttles_before_the_ingest_answer_returns(serve: Serve
     assert body["scope"] == {"project": "lingo", "user": "u-1"}
     assert body["spend_usd"] == "0.500000" and body["limit_usd"] == "0.500000"
     assert body["utilization"] == 1.0
+    assert body["action"] == "block" and body["budgets"] == ["per-user-daily"]  # the snapshot's flag, and who holds
     until = datetime.fromisoformat(body["until"].replace("Z", "+00:00"))
     assert 0 < int(check.headers["retry-after"]) <= (until - datetime.now(UTC)).total_seconds() + 2
     assert until.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin")).time().hour == 0  # Berlin midnight

@@ -12,6 +12,9 @@ import pytest
 from tests.conftest import write_config
 from tests.serve_harness import Serve, sum_metric
 
+# Starts `serve` processes: in the slow lane (`scripts/test -m slow`).
+pytestmark = pytest.mark.slow
+
 CONFIG = """\
 http: {{listen: "127.0.0.1:0"}}
 sources: []

@@ -60,7 +60,7 @@ def count_ok(value: Any) -> bool:
 
 
 def spec_problem(line: str, now: datetime) -> str | None:
-    """Why the event format rejects this line (None: a valid usage event); from the README's rules, not the code."""
+    """Why the event format rejects this line (None: a valid usage event); from docs/events.md's rules, not the code."""
     try:
         event = json.loads(line)
     except ValueError:

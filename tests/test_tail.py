@@ -23,6 +23,7 @@ from sqlalchemy import event as sa_event
 
 from monitor.config import SourceConfig
 from monitor.ingest.files import MAX_LINE_BYTES
+from monitor.ingest.pipeline import Ingestor
 from monitor.ingest.tail import Tailer
 from monitor.ingest.watch import Watcher, follow
 from monitor.ingest.writer import BatchResult, Item, Offset, Writer
@@ -62,7 +63,8 @@ def source(logs: Path, pattern: str = "*.jsonl") -> SourceConfig:
 
 
 def tailer(store: Store, clock: FakeClock, src: SourceConfig, writer: Writer | None = None, **kwargs: Any) -> Tailer:
-    return Tailer(src, store.parser, writer or store.writer, store.engine, clock, **kwargs)
+    ingestor = store.ingestor if writer is None else Ingestor(writer, store.budgets)
+    return Tailer(src, store.parser, ingestor, store.engine, clock, **kwargs)
 
 
 def request_ids(db: sqlite3.Connection) -> list[str]:

@@ -17,14 +17,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy.exc import OperationalError
 
-from monitor import evaluation
-from monitor.budgets import scope_key
+from monitor.budgets import engine
+from monitor.budgets.counters import Usage
+from monitor.budgets.engine import state_json
+from monitor.budgets.throttle import ThrottleState
 from monitor.config import load_settings
-from monitor.evaluation import state_json
 from monitor.metrics import MonitorCollector
 from monitor.service import Store, open_store
-from monitor.throttle import ThrottleState
-from monitor.usage import Usage
+from monitor.wire import scope_key
 from tests.conftest import FakeClock, write_config
 
 
@@ -62,7 +62,7 @@ def test_unwritable_snapshot_is_counted_and_logged_once_a_minute_never_raised(
     ticks = Ticks()
     state = ThrottleState(blocker / "throttle.json", monotonic=ticks)
     now = datetime(2026, 11, 26, 12, tzinfo=UTC)
-    with caplog.at_level(logging.INFO, logger="monitor.throttle"):
+    with caplog.at_level(logging.INFO, logger="monitor.budgets.throttle"):
         for _ in range(3):
             assert state.write_snapshot(now) is False
             ticks.now += 10
@@ -124,7 +124,7 @@ def test_fast_path_flag_set_while_an_evaluation_reads_survives_that_evaluation(
         assert checked(store, clock.now) is None
 
         read_done, batch_done = threading.Event(), threading.Event()
-        real_window_totals = evaluation.window_totals
+        real_window_totals = engine.window_totals
 
         def read_then_wait_for_the_batch(*args: Any) -> list[Any]:
             rows = list(real_window_totals(*args))  # the evaluation's read, finished before the batch commits
@@ -132,7 +132,7 @@ def test_fast_path_flag_set_while_an_evaluation_reads_survives_that_evaluation(
             assert batch_done.wait(30), "the test never released the evaluation"
             return rows
 
-        monkeypatch.setattr(evaluation, "window_totals", read_then_wait_for_the_batch)
+        monkeypatch.setattr(engine, "window_totals", read_then_wait_for_the_batch)
         failures: list[BaseException] = []
 
         def evaluate() -> None:
@@ -145,9 +145,8 @@ def test_fast_path_flag_set_while_an_evaluation_reads_survives_that_evaluation(
         worker.start()
         try:
             assert read_done.wait(30), "the evaluation never read"
-            result = store.writer.write([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
-            assert result.accepted == 1
-            store.budgets.on_batch(result.touched)  # as ingest does, after the commit
+            result = store.ingestor.submit([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
+            assert result.accepted == 1  # the ingestor took the fast path after the commit
             assert checked(store, clock.now) == "lingo-daily"
         finally:
             batch_done.set()
@@ -161,7 +160,7 @@ def test_fast_path_flag_set_while_an_evaluation_reads_survives_that_evaluation(
         rows = [state_json(st, store.budgets.throttle.flags, clock.now) for st in store.budgets.states()]
         assert [(r["budget"], r["spend_usd"], r["throttled"]) for r in rows] == [("lingo-daily", "0.500000", True)]
 
-        monkeypatch.setattr(evaluation, "window_totals", real_window_totals)
+        monkeypatch.setattr(engine, "window_totals", real_window_totals)
         clock.advance(seconds=15)
         store.budgets.evaluate()  # one that sees the batch keeps the flag on its own account
         assert checked(store, clock.now) == "lingo-daily"
@@ -173,8 +172,7 @@ def test_an_evaluation_still_clears_flags_the_fast_path_set_before_it_read(tmp_p
     store = open_store(load_settings(write_config(tmp_path, DAILY), environ={}), clock=clock)
     try:
         store.budgets.sync_definitions()
-        result = store.writer.write([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
-        store.budgets.on_batch(result.touched)
+        store.ingestor.submit([("test", store.parser.parse_object(crossing_event("r1", clock.now)))], "t")
         assert checked(store, clock.now) == "lingo-daily"
         clock.advance(days=1)  # a new day: the scope is under its limit again
         store.budgets.evaluate()
@@ -289,7 +287,7 @@ def test_fast_path_flags_even_when_it_cannot_read_a_rolling_scopes_buckets(
         def database_gone(*args: Any) -> list[Any]:
             raise OperationalError("SELECT … FROM budget_usage", None, Exception("server closed the connection"))
 
-        monkeypatch.setattr(evaluation, "scope_buckets", database_gone)
+        monkeypatch.setattr(engine, "scope_buckets", database_gone)
         assert store.budgets.on_batch(result.touched) is True  # no exception: the ingest answer still goes out
         decision = store.budgets.throttle.decide("claude-haiku-4-5", {"project": "lingo"}, clock.now)
         assert decision is not None and decision.flag.budget == "one-request-an-hour"

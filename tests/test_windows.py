@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from monitor.windows import calendar_window
+from monitor.budgets.windows import calendar_window
 
 BERLIN = ZoneInfo("Europe/Berlin")
 UTC_ = ZoneInfo("UTC")

@@ -13,10 +13,11 @@ from decimal import Decimal
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from monitor.budgets.counters import Usage
+from monitor.budgets.windows import calendar_window
 from monitor.config import BudgetConfig, Window
-from monitor.pricing import PICO_PER_USD, PriceTable
-from monitor.usage import Usage
-from monitor.windows import calendar_window
+from monitor.pricing import PriceTable
+from monitor.wire import PICO_PER_USD, scope_key
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Rolling windows are kept in buckets: 1 minute, or 1/1440 of the span when that is longer (a 30-day window in
@@ -120,10 +121,6 @@ def _calendar_start(kind: str, moment: datetime, zone: ZoneInfo) -> datetime:
     return _calendar_start_cached(kind, seconds // 900, zone)
 
 
-def scope_key(scope: Mapping[str, str]) -> str:
-    """The canonical text of a scope: its identity in the store, the API and the snapshot."""
-    return json.dumps(dict(sorted(scope.items())), separators=(",", ":"), ensure_ascii=False)
-
 def scope_for(
     match: tuple[tuple[str, str], ...], per: str | None, model: str, attributes: Mapping[str, str]
 ) -> dict[str, str] | None:
@@ -142,13 +139,19 @@ def scope_for(
 
 
 
+def resolved_match(match: Mapping[str, str], prices: PriceTable) -> dict[str, str]:
+    """A budget's or limit's `match` with its `model` (an alias or dated id) as the price-table name events carry."""
+    resolved = dict(match)
+    if "model" in resolved:
+        resolved["model"] = prices.resolve(resolved["model"]) or resolved["model"]
+    return resolved
+
+
 def compile_budgets(configs: Sequence[BudgetConfig], prices: PriceTable) -> list[Budget]:
     """Budgets from config: limits as integers, a `model` in match resolved to its price-table name."""
     compiled = []
     for config in configs:
-        match = dict(config.match)
-        if "model" in match:
-            match["model"] = prices.resolve(match["model"]) or match["model"]
+        match = resolved_match(config.match, prices)
         window = config.parsed_window
         bucket = None
         if window.kind == "rolling":
@@ -193,15 +196,6 @@ class BudgetIndex:
             values = tuple(value for _, value in budget.match)
             self._groups.setdefault(keys, {}).setdefault(values, []).append(budget)
         self._lookups = [(keys, "model" in keys, by_values) for keys, by_values in self._groups.items()]
-
-    def touched(self, model: str, attributes: Mapping[str, str]) -> Iterator[tuple[Budget, dict[str, str]]]:
-        """(budget, scope) for every budget the event counts toward."""
-        for keys, by_values in self._groups.items():
-            values = tuple(model if key == "model" else attributes.get(key, "\x00") for key in keys)
-            for budget in by_values.get(values, ()):
-                scope = budget.scope_of(model, attributes)
-                if scope is not None:
-                    yield budget, scope
 
     def touched_keys(self, model: str, attributes: Mapping[str, str]) -> Iterator[tuple[Budget, str]]:
         """(budget, scope key) for every budget the event counts toward; keys are built once and reused."""

@@ -21,8 +21,10 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.admission import (
+from monitor.budgets import BudgetIndex
+from monitor.budgets.admission import (
     Admission,
+    AdmissionAway,
     AdmissionStats,
     AdmitRequest,
     Admitted,
@@ -35,15 +37,26 @@ from monitor.admission import (
     concurrency_refusal,
     rate_refusal,
 )
-from monitor.budgets import BudgetIndex
-from monitor.evaluation import Ceiling
-from monitor.events import EventParser, Rejected
-from monitor.limits import Limit, TokenBucket
+from monitor.budgets.counters import Usage
+from monitor.budgets.engine import Ceiling
+from monitor.budgets.limits import Limit, TokenBucket
+from monitor.ingest.parse import EventParser, Rejected
 from monitor.pricing import PriceTable
 from monitor.store import leases as store
-from monitor.usage import Usage
 
 log = logging.getLogger(__name__)
+SWEEP_CHUNK = 1000  # stored buckets the sweep reads per transaction
+SWEEP_CHUNKS = 20  # transactions of buckets per sweep: the next sweep goes on from where this one stopped
+
+
+def _warn_away(action: str, exc: SQLAlchemyError) -> None:
+    """One warning line, no traceback: the database being away is an outage the operator sees, not a bug."""
+    log.warning(
+        "admission: %s cannot read or store the shared admission state (%s: %s)",
+        action,
+        exc.__class__.__name__,
+        str(exc).splitlines()[0] if str(exc) else "",
+    )
 
 
 def _rate_terms(limit: Limit, request: AdmitRequest) -> tuple[tuple[str, int, int | None, int, str], ...]:
@@ -84,6 +97,8 @@ class SharedAdmission(Admission):
             connect_args={"options": "-c lock_timeout=2000 -c idle_in_transaction_session_timeout=10000"},
         )
         self._last_totals = store.HeldTotals({}, {}, 0)
+        self.sweep_chunk = SWEEP_CHUNK
+        self._bucket_cursor: tuple[str, str, str] | None = None  # where the last sweep stopped reading buckets
 
     # --- admit -----------------------------------------------------------------------------------------------
 
@@ -104,11 +119,7 @@ class SharedAdmission(Admission):
                 else:
                     transaction.rollback()  # nothing taken
         except SQLAlchemyError as exc:  # the store is away: the proxy's fail_mode decides
-            log.warning(
-                "admission: cannot read or store the shared admission state (%s: %s)",
-                exc.__class__.__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
-            )
+            _warn_away("admit", exc)
             return Unavailable("storage unavailable: admission state cannot be read; retry", 5)
         if isinstance(outcome, Refused):
             return self._count(outcome, decision)
@@ -153,10 +164,11 @@ class SharedAdmission(Admission):
                     continue
                 stored = buckets.get((limit.name, key, kind))
                 # A level above capacity (refunds folded in) reads as full, as a bucket clamped on each refund would.
-                bucket = TokenBucket(
-                    float(capacity) if stored is None else min(float(capacity), stored.level),
-                    now if stored is None else stored.at,
-                )
+                if stored is None:  # never taken from, or deleted full by the sweep (refunds may wait for it)
+                    owed = min(0, counts.orphaned.get((limit.name, key), 0)) if kind == "itpm" else 0
+                    bucket = TokenBucket(float(capacity) + owed, now)
+                else:
+                    bucket = TokenBucket(min(float(capacity), stored.level), stored.at)
                 bucket.refill(now, per_minute, capacity)
                 wait = bucket.wait(amount, per_minute, capacity)
                 if wait:
@@ -200,14 +212,22 @@ class SharedAdmission(Admission):
         """Push an open lease's expiry to now + lease_ttl; None when it is unknown, expired or settled."""
         now = self._clock()
         expires = now + self.lease_ttl
-        with self._engine.begin() as connection:
-            return expires if store.renew_lease(connection, lease_id, now, expires) else None
+        try:
+            with self._engine.begin() as connection:
+                return expires if store.renew_lease(connection, lease_id, now, expires) else None
+        except SQLAlchemyError as exc:
+            _warn_away("renew", exc)
+            raise AdmissionAway("storage unavailable: the lease cannot be renewed now; retry", 5) from None
 
     def settled_how(self, lease_id: str) -> str | None:
         """How a lease ended ('usage event', 'release', 'expired'), or None when it is open or unknown."""
         now = self._clock()
-        with self._engine.connect() as connection:
-            row = store.lease_row(connection, lease_id)
+        try:
+            with self._engine.connect() as connection:
+                row = store.lease_row(connection, lease_id)
+        except SQLAlchemyError as exc:
+            _warn_away("renew", exc)
+            raise AdmissionAway("storage unavailable: the lease cannot be read now; retry", 5) from None
         if row is None:
             return None
         if row.ended is not None:
@@ -219,6 +239,13 @@ class SharedAdmission(Admission):
     def release(self, lease_id: str, request_id: str | None, usage: Any) -> tuple[str, int | None]:
         """Settle a lease with the call's actual usage, on any replica: ('released', cost) or how it had already
         ended. Slots and input tokens return at once; the actual usage stays reserved until the usage event lands."""
+        try:
+            return self._release(lease_id, request_id, usage)
+        except SQLAlchemyError as exc:  # nothing was stored: the proxy retries, or the lease expires
+            _warn_away("release", exc)
+            raise AdmissionAway("storage unavailable: nothing was released; retry", 5) from None
+
+    def _release(self, lease_id: str, request_id: str | None, usage: Any) -> tuple[str, int | None]:
         now = self._clock()
         with self._engine.connect() as connection, connection.begin():
             held = store.lease_for_release(connection, lease_id, request_id)
@@ -283,7 +310,8 @@ class SharedAdmission(Admission):
 
     def sweep(self) -> int:
         """Mark leases past their time expired, end released leases whose event raced the release, give old
-        input-token refunds back to their buckets, and delete leases ended more than lease_ttl ago."""
+        input-token refunds back to their buckets, delete leases ended more than lease_ttl ago and buckets back at
+        their burst (a new bucket is full too, so nothing changes)."""
         now = self._clock()
         try:
             with self._engine.begin() as connection:
@@ -294,12 +322,44 @@ class SharedAdmission(Admission):
                 if scopes:
                     store.lock_scopes(connection, [store.lock_key("limit", name, scope) for name, scope in scopes])
                     store.fold_refunds(connection, scopes)
+            self._drop_full_buckets(now)
         except SQLAlchemyError as exc:  # expired holds stop counting by themselves; the next sweep deletes them
             log.warning("admission: sweep skipped, the database is away (%s)", exc.__class__.__name__)
             return 0
         if expired:
             log.info("admission: %d lease(s) expired unrenewed; their slots and reservations returned", expired)
         return expired
+
+    def _drop_full_buckets(self, now: datetime) -> int:
+        """Delete the stored buckets that are full by `now` — their level refilled since their last update at their
+        limit's rate, as the memory state decides — and those of limits or kinds no longer configured; `sweep_chunk`
+        buckets read per transaction, at most SWEEP_CHUNKS transactions a sweep (the next goes on from there). A
+        bucket refunds wait for stays until they are folded into it."""
+        rates: dict[tuple[str, str], tuple[int | None, int]] = {}
+        for limit in self.limits:
+            rates[limit.name, "rpm"] = (limit.requests_per_minute, limit.burst)
+            rates[limit.name, "itpm"] = (limit.input_tokens_per_minute, limit.input_tokens_burst)
+        dropped = 0
+        for _chunk in range(SWEEP_CHUNKS):
+            after = self._bucket_cursor
+            with self._engine.begin() as connection:
+                rows = store.bucket_chunk(connection, after, self.sweep_chunk)
+                full = []
+                for name, scope, kind, level, at, waiting in rows:
+                    per_minute, capacity = rates.get((name, kind), (None, 0))
+                    if waiting:
+                        continue
+                    # Read as an admit reads it: a level above capacity is full; then refilled to now.
+                    if per_minute is None or (
+                        TokenBucket(min(float(capacity), level), at).refill(now, per_minute, capacity) >= capacity
+                    ):
+                        full.append((name, scope, kind, level, at))
+                dropped += store.drop_buckets(connection, full)
+            if len(rows) < self.sweep_chunk:
+                self._bucket_cursor = None  # the end: the next sweep starts again from the first
+                break
+            self._bucket_cursor = (rows[-1][0], rows[-1][1], rows[-1][2])
+        return dropped
 
     def spend_mark(self) -> int:
         """Ceilings are not used: spend is read in every admit's transaction."""

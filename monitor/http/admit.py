@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from monitor.client import AdmissionRefused, Lease, MonitorClient, MonitorError
-from monitor.estimate import input_token_bound
+from monitor.http.client import AdmissionRefused, Lease, MonitorClient, MonitorError
+from monitor.http.estimate import input_token_bound
 from monitor.http.server import off_loop
 from monitor.metrics import ProxyMetrics
 

@@ -21,10 +21,17 @@ from urllib.parse import parse_qsl
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.admission import Admission, Admitted, BadAdmit, NeedsRead, Refused, Unavailable, parse_admit
-from monitor.evaluation import BudgetEngine, state_json
-from monitor.events import EventParser, Rejected, redact
-from monitor.http.ingest_process import IngestProcess, IngestProcessFailed, StorageUnavailable
+from monitor.budgets.admission import (
+    Admission,
+    AdmissionAway,
+    Admitted,
+    BadAdmit,
+    NeedsRead,
+    Refused,
+    Unavailable,
+    parse_admit,
+)
+from monitor.budgets.engine import BudgetEngine, state_json
 from monitor.http.server import (
     BadLength,
     BodyTimeout,
@@ -44,9 +51,12 @@ from monitor.http.server import (
 )
 from monitor.ingest.body import NotJsonNorNdjson, TooManyEvents, split_body
 from monitor.ingest.group import GroupCommit
-from monitor.ingest.writer import Batch, BatchResult, LetterCap, Writer
+from monitor.ingest.parse import EventParser, Rejected, redact
+from monitor.ingest.pipeline import Ingestor
+from monitor.ingest.worker import IngestProcess, IngestProcessFailed, StorageUnavailable
+from monitor.ingest.writer import Batch, BatchResult, LetterCap
 from monitor.pricing import PriceTable, format_usd
-from monitor.throttle import iso
+from monitor.wire import iso_z
 
 log = logging.getLogger(__name__)
 HTTP_SOURCE = "http"
@@ -134,7 +144,7 @@ class Api:
         self,
         *,
         parser: EventParser,
-        writer: Writer,
+        ingestor: Ingestor,
         budgets: BudgetEngine,
         prices: PriceTable,
         dimensions: list[str],
@@ -154,7 +164,7 @@ class Api:
     ) -> None:
         self.admission = admission
         self.parser = parser
-        self.writer = writer
+        self.ingestor = ingestor
         self.budgets = budgets
         self.prices = prices
         self.dimensions = dimensions
@@ -205,13 +215,14 @@ class Api:
         return prepare_body(body, remote, self.parser, self.max_events_per_request)
 
     def commit(self, requests: Sequence[IngestRequest]) -> list[Response]:
-        """Write prepared requests in one transaction, flip throttle flags, then each request's own answer.
+        """Write prepared requests in one transaction (the ingestor flips throttle flags and settles leases), then
+        each request's own answer.
 
         Should the group fail for a reason other than storage, each request is written alone, so that one
         request's failure is its own.
         """
         try:
-            results = self.writer.write_group([request.batch for request in requests], HTTP_SOURCE)
+            results = self.ingestor.submit_group([request.batch for request in requests], HTTP_SOURCE)
         except SQLAlchemyError as exc:
             log.error("ingest failed, storage unavailable: %s", str(exc).splitlines()[0])
             return [request.storage_unavailable() for request in requests]
@@ -220,27 +231,19 @@ class Api:
                 raise
             log.exception("ingest of %d requests in one transaction failed; writing them one by one", len(requests))
             return [self.commit([request])[0] for request in requests]
-        if results:
-            self.budgets.on_batch(results[0].touched)  # flags flip before any answer returns
-            if self.admission is not None:  # leases the events name are settled
-                self.admission.on_batch(results[0].touched, [s for result in results for s in result.settles])
         for request, result in zip(requests, results, strict=True):
             if request.refused is None:
                 self.on_ingest(result)
         return [request.answer(result) for request, result in zip(requests, results, strict=True)]
 
-    def commit_in(self, worker: IngestProcess, bodies: Sequence[tuple[bytes, str]]) -> list[Response]:
-        """Have the ingest worker parse and write request bodies ((body, remote) each), flip throttle flags and
-        settle leases for each transaction it committed, then each request's own answer."""
+    def commit_in(self, bodies: Sequence[tuple[bytes, str]]) -> list[Response]:
+        """Have the ingest worker parse and write request bodies ((body, remote) each) — the ingestor flips throttle
+        flags and settles leases for each transaction it committed — then each request's own answer."""
         try:
-            written = worker.bodies(bodies, self.max_events_per_request, self.group_commit_max_events)
+            written = self.ingestor.submit_bodies(bodies, self.max_events_per_request, self.group_commit_max_events)
         except (IngestProcessFailed, StorageUnavailable) as exc:
             log.error("ingest failed: %s", exc)
             return [error_response(503, "ingest unavailable; retry", {"Retry-After": "1"})] * len(bodies)
-        for touched, settles in written.groups:
-            self.budgets.on_batch(touched)  # flags flip before any answer returns
-            if self.admission is not None:  # leases the events name are settled
-                self.admission.on_batch(touched, settles)
         for result in written.results:
             if result is not None:
                 self.on_ingest(result)
@@ -287,18 +290,7 @@ class Api:
         if decision is None:
             return Response(204, b"", None, staleness)
         flag = decision.flag
-        body = {
-            "budget": flag.budget,
-            "scope": flag.scope,
-            "spend_usd": format_usd(flag.spend_pico),
-            "limit_usd": None if flag.limit_pico is None else format_usd(flag.limit_pico),
-            "until": iso(flag.until),
-            "utilization": round(flag.utilization, 4),
-            "measure": flag.measure,
-            "amount": flag.amount,
-            "limit": flag.limit,
-            "budgets": [f.budget for f in decision.flags],
-        }
+        body = {**flag.as_json(), "budgets": [f.budget for f in decision.flags]}  # the flag as the snapshot writes it
         headers_out = {"Retry-After": str(decision.retry_after(now)), "X-Monitor-Budget": flag.budget, **staleness}
         deny = args.get("deny_status")
         status = int(deny) if deny in ("401", "403") else 429  # nginx auth_request understands only 401/403
@@ -324,7 +316,7 @@ class Api:
                 {
                     "lease": outcome.lease,
                     "reserved_usd": format_usd(outcome.reserved_pico),
-                    "expires_at": iso(outcome.expires_at),
+                    "expires_at": iso_z(outcome.expires_at),
                     "renew_every_s": self._renew_every(),
                 },
             )
@@ -355,6 +347,8 @@ class Api:
             how, cost = self.admission.release(lease, request_id, body.get("usage"))
         except BadAdmit as exc:
             return error_response(400, f"usage: {exc}; the lease is still open")
+        except AdmissionAway as exc:
+            return error_response(503, exc.message, {"Retry-After": str(exc.retry_after)})
         if how == "unknown":
             return error_response(
                 404,
@@ -369,15 +363,18 @@ class Api:
     def renew(self, lease: str) -> Response:
         """Keep a running call's lease: 200 with the new expiry, 404 when it has ended."""
         assert self.admission is not None
-        expires = self.admission.renew(lease)
+        try:
+            expires = self.admission.renew(lease)
+            how = self.admission.settled_how(lease) if expires is None else None
+        except AdmissionAway as exc:
+            return error_response(503, exc.message, {"Retry-After": str(exc.retry_after)})
         if expires is None:
-            how = self.admission.settled_how(lease)
             why = f"it has ended ({how})" if how else "it is unknown here"
             return error_response(
                 404,
                 f"lease {lease[:80]!r} cannot be renewed: {why}; the running call may finish, admit the next one",
             )
-        return json_response(200, {"lease": lease, "expires_at": iso(expires), "renew_every_s": self._renew_every()})
+        return json_response(200, {"lease": lease, "expires_at": iso_z(expires), "renew_every_s": self._renew_every()})
 
     # --- the rest -----------------------------------------------------------------------------------------------
 
@@ -439,7 +436,7 @@ class ApiApp:
         self._group: GroupCommit[Any, Response]
         if worker is not None:  # bodies go to the worker whole; it splits them into transactions by their events
             self._group = GroupCommit(
-                lambda bodies: api.commit_in(worker, bodies),
+                api.commit_in,
                 lambda body: 1,
                 api.group_commit_max_events,
                 self._ingest_pool,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from monitor.config import ConfigError, ProxyClientConfig
-from monitor.events import redact
+from monitor.ingest.parse import redact
 
 MAX_ATTRIBUTE_CHARS = 128  # what the daemon keeps of a value: check with the same value
 # What a caller's request may carry on to Anthropic: the API's own headers and the SDK's. Everything else (its key,

@@ -1,13 +1,14 @@
 """The input a call is admitted on, counted by Anthropic's `POST /v1/messages/count_tokens` (`proxy.count_tokens`).
 
-The byte bound (monitor.estimate) never undercounts but is loose: usually 3-4 times the real count for English,
+The byte bound (monitor.http.estimate) never undercounts but is loose: usually 3-4 times the real count for English,
 3 bytes a character of CJK text, every byte of a base64 image or PDF (an image costs a few thousand tokens). A
 loose estimate refuses calls that fit `max_input_tokens`, `max_request_usd` or a tight budget, and holds more than
 needed while a call runs. When the option is on, the proxy asks upstream for the count first (count_tokens is
 free: one more round trip per call, through the same client, with the proxy's key and the caller's `anthropic-*`
 headers) and admits on it. An error answer, a timeout (`proxy.count_tokens_timeout`) or an answer without a count
-falls back to the byte bound: without Anthropic's word, no call is admitted on less than the bound. Each outcome
-is counted: `claude_proxy_count_tokens_total{outcome="ok"|"fallback"}`.
+falls back to the byte bound: without Anthropic's word, no call is admitted on less than the bound. So does an
+answer longer than `proxy.count_tokens_max_answer_bytes` (a count is a few dozen bytes; what is longer is not read
+past the bound). Each outcome is counted: `claude_proxy_count_tokens_total{outcome="ok"|"fallback"}`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import httpx2
 
-from monitor.estimate import input_token_bound
+from monitor.http.estimate import input_token_bound
 from monitor.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,23 @@ COUNTED_FIELDS = (
     "context_management",
 )
 MOST_TOKENS = 100_000_000  # what the daemon takes as an estimate; a larger count is not believed
+MAX_ANSWER_BYTES = 64 * 1024  # proxy.count_tokens_max_answer_bytes' default
 
 
 class InputCounter:
     """Counts a call's input tokens upstream before it is admitted; the byte bound when upstream cannot say."""
 
-    def __init__(self, upstream: httpx2.AsyncClient, timeout: float, metrics: ProxyMetrics) -> None:
+    def __init__(
+        self,
+        upstream: httpx2.AsyncClient,
+        timeout: float,
+        metrics: ProxyMetrics,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+    ) -> None:
         self.upstream = upstream
         self.timeout = timeout
         self.metrics = metrics
+        self.max_answer_bytes = max_answer_bytes
 
     async def estimate(self, request: Mapping[str, Any], query: str, headers: Sequence[tuple[str, str]]) -> int:
         """The input tokens to admit `request` (a Messages API body) on: upstream's count, else the byte bound.
@@ -77,20 +86,46 @@ class InputCounter:
         """Upstream's count, or why there is none."""
         body = json.dumps({key: request[key] for key in COUNTED_FIELDS if key in request}).encode()
         started = time.monotonic()
-        response = await self.upstream.post(
+        outgoing = self.upstream.build_request(
+            "POST",
             COUNT_TOKENS + (f"?{query}" if query else ""),
             content=body,
             headers=[*((k, v) for k, v in headers if k != "content-type"), ("content-type", "application/json")],
             timeout=httpx2.Timeout(self.timeout),
         )
-        self.metrics.upstream_latency.labels("count_tokens").observe(time.monotonic() - started)
-        if response.status_code != 200:
-            return f"Anthropic answered {response.status_code} {response.text[:200]!r}"
+        response = await self.upstream.send(outgoing, stream=True)
         try:
-            answer = response.json()
+            self.metrics.upstream_latency.labels("count_tokens").observe(time.monotonic() - started)
+            data = await self._read(response)
+        finally:
+            await response.aclose()  # an answer cut short: its connection is closed, not reused
+        if data is None:
+            return (
+                f"Anthropic's answer ({response.status_code}) is longer than {self.max_answer_bytes:,} bytes "
+                "(proxy.count_tokens_max_answer_bytes); not read further"
+            )
+        text = data.decode("utf-8", "replace")
+        if response.status_code != 200:
+            return f"Anthropic answered {response.status_code} {text[:200]!r}"
+        try:
+            answer = json.loads(data)
         except ValueError:
             return "Anthropic's answer is not JSON"
         tokens = answer.get("input_tokens") if isinstance(answer, dict) else None
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= MOST_TOKENS:
-            return f"Anthropic's answer has no input_tokens count: {response.text[:200]!r}"
+            return f"Anthropic's answer has no input_tokens count: {text[:200]!r}"
         return tokens
+
+    async def _read(self, response: httpx2.Response) -> bytes | None:
+        """The answer's body, or None once it passes max_answer_bytes (declared or sent): nothing more is read."""
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_answer_bytes:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > self.max_answer_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)

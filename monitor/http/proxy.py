@@ -8,7 +8,7 @@ echoed, logged or stored either). The caller's identity is its client's fixed at
 client may assert; only the API's own headers go upstream. A model the price table does not know is refused 400
 (with the nearest known name) unless `proxy.allow_unpriced_models`.
 
-- `POST /v1/messages`: checked with `monitor.client` (the model as the price table names it), forwarded, and its
+- `POST /v1/messages`: checked with `monitor.http.client` (the model as the price table names it), forwarded, and its
   answer passed back unchanged — JSON whole, `stream: true` server-sent events byte for byte as they arrive, on
   the event loop (a stream costs a task and its buffers, not a thread). One usage event per upstream call is
   posted when the upstream response ends, before the client sees the end of the response, so the caller's next
@@ -44,15 +44,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import httpx2
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from monitor.client import MonitorClient, MonitorError, Verdict
-from monitor.config import ConfigError, LoadedSettings, parse_duration
-from monitor.events import redact
+from monitor.config import ConfigError, LoadedSettings
 from monitor.http.admit import FAIL_MODE_HEADER, Denied, Gate
+from monitor.http.client import MonitorClient, MonitorError, Verdict
 from monitor.http.clients import ProxyClient, ProxyClients, Refused, forwarded
 from monitor.http.count import InputCounter
 from monitor.http.server import (
@@ -74,9 +72,11 @@ from monitor.http.server import (
     settle_heap,
 )
 from monitor.http.sse import SseUsage
+from monitor.ingest.parse import redact
 from monitor.metrics import ProxyMetrics
 from monitor.pricing import PriceTable
 from monitor.signals import StopSignals
+from monitor.wire import iso_z
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class ProxySettings:
     allow_unpriced_models: bool = False
     fail_mode: Literal["open", "closed"] = "open"
     count_tokens_timeout: float | None = None  # set: admit on upstream's count of the input (proxy.count_tokens)
+    count_tokens_max_answer_bytes: int = 64 * 1024  # a longer count_tokens answer: the byte bound instead
     limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_body_bytes=64 * 1024 * 1024))
 
 
@@ -136,14 +137,6 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
     """The `proxy:` section made usable; ConfigError naming the file and key when it is not."""
     where = str(loaded.path or "built-in defaults")
     config = loaded.settings.proxy
-    host, sep, port = config.listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: proxy.listen {config.listen!r} is not HOST:PORT (e.g. 127.0.0.1:8088)")
-    parts = urlsplit(config.upstream)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-        raise ConfigError(
-            f"{where}: proxy.upstream {config.upstream!r} is not an http(s) URL (https://api.anthropic.com)"
-        )
     key = environ.get(config.api_key_env, "").strip()
     if not key:
         raise ConfigError(
@@ -155,23 +148,22 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
         log.warning("%s: proxy.clients lists no client: every call will be refused 401", where)
     limits = ServerLimits(
         backlog=config.backlog,
-        header_timeout=parse_duration(config.header_timeout).total_seconds(),
-        keepalive_timeout=parse_duration(config.keepalive_timeout).total_seconds(),
+        header_timeout=config.header_timeout.seconds,
+        keepalive_timeout=config.keepalive_timeout.seconds,
         max_connections=config.max_connections,
         max_body_bytes=config.max_body_bytes,
     )
     return ProxySettings(
-        host=host.strip("[]"),
-        port=int(port),
+        host=config.listen.host,
+        port=config.listen.port,
         upstream=config.upstream.rstrip("/"),
         api_key=key,
         clients=clients,
         spool=Path(loaded.settings.throttle.snapshot_file).absolute().parent / SPOOL_NAME,
         allow_unpriced_models=config.allow_unpriced_models,
         fail_mode=config.fail_mode,
-        count_tokens_timeout=(
-            parse_duration(config.count_tokens_timeout).total_seconds() if config.count_tokens else None
-        ),
+        count_tokens_timeout=config.count_tokens_timeout.seconds if config.count_tokens else None,
+        count_tokens_max_answer_bytes=config.count_tokens_max_answer_bytes,
         limits=limits,
     )
 
@@ -241,7 +233,7 @@ class _Call:
 
     def event(self, request_id: str, usage: Mapping[str, Any], status: int, model: str | None = None) -> dict[str, Any]:
         """Its usage event, stamped with the time the call was sent."""
-        when = datetime.fromtimestamp(self.started, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        when = iso_z(datetime.fromtimestamp(self.started, UTC), "milliseconds")
         return {
             "request_id": request_id,
             "timestamp": when,
@@ -283,7 +275,11 @@ class ProxyApp:
         self.metrics = ProxyMetrics()
         self.gate = Gate(monitor, settings.fail_mode, self.metrics)
         timeout = settings.count_tokens_timeout
-        self.counter = None if timeout is None else InputCounter(self.upstream, timeout, self.metrics)
+        self.counter = (
+            None
+            if timeout is None
+            else InputCounter(self.upstream, timeout, self.metrics, settings.count_tokens_max_answer_bytes)
+        )
 
     async def close(self) -> None:
         """Close upstream connections and the worker threads (after the server drained)."""
@@ -651,16 +647,13 @@ def run_proxy(loaded: LoadedSettings, prices: PriceTable, environ: Mapping[str, 
             config.read_token_env,
             config.read_token_env,
         )
-    try:
-        monitor = MonitorClient(
-            config.monitor_url,
-            token=token,
-            read_token=read_token,
-            snapshot_file=loaded.settings.throttle.snapshot_file,
-            fail_mode=config.fail_mode,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"{where}: proxy.monitor_url: {exc}") from None
+    monitor = MonitorClient(
+        config.monitor_url,
+        token=token,
+        read_token=read_token,
+        snapshot_file=loaded.settings.throttle.snapshot_file,
+        fail_mode=config.fail_mode,
+    )
     try:
         proxy = Proxy(settings, monitor, prices)
     except ConfigError as exc:

@@ -191,6 +191,53 @@ async def send_response(send: Send, status: int, body: bytes, headers: Headers =
 # --- the server --------------------------------------------------------------------------------------------------
 
 
+class _OneWrite:
+    """A transport that sends a response's header block together with the body written right after it.
+
+    uvicorn writes the headers and the body in two calls: two send() system calls and, with TCP_NODELAY, two
+    packets the client must both receive. A header block is held until the next write (the body, written in the same
+    turn of the event loop) or, failing that, the loop's next turn, so a whole small response leaves in one send.
+    Everything else passes through.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport: Any = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write, or hold a response's header block for the write that follows it."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._transport.write(held + bytes(data))
+            return
+        if isinstance(data, bytes) and data.startswith(b"HTTP/1.1 ") and data.endswith(b"\r\n\r\n"):
+            self._held = data
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        """Send a held header block (its body never came in the same turn: a streamed or empty-bodied answer)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        """Close after sending what is held."""
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Drop what is held and the connection."""
+        self._held = None
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _BoundedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus a header timeout and TCP_NODELAY.
 
@@ -207,7 +254,7 @@ class _BoundedProtocol(HttpToolsProtocol):
         self._headers_pending = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
+        super().connection_made(_OneWrite(transport, self.loop))  # type: ignore[arg-type]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Headers and body leave in separate writes: without it a body can wait ~40 ms for a delayed ACK.
@@ -336,11 +383,6 @@ class HttpServer:
         )
         self._server = _Server(self._config)
         self._thread: threading.Thread | None = None
-
-    @property
-    def open_connections(self) -> int:
-        """Connections open right now."""
-        return len(self._server.server_state.connections)
 
     def start(self) -> None:
         """Serve on a background thread; returns once the event loop is accepting."""

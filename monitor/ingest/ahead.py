@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from monitor.events import Event, EventParser, Rejected
+from monitor.ingest.parse import Event, EventParser, Rejected
 
 AHEAD_BATCHES = 4
 assert Event._fields[:2] == ("request_id", "timestamp")

@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from monitor.events import EventParser, Rejected
+from monitor.ingest.parse import EventParser, Rejected
 from monitor.ingest.writer import Item
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's own whitespace

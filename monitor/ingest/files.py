@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from monitor.events import EventParser, Rejected, redact
 from monitor.ingest.ahead import FileFailed, ParseAhead, Parsed
-from monitor.ingest.writer import BatchResult, Item, Writer
+from monitor.ingest.parse import EventParser, Rejected, redact
+from monitor.ingest.pipeline import Ingestor
+from monitor.ingest.writer import BatchResult, Item
 
 MAX_LINE_BYTES = 1024 * 1024
 RAW_KEEP_BYTES = 64 * 1024
@@ -105,7 +106,7 @@ class Progress:
 def ingest_files(
     paths: list[Path],
     parser: EventParser,
-    writer: Writer,
+    ingestor: Ingestor,
     *,
     batch_size: int = 5000,
     progress: Callable[[int], Progress] = Progress,
@@ -127,7 +128,7 @@ def ingest_files(
             failed.append(str(path))
     bar = progress(sum(sizes.values()))
     if parse_ahead and sizes:
-        _ingest_ahead(sizes, parser, writer, batch_size, bar, total, failed, on_error)
+        _ingest_ahead(sizes, parser, ingestor, batch_size, bar, total, failed, on_error)
         bar.finish()
         return total, failed
     done_before = 0
@@ -145,12 +146,12 @@ def ingest_files(
                     batch.append((f"{absolute}:{number}", item))
                     lines_seen += 1
                     if len(batch) >= batch_size:
-                        total.add(_counted(writer.write(batch, source)))
+                        total.add(_counted(ingestor.submit(batch, source)))
                         batch = []
                         if seekable:
                             bar.update(done_before + stream.tell(), lines_seen)
                 if batch:
-                    total.add(_counted(writer.write(batch, source)))
+                    total.add(_counted(ingestor.submit(batch, source)))
         except OSError as exc:
             on_error(f"{path}: read failed after {lines_seen:,} lines: {exc}")
             failed.append(str(path))
@@ -170,7 +171,7 @@ def _counted(result: BatchResult) -> BatchResult:
 def _ingest_ahead(
     sizes: dict[Path, int],
     parser: EventParser,
-    writer: Writer,
+    ingestor: Ingestor,
     batch_size: int,
     bar: Progress,
     total: BatchResult,
@@ -189,7 +190,7 @@ def _ingest_ahead(
             if isinstance(message, Parsed):
                 where = absolute[message.path_index]
                 batch: list[Item] = [(f"{where}:{number}", item) for number, item in message.lines]
-                total.add(_counted(writer.write(batch, f"file:{where}")))
+                total.add(_counted(ingestor.submit(batch, f"file:{where}")))
                 lines_seen += len(batch)
                 if message.offset is not None:
                     bar.update(done_before + message.offset, lines_seen)

@@ -47,9 +47,10 @@ from typing import IO, BinaryIO, cast
 from sqlalchemy import Engine, delete, select
 
 from monitor.config import SourceConfig
-from monitor.events import EventParser, Rejected
 from monitor.ingest.files import read_lines
-from monitor.ingest.writer import BatchResult, Item, Offset, Writer
+from monitor.ingest.parse import EventParser, Rejected
+from monitor.ingest.pipeline import Ingestor
+from monitor.ingest.writer import BatchResult, Item, Offset
 from monitor.store.models import source_offsets
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class Tailer:
         self,
         source: SourceConfig,
         parser: EventParser,
-        writer: Writer,
+        ingestor: Ingestor,
         engine: Engine,
         clock: Callable[[], datetime],
         *,
@@ -236,7 +237,7 @@ class Tailer:
         self._label = source.label
         self._pattern = os.path.expanduser(source.path)
         self._parser = parser
-        self._writer = writer
+        self._ingestor = ingestor
         self._engine = engine
         self._clock = clock
         self._batch_size = batch_size
@@ -480,7 +481,7 @@ class Tailer:
         if not items and not pending:
             return
         offsets = [Offset(p.file.file_id, p.file.path[:_MAX_PATH], p.offset) for p in pending.values()]
-        result = self._writer.write(items, self._label, offsets)
+        result = self._ingestor.submit(items, self._label, offsets)
         retired: list[str] = []
         for p in pending.values():
             p.file.offset, p.file.lines = p.offset, p.lines

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,24 @@ import orjson
 from sqlalchemy import Connection, Engine
 
 from monitor.budgets import Budget, BudgetIndex
-from monitor.events import Event, Rejected
+from monitor.budgets.counters import USAGE_FIELDS, Usage
+from monitor.ingest.parse import Event, Rejected
+from monitor.metric_names import (
+    ATTRIBUTES_DROPPED,
+    COST_PICO,
+    INGEST_EVENTS,
+    LATE_EVENTS,
+    LATENCY_BUCKET,
+    LATENCY_BUCKETS,
+    LATENCY_COUNT,
+    LATENCY_LE,
+    LATENCY_SUM_US,
+    REQUEST_ERRORS,
+    REQUESTS,
+    TOKENS,
+    UNPRICED_EVENTS,
+    UNPRICED_LABEL,
+)
 from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.bulk_pg import BulkUpsert
 from monitor.store.labels import OTHER, LabelGate
@@ -30,33 +46,18 @@ from monitor.store.rollup import (
     RollupCounts,
     RollupKey,
     bucket_of,
-    labels_json,
     lateness,
     rollup_rows,
     service_tier,
 )
 from monitor.store.sqlite_events import add_rows, sqlite_datetime
 from monitor.store.sqlite_events import insert_new_events as insert_new_sqlite_events
-from monitor.usage import USAGE_FIELDS, Usage
+from monitor.wire import TOKEN_TYPES
+from monitor.wire import scope_key as labels_key
 
-# claude_request_duration_seconds buckets (seconds); the store keeps per-bucket counts, not cumulative ones.
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-TOKEN_TYPES = (
-    ("input", "input_tokens"),
-    ("output", "output_tokens"),
-    ("cache_read", "cache_read_tokens"),
-    ("cache_write_5m", "cache_write_5m_tokens"),
-    ("cache_write_1h", "cache_write_1h_tokens"),
-)
 DEFAULT_MAX_VALUES_PER_LABEL = 200
 DEFAULT_MAX_UNPRICED_MODELS = 50
-UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total (never a dimension's name)
 _LABEL_KEY_CACHE = 4096  # (model, label values) entries; values are capped already, this bounds memory
-
-
-def labels_key(labels: dict[str, str]) -> str:
-    """Canonical JSON of a label set."""
-    return json.dumps(dict(sorted(labels.items())), separators=(",", ":"), ensure_ascii=False)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -208,8 +209,8 @@ class Writer:
             cached = _LabelKeys(
                 labels_key(labels),
                 labels_key({"model": model}),
-                tuple(labels_key({**labels, "type": kind}) for kind, _ in TOKEN_TYPES),
-                tuple(labels_key({"model": model, "le": le}) for le in [*map(repr, LATENCY_BUCKETS), "+Inf"]),
+                tuple(labels_key({**labels, "type": kind}) for kind in TOKEN_TYPES),
+                tuple(labels_key({"model": model, "le": le}) for le in LATENCY_LE),
             )
             self._label_cache[model, label_values] = cached
         return cached
@@ -482,9 +483,9 @@ class Writer:
             ("rejected", result.rejected),
         ):
             if count:
-                values["ingest_events", labels_key({"source": source, "outcome": outcome})] += count
+                values[INGEST_EVENTS, labels_key({"source": source, "outcome": outcome})] += count
         if result.attributes_dropped:
-            values["attributes_dropped", labels_key({"source": source})] += result.attributes_dropped
+            values[ATTRIBUTES_DROPPED, labels_key({"source": source})] += result.attributes_dropped
         # Labels are bounded here, as the counter is written: the model label is a price-table name or `unpriced`,
         # every other label an admitted value or `__other__`. Spend is kept whole; only its labels are capped.
         labelled, admitted = self._metric_values(connection, new, now)
@@ -533,7 +534,7 @@ class Writer:
             present = tuple([name in attributes for name in names])
             labels = label_json.get((label_values, present))
             if labels is None:
-                labels = label_json[label_values, present] = labels_json(
+                labels = label_json[label_values, present] = labels_key(
                     {
                         name: value if has else None
                         for name, value, has in zip(names, label_values, present, strict=True)
@@ -566,24 +567,24 @@ class Writer:
                 deltas[7] += cost
         for (model, label_values), row in sums.items():
             keys = self._label_keys(model, label_values)
-            values["requests", keys.base] += row[0]
+            values[REQUESTS, keys.base] += row[0]
             if row[7]:
-                values["cost_pico", keys.base] += row[1]
+                values[COST_PICO, keys.base] += row[1]
             for token_key, count in zip(keys.tokens, row[2:7], strict=True):
                 if count:
-                    values["tokens", token_key] += count
+                    values[TOKENS, token_key] += count
             if row[8]:
-                values["latency_count", keys.model] += row[8]
-                values["latency_sum_us", keys.model] += row[9]
+                values[LATENCY_COUNT, keys.model] += row[8]
+                values[LATENCY_SUM_US, keys.model] += row[9]
                 for bucket_key, count in zip(keys.latency, row[10:], strict=True):
                     if count:
-                        values["latency_bucket", bucket_key] += count
+                        values[LATENCY_BUCKET, bucket_key] += count
         for unpriced, count in unpriced_counts.items():
-            values["unpriced_events", labels_key({"model": unpriced})] += count
+            values[UNPRICED_EVENTS, labels_key({"model": unpriced})] += count
         for (model, status), count in errors.items():
-            values["request_errors", labels_key({"model": model, "status": str(status)})] += count
+            values[REQUEST_ERRORS, labels_key({"model": model, "status": str(status)})] += count
         for late, count in late_counts.items():
-            values["late_events", labels_key({"lateness": late})] += count
+            values[LATE_EVENTS, labels_key({"lateness": late})] += count
         if values and self._sqlite:
             ordered = [(name, key, value) for (name, key), value in sorted(values.items())]
             add_rows(connection, counters, ("name", "labels"), ("value",), ordered)

@@ -14,12 +14,12 @@ from importlib import resources
 from typing import TYPE_CHECKING, NamedTuple
 
 from monitor.config import ModelPricing, RateConfig
+from monitor.wire import PICO_PER_USD as PICO_PER_USD  # importable from here too: the unit prices are in
 from monitor.yamlio import load_yaml
 
 if TYPE_CHECKING:
-    from monitor.events import Event
+    from monitor.ingest.parse import Event
 
-PICO_PER_USD = 10**12
 # USD per million tokens -> pico-dollars per token: x 10^12 / 10^6.
 _PICO_PER_TOKEN_PER_USD_PER_MTOK = Decimal(10**6)
 # USD per 1,000 searches -> pico-dollars per search.

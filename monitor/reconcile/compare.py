@@ -16,9 +16,9 @@ from typing import Any
 from monitor.pricing import usd
 from monitor.reconcile.fetcher import ALL_KEYS, NO_KEY, FigureKey, Figures
 from monitor.store.rollup import RollupCounts
+from monitor.wire import BILLED_COUNTS
 
 CENTS_PER_USD = Decimal(100)
-TOKEN_TYPES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "web_search_requests")
 
 # Which of a day's traffic one row compares: (kind, attributes). Kinds sort whole day, mapped, then the rest.
 Group = tuple[int, tuple[tuple[str, str], ...]]
@@ -92,7 +92,7 @@ class DayRow:
 
     def token_drift(self) -> dict[str, int]:
         """Anthropic's count minus ours, by token type (and web searches): which price component is off."""
-        return {kind: self.anthropic_tokens[kind] - self.our_tokens[kind] for kind in TOKEN_TYPES}
+        return {kind: self.anthropic_tokens[kind] - self.our_tokens[kind] for kind in BILLED_COUNTS}
 
 
 def _mapped(attributes: Mapping[str, str]) -> Group:
@@ -159,8 +159,8 @@ def compare(
                 ours_usd=usd(counts.cost_pico),
                 anthropic_requests=figures.requests,
                 our_requests=counts.requests,
-                anthropic_tokens={kind: getattr(figures, kind) for kind in TOKEN_TYPES},
-                our_tokens={kind: getattr(counts, kind) for kind in TOKEN_TYPES},
+                anthropic_tokens={kind: getattr(figures, kind) for kind in BILLED_COUNTS},
+                our_tokens={kind: getattr(counts, kind) for kind in BILLED_COUNTS},
                 unpriced_requests=counts.unpriced_requests,
                 settled=is_settled(day, now, settle_hours),
                 tolerance=tolerance,

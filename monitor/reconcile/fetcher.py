@@ -9,6 +9,7 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Literal
 
 from monitor.pricing import PriceTable
+from monitor.wire import BILLED_COUNTS
 
 if TYPE_CHECKING:  # the SDK is imported where a client is made: commands that never reconcile start without it
     import anthropic
@@ -57,7 +58,7 @@ class Figures:
         self.amount_cents += other.amount_cents
         self.cost_requests = _add(self.cost_requests, other.cost_requests)
         self.usage_requests = _add(self.usage_requests, other.usage_requests)
-        for name in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "web_search_requests"):
+        for name in BILLED_COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 

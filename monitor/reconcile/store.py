@@ -9,8 +9,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select
 
 from monitor.reconcile.fetcher import Fetched, FigureKey, Figures
 from monitor.store.models import reconcile_fetches, reconcile_figures
-
-_TOKENS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "web_search_requests")
+from monitor.wire import BILLED_COUNTS
 
 
 def replace(engine: Engine, fetched: Fetched, now: datetime) -> int:
@@ -26,7 +25,7 @@ def replace(engine: Engine, fetched: Fetched, now: datetime) -> int:
             "amount_cents": _text(figures.amount_cents),
             "currency": figures.currency,
             "requests": figures.requests,
-            **{name: getattr(figures, name) for name in _TOKENS},
+            **{name: getattr(figures, name) for name in BILLED_COUNTS},
             "fetched_at": now,
         }
         for (day, model, tier, key_id), figures in sorted(fetched.figures.items())
@@ -67,7 +66,7 @@ def read(connection: Connection, first: date, end: date) -> dict[FigureKey, Figu
             amount_cents=Decimal(row["amount_cents"]),
             currency=row["currency"],
             usage_requests=row["requests"],
-            **{name: int(row[name]) for name in _TOKENS},
+            **{name: int(row[name]) for name in BILLED_COUNTS},
         )
     return out
 

@@ -24,18 +24,20 @@ from sqlalchemy import (
     literal,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import DBAPIError
 
+from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.config import Settings, admission_in_database
 from monitor.store.models import (
+    admission_buckets,
     admission_holds,
     admission_leases,
     admission_refunds,
     event_ids,
 )
-from monitor.usage import USAGE_FIELDS, Usage
 
 # The leader and label locks are single bigint keys too; a scope hashing onto one of them moves aside.
 _RESERVED_KEYS = frozenset({0x636C6D6C6162656C})
@@ -101,6 +103,9 @@ class ScopeCounts:
     spend: dict[tuple[str, str], Usage] = field(default_factory=dict)
     buckets: dict[tuple[str, str, str], Bucket] = field(default_factory=dict)
     refunds: list[int] = field(default_factory=list)
+    # (limit, scope) -> refunds waiting for an input-token bucket the sweep deleted (it was full): they apply to a
+    # full bucket (only a call that used more than its estimate lowers it).
+    orphaned: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 _SUMS = ", ".join(f"sum(u.{name})" for name in USAGE_FIELDS)
@@ -202,8 +207,10 @@ def lock_and_count(
             waiting.append((name, scope, values[1]))
     for name, scope, amount in waiting:
         bucket = counts.buckets.get((name, scope, "itpm"))
-        if bucket is not None:  # no row: the bucket was never taken from, so it is full anyway
+        if bucket is not None:
             bucket.level += amount
+        else:  # no row: the sweep deleted it, full
+            counts.orphaned[name, scope] = counts.orphaned.get((name, scope), 0) + amount
     return counts
 
 
@@ -470,6 +477,51 @@ def fold_refunds(connection: Connection, scopes: Sequence[tuple[str, str]]) -> N
     """Give the waiting refunds of these (limit, scope)s back to their buckets (their locks held)."""
     if scopes:
         connection.execute(_FOLD, {"names": [n for n, _ in scopes], "scopes": [s for _, s in scopes]})
+
+
+def bucket_chunk(connection: Connection, after: tuple[str, str, str] | None, most: int) -> list[Any]:
+    """Up to `most` stored buckets after the key `after`, in key order: name, scope, kind, level, updated_at, and
+    whether refunds wait for it."""
+    buckets, refunds = admission_buckets.c, admission_refunds.c
+    waiting = (
+        select(refunds.id)
+        .where(buckets.kind == "itpm", refunds.name == buckets.name, refunds.scope == buckets.scope)
+        .exists()
+    )
+    query = select(buckets.name, buckets.scope, buckets.kind, buckets.level, buckets.updated_at, waiting)
+    if after is not None:
+        query = query.where(tuple_(buckets.name, buckets.scope, buckets.kind) > tuple_(*after))
+    return list(connection.execute(query.order_by(buckets.name, buckets.scope, buckets.kind).limit(most)))
+
+
+_DROP_BUCKETS = text(
+    """
+    DELETE FROM admission_buckets b
+    USING unnest(CAST(:names AS text[]), CAST(:scopes AS text[]), CAST(:kinds AS text[]), CAST(:levels AS float8[]),
+                 CAST(:ats AS timestamp[])) AS d(name, scope, kind, level, at)
+    WHERE b.name = d.name AND b.scope = d.scope AND b.kind = d.kind AND b.level = d.level AND b.updated_at = d.at
+      AND NOT (b.kind = 'itpm' AND EXISTS (
+          SELECT 1 FROM admission_refunds r WHERE r.name = b.name AND r.scope = b.scope))
+    """
+)
+
+
+def drop_buckets(connection: Connection, full: Sequence[tuple[str, str, str, float, datetime]]) -> int:
+    """Delete these (limit, scope, kind, level, updated_at) buckets, each only if it is still as read and no refund
+    waits for it (an admit that took from it meanwhile, under its scope's lock, keeps it); the number deleted."""
+    if not full:
+        return 0
+    deleted = connection.execute(
+        _DROP_BUCKETS,
+        {
+            "names": [row[0] for row in full],
+            "scopes": [row[1] for row in full],
+            "kinds": [row[2] for row in full],
+            "levels": [float(row[3]) for row in full],
+            "ats": [_naive(row[4]) for row in full],
+        },
+    ).rowcount
+    return int(deleted or 0)
 
 
 def expire_and_forget(connection: Connection, now: datetime, forget_before: datetime) -> int:

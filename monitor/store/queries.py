@@ -10,8 +10,8 @@ from sqlalchemy import Connection, Table, func, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
+from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.store.models import budget_usage
-from monitor.usage import USAGE_FIELDS, Usage
 
 
 def _insert(table: Table, dialect: Dialect) -> Any:

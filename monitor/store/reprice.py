@@ -24,23 +24,24 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, select, tuple_, update
 
 from monitor.budgets import BudgetIndex
-from monitor.events import Event
+from monitor.budgets.counters import USAGE_FIELDS, Usage
+from monitor.ingest.parse import Event
+from monitor.metric_names import COST_PICO, REPRICED_EVENTS, UNPRICED_LABEL
 from monitor.pricing import Price, PriceTable
 from monitor.store.labels import FREE_VALUES, OTHER
 from monitor.store.models import budget_usage, counters, events, label_values, usage_rollup
 from monitor.store.queries import upsert_adding
-from monitor.store.rollup import ROLLUP_FIELDS, bucket_of, labels_json, service_tier, status_class
-from monitor.usage import USAGE_FIELDS, Usage
+from monitor.store.rollup import ROLLUP_FIELDS, add_counts, bucket_of, service_tier, status_class
+from monitor.wire import scope_key
 
 DEFAULT_BATCH = 1000
-UNPRICED_LABEL = "model"  # the gated label of claude_monitor_unpriced_events_total, as the write path names it
 _ROLLUP_KEY = ("bucket_start", "model", "service_tier", "status_class", "labels")
 _USAGE_KEY = ("budget", "scope", "bucket_start")
 
@@ -61,11 +62,6 @@ class RepriceResult:
     def cost_pico(self) -> int:
         """Their cost, in pico-dollars."""
         return sum(cost for _, cost in self.by_model.values())
-
-
-def _labels_key(labels: Mapping[str, str]) -> str:
-    """The counters' canonical label JSON, as the write path builds it."""
-    return labels_json(labels)
 
 
 class Repricer:
@@ -106,24 +102,43 @@ class Repricer:
         return sorted(m for m in connection.execute(query).scalars() if self._prices.resolve(m) is not None)
 
     def run(self) -> RepriceResult:
-        """Price every stored unpriced event the table can price now; batches of `batch_size`, each one transaction."""
+        """Price every stored unpriced event the table can price now; batches of `batch_size`, each one transaction.
+
+        One model id at a time, on the partial index of unpriced events, and only from the UTC day of its first
+        rate: events the table still cannot price (an unknown model, a date before any rate) are never read, however
+        many batches the pass takes. The label gate is read once (values admitted meanwhile are looked up as met)."""
         result = RepriceResult()
         with self._engine.connect() as connection:
             ids = self.priceable(connection)
-        last = 0
-        while ids:
-            with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
-                rows = connection.execute(
-                    select(events)
-                    .where(events.c.cost_pico.is_(None), events.c.model_id.in_(ids), events.c.id > last)
-                    .order_by(events.c.id)
-                    .limit(self._batch)
-                    .with_for_update(skip_locked=True)  # PostgreSQL: another pass takes other rows meanwhile
-                ).all()
-                if not rows:
-                    break
-                last = rows[-1].id
-                self._batch_of(connection, rows, result)
+            gate = _Gate(connection, [*self._metric_labels, UNPRICED_LABEL])
+        for model_id in ids:
+            name = self._prices.resolve(model_id)
+            rates = self._prices.rates(name) if name is not None else []
+            if not rates:
+                continue
+            first = datetime.combine(rates[0].since, time(0), UTC)  # an event's rates are those of its UTC date
+            last = 0
+            while True:
+                with (
+                    self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection,
+                    connection.begin(),
+                ):
+                    rows = connection.execute(
+                        select(events)
+                        .where(
+                            events.c.cost_pico.is_(None),
+                            events.c.model_id == model_id,
+                            events.c.ts >= first,
+                            events.c.id > last,
+                        )
+                        .order_by(events.c.id)
+                        .limit(self._batch)
+                        .with_for_update(skip_locked=True)  # PostgreSQL: another pass takes other rows meanwhile
+                    ).all()
+                    if not rows:
+                        break
+                    last = rows[-1].id
+                    self._batch_of(connection, rows, result, gate)
         with self._engine.connect() as connection:
             result.unpriced_left = int(
                 connection.execute(
@@ -132,7 +147,7 @@ class Repricer:
             )
         return result
 
-    def _batch_of(self, connection: Connection, rows: Sequence[Any], result: RepriceResult) -> None:
+    def _batch_of(self, connection: Connection, rows: Sequence[Any], result: RepriceResult, gate: _Gate) -> None:
         """Price one batch of locked rows and move them, in the caller's transaction."""
         priced: list[tuple[Any, Price]] = []
         for row in rows:
@@ -161,7 +176,13 @@ class Repricer:
                 for row, price in priced
             ],
         )
-        admitted = _admitted(connection, [*self._metric_labels, UNPRICED_LABEL])
+        admitted = gate.admitted(
+            connection,
+            {
+                **{name: {(row.attributes or {}).get(name, "") for row, _ in priced} for name in self._metric_labels},
+                UNPRICED_LABEL: {row.model_id for row, _ in priced},
+            },
+        )
         counter_deltas: dict[tuple[str, str], int] = defaultdict(int)
         # Signed deltas: what leaves the row the event was counted in, what the row of its price-table name gains.
         rollup: dict[tuple[Any, ...], list[int]] = {}
@@ -178,8 +199,8 @@ class Repricer:
                 for name in self._metric_labels
             }
             counter_labels = {"model": price.model, **values}
-            counter_deltas["cost_pico", _labels_key(counter_labels)] += cost
-            counter_deltas["repriced_events", _labels_key({"model": price.model})] += 1
+            counter_deltas[COST_PICO, scope_key(counter_labels)] += cost
+            counter_deltas[REPRICED_EVENTS, scope_key({"model": price.model})] += 1
             # The rollup row the event was counted in: the stored name when the table resolved the id then (it had
             # no rate for the event's date), else the unpriced-model label (the id while it had a slot, else
             # __other__). A table name sent as is and dated before its first rate took that label too.
@@ -188,7 +209,7 @@ class Repricer:
                 if row.model != row.model_id
                 else _as_counted(row.model_id, admitted.get(UNPRICED_LABEL, {}), received)
             )
-            labels = labels_json({name: (values[name] if name in attributes else None) for name in self._metric_labels})
+            labels = scope_key({name: (values[name] if name in attributes else None) for name in self._metric_labels})
             tier = service_tier(row.batch, row.service_tier)
             klass = status_class(row.status)
             bucket = bucket_of(row.ts)
@@ -201,8 +222,8 @@ class Repricer:
                 row.cache_write_1h_tokens,
                 row.web_search_requests,
             ]
-            _add(rollup, (bucket, old_model, tier, klass, labels), [-count for count in counts] + [0, -1])
-            _add(rollup, (bucket, price.model, tier, klass, labels), [*counts, cost, 0])
+            add_counts(rollup, (bucket, old_model, tier, klass, labels), [-count for count in counts] + [0, -1])
+            add_counts(rollup, (bucket, price.model, tier, klass, labels), [*counts, cost, 0])
             tokens = (
                 row.input_tokens,
                 row.output_tokens,
@@ -264,24 +285,34 @@ class Repricer:
             )
 
 
-def _add(target: dict[tuple[Any, ...], list[int]], key: tuple[Any, ...], counts: list[int]) -> None:
-    row = target.get(key)
-    if row is None:
-        target[key] = list(counts)
-    else:
-        for index, value in enumerate(counts):
-            row[index] += value
+class _Gate:
+    """The label gate (label -> value -> when it was admitted), read once per pass; a value met that it lacks is
+    looked up, since it may have been admitted after the read (values are admitted, never moved)."""
 
+    def __init__(self, connection: Connection, labels: Iterable[str]) -> None:
+        self.labels = sorted(set(labels))
+        self.known: dict[str, dict[str, datetime]] = {label: {} for label in self.labels}
+        query = select(label_values.c.label, label_values.c.value, label_values.c.admitted_at).where(
+            label_values.c.label.in_(self.labels)
+        )
+        for label, value, at in connection.execute(query):
+            self.known[label][value] = at
 
-def _admitted(connection: Connection, labels: Iterable[str]) -> dict[str, dict[str, datetime]]:
-    """label -> value -> when it was admitted."""
-    out: dict[str, dict[str, datetime]] = {}
-    query = select(label_values.c.label, label_values.c.value, label_values.c.admitted_at).where(
-        label_values.c.label.in_(sorted(set(labels)))
-    )
-    for label, value, at in connection.execute(query):
-        out.setdefault(label, {})[value] = at
-    return out
+    def admitted(self, connection: Connection, met: Mapping[str, set[str]]) -> dict[str, dict[str, datetime]]:
+        """The gate, with the values in `met` (label -> values) it lacked looked up in one statement."""
+        missing = [
+            (label, value)
+            for label, values in met.items()
+            for value in sorted(values)
+            if value not in FREE_VALUES and value not in self.known[label]
+        ]
+        if missing:
+            query = select(label_values.c.label, label_values.c.value, label_values.c.admitted_at).where(
+                tuple_(label_values.c.label, label_values.c.value).in_(missing)
+            )
+            for label, value, at in connection.execute(query):
+                self.known[label][value] = at
+        return self.known
 
 
 def _as_counted(value: str, admitted: Mapping[str, datetime], received: datetime) -> str:

@@ -6,30 +6,19 @@ or month in any of them is a run of whole buckets.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, case, func, select
 
 from monitor.store.models import usage_rollup
+from monitor.wire import BILLED_COUNTS
 
+K = TypeVar("K", bound=Hashable)
 BUCKET = timedelta(minutes=15)
-TIERS = ("standard", "priority", "batch")
-ROLLUP_FIELDS = (
-    "requests",
-    "input",
-    "output",
-    "cache_read",
-    "cache_write_5m",
-    "cache_write_1h",
-    "web_search_requests",
-    "cost_pico",
-    "unpriced_requests",
-)
-TOKEN_FIELDS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+ROLLUP_FIELDS = ("requests", *BILLED_COUNTS, "cost_pico", "unpriced_requests")
 # Lateness (ingest time minus event time) of the events counted in claude_monitor_late_events_total: an event is
 # late from 5 minutes on; each class is [lower, upper).
 LATENESS = (
@@ -72,11 +61,6 @@ def lateness(received: datetime, timestamp: datetime) -> str | None:
     return found
 
 
-def labels_json(values: Mapping[str, str | None]) -> str:
-    """Canonical JSON of a row's label values (None: the event had no such attribute)."""
-    return json.dumps(dict(sorted(values.items())), separators=(",", ":"), ensure_ascii=False)
-
-
 @dataclass(frozen=True, order=True, slots=True)
 class RollupKey:
     """One row's key."""
@@ -110,6 +94,16 @@ class RollupCounts:
     def as_dict(self) -> dict[str, int]:
         """The counts by column name."""
         return {name: getattr(self, name) for name in ROLLUP_FIELDS}
+
+
+def add_counts(into: dict[K, list[int]], key: K, counts: Sequence[int]) -> None:
+    """Add `counts` to the row of `key`, element by element (a new key gets a copy)."""
+    row = into.get(key)
+    if row is None:
+        into[key] = list(counts)
+    else:
+        for index, value in enumerate(counts):
+            row[index] += value
 
 
 def rollup_rows(deltas: Mapping[RollupKey, RollupCounts]) -> list[dict[str, Any]]:

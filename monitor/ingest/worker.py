@@ -23,11 +23,11 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.budgets import Budget, BudgetIndex, compile_budgets
+from monitor.budgets.counters import Usage
+from monitor.budgets.engine import BudgetRead, read_budgets
 from monitor.clock import Clock, system_clock
 from monitor.config import Settings
-from monitor.evaluation import BudgetRead, read_budgets
 from monitor.ingest.writer import Batch, BatchResult, Item, LetterCap, Offset, Writer
-from monitor.usage import Usage
 
 log = logging.getLogger(__name__)
 WORKER_NICE = 10  # the worker's scheduling priority below the daemon's (Linux nice increment)
@@ -217,7 +217,7 @@ def _worker_main(connection: Connection, settings: Settings) -> None:
 
 class _Worker:
     def __init__(self, settings: Settings) -> None:
-        from monitor.events import EventParser
+        from monitor.ingest.parse import EventParser
         from monitor.pricing import load_price_table
         from monitor.store.db import create_db_engine
         from monitor.store.leases import settler_for

@@ -20,17 +20,16 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from monitor import __version__
-from monitor.budgets import Budget, ScopeState, forecast_settle, scope_key
-from monitor.config import ConfigError, WebhookConfig
-from monitor.digests import Digest, digests_from_states, final_digests, fire_digest, insert_notice, update_digest
-from monitor.notices import Notice, alertmanager_payload, fraction_text, generic_payload, slack_payload
-from monitor.redaction import webhook_url
+from monitor.alerts.digests import Digest, digests_from_states, final_digests, fire_digest, insert_notice, update_digest
+from monitor.alerts.payloads import Notice, alertmanager_payload, fraction_text, generic_payload, slack_payload
+from monitor.budgets import Budget, ScopeState, forecast_settle
+from monitor.budgets.counters import USAGE_FIELDS, Usage
+from monitor.config import WebhookConfig
 from monitor.store.models import alert_deliveries, alert_notices, budget_usage
-from monitor.usage import USAGE_FIELDS, Usage
+from monitor.wire import scope_key
 
 log = logging.getLogger(__name__)
 
-ALERTMANAGER_PATH = "/api/v2/alerts"
 MAX_NOTICES_PER_EVALUATION = 100  # a stampede of per-user crossings must not flood a channel: the rest wait a run
 FIRST_RETRY = timedelta(seconds=5)
 MAX_RETRY = timedelta(minutes=10)
@@ -64,22 +63,8 @@ class Webhook:
         return f"alerts.webhooks[{self.index}] ({self.kind}, {urlsplit(self.url).hostname})"
 
 
-def validate_webhooks(webhooks: Sequence[WebhookConfig], where: str = "configuration") -> list[Webhook]:
-    """The webhooks as receivers; an Alertmanager URL not ending in /api/v2/alerts is a ConfigError naming the key."""
-    problems = []
-    for i, hook in enumerate(webhooks):
-        parts = urlsplit(hook.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            problems.append(f"{where}: alerts.webhooks[{i}].url: {webhook_url(hook.url)!r} is not an http(s) URL")
-        elif hook.kind == "alertmanager" and not parts.path.endswith(ALERTMANAGER_PATH):
-            base = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
-            problems.append(
-                f"{where}: alerts.webhooks[{i}].url: {webhook_url(hook.url)!r}: its path is not Alertmanager's "
-                f"alerts API ({ALERTMANAGER_PATH}); kind alertmanager posts to {base}{ALERTMANAGER_PATH} "
-                "(give that URL)"
-            )
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+def webhook_receivers(webhooks: Sequence[WebhookConfig]) -> list[Webhook]:
+    """The configured webhooks as receivers (each URL was checked when the config was loaded)."""
     return [Webhook(i, hook.kind, hook.url) for i, hook in enumerate(webhooks)]
 
 
@@ -147,13 +132,12 @@ class Notifier:
         budgets: Sequence[Budget],
         zone: ZoneInfo,
         *,
-        where: str = "configuration",
         generator_url: str = "http://127.0.0.1:9464/v1/budgets",
         max_per_evaluation: int = MAX_NOTICES_PER_EVALUATION,
         timeout: float = REQUEST_TIMEOUT_S,
         digest_every: timedelta = DIGEST_EVERY,
     ) -> None:
-        self.webhooks = validate_webhooks(webhooks, where)
+        self.webhooks = webhook_receivers(webhooks)
         self._engine = engine
         self._budgets = {b.name: b for b in budgets}
         self._zone = zone

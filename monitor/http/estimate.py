@@ -59,12 +59,3 @@ def input_token_bound(request: Mapping[str, Any]) -> int:
             if not isinstance(source, Mapping) or source.get("type") not in ("base64", "text", "content"):
                 total += DOCUMENT_REFERENCE_ALLOWANCE
     return total
-
-
-def input_token_bound_of_body(body: bytes) -> int | None:
-    """`input_token_bound` of a raw request body; None when it is not a JSON object (the API will refuse it)."""
-    try:
-        request = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return input_token_bound(request) if isinstance(request, Mapping) else None

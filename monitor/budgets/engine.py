@@ -16,12 +16,13 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.budgets import Budget, BudgetIndex, ScopeState, evaluate_scope, scope_key
+from monitor.budgets import Budget, BudgetIndex, ScopeState, evaluate_scope
+from monitor.budgets.counters import USAGE_FIELDS, Usage
+from monitor.budgets.throttle import Flag, ThrottleState, flag_from_state
 from monitor.pricing import format_usd
 from monitor.store.models import budget_definitions, budget_usage, events
 from monitor.store.queries import scope_buckets, upsert_adding, window_totals
-from monitor.throttle import Flag, ThrottleState, flag_from_state, iso
-from monitor.usage import USAGE_FIELDS, Usage
+from monitor.wire import iso_z, scope_key
 
 log = logging.getLogger(__name__)
 TOP_SCOPES = 10  # of a `per:` budget, the biggest spenders are always shown, whatever their utilization
@@ -42,7 +43,7 @@ class DefinitionChange:
         if self.change == "removed":
             return f"budget {self.budget} is stored but not configured: applying would drop its {self.rows:,} rows"
         verb = "count it" if self.change == "new" else "recount it"
-        when = iso(self.since) if self.since is not None else "its window start"
+        when = iso_z(self.since) if self.since is not None else "its window start"
         return f"budget {self.budget} is {self.change}: applying would {verb} from the stored events since {when}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -50,7 +51,7 @@ class DefinitionChange:
         return {
             "budget": self.budget,
             "change": self.change,
-            "since": iso(self.since) if self.since is not None else None,
+            "since": iso_z(self.since) if self.since is not None else None,
             "rows": self.rows if self.change == "removed" else None,
         }
 
@@ -422,18 +423,18 @@ def state_json(state: ScopeState, flags: Mapping[tuple[str, str], Flag], now: da
         "budget": budget.name,
         "scope": state.scope,
         "window": str(budget.window),
-        "window_start": iso(state.window_start),
-        "window_end": iso(state.window_end),
+        "window_start": iso_z(state.window_start),
+        "window_end": iso_z(state.window_end),
         "spend_usd": format_usd(state.usage.cost_pico),
         "limit_usd": format_usd(budget.limit) if usd else None,
         "utilization": round(state.utilization, 6),
         "forecast_usd": format_usd(state.forecast_cost_pico // 10**6 * 10**6),  # an estimate: micro-dollars
         "throttled": flag is not None and flag.active(now),
-        "until": iso(flag.until) if flag is not None else None,
+        "until": iso_z(flag.until) if flag is not None else None,
         "measure": budget.measure,
         "amount": state.amount,
         "limit": budget.limit,
         "forecast": state.forecast_amount,
         "requests": state.usage.requests,
-        "evaluated_at": iso(state.evaluated_at),
+        "evaluated_at": iso_z(state.evaluated_at),
     }

@@ -32,12 +32,13 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Engine
 
 from monitor.budgets import Budget, BudgetIndex
-from monitor.evaluation import Ceiling
-from monitor.events import Event, EventParser, Rejected
-from monitor.limits import Limit, TokenBucket, describe_scope, scope_key_of, worst_case_pico
+from monitor.budgets.counters import Usage
+from monitor.budgets.engine import Ceiling
+from monitor.budgets.limits import Limit, TokenBucket, scope_key_of, worst_case_pico
+from monitor.ingest.parse import Event, EventParser, Rejected
 from monitor.pricing import PriceTable, format_usd
 from monitor.store.queries import scope_totals
-from monitor.usage import Usage
+from monitor.wire import scope_text
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 10_000_000
@@ -48,6 +49,15 @@ OUTCOME = {"rate": "rate_limited", "concurrency": "concurrency", "budget": "budg
 
 class BadAdmit(ValueError):
     """An admit, release or renew body the daemon cannot use; the message says which field and why."""
+
+
+class AdmissionAway(Exception):
+    """A release or renew cannot reach the admission state (its database is away): 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,7 +507,7 @@ class Admission:
     def _budget_refusal(
         self, budget: Budget, key: str, spend: int, reserved: int, amount: int, allowed: Decimal, now: datetime
     ) -> Refused:
-        scope = describe_scope(json.loads(key))
+        scope = scope_text(json.loads(key))
         if Decimal(spend + amount) > allowed:
             # Spend alone leaves no room: only the window moving on can make some.
             if budget.bucket is None:
@@ -828,7 +838,7 @@ def concurrency_refusal(limit: Limit, scope: Mapping[str, str]) -> Refused:
         "concurrency",
         limit.name,
         1,
-        f"{describe_scope(scope)} already has {limit.concurrent:,} calls in flight, the most limit "
+        f"{scope_text(scope)} already has {limit.concurrent:,} calls in flight, the most limit "
         f"{limit.name!r} allows (concurrent); retry when one ends",
     )
 
@@ -844,7 +854,7 @@ def rate_refusal(limit: Limit, scope: Mapping[str, str], what: str, wait: int) -
         "rate",
         limit.name,
         wait,
-        f"{describe_scope(scope)} is over limit {limit.name!r}: {per_minute:,} {what} a minute "
+        f"{scope_text(scope)} is over limit {limit.name!r}: {per_minute:,} {what} a minute "
         f"(bursts of up to {capacity:,}); retry in {wait} s",
     )
 

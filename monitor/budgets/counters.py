@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-USAGE_FIELDS = ("requests", "input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "cost_pico")
+from monitor.wire import TOKEN_TYPES
+
+USAGE_FIELDS = ("requests", *TOKEN_TYPES, "cost_pico")
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """Keep-alive HTTP connections to one host, one per concurrent request (an HTTPConnection is not thread-safe).
 
-Standard library only: `monitor.client` imports it and must stay importable without the daemon's dependencies.
+Standard library only: `monitor.http.client` imports it and must stay importable without the daemon's dependencies.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from monitor.budgets import scope_for, scope_key
+from monitor.budgets import resolved_match, scope_for
 from monitor.config import LimitConfig
-from monitor.events import Event
-from monitor.pricing import PICO_PER_USD, PriceTable
+from monitor.ingest.parse import Event
+from monitor.pricing import PriceTable
+from monitor.wire import PICO_PER_USD, scope_key
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,7 @@ def compile_limits(configs: Sequence[LimitConfig], prices: PriceTable) -> list[L
     """Limits from config; a `model` in match resolved to its price-table name, as budgets do."""
     compiled = []
     for config in configs:
-        match = dict(config.match)
-        if "model" in match:
-            match["model"] = prices.resolve(match["model"]) or match["model"]
+        match = resolved_match(config.match, prices)
         rpm, tpm = config.requests_per_minute, config.input_tokens_per_minute
         compiled.append(
             Limit(
@@ -58,11 +57,6 @@ def compile_limits(configs: Sequence[LimitConfig], prices: PriceTable) -> list[L
             )
         )
     return compiled
-
-
-def describe_scope(scope: Mapping[str, str]) -> str:
-    """A scope for a message: 'project=lingo, user=u-1', or 'all traffic'."""
-    return ", ".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all traffic"
 
 
 class TokenBucket:

@@ -17,9 +17,10 @@ from typing import Any
 from sqlalchemy import Connection, insert, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from monitor.budgets import Budget, ScopeState, scope_key
+from monitor.budgets import Budget, ScopeState
 from monitor.store.models import alert_deliveries, alert_notices
 from monitor.store.queries import window_totals
+from monitor.wire import scope_key
 
 TOP_SCOPES = 5  # the biggest scopes a notice names
 _N = alert_notices.c

@@ -17,15 +17,11 @@ from typing import Any
 
 from monitor.budgets import BudgetIndex, ScopeState
 from monitor.pricing import format_usd
+from monitor.wire import iso_z
 
 log = logging.getLogger(__name__)
 SNAPSHOT_MODE = 0o644  # readable by a proxy that runs as another user; only the daemon writes it
 SNAPSHOT_ERROR_LOG_EVERY_S = 60.0  # a failing snapshot is reported at most this often, not once per write
-
-
-def iso(moment: datetime | None) -> str | None:
-    """RFC 3339 in UTC with a Z."""
-    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -49,8 +45,8 @@ class Flag:
             "budget": self.budget,
             "scope": self.scope,
             "action": "block",
-            "since": iso(self.since),
-            "until": iso(self.until),
+            "since": iso_z(self.since),
+            "until": iso_z(self.until),
             "utilization": round(self.utilization, 4),
             "spend_usd": format_usd(self.spend_pico),
             "limit_usd": None if self.limit_pico is None else format_usd(self.limit_pico),
@@ -197,7 +193,7 @@ class ThrottleState:
         """The snapshot document."""
         flags = [f.as_json() for f in self._flags.values() if f.active(now)]
         flags.sort(key=lambda f: (f["budget"], json.dumps(f["scope"], sort_keys=True)))
-        return {"version": self.version, "generated_at": iso(self.generated_at or now), "flags": flags}
+        return {"version": self.version, "generated_at": iso_z(self.generated_at or now), "flags": flags}
 
     def write_snapshot(self, now: datetime) -> bool:
         """Rewrite the snapshot file atomically (temp file in the same directory, fsync, rename); False if it failed.

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from monitor.budgets import scope_key
 from monitor.pricing import format_usd
-from monitor.throttle import iso
+from monitor.wire import iso_z, scope_key, scope_text
 
 # The names of the shipped Prometheus rules (dashboards/prometheus/alerts.yaml): one runbook, one set of routes.
 _ALERTNAMES = {
@@ -110,9 +108,9 @@ def generic_payload(notice: Notice, now: datetime) -> dict[str, Any]:
                 {"scope": t["scope"], "spend_usd": format_usd(t["spend_pico"]), "limit_usd": _limit_usd(notice)}
                 for t in notice.top
             ],
-            "window_start": iso(notice.window_start),
-            "window_end": iso(notice.window_end),
-            "sent_at": iso(now),
+            "window_start": iso_z(notice.window_start),
+            "window_end": iso_z(notice.window_end),
+            "sent_at": iso_z(now),
         }
     return {
         "kind": notice.kind,
@@ -123,9 +121,9 @@ def generic_payload(notice: Notice, now: datetime) -> dict[str, Any]:
         "spend_usd": format_usd(notice.spend_pico),
         "limit_usd": _limit_usd(notice),
         "forecast_usd": _forecast_usd(notice.forecast_pico),
-        "window_start": iso(notice.window_start),
-        "window_end": iso(notice.window_end),
-        "sent_at": iso(now),
+        "window_start": iso_z(notice.window_start),
+        "window_end": iso_z(notice.window_end),
+        "sent_at": iso_z(now),
     }
 
 
@@ -135,10 +133,6 @@ def _percent(value: Decimal) -> str:
 
 def _unit(measure: str) -> str:
     return "requests" if measure == "requests" else f"{measure} tokens"
-
-
-def _scope_text(scope: Mapping[str, str]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all traffic"
 
 
 def _facts(notice: Notice) -> tuple[str, str, str]:
@@ -181,7 +175,7 @@ def top_text(notice: Notice) -> str:
         spent = f"${format_usd(entry['spend_pico'])}"
         if notice.measure != "usd":
             spent = f"{entry['amount']:,} {_unit(notice.measure)} ({spent})"
-        lines.append(f"{_scope_text(entry['scope'])}: {spent}")
+        lines.append(f"{scope_text(entry['scope'])}: {spent}")
     return "\n".join(lines) or "none"
 
 
@@ -189,7 +183,7 @@ def headline(notice: Notice) -> str:
     """One line saying what happened, for Slack text and Alertmanager's summary."""
     if notice.per is not None:
         return _aggregate_headline(notice)
-    where = f"budget {notice.budget} ({_scope_text(notice.scope)})"
+    where = f"budget {notice.budget} ({scope_text(notice.scope)})"
     percent = _percent(notice.threshold)
     if notice.status == "firing":
         what = {
@@ -222,14 +216,14 @@ def description(notice: Notice, zone: ZoneInfo) -> str:
         biggest = "; ".join(top_text(notice).splitlines())
         return (
             f"{_scopes(notice, notice.scopes_over)} at or over {_percent(notice.threshold)} of their own limit "
-            f"({limit} each) in the window ending {end} ({iso(notice.window_end)}). Biggest: {biggest}. "
+            f"({limit} each) in the window ending {end} ({iso_z(notice.window_end)}). Biggest: {biggest}. "
             "All of them: claude-monitor budgets, or GET /v1/budgets."
         )
     spent, limit, forecast = _facts(notice)
     end = notice.window_end.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
     text = f"Spent {spent} of {limit}; threshold {_percent(notice.threshold)}"
     if notice.calendar:
-        text += f"; forecast {forecast} by the window's end at {end} ({iso(notice.window_end)})"
+        text += f"; forecast {forecast} by the window's end at {end} ({iso_z(notice.window_end)})"
     return text + "."
 
 
@@ -257,42 +251,32 @@ def slack_payload(notice: Notice, now: datetime, zone: ZoneInfo) -> dict[str, An
             _mrkdwn(f"*Threshold*\n{_percent(notice.threshold)}"),
             _mrkdwn(f"*Scopes over*\n{notice.scopes_over}"),
             _mrkdwn(f"*Limit (each)*\n{limit}"),
-            _mrkdwn(f"*Window ends*\n{end} ({iso(notice.window_end)})"),
+            _mrkdwn(f"*Window ends*\n{end} ({iso_z(notice.window_end)})"),
             _mrkdwn(f"*Biggest*\n{_escape(top_text(notice))}"),
             _mrkdwn(f"*Status*\n{notice.status}"),
         ]
-        return {
-            "text": f"{icon} {title}",
-            "blocks": [
-                {"type": "section", "text": _mrkdwn(f"{icon} *{title}*")},
-                {"type": "section", "fields": fields},
-                {
-                    "type": "context",
-                    "elements": [
-                        _mrkdwn(f"claude-monitor · {notice.kind} digest of {notice.per} scopes · sent {iso(now)}")
-                    ],
-                },
-            ],
-        }
+        return _slack_message(icon, title, fields, f"{notice.kind} digest of {notice.per} scopes · sent {iso_z(now)}")
     fields = [
         _mrkdwn(f"*Budget*\n{notice.budget}"),
-        _mrkdwn(f"*Scope*\n{_escape(_scope_text(notice.scope))}"),
+        _mrkdwn(f"*Scope*\n{_escape(scope_text(notice.scope))}"),
         _mrkdwn(f"*Spend*\n{spent}"),
         _mrkdwn(f"*Limit*\n{limit}"),
         _mrkdwn(f"*Threshold*\n{_percent(notice.threshold)}"),
         _mrkdwn(f"*Forecast*\n{forecast}"),
-        _mrkdwn(f"*Window ends*\n{end} ({iso(notice.window_end)})"),
+        _mrkdwn(f"*Window ends*\n{end} ({iso_z(notice.window_end)})"),
         _mrkdwn(f"*Status*\n{notice.status}"),
     ]
+    return _slack_message(icon, title, fields, f"{notice.kind} notice · sent {iso_z(now)}")
+
+
+def _slack_message(icon: str, title: str, fields: list[dict[str, str]], context: str) -> dict[str, Any]:
+    """A headline, its fields and a context line, as Slack blocks (with `text` for the notification itself)."""
     return {
         "text": f"{icon} {title}",
         "blocks": [
             {"type": "section", "text": _mrkdwn(f"{icon} *{title}*")},
             {"type": "section", "fields": fields},
-            {
-                "type": "context",
-                "elements": [_mrkdwn(f"claude-monitor · {notice.kind} notice · sent {iso(now)}")],
-            },
+            {"type": "context", "elements": [_mrkdwn(f"claude-monitor · {context}")]},
         ],
     }
 
@@ -320,14 +304,14 @@ def alertmanager_payload(notice: Notice, zone: ZoneInfo, generator_url: str) -> 
     alert: dict[str, Any] = {
         "labels": labels,
         "annotations": {"summary": headline(notice), "description": description(notice, zone)},
-        "startsAt": iso(notice.fired_at),
+        "startsAt": iso_z(notice.fired_at),
         "generatorURL": generator_url,
     }
     if notice.status == "resolved":
         assert notice.resolved_at is not None
         ends = min(notice.window_end, notice.resolved_at) if notice.calendar else notice.resolved_at
-        alert["endsAt"] = iso(ends)
+        alert["endsAt"] = iso_z(ends)
     elif notice.calendar:
         # Sent once, so Alertmanager must not time it out after its resolve_timeout: it holds until the window ends.
-        alert["endsAt"] = iso(notice.window_end)
+        alert["endsAt"] = iso_z(notice.window_end)
     return [alert]
