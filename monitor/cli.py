@@ -23,7 +23,7 @@ from monitor.budgets.windows import Calendar, calendar_window
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.explain import explain, reconcile_explained
-from monitor.ingest.files import ingest_files
+from monitor.ingest.files import ingest_files, settle_for_bulk
 from monitor.ingest.pipeline import Ingestor
 from monitor.pricing import format_usd
 from monitor.redaction import Redactor, database_url, webhook_url
@@ -164,6 +164,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         elif changes:
             print(_definitions_refusal(store, changes), file=sys.stderr)
             return 2
+        settle_for_bulk()
         result, failed = ingest_files(
             [Path(p) for p in args.files],
             store.parser,

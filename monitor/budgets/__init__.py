@@ -195,12 +195,17 @@ class BudgetIndex:
             keys = tuple(key for key, _ in budget.match)
             values = tuple(value for _, value in budget.match)
             self._groups.setdefault(keys, {}).setdefault(values, []).append(budget)
+        self._lookups = [(keys, "model" in keys, by_values) for keys, by_values in self._groups.items()]
 
     def touched_keys(self, model: str, attributes: Mapping[str, str]) -> Iterator[tuple[Budget, str]]:
         """(budget, scope key) for every budget the event counts toward; keys are built once and reused."""
-        for keys, by_values in self._groups.items():
-            values = tuple(model if key == "model" else attributes.get(key, "\x00") for key in keys)
-            for budget in by_values.get(values, ()):
+        get = attributes.get
+        for keys, by_model, by_values in self._lookups:
+            # An absent attribute is None, which no budget matches; `map` builds the tuple without a generator.
+            values = (
+                tuple([model if key == "model" else get(key) for key in keys]) if by_model else tuple(map(get, keys))
+            )
+            for budget in by_values.get(values, ()):  # type: ignore[arg-type]
                 if budget.per is None:
                     key = self._fixed_keys.get(budget.name)
                     if key is None:

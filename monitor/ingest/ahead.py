@@ -74,9 +74,10 @@ def _parse_files(
     out: Any,
 ) -> None:
     """The parse process: every file's lines, parsed, in batches of `batch_size` lines; then None."""
-    from monitor.ingest.files import READ_BUFFER_BYTES, read_lines  # here: files imports this module
+    from monitor.ingest.files import READ_BUFFER_BYTES, read_lines, settle_for_bulk  # files imports this module
 
     parser = EventParser(dimensions, clock)
+    settle_for_bulk()
     lines_seen = 0
     for index, name in enumerate(paths):
         batch: list[tuple[int, tuple[Any, ...]]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,21 @@ MAX_LINE_BYTES = 1024 * 1024
 RAW_KEEP_BYTES = 64 * 1024
 # Lines are read from a 1 MiB buffer: with the default 8 KiB one, reading costs several times as much per line.
 READ_BUFFER_BYTES = 1 << 20
+# Objects allocated between young collections of a bulk-ingesting process (Python's default is 700).
+BULK_GC_THRESHOLD = 50_000
+
+
+def settle_for_bulk() -> None:
+    """Call once a process that ingests in bulk has started: what start-up allocated leaves the collector's reach,
+    and young collections run a seventieth as often.
+
+    Ingest allocates several objects per event and reference counting frees nearly all of them at once; with the
+    defaults the collector still runs every 700 allocations, and each full collection walks the whole start-up
+    heap and every cached key: measured, a fifth of a one-shot ingest's CPU. Cycles are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(BULK_GC_THRESHOLD, 20, 20)
 
 
 def read_lines(stream: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str | Rejected]]:

@@ -340,17 +340,17 @@ class Writer:
         new: list[tuple[Event, Price]],
         now: datetime,
     ) -> dict[tuple[str, str], Usage]:
+        if not new or not self._budgets.budgets:
+            return {}
         deltas: dict[tuple[str, str, datetime], list[int]] = {}
-        touched: dict[str, set[str]] = defaultdict(set)
-        ranges: dict[str, tuple[datetime, datetime | None]] = {}
         # A budget's bucket of an event depends only on the event's whole seconds since the epoch through its
         # quarter hour (calendar windows: every zone's midnight is on the quarter hour) or its rolling bucket: the
-        # batch computes each (window kind or bucket size, index) once.
-        # Per budget, once per batch: (its name, what decides its bucket, seconds per step, its window in force now).
-        plans: dict[str, tuple[str, str | int, int, datetime, datetime | None]] = {}
-        buckets: dict[tuple[str | int, int], datetime] = {}
+        # batch computes each (window kind or bucket size, index) once, in one cache per grain.
+        # Per budget, once per batch: (seconds per step, its grain's cache of index -> bucket start).
+        plans: dict[str, tuple[int, dict[int, datetime]]] = {}
+        grains: dict[str | int, dict[int, datetime]] = {}
         zone = self._zone
-        touched_keys = self._budgets.touched_keys
+        memberships = self._budgets.touched_keys
         for event, price in new:
             counts = (
                 1,
@@ -362,17 +362,17 @@ class Writer:
                 price.cost_pico or 0,
             )
             seconds = int((event.timestamp - _EPOCH).total_seconds())
-            for budget, key in touched_keys(price.model, event.attributes or {}):
-                plan = plans.get(budget.name)
+            for budget, key in memberships(price.model, event.attributes or {}):
+                name = budget.name
+                plan = plans.get(name)
                 if plan is None:
                     grain, step = _bucket_grain(budget)
-                    first, end = ranges[budget.name] = budget.bucket_range(now, zone)
-                    plan = plans[budget.name] = (budget.name, grain, step, first, end)
-                name, grain, step, first, end = plan
-                bucket_key = (grain, seconds // step)
-                bucket = buckets.get(bucket_key)
+                    plan = plans[name] = (step, grains.setdefault(grain, {}))
+                step, cache = plan
+                index = seconds // step
+                bucket = cache.get(index)
                 if bucket is None:
-                    bucket = buckets[bucket_key] = budget.bucket_of(event.timestamp, zone)
+                    bucket = cache[index] = budget.bucket_of(event.timestamp, zone)
                 delta_key = (name, key, bucket)
                 row = deltas.get(delta_key)
                 if row is None:
@@ -385,23 +385,26 @@ class Writer:
                     row[4] += counts[4]
                     row[5] += counts[5]
                     row[6] += counts[6]
-                if bucket >= first and (end is None or bucket < end):  # in the window in force now
-                    touched[name].add(key)
+        # Which scopes' window in force now the batch added to: decided once per row, not once per event.
+        by_name = {budget.name: budget for budget in self._budgets.budgets if budget.name in plans}
+        ranges = {name: budget.bucket_range(now, zone) for name, budget in by_name.items()}
+        touched: dict[str, set[str]] = defaultdict(set)
+        for name, key, bucket in deltas:
+            first, end = ranges[name]
+            if bucket >= first and (end is None or bucket < end):
+                touched[name].add(key)
         if not deltas:
             return {}
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
-        # PostgreSQL) then lock them in one order and cannot deadlock each other.
-        ordered = sorted(deltas.items())
+        # PostgreSQL) then lock them in one order and cannot deadlock each other. SQLite's rows are sorted as the
+        # text they are stored as: comparing aware datetimes costs several times more.
         if self._sqlite:
-            texts = {bucket: sqlite_datetime(bucket) for bucket in buckets.values()}
-            add_rows(
-                connection,
-                budget_usage,
-                ("budget", "scope", "bucket_start"),
-                USAGE_FIELDS,
-                [(name, key, texts[bucket], *usage) for (name, key, bucket), usage in ordered],
-            )
+            texts = {bucket: sqlite_datetime(bucket) for cache in grains.values() for bucket in cache.values()}
+            rows = [(name, key, texts[bucket], *usage) for (name, key, bucket), usage in deltas.items()]
+            rows.sort()
+            add_rows(connection, budget_usage, ("budget", "scope", "bucket_start"), USAGE_FIELDS, rows)
         else:
+            ordered = sorted(deltas.items())
             self._upsert(
                 connection,
                 self._add_usage,
