@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
@@ -598,10 +597,6 @@ class Daemon:
             self.scheduler.add_job(
                 self.jobs.run, "interval", args=["deliver", self.deliver], seconds=DELIVER_EVERY_S, id="deliver"
             )
-        # What start-up built (modules, settings, the price table, the first evaluation's state) lives as long as the
-        # daemon: frozen, the collector's full passes stop walking it, so they stay short pauses on the answering loop.
-        gc.collect()
-        gc.freeze()
         self.scheduler.start()
         self.server.start()
         if self.ops_server is not None:
