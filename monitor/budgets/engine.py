@@ -350,6 +350,7 @@ class BudgetEngine:
         current = self.throttle.flags
         updated: list[tuple[str, str, ScopeState]] = []
         windows: dict[str, tuple[datetime, datetime]] = {}  # every scope of a budget shares its window at `now`
+        batch_states = self._batch_states
         for (name, key), usage in touched.items():
             budget = self._by_name.get(name)
             if budget is None:
@@ -377,7 +378,10 @@ class BudgetEngine:
             window = windows.get(name)
             if window is None:
                 window = windows[name] = self._window(budget, now)
-            state = evaluate_scope(budget, json.loads(key), usage, now, self._zone, buckets, window)
+            # A scope the fast path has seen since the last evaluation keeps its parsed key (states never change it).
+            seen = batch_states.get((name, key))
+            scope = seen[1].scope if seen is not None else json.loads(key)
+            state = evaluate_scope(budget, scope, usage, now, self._zone, buckets, window)
             updated.append((name, key, state))
             if state.throttled:
                 old = current.get((name, key))
