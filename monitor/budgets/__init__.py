@@ -95,7 +95,7 @@ class Budget:
         assert self.window.span is not None
         return self.bucket_of(now - self.window.span, zone), None
 
-    @property
+    @functools.cached_property  # asked of every scope the fast path updates, and a budget never changes
     def thresholds(self) -> tuple[Decimal, ...]:
         """Every fraction that matters to alerts and throttling, ascending."""
         values = set(self.alert_at)

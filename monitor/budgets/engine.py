@@ -429,8 +429,11 @@ class BudgetEngine:
 def _shown(states: Mapping[str, ScopeState], key: str, state: ScopeState) -> bool:
     """Whether a scope belongs among a summary's shown states: every scope of a plain budget, and of a `per:` budget
     those already shown or at its lowest threshold."""
-    lowest = state.budget.thresholds[0] if state.budget.thresholds else None
-    return state.budget.per is None or key in states or (lowest is not None and state.budget.over(state.amount, lowest))
+    budget = state.budget
+    if budget.per is None or key in states:
+        return True
+    thresholds = budget.thresholds
+    return bool(thresholds) and budget.over(state.amount, thresholds[0])
 
 
 def state_json(state: ScopeState, flags: Mapping[tuple[str, str], Flag], now: datetime) -> dict[str, Any]:
