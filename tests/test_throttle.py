@@ -295,3 +295,31 @@ def test_fast_path_flags_even_when_it_cannot_read_a_rolling_scopes_buckets(
         assert decision.flag.until == datetime(2026, 11, 26, 13, 1, tzinfo=UTC)
     finally:
         store.close()
+
+
+def test_fast_path_moves_to_the_next_local_day_at_midnight_in_the_configured_timezone(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # Europe/Berlin is UTC+1 on 26 November: its day of the 26th is 25 Nov 23:00Z to 26 Nov 23:00Z.
+    text = "timezone: Europe/Berlin\n" + PER_USER
+    store = open_store(load_settings(write_config(tmp_path, text), environ={}), clock=clock)
+    try:
+        store.budgets.sync_definitions()
+        store.budgets.evaluate()
+        scope = scope_key({"project": "lingo", "user": "u-1"})
+        day_26 = (datetime(2026, 11, 25, 23, tzinfo=UTC), datetime(2026, 11, 26, 23, tzinfo=UTC))
+        day_27 = (datetime(2026, 11, 26, 23, tzinfo=UTC), datetime(2026, 11, 27, 23, tzinfo=UTC))
+
+        def window_after_a_batch() -> tuple[datetime, datetime]:
+            store.budgets.on_batch({("per-user-daily", scope): Usage(requests=1, cost_pico=2 * 10**10)})
+            state = store.budgets.summaries["per-user-daily"].states[scope]
+            return state.window_start, state.window_end
+
+        clock.now = datetime(2026, 11, 26, 22, 59, 59, tzinfo=UTC)
+        assert window_after_a_batch() == day_26
+        clock.now = datetime(2026, 11, 26, 23, 0, 0, tzinfo=UTC)  # local midnight: the 27th's window
+        assert window_after_a_batch() == day_27
+        clock.now = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)  # a clock set back: the 26th's window again
+        assert window_after_a_batch() == day_26
+    finally:
+        store.close()

@@ -95,7 +95,7 @@ class Budget:
         assert self.window.span is not None
         return self.bucket_of(now - self.window.span, zone), None
 
-    @property
+    @functools.cached_property  # asked of every scope the fast path updates, and a budget never changes
     def thresholds(self) -> tuple[Decimal, ...]:
         """Every fraction that matters to alerts and throttling, ascending."""
         values = set(self.alert_at)
@@ -281,9 +281,11 @@ def evaluate_scope(
     now: datetime,
     zone: ZoneInfo,
     buckets: Sequence[tuple[datetime, Usage]] | None = None,
+    window: tuple[datetime, datetime] | None = None,
 ) -> ScopeState:
-    """The state of one scope from its window's usage (and, for a throttled rolling scope, its buckets)."""
-    start, end = budget.window_at(now, zone)
+    """The state of one scope from its window's usage (and, for a throttled rolling scope, its buckets); `window`
+    is `budget.window_at(now, zone)` when the caller already has it."""
+    start, end = budget.window_at(now, zone) if window is None else window
     amount = budget.amount(usage)
     if budget.bucket is None:
         # The window's average rate held to its end: spend / max(elapsed, settle) x time left.

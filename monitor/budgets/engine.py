@@ -193,6 +193,7 @@ class BudgetEngine:
         self.summaries: Mapping[str, BudgetSummary] = MappingProxyType({b.name: BudgetSummary(b) for b in self.budgets})
         self._batches = 0  # fast-path updates so far
         self._batch_states: dict[tuple[str, str], tuple[int, ScopeState]] = {}  # newest fast-path state per scope
+        self._calendar_windows: dict[str, tuple[datetime, datetime]] = {}  # the fast path's, per calendar budget
         self.last: EvaluationStats | None = None
         self.failing = False  # the last evaluation could not reach the store: answers come from older state
         # Where an evaluation's reads run, when not here (the daemon's ingest worker process): `read_budgets` there.
@@ -348,6 +349,8 @@ class BudgetEngine:
         set_flags: dict[tuple[str, str], Flag] = {}
         current = self.throttle.flags
         updated: list[tuple[str, str, ScopeState]] = []
+        windows: dict[str, tuple[datetime, datetime]] = {}  # every scope of a budget shares its window at `now`
+        batch_states = self._batch_states
         for (name, key), usage in touched.items():
             budget = self._by_name.get(name)
             if budget is None:
@@ -372,7 +375,13 @@ class BudgetEngine:
                         exc.__class__.__name__,
                     )
                     buckets = [(budget.bucket_of(now, self._zone), usage)]
-            state = evaluate_scope(budget, json.loads(key), usage, now, self._zone, buckets)
+            window = windows.get(name)
+            if window is None:
+                window = windows[name] = self._window(budget, now)
+            # A scope the fast path has seen since the last evaluation keeps its parsed key (states never change it).
+            seen = batch_states.get((name, key))
+            scope = seen[1].scope if seen is not None else json.loads(key)
+            state = evaluate_scope(budget, scope, usage, now, self._zone, buckets, window)
             updated.append((name, key, state))
             if state.throttled:
                 old = current.get((name, key))
@@ -399,6 +408,16 @@ class BudgetEngine:
             self.throttle.write_snapshot(now)
         return changed
 
+    def _window(self, budget: Budget, now: datetime) -> tuple[datetime, datetime]:
+        """`budget.window_at(now)`; a calendar window is worked out once and reused while `now` is inside it."""
+        if budget.bucket is not None:
+            return budget.window_at(now, self._zone)
+        known = self._calendar_windows.get(budget.name)
+        if known is not None and known[0] <= now < known[1]:
+            return known
+        window = self._calendar_windows[budget.name] = budget.window_at(now, self._zone)
+        return window
+
     def states(self) -> list[ScopeState]:
         """Every shown scope of every budget, in config order then by utilization."""
         out = []
@@ -410,8 +429,11 @@ class BudgetEngine:
 def _shown(states: Mapping[str, ScopeState], key: str, state: ScopeState) -> bool:
     """Whether a scope belongs among a summary's shown states: every scope of a plain budget, and of a `per:` budget
     those already shown or at its lowest threshold."""
-    lowest = state.budget.thresholds[0] if state.budget.thresholds else None
-    return state.budget.per is None or key in states or (lowest is not None and state.budget.over(state.amount, lowest))
+    budget = state.budget
+    if budget.per is None or key in states:
+        return True
+    thresholds = budget.thresholds
+    return bool(thresholds) and budget.over(state.amount, thresholds[0])
 
 
 def state_json(state: ScopeState, flags: Mapping[tuple[str, str], Flag], now: datetime) -> dict[str, Any]:
