@@ -164,8 +164,34 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     try:
         b = Serve(config_b, tmp / "b")
         now = datetime.now(UTC)
-        # Some traffic before Prometheus starts, so every series exists before the jumps.
+        # The jumps, drawn now and written once Prometheus scrapes both replicas: a 6-hour catch-up the tailer finds
+        # at once, and a backfill of three days of older events by the real CLI.
+        catch_up = list(simulate.generate_events(count=CATCH_UP, start=now - timedelta(hours=6), end=now, seed=22))
+        older = list(
+            simulate.generate_events(
+                count=BACKFILL, start=now - timedelta(days=3), end=now - timedelta(hours=2), seed=23
+            )
+        )
+        # Some traffic before Prometheus starts, so every series exists before the jumps: failed requests are rare
+        # (a few in the seed), so one of each model and status the jumps fail with is added. A series born in the
+        # middle of a range would be extrapolated from each replica's own first scrape of it.
         seed = list(simulate.generate_events(count=200, start=now - timedelta(minutes=30), end=now, seed=21))
+        failed: dict[tuple[str, int], dict[str, Any]] = {}
+        for line in (*catch_up, *older):
+            event = json.loads(line)
+            if event["status"] != 200:
+                failed.setdefault((event["model"], event["status"]), event)
+        for (model, status), event in sorted(failed.items()):
+            seed.append(
+                json.dumps(
+                    event
+                    | {
+                        "request_id": f"series-{model}-{status}",
+                        "timestamp": (now - timedelta(minutes=15)).isoformat(),
+                    }
+                )
+            )
+        seeded = len(seed) + 100  # and the tailed seed below
         assert a.post_usage("\n".join(seed), content_type="application/x-ndjson").status == 202
         tailed = simulate.generate_events(count=100, start=now - timedelta(minutes=30), end=now, seed=24)
         simulate.write_files(tailed, tmp / "usage", prefix="seed")
@@ -202,20 +228,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
 
         wait_until(scraped_both, timeout=60, interval=0.25)
 
-        # A 6-hour catch-up: the tailer finds six hours of events at once.
-        now = datetime.now(UTC)
-        simulate.write_files(
-            simulate.generate_events(count=CATCH_UP, start=now - timedelta(hours=6), end=now, seed=22),
-            tmp / "usage",
-            prefix="catchup",
-        )
-        # A backfill of three days of older events, by the real CLI.
-        (backfill,) = simulate.write_files(
-            simulate.generate_events(
-                count=BACKFILL, start=now - timedelta(days=3), end=now - timedelta(hours=2), seed=23
-            ),
-            tmp / "backfill",
-        )
+        simulate.write_files(catch_up, tmp / "usage", prefix="catchup")
+        (backfill,) = simulate.write_files(older, tmp / "backfill")
         done = _cli(config, tmp, "ingest", str(backfill), "--format", "json")
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["accepted"] == BACKFILL
@@ -225,7 +239,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
             accepted = _values(url, 'sum by (instance) (claude_monitor_ingest_events_total{outcome="accepted"})')
             month = _values(url, 'sum by (instance) (claude_spend_window_usd{window="month"})')
             return (
-                accepted == [float(300 + CATCH_UP + BACKFILL)] * 2
+                accepted == [float(seeded + CATCH_UP + BACKFILL)] * 2
                 and len(month) == 2
                 and len({round(v, 6) for v in month}) == 1
             )
