@@ -604,6 +604,9 @@ class ProxyConfig(_Strict):
     # Bounds of the proxy's own server; over max_body_bytes a request is refused 413 (Anthropic's own limit
     # is lower, so nothing it would accept is refused here).
     max_body_bytes: int = Field(default=64 * MEBIBYTE, gt=0)
+    # An answer Anthropic sends whole (not a stream) is read into memory before it is passed on: past this many
+    # bytes it is not read further and the caller gets 502 (a Messages answer is at most a few MiB).
+    max_answer_bytes: int = Field(default=64 * MEBIBYTE, gt=0)
     header_timeout: Duration = Duration("10s")
     keepalive_timeout: Duration = Duration("30s")
     max_connections: int = Field(default=1000, gt=0)

@@ -189,3 +189,28 @@ def test_without_the_option_no_count_tokens_call_goes_upstream(bounding: ProxyPr
     assert client(bounding).messages.create(model=HAIKU, max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
     assert [seen.path for seen in fake.requests] == ["/v1/messages"]
     assert counts(bounding) == (0, 0)
+
+
+@pytest.fixture
+def small_answers(tmp_path: Path, fake: FakeAnthropic, daemon_url: str) -> Iterator[ProxyProcess]:
+    proxy = start_proxy(tmp_path, fake, daemon_url, "  max_answer_bytes: 4096\n")
+    yield proxy
+    proxy.stop(signal.SIGKILL)
+
+
+def test_an_answer_sent_whole_is_not_read_past_proxy_max_answer_bytes(
+    small_answers: ProxyProcess, fake: FakeAnthropic
+) -> None:
+    # The count_tokens route passes Anthropic's answer on whole: one of 8 KiB, or one that never ends, is cut at the
+    # 4,096 bytes allowed and answered 502; an ordinary one passes.
+    for padding, endless in ((8192, False), (0, True)):
+        fake.count_padding, fake.count_endless = padding, endless
+        with pytest.raises(anthropic.InternalServerError) as cut:
+            client(small_answers).messages.count_tokens(model=HAIKU, messages=CJK_ASK)
+        assert cut.value.status_code == 502
+        assert isinstance(cut.value.body, dict)
+        assert "longer than 4,096 bytes (proxy.max_answer_bytes)" in cut.value.body["error"]["message"]
+    fake.count_padding, fake.count_endless = 0, False
+    counted = client(small_answers).messages.count_tokens(model=HAIKU, messages=CJK_ASK)
+    assert counted.input_tokens == COUNT_TOKENS_ANSWER
+    assert [seen.path for seen in fake.requests] == [COUNT_TOKENS] * 3

@@ -96,7 +96,7 @@ class InputCounter:
         response = await self.upstream.send(outgoing, stream=True)
         try:
             self.metrics.upstream_latency.labels("count_tokens").observe(time.monotonic() - started)
-            data = await self._read(response)
+            data = await read_at_most(response, self.max_answer_bytes)
         finally:
             await response.aclose()  # an answer cut short: its connection is closed, not reused
         if data is None:
@@ -116,16 +116,18 @@ class InputCounter:
             return f"Anthropic's answer has no input_tokens count: {text[:200]!r}"
         return tokens
 
-    async def _read(self, response: httpx2.Response) -> bytes | None:
-        """The answer's body, or None once it passes max_answer_bytes (declared or sent): nothing more is read."""
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_answer_bytes:
+
+async def read_at_most(response: httpx2.Response, limit: int, *, raw: bool = False) -> bytes | None:
+    """An upstream answer's body, or None once it passes `limit` bytes (declared or sent): nothing more is read.
+    `raw` keeps the body as sent (content-encoding and all), for passing it on."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw() if raw else response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
             return None
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > self.max_answer_bytes:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+        chunks.append(chunk)
+    return b"".join(chunks)

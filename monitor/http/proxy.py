@@ -52,7 +52,7 @@ from monitor.config import ConfigError, LoadedSettings
 from monitor.http.admit import FAIL_MODE_HEADER, Denied, Gate
 from monitor.http.client import MonitorClient, MonitorError, Verdict
 from monitor.http.clients import ProxyClient, ProxyClients, Refused, forwarded
-from monitor.http.count import InputCounter
+from monitor.http.count import InputCounter, read_at_most
 from monitor.http.server import (
     BadLength,
     BindError,
@@ -130,6 +130,7 @@ class ProxySettings:
     fail_mode: Literal["open", "closed"] = "open"
     count_tokens_timeout: float | None = None  # set: admit on upstream's count of the input (proxy.count_tokens)
     count_tokens_max_answer_bytes: int = 64 * 1024  # a longer count_tokens answer: the byte bound instead
+    max_answer_bytes: int = 64 * 1024 * 1024  # a longer answer sent whole: not read on, 502
     limits: ServerLimits = field(default_factory=lambda: ServerLimits(max_body_bytes=64 * 1024 * 1024))
 
 
@@ -164,6 +165,7 @@ def proxy_settings(loaded: LoadedSettings, environ: Mapping[str, str]) -> ProxyS
         fail_mode=config.fail_mode,
         count_tokens_timeout=config.count_tokens_timeout.seconds if config.count_tokens else None,
         count_tokens_max_answer_bytes=config.count_tokens_max_answer_bytes,
+        max_answer_bytes=config.max_answer_bytes,
         limits=limits,
     )
 
@@ -367,7 +369,7 @@ class ProxyApp:
         try:
             response = await self._open(path, body, headers)
             try:
-                data = b"".join([chunk async for chunk in response.aiter_raw()])
+                data = await self._whole(response)
             finally:
                 await response.aclose()
         except httpx2.HTTPError as exc:
@@ -435,7 +437,7 @@ class ProxyApp:
             await self._stream(receive, send, response, call, request_id)
             return
         try:
-            data = b"".join([chunk async for chunk in response.aiter_raw()])
+            data = await self._whole(response)
         except httpx2.HTTPError as exc:
             await self._unreachable(send, exc, call)
             return
@@ -449,6 +451,16 @@ class ProxyApp:
         await self._record(call, event)
         call.access_log(response.status_code, request_id)
         await send_response(send, response.status_code, data, [*_returned(response), *call.headers])
+
+    async def _whole(self, response: httpx2.Response) -> bytes:
+        """An answer sent whole, as sent; AnswerTooLarge past proxy.max_answer_bytes (nothing more is read)."""
+        data = await read_at_most(response, self.settings.max_answer_bytes, raw=True)
+        if data is None:
+            raise AnswerTooLarge(
+                f"Anthropic's answer ({response.status_code}) is longer than {self.settings.max_answer_bytes:,} "
+                "bytes (proxy.max_answer_bytes); not read further"
+            )
+        return data
 
     async def _stream(
         self, receive: Receive, send: Send, response: httpx2.Response, call: _Call, request_id: str
@@ -536,6 +548,10 @@ class ProxyApp:
         log.warning("Anthropic unreachable: %s", _describe(exc))
         call.access_log(502, request_id)
         await _unreachable_answer(send, exc)
+
+
+class AnswerTooLarge(httpx2.HTTPError):
+    """Upstream's whole answer passed proxy.max_answer_bytes: answered 502 like an upstream that failed."""
 
 
 async def _until_disconnect(receive: Receive) -> None:
