@@ -3,7 +3,6 @@ and the event-time rollup, and remember how far a file was read — all in one t
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -15,16 +14,16 @@ from zoneinfo import ZoneInfo
 import orjson
 from sqlalchemy import Connection, Engine
 
-from monitor.budgets import Budget, BudgetIndex
+from monitor.budgets import BudgetIndex
 from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.ingest.parse import Event, Rejected
+from monitor.ingest.tally import Tallier, Tally
 from monitor.metric_names import (
     ATTRIBUTES_DROPPED,
     COST_PICO,
     INGEST_EVENTS,
     LATE_EVENTS,
     LATENCY_BUCKET,
-    LATENCY_BUCKETS,
     LATENCY_COUNT,
     LATENCY_LE,
     LATENCY_SUM_US,
@@ -34,7 +33,7 @@ from monitor.metric_names import (
     UNPRICED_EVENTS,
     UNPRICED_LABEL,
 )
-from monitor.pricing import UNPRICED, Price, PriceTable
+from monitor.pricing import Price, PriceTable
 from monitor.store.bulk_pg import BulkUpsert
 from monitor.store.labels import OTHER, LabelGate
 from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets, usage_rollup
@@ -45,10 +44,7 @@ from monitor.store.rollup import (
     ROLLUP_FIELDS,
     RollupCounts,
     RollupKey,
-    bucket_of,
-    lateness,
     rollup_rows,
-    service_tier,
 )
 from monitor.store.sqlite_events import add_rows, sqlite_datetime
 from monitor.store.sqlite_events import insert_new_events as insert_new_sqlite_events
@@ -63,19 +59,6 @@ _LABEL_KEY_CACHE = 4096  # (model, label values) entries; values are capped alre
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ROLLUP_KEYS = ("bucket_start", "model", "service_tier", "status_class", "labels")
 _RollupTuple = tuple[datetime, str, str, str, str]  # RollupKey's fields in order
-_QUARTER_HOUR_S = 900
-
-
-def _bucket_grain(budget: Budget) -> tuple[str | int, int]:
-    """(what else decides the bucket, seconds per index step) of a budget's bucket of an instant."""
-    if budget.bucket is None:
-        return budget.window.kind, _QUARTER_HOUR_S
-    size = int(budget.bucket.total_seconds())
-    return size, size
-
-
-def _le_index(seconds: float) -> int:
-    return bisect.bisect_left(LATENCY_BUCKETS, seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +160,7 @@ class Writer:
         self._budgets = budgets or BudgetIndex([])
         self._zone = zone or ZoneInfo("UTC")
         self._metric_labels = tuple(metric_labels)
+        self._tallier = Tallier(prices, self._metric_labels, self._budgets, self._zone)
         self._label_cache: dict[tuple[str, tuple[str, ...]], _LabelKeys] = {}
         self.labels = LabelGate(
             {**dict.fromkeys(self._metric_labels, max_values_per_label), UNPRICED_LABEL: max_unpriced_models}
@@ -226,6 +210,7 @@ class Writer:
     def set_budgets(self, budgets: BudgetIndex) -> None:
         """Count toward these budgets from the next batch on."""
         self._budgets = budgets
+        self._tallier.budgets = budgets
 
     def write(
         self, items: Sequence[Item], source: str, offsets: Sequence[Offset] = (), cap: LetterCap | None = None
@@ -285,9 +270,7 @@ class Writer:
                 total.add(result)
             if self.settle_leases is not None:
                 self.settle_leases(connection, total.settles, now)
-            admitted, rollup = self._count(connection, new, total, source, now)
-            self._add_to_rollup(connection, rollup)
-            touched = self._add_to_budgets(connection, new, now)
+            admitted, touched = self._apply(connection, self._tallier.tally(new), total, source, now)
             if offsets:
                 connection.execute(
                     self._set_offset,
@@ -334,72 +317,161 @@ class Writer:
                 rows.append(_row(item, price, now, source, modifiers))
         return letters
 
-    def _add_to_budgets(
+    def _apply(
+        self, connection: Connection, tally: Tally, result: BatchResult, source: str, now: datetime
+    ) -> tuple[dict[str, frozenset[str]], dict[tuple[str, str], Usage]]:
+        """Add a tally of the batch's new events (and `result`'s outcome counts) to the counters, the rollup and the
+        budget buckets; return the admitted label sets to publish once committed, and the budget scopes the batch
+        added to in their window in force now, with their totals after it."""
+        values: dict[tuple[str, str], int] = defaultdict(int)
+        for outcome, count in (
+            ("accepted", result.accepted),
+            ("duplicate", result.duplicates),
+            ("rejected", result.rejected),
+        ):
+            if count:
+                values[INGEST_EVENTS, labels_key({"source": source, "outcome": outcome})] += count
+        if result.attributes_dropped:
+            values[ATTRIBUTES_DROPPED, labels_key({"source": source})] += result.attributes_dropped
+        # Labels are bounded here, as the counter is written: the model label is a price-table name or `unpriced`,
+        # every other label an admitted value or `__other__`. Spend is kept whole; only its labels are capped.
+        decided, unpriced_as, admitted = self._decide_labels(connection, tally, now)
+        # Summed per capped label set first: two raw sets may become one.
+        sums: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for (model, raw), row in tally.sums.items():
+            into = sums.get((model, decided[raw]))
+            if into is None:
+                sums[model, decided[raw]] = list(row)
+            else:
+                for position, count in enumerate(row):
+                    into[position] += count
+        for (model, label_values), row in sums.items():
+            keys = self._label_keys(model, label_values)
+            values[REQUESTS, keys.base] += row[0]
+            if row[7]:
+                values[COST_PICO, keys.base] += row[1]
+            for token_key, count in zip(keys.tokens, row[2:7], strict=True):
+                if count:
+                    values[TOKENS, token_key] += count
+            if row[8]:
+                values[LATENCY_COUNT, keys.model] += row[8]
+                values[LATENCY_SUM_US, keys.model] += row[9]
+                for bucket_key, count in zip(keys.latency, row[10:], strict=True):
+                    if count:
+                        values[LATENCY_BUCKET, bucket_key] += count
+        for model, count in tally.unpriced_models.items():
+            values[UNPRICED_EVENTS, labels_key({"model": unpriced_as[model]})] += count
+        for (model, status), count in tally.errors.items():
+            values[REQUEST_ERRORS, labels_key({"model": model, "status": str(status)})] += count
+        for late, count in tally.late_counts(now, LATENESS).items():
+            values[LATE_EVENTS, labels_key({"lateness": late})] += count
+        if values and self._sqlite:
+            ordered = [(name, key, value) for (name, key), value in sorted(values.items())]
+            add_rows(connection, counters, ("name", "labels"), ("value",), ordered)
+        elif values:
+            self._upsert(
+                connection,
+                self._add_counter,
+                [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
+            )
+        self._add_to_rollup(connection, tally, decided, unpriced_as)
+        return admitted, self._add_to_budgets(connection, tally, now)
+
+    def _decide_labels(
+        self, connection: Connection, tally: Tally, now: datetime
+    ) -> tuple[dict[tuple[str, ...], tuple[str, ...]], dict[str, str], dict[str, frozenset[str]]]:
+        """Each raw label set of the tally as capped, each unpriced model as its label, and the sets this
+        transaction admitted (to publish once it commits; empty when the cache decided all)."""
+        gate = self.labels
+        names = self._metric_labels
+        distinct = list(dict.fromkeys(raw for _, raw in tally.sums))  # in order of first appearance: slots go in order
+        wanted: dict[str, dict[str, None]] = defaultdict(dict)
+        for raw in distinct:
+            for name, value in zip(names, raw, strict=True):
+                if gate.cached(name, value) is None:
+                    wanted[name][value] = None
+        for model in tally.unpriced_models:
+            if gate.cached(UNPRICED_LABEL, model) is None:
+                wanted[UNPRICED_LABEL][model] = None
+        admitted = gate.admit(connection, wanted, now) if wanted else {}
+
+        def decide(label: str, value: str) -> str:
+            if value in admitted.get(label, ()):
+                return value  # admitted by this transaction (or seen in the table by it)
+            known = gate.cached(label, value)
+            return OTHER if known is None else known  # None: asked for a slot above and refused
+
+        decided = {raw: tuple(decide(name, value) for name, value in zip(names, raw, strict=True)) for raw in distinct}
+        unpriced_as = {model: decide(UNPRICED_LABEL, model) for model in tally.unpriced_models}
+        return decided, unpriced_as, admitted
+
+    def _add_to_rollup(
         self,
         connection: Connection,
-        new: list[tuple[Event, Price]],
-        now: datetime,
-    ) -> dict[tuple[str, str], Usage]:
-        if not new or not self._budgets.budgets:
-            return {}
-        deltas: dict[tuple[str, str, datetime], list[int]] = {}
-        # A budget's bucket of an event depends only on the event's whole seconds since the epoch through its
-        # quarter hour (calendar windows: every zone's midnight is on the quarter hour) or its rolling bucket: the
-        # batch computes each (window kind or bucket size, index) once, in one cache per grain.
-        # Per budget, once per batch: (seconds per step, its grain's cache of index -> bucket start).
-        plans: dict[str, tuple[int, dict[int, datetime]]] = {}
-        grains: dict[str | int, dict[int, datetime]] = {}
-        zone = self._zone
-        memberships = self._budgets.touched_keys
-        for event, price in new:
-            counts = (
-                1,
-                event.input_tokens,
-                event.output_tokens,
-                event.cache_read_tokens,
-                event.cache_write_5m_tokens,
-                event.cache_write_1h_tokens,
-                price.cost_pico or 0,
+        tally: Tally,
+        decided: dict[tuple[str, ...], tuple[str, ...]],
+        unpriced_as: dict[str, str],
+    ) -> None:
+        """Add the tally's rollup sums to their event-time buckets, with the counters' bounded labels: a price-table
+        name as it is, an unknown id as its unpriced-model slot allows (the id, or __other__), label values of
+        attributes the event lacks as None."""
+        if not tally.rollup:
+            return
+        names = self._metric_labels
+        label_json: dict[tuple[tuple[str, ...], tuple[bool, ...]], str] = {}
+        deltas: dict[_RollupTuple, list[int]] = {}
+        for (bucket, model, tier, status, raw, present, unknown), row in tally.rollup.items():
+            label_values = decided[raw]
+            labels = label_json.get((label_values, present))
+            if labels is None:
+                labels = label_json[label_values, present] = labels_key(
+                    {
+                        name: value if has else None
+                        for name, value, has in zip(names, label_values, present, strict=True)
+                    }
+                )
+            key = (bucket, unpriced_as[model] if unknown else model, tier, status, labels)
+            into = deltas.get(key)
+            if into is None:
+                deltas[key] = list(row)
+            else:
+                for position, count in enumerate(row):
+                    into[position] += count
+        if self._sqlite:
+            rows = [
+                (sqlite_datetime(bucket), model, tier, status, labels, *row)
+                for (bucket, model, tier, status, labels), row in sorted(deltas.items())
+            ]
+            add_rows(connection, usage_rollup, ROLLUP_KEYS, ROLLUP_FIELDS, rows)
+        else:
+            self._upsert(
+                connection,
+                self._add_rollup,
+                rollup_rows({RollupKey(*key): RollupCounts(*row) for key, row in deltas.items()}),
             )
-            seconds = int((event.timestamp - _EPOCH).total_seconds())
-            for budget, key in memberships(price.model, event.attributes or {}):
-                name = budget.name
-                plan = plans.get(name)
-                if plan is None:
-                    grain, step = _bucket_grain(budget)
-                    plan = plans[name] = (step, grains.setdefault(grain, {}))
-                step, cache = plan
-                index = seconds // step
-                bucket = cache.get(index)
-                if bucket is None:
-                    bucket = cache[index] = budget.bucket_of(event.timestamp, zone)
-                delta_key = (name, key, bucket)
-                row = deltas.get(delta_key)
-                if row is None:
-                    deltas[delta_key] = list(counts)
-                else:
-                    row[0] += 1
-                    row[1] += counts[1]
-                    row[2] += counts[2]
-                    row[3] += counts[3]
-                    row[4] += counts[4]
-                    row[5] += counts[5]
-                    row[6] += counts[6]
-        # Which scopes' window in force now the batch added to: decided once per row, not once per event.
-        by_name = {budget.name: budget for budget in self._budgets.budgets if budget.name in plans}
-        ranges = {name: budget.bucket_range(now, zone) for name, budget in by_name.items()}
-        touched: dict[str, set[str]] = defaultdict(set)
-        for name, key, bucket in deltas:
-            first, end = ranges[name]
-            if bucket >= first and (end is None or bucket < end):
-                touched[name].add(key)
+
+    def _add_to_budgets(self, connection: Connection, tally: Tally, now: datetime) -> dict[tuple[str, str], Usage]:
+        deltas = tally.budgets
         if not deltas:
             return {}
+        # Which scopes' window in force now the batch added to: decided once per row, not once per event.
+        known = {budget.name: budget for budget in self._budgets.budgets}
+        zone = self._zone
+        named = {name for name, _, _ in deltas}
+        ranges = {name: known[name].bucket_range(now, zone) for name in named if name in known}
+        touched: dict[str, set[str]] = defaultdict(set)
+        for name, key, bucket in deltas:
+            span = ranges.get(name)
+            if span is None:
+                continue
+            first, end = span
+            if bucket >= first and (end is None or bucket < end):
+                touched[name].add(key)
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
         # PostgreSQL) then lock them in one order and cannot deadlock each other. SQLite's rows are sorted as the
         # text they are stored as: comparing aware datetimes costs several times more.
         if self._sqlite:
-            texts = {bucket: sqlite_datetime(bucket) for cache in grains.values() for bucket in cache.values()}
+            texts = {bucket: sqlite_datetime(bucket) for bucket in {bucket for _, _, bucket in deltas}}
             rows = [(name, key, texts[bucket], *usage) for (name, key, bucket), usage in deltas.items()]
             rows.sort()
             add_rows(connection, budget_usage, ("budget", "scope", "bucket_start"), USAGE_FIELDS, rows)
@@ -423,194 +495,6 @@ class Writer:
             for key, usage in scope_totals(connection, name, keys, *ranges[name]).items():
                 totals[name, key] = usage
         return totals
-
-    def _metric_values(
-        self, connection: Connection, new: list[tuple[Event, Price]], now: datetime
-    ) -> tuple[list[tuple[str, tuple[str, ...], str | None]], dict[str, frozenset[str]]]:
-        """Per event: its model label, its metric label values and (when unpriced) its unpriced-model label, each
-        capped; plus the admitted sets to publish once the transaction commits (empty when the cache decided all)."""
-        gate = self.labels
-        names = self._metric_labels
-        raw: list[tuple[str, tuple[str, ...], str | None]] = []
-        distinct: dict[tuple[str, ...], None] = {}  # a batch has few label sets: each is decided once
-        unpriced_models: dict[str, None] = {}
-        label_of = self._prices.label
-        for event, price in new:
-            attributes = event.attributes or {}
-            values = tuple([attributes.get(name, "") for name in names])
-            distinct[values] = None
-            unpriced = None
-            if price.cost_pico is None:
-                unpriced = price.model
-                unpriced_models[unpriced] = None
-            raw.append((label_of(price.model), values, unpriced))
-        wanted: dict[str, dict[str, None]] = defaultdict(dict)  # in order of first appearance: slots go in order
-        for values in distinct:
-            for name, value in zip(names, values, strict=True):
-                if gate.cached(name, value) is None:
-                    wanted[name][value] = None
-        for unpriced in unpriced_models:
-            if gate.cached(UNPRICED_LABEL, unpriced) is None:
-                wanted[UNPRICED_LABEL][unpriced] = None
-        admitted = gate.admit(connection, wanted, now) if wanted else {}
-
-        def decide(label: str, value: str) -> str:
-            if value in admitted.get(label, ()):
-                return value  # admitted by this transaction (or seen in the table by it)
-            known = gate.cached(label, value)
-            return OTHER if known is None else known  # None: asked for a slot above and refused
-
-        decided = {
-            values: tuple(decide(name, value) for name, value in zip(names, values, strict=True)) for values in distinct
-        }
-        unpriced_as = {model: decide(UNPRICED_LABEL, model) for model in unpriced_models}
-        out = [
-            (model, decided[values], None if unpriced is None else unpriced_as[unpriced])
-            for model, values, unpriced in raw
-        ]
-        return out, admitted
-
-    def _count(
-        self, connection: Connection, new: list[tuple[Event, Price]], result: BatchResult, source: str, now: datetime
-    ) -> tuple[dict[str, frozenset[str]], dict[_RollupTuple, list[int]]]:
-        """Add the batch to the counters; return the admitted sets to publish and the batch's rollup deltas.
-
-        Events are summed per label set first (and per rollup row), then turned into counter rows: a batch has
-        thousands of events but a few dozen label sets."""
-        values: dict[tuple[str, str], int] = defaultdict(int)
-        for outcome, count in (
-            ("accepted", result.accepted),
-            ("duplicate", result.duplicates),
-            ("rejected", result.rejected),
-        ):
-            if count:
-                values[INGEST_EVENTS, labels_key({"source": source, "outcome": outcome})] += count
-        if result.attributes_dropped:
-            values[ATTRIBUTES_DROPPED, labels_key({"source": source})] += result.attributes_dropped
-        # Labels are bounded here, as the counter is written: the model label is a price-table name or `unpriced`,
-        # every other label an admitted value or `__other__`. Spend is kept whole; only its labels are capped.
-        labelled, admitted = self._metric_values(connection, new, now)
-        names = self._metric_labels
-        # (model label, label values) -> requests, cost, the five token counts, priced requests, latency count and
-        # sum, then the latency buckets.
-        sums: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-        unpriced_counts: dict[str, int] = defaultdict(int)
-        errors: dict[tuple[str, int], int] = defaultdict(int)
-        late_counts: dict[str, int] = defaultdict(int)
-        rollup: dict[_RollupTuple, list[int]] = {}  # RollupKey's fields: a tuple hashes faster
-        bucket_starts: dict[float, datetime] = {}
-        label_json: dict[tuple[tuple[str, ...], tuple[bool, ...]], str] = {}
-        buckets = len(LATENCY_BUCKETS) + 1
-        early = now - LATENESS[0][0]  # an event stamped after this is not late
-        for (event, price), (model, label_values, unpriced) in zip(new, labelled, strict=True):
-            cost = price.cost_pico
-            row = sums.get((model, label_values))
-            if row is None:
-                row = sums[model, label_values] = [0] * (10 + buckets)
-            row[0] += 1
-            if cost is not None:
-                row[1] += cost
-                row[7] += 1
-            row[2] += event.input_tokens
-            row[3] += event.output_tokens
-            row[4] += event.cache_read_tokens
-            row[5] += event.cache_write_5m_tokens
-            row[6] += event.cache_write_1h_tokens
-            if event.latency_ms is not None:
-                row[8] += 1
-                row[9] += round(event.latency_ms * 1000)
-                row[10 + _le_index(event.latency_ms / 1000)] += 1
-            if unpriced is not None:
-                unpriced_counts[unpriced] += 1
-            status = event.status
-            if status is not None and not 200 <= status < 300:
-                errors[model, status] += 1
-            if event.timestamp <= early:
-                late = lateness(now, event.timestamp)
-                if late is not None:
-                    late_counts[late] += 1
-            # The rollup row: a price-table name as it is; an unknown id as its unpriced-model slot allows (the id,
-            # or __other__); label values of attributes the event lacks as None.
-            attributes = event.attributes or {}
-            present = tuple([name in attributes for name in names])
-            labels = label_json.get((label_values, present))
-            if labels is None:
-                labels = label_json[label_values, present] = labels_key(
-                    {
-                        name: value if has else None
-                        for name, value, has in zip(names, label_values, present, strict=True)
-                    }
-                )
-            quarter = event.timestamp.timestamp() // 900
-            bucket = bucket_starts.get(quarter)
-            if bucket is None:
-                bucket = bucket_starts[quarter] = bucket_of(event.timestamp)
-            key = (
-                bucket,
-                unpriced if model == UNPRICED and unpriced is not None else price.model,
-                service_tier(event.batch, event.service_tier),
-                "error" if status is not None and status >= 400 else "ok",
-                labels,
-            )
-            deltas = rollup.get(key)
-            if deltas is None:
-                deltas = rollup[key] = [0] * len(ROLLUP_FIELDS)
-            deltas[0] += 1
-            deltas[1] += event.input_tokens
-            deltas[2] += event.output_tokens
-            deltas[3] += event.cache_read_tokens
-            deltas[4] += event.cache_write_5m_tokens
-            deltas[5] += event.cache_write_1h_tokens
-            deltas[6] += event.web_search_requests
-            if cost is None:
-                deltas[8] += 1
-            else:
-                deltas[7] += cost
-        for (model, label_values), row in sums.items():
-            keys = self._label_keys(model, label_values)
-            values[REQUESTS, keys.base] += row[0]
-            if row[7]:
-                values[COST_PICO, keys.base] += row[1]
-            for token_key, count in zip(keys.tokens, row[2:7], strict=True):
-                if count:
-                    values[TOKENS, token_key] += count
-            if row[8]:
-                values[LATENCY_COUNT, keys.model] += row[8]
-                values[LATENCY_SUM_US, keys.model] += row[9]
-                for bucket_key, count in zip(keys.latency, row[10:], strict=True):
-                    if count:
-                        values[LATENCY_BUCKET, bucket_key] += count
-        for unpriced, count in unpriced_counts.items():
-            values[UNPRICED_EVENTS, labels_key({"model": unpriced})] += count
-        for (model, status), count in errors.items():
-            values[REQUEST_ERRORS, labels_key({"model": model, "status": str(status)})] += count
-        for late, count in late_counts.items():
-            values[LATE_EVENTS, labels_key({"lateness": late})] += count
-        if values and self._sqlite:
-            ordered = [(name, key, value) for (name, key), value in sorted(values.items())]
-            add_rows(connection, counters, ("name", "labels"), ("value",), ordered)
-        elif values:
-            self._upsert(
-                connection,
-                self._add_counter,
-                [{"name": name, "labels": key, "value": value} for (name, key), value in sorted(values.items())],
-            )
-        return admitted, rollup
-
-    def _add_to_rollup(self, connection: Connection, deltas: dict[_RollupTuple, list[int]]) -> None:
-        """Add the batch's rollup deltas to their event-time buckets (kept with the counters' bounded labels)."""
-        if deltas and self._sqlite:
-            rows = [
-                (sqlite_datetime(bucket), model, tier, status, labels, *row)
-                for (bucket, model, tier, status, labels), row in sorted(deltas.items())
-            ]
-            add_rows(connection, usage_rollup, ROLLUP_KEYS, ROLLUP_FIELDS, rows)
-        elif deltas:
-            self._upsert(
-                connection,
-                self._add_rollup,
-                rollup_rows({RollupKey(*key): RollupCounts(*row) for key, row in deltas.items()}),
-            )
 
 
 def _letter(now: datetime, source: str, location: str, reason: str, raw: str, request_id: str | None) -> dict[str, Any]:
