@@ -23,6 +23,7 @@ from monitor.budgets.windows import Calendar, calendar_window
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.explain import explain, reconcile_explained
+from monitor.ingest.ahead import PARSE_AHEAD_MIN_BYTES, parse_processes
 from monitor.ingest.files import ingest_files, settle_for_bulk
 from monitor.ingest.pipeline import Ingestor
 from monitor.pricing import format_usd
@@ -172,7 +173,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             Ingestor(store.writer),
             batch_size=args.batch_size,
             on_error=lambda message: print(f"error: {message}", file=sys.stderr),
-            parse_ahead=args.parse_process,
+            parse_ahead=_parse_ahead(args.parse_process, [Path(p) for p in args.files]),
         )
     finally:
         store.close()
@@ -187,6 +188,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         if result.rejected:
             print("rejected lines are in the dead_letters table with their reason and raw text")
     return 1 if failed else 0
+
+
+def _parse_ahead(asked: bool | None, paths: list[Path]) -> bool:
+    """Whether `ingest` runs parse processes: as asked, else when the files are big enough to repay starting them
+    and there is a core to run them on."""
+    if asked is not None:
+        return asked
+    size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+        except OSError:
+            continue  # ingest_files says which files it cannot read
+    return size >= PARSE_AHEAD_MIN_BYTES and parse_processes() > 1
 
 
 def _nothing_counted(store: Store) -> bool:
@@ -602,11 +617,20 @@ def _parser() -> argparse.ArgumentParser:
         "from the stored events and drop the counts of budgets not in the config (listed before it starts); "
         "without it such a config is refused with exit 2",
     )
-    p.add_argument(
+    parse = p.add_mutually_exclusive_group()
+    parse.add_argument(
         "--parse-process",
+        dest="parse_process",
         action="store_true",
-        help="read and parse in a second process while this one writes (worth it only with a core to spare: "
-        "handing events over costs CPU too)",
+        default=None,
+        help="read, parse, price and tally in parse processes while this one writes (the default for files of "
+        f"{PARSE_AHEAD_MIN_BYTES // 2**20} MiB and more on a machine with more than one core)",
+    )
+    parse.add_argument(
+        "--no-parse-process",
+        dest="parse_process",
+        action="store_false",
+        help="do everything in this process (the default for smaller files or one core)",
     )
     p.set_defaults(func=cmd_ingest)
 

@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import threading
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,92 @@ def test_a_parse_process_gives_the_same_results(tmp_path: Path, clock: FakeClock
     assert len(errors) == 1 and "missing.jsonl: cannot read" in errors[0]
     assert letters == [(f"{first.resolve()}:7", letters[0][1])]
     assert rows[-1] == ("r1", f"file:{second.resolve()}", 10_000_000, "2026-11-24 10:15:02.000000")  # 10 x $1/M
+
+
+PREPARED_CONFIG = (
+    "metrics: {labels: [project], max_values_per_label: 2, max_unpriced_models: 1}\n"
+    "budgets:\n"
+    "  - {name: all-monthly, match: {}, window: month, limit_usd: 100}\n"
+    "  - {name: user-daily, match: {project: p1}, per: user, window: day, limit_usd: 10}\n"
+    "  - {name: key-hourly, match: {}, per: api_key, window: 'rolling:1h', limit_requests: 1000}\n"
+)
+
+
+def _mixed_lines() -> list[str]:
+    """Every kind of line a batch may hold: priced and unknown models, statuses, latencies, label values past the
+    cap, attributes dropped, repeats within and across batches, late and current timestamps, rejected lines."""
+    lines = []
+    for i in range(60):
+        day = 24 - (i % 4)  # the clock is 2026-11-26 12:00Z: events 2 to 5 days late, and today's below
+        body = event(
+            f"m{i % 50}",  # ids 0-9 come twice
+            timestamp=f"2026-11-{day:02d}T{i % 24:02d}:{i % 60:02d}:07.{i:06d}Z",
+            model=("claude-haiku-4-5", "claude-sonnet-4-5", f"unknown-{i % 3}")[i % 3],
+            input_tokens=1000 + i,
+            output_tokens=10 * i,
+            cache_read_input_tokens=i % 5,
+            cache_creation={"ephemeral_5m_input_tokens": i % 7, "ephemeral_1h_input_tokens": i % 2},
+        )
+        body["status"] = (200, 429, 500, None)[i % 4]
+        if i % 5:
+            body["latency_ms"] = 37.5 * i
+        body["attributes"] = {"project": f"p{i % 4}", "user": f"u{i % 6}", "api_key": f"k{i % 2}"}
+        if i % 9 == 0:
+            body["attributes"]["not_a_dimension"] = "dropped"
+        lines.append(json.dumps(body))
+    for i in range(6):
+        lines.append(json.dumps(event(f"now{i}", timestamp=f"2026-11-26T11:{50 + i}:00Z", input_tokens=5)))
+    lines.insert(17, "not json")
+    lines.insert(33, '{"request_id": "no-timestamp", "model": "m", "usage": {}}')
+    return lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_parse_processes_store_exactly_what_one_process_stores(tmp_path: Path, processes: int) -> None:
+    """Batches prepared in parse processes (priced, tallied ahead) against the same lines written in one process:
+    every table the write path fills is the same, rows already stored included (their batches are tallied again)."""
+    seed = [json.dumps(event(f"m{i}", input_tokens=1)) for i in (3, 12, 41)]  # stored before: duplicates later
+    lines = _mixed_lines()
+    usage = tmp_path / "usage.jsonl"
+    usage.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    first = tmp_path / "seed.jsonl"
+    first.write_text("\n".join(seed) + "\n", encoding="utf-8")
+    tables = {
+        "events": "SELECT request_id, ts, source, model_id, model, input_tokens, output_tokens, cache_read_tokens, "
+        "cache_write_5m_tokens, cache_write_1h_tokens, batch, long_prompt, status, latency_ms, attributes, "
+        "cost_pico, price_version FROM events ORDER BY request_id",
+        "counters": "SELECT name, labels, value FROM counters ORDER BY name, labels",
+        "rollup": "SELECT * FROM usage_rollup ORDER BY bucket_start, model, service_tier, status_class, labels",
+        "budgets": "SELECT * FROM budget_usage ORDER BY budget, scope, bucket_start",
+        "letters": "SELECT location, reason FROM dead_letters ORDER BY id",
+    }
+    outcomes = []
+    for ahead in (False, True):
+        directory = tmp_path / f"ahead-{ahead}"
+        directory.mkdir()
+        clock = FakeClock(datetime(2026, 11, 26, 12, 0, tzinfo=UTC))
+        store = open_store(load_settings(write_config(directory, PREPARED_CONFIG), environ={}), clock=clock)
+        try:
+            ingest_files([first], store.parser, store.ingestor, batch_size=7)
+            result, failed = ingest_files(
+                [usage], store.parser, store.ingestor, batch_size=7, parse_ahead=ahead, parse_processes=processes
+            )
+            found = {name: table_rows(store, query) for name, query in tables.items()}
+        finally:
+            store.close()
+        assert failed == []
+        outcomes.append(({**result.as_dict(), "dropped": result.attributes_dropped}, found))
+    assert outcomes[1] == outcomes[0]
+    summary, found = outcomes[1]
+    # 66 events over 56 ids (m0-m9 twice), 3 of them (m3, m12, m41) stored by the seed file; 2 rejected lines;
+    # 7 events carry an attribute that is not a dimension (i = 0, 9, ..., 54), one of them (i = 54) a repeat of m4.
+    # 20 have an unknown model (i = 2, 5, ..., 59): 4 of them repeats (i = 50, 53, 56, 59), one stored before (m41).
+    assert summary == {"accepted": 53, "duplicates": 13, "rejected": 2, "unpriced": 15, "dropped": 6}
+    assert len(found["events"]) == 56
+    assert {row[0] for row in found["budgets"]} == {"all-monthly", "user-daily", "key-hourly"}
+    late = {json.loads(labels)["lateness"]: value for name, labels, value in found["counters"] if name == "late_events"}
+    # The seed's 3 (2026-11-24) and the 47 new of the main file are days late; the six of 11:50-11:55, 5-10 minutes.
+    assert late == {">1d": 50, "5m-1h": 6}
+    other = [labels for name, labels, _ in found["counters"] if name == "requests" and "__other__" in labels]
+    assert other  # four projects, two slots: the cap was applied to the tallies

@@ -20,7 +20,7 @@ from monitor.config import load_settings
 from monitor.ingest.parse import Event, Rejected
 from monitor.service import Store, open_store
 from monitor.store.models import budget_usage, counters, dead_letters, events
-from tests.conftest import REPO, FakeClock, run_cli, write_config
+from tests.conftest import REPO, FakeClock, event, run_cli, write_config
 from tests.serve_harness import Serve, wait_until
 from tests.test_ingest import reference_cost, simulated_file
 from tests.test_migrations import alembic
@@ -383,3 +383,45 @@ def test_serve_rides_out_a_postgres_outage_and_recovers(private_postgres: Postgr
     finally:
         code = daemon.stop(signal.SIGTERM)
     assert code == 0, daemon.output()
+
+
+@pytest.mark.slow
+def test_parse_processes_store_on_postgres_exactly_what_one_process_stores(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """The prepared path on PostgreSQL (rows as COPY takes them, partitions made ahead of them): every table the
+    write path fills is the one a single process fills, a batch holding events already stored included."""
+    from monitor.ingest.files import ingest_files
+    from tests.test_ingest_bulk import PREPARED_CONFIG, _mixed_lines
+
+    usage = tmp_path / "usage.jsonl"
+    usage.write_text("\n".join(_mixed_lines()) + "\n", encoding="utf-8")
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text("\n".join(json.dumps(event(f"m{i}", input_tokens=1)) for i in (3, 12, 41)) + "\n", "utf-8")
+    queries = [
+        "SELECT request_id, ts, source, model, cost_pico, attributes::text FROM events ORDER BY request_id",
+        "SELECT name, labels, value FROM counters ORDER BY name, labels",
+        "SELECT * FROM usage_rollup ORDER BY bucket_start, model, service_tier, status_class, labels",
+        "SELECT * FROM budget_usage ORDER BY budget, scope, bucket_start",
+        "SELECT location, reason FROM dead_letters ORDER BY id",
+    ]
+    outcomes = []
+    for ahead in (False, True):
+        url = postgres.create_database()
+        clock = FakeClock(datetime(2026, 11, 26, 12, 0, tzinfo=UTC))
+        store = open_store(
+            load_settings(pg_config(tmp_path / f"ahead-{ahead}", url, PREPARED_CONFIG), environ={}), clock=clock
+        )
+        try:
+            ingest_files([seed], store.parser, store.ingestor, batch_size=7)
+            result, failed = ingest_files(
+                [usage], store.parser, store.ingestor, batch_size=7, parse_ahead=ahead, parse_processes=2
+            )
+            with store.engine.connect() as connection:
+                found = [connection.execute(text(query)).all() for query in queries]
+        finally:
+            store.close()
+        assert failed == []
+        outcomes.append((result.as_dict(), found))
+    assert outcomes[1] == outcomes[0]
+    assert outcomes[1][0] == {"accepted": 53, "duplicates": 13, "rejected": 2, "unpriced": 15}

@@ -1,36 +1,51 @@
-"""Reading and parsing in a second process while the first one writes: a one-shot ingest on two cores.
+"""Parse processes that read, parse, price and tally while the first process writes: a one-shot ingest on every
+core.
 
-The parse process reads each file, parses its lines and sends them on in the batches the writer will commit (the
-same batches, so every result is the one a single process gets); the writer rebuilds them and writes. At most
-`AHEAD_BATCHES` batches wait between the two, so memory stays bounded whatever the files hold.
+Each parse process reads every file whole but prepares only its share of the batches (batch k of a file goes to
+process k mod n): the batches are the ones a single process makes, so every result is the one it gets. Each
+prepared batch (`Prepared`: rows to insert, rejected lines, the tally of its events) waits in its process's queue
+until the writer takes the batches in order; at most `AHEAD_BATCHES` wait per process, so memory stays bounded
+whatever the files hold.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from monitor.ingest.parse import Event, EventParser, Rejected
+from monitor.ingest.writer import Prepared, Preparer
 
 AHEAD_BATCHES = 4
-assert Event._fields[:2] == ("request_id", "timestamp")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-_POLL_S = 1.0  # how often a waiting writer checks that the parse process is still alive
+# Starting a parse process costs about half a second of a core (a fresh interpreter imports the write path): below
+# some 60,000 events (16 MiB of usage lines) one process finishes first.
+PARSE_AHEAD_MIN_BYTES = 16 * 2**20
+_POLL_S = 1.0  # how often a waiting writer checks that the parse processes are still alive
+
+
+def parse_processes() -> int:
+    """How many parse processes a one-shot ingest runs: one per core this process may use, at least one, at most
+    two (the writer is the next bottleneck past two)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(2, cores))
 
 
 @dataclass(frozen=True)
-class Parsed:
-    """One batch of one file: (line number, event or rejection) in file order, and the offset read up to."""
+class Ready:
+    """One prepared batch of a file, and the offset read up to (None: the file cannot tell, e.g. a pipe)."""
 
     path_index: int
-    lines: list[tuple[int, Event | Rejected]]
-    offset: int | None  # None: the file cannot tell its position (a pipe)
+    prepared: Prepared
+    offset: int | None
 
 
 @dataclass(frozen=True)
@@ -49,50 +64,49 @@ class FileFailed:
     error: str
 
 
-Message = Parsed | FileDone | FileFailed
+Message = Ready | FileDone | FileFailed
 
 
-def _pack(item: Event | Rejected) -> tuple[Any, ...]:
-    """A parsed line as plain values, cheap to pickle: the Event's fields (its UTC timestamp as whole microseconds
-    since the epoch), or a Rejected's."""
-    if isinstance(item, Event):
-        return (item[0], (item.timestamp - _EPOCH) // _MICROSECOND, *item[2:])
-    return (None, item.reason, item.raw, item.request_id)
-
-
-def _unpack(packed: tuple[Any, ...]) -> Event | Rejected:
-    if packed[0] is None:
-        return Rejected(packed[1], packed[2], packed[3])
-    return Event(packed[0], _EPOCH + timedelta(microseconds=packed[1]), *packed[2:])
-
-
-def _parse_files(
+def _prepare_files(
     paths: Sequence[str],
+    sources: Sequence[str],
     dimensions: Sequence[str],
     clock: Callable[[], datetime],
     batch_size: int,
+    preparer: Preparer,
+    share: tuple[int, int],
     out: Any,
 ) -> None:
-    """The parse process: every file's lines, parsed, in batches of `batch_size` lines; then None."""
+    """A parse process: its share (k, n) of every file's batches, prepared, in order; each file's end; then None."""
     from monitor.ingest.files import READ_BUFFER_BYTES, read_lines, settle_for_bulk  # files imports this module
 
+    mine, processes = share
     parser = EventParser(dimensions, clock)
     settle_for_bulk()
     lines_seen = 0
     for index, name in enumerate(paths):
-        batch: list[tuple[int, tuple[Any, ...]]] = []
+        slot = 0
+        batch: list[tuple[int, Event | Rejected]] = []
         try:
             with Path(name).open("rb", buffering=READ_BUFFER_BYTES) as stream:
                 seekable = stream.seekable()
+                filled = 0
+                now = clock()  # read once a batch: it bounds how far ahead a timestamp may be
                 for number, text in read_lines(stream):
-                    item = text if isinstance(text, Rejected) else parser.parse_line(text)
-                    batch.append((number, _pack(item)))
                     lines_seen += 1
-                    if len(batch) >= batch_size:
-                        out.put(("parsed", index, batch, stream.tell() if seekable else None))
-                        batch = []
+                    if slot % processes == mine:
+                        batch.append((number, text if isinstance(text, Rejected) else parser.parse_line(text, now)))
+                    filled += 1
+                    if filled >= batch_size:
+                        if batch:
+                            prepared = preparer.prepare(batch, sources[index], clock())
+                            out.put(("ready", index, prepared, stream.tell() if seekable else None))
+                            batch = []
+                        filled = 0
+                        slot += 1
+                        now = clock()
                 if batch:
-                    out.put(("parsed", index, batch, None))
+                    out.put(("ready", index, preparer.prepare(batch, sources[index], clock()), None))
         except OSError as exc:
             out.put(("failed", index, lines_seen, str(exc)))
             continue
@@ -101,45 +115,87 @@ def _parse_files(
 
 
 class ParseAhead:
-    """Runs the parse process over `paths` and yields its messages in order; stops it when closed early."""
+    """Runs the parse processes over `paths` and yields their messages in file order; stops them when closed."""
 
-    def __init__(self, paths: Sequence[Path], parser: EventParser, batch_size: int) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        parser: EventParser,
+        preparer: Preparer,
+        batch_size: int,
+        processes: int | None = None,
+    ) -> None:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the writer's connections
-        self._queue: Any = context.Queue(maxsize=AHEAD_BATCHES)
-        self._process = context.Process(
-            target=_parse_files,
-            args=([str(p) for p in paths], parser.dimensions, parser.clock, batch_size, self._queue),
-            name="claude-monitor-parse",
-            daemon=True,
-        )
-        self._process.start()
+        count = processes or parse_processes()
+        self._paths = list(paths)
+        self._queues: list[Any] = [context.Queue(maxsize=AHEAD_BATCHES) for _ in range(count)]
+        sources = [f"file:{path.resolve()}" for path in paths]
+        self._processes = [
+            context.Process(
+                target=_prepare_files,
+                args=(
+                    [str(p) for p in paths],
+                    sources,
+                    parser.dimensions,
+                    parser.clock,
+                    batch_size,
+                    preparer,
+                    (mine, count),
+                    self._queues[mine],
+                ),
+                name=f"claude-monitor-parse-{mine}",
+                daemon=True,
+            )
+            for mine in range(count)
+        ]
+        for process in self._processes:
+            process.start()
 
-    def messages(self) -> Iterator[Message]:
-        """Each batch, file end and file failure, in the order the files were read."""
+    def _get(self, which: int) -> Any:
         while True:
             try:
-                message = self._queue.get(timeout=_POLL_S)
+                return self._queues[which].get(timeout=_POLL_S)
             except queue.Empty:
-                if not self._process.is_alive():
+                process = self._processes[which]
+                if not process.is_alive():
                     raise RuntimeError(
-                        f"the parse process ended without finishing (exit code {self._process.exitcode})"
+                        f"a parse process ended without finishing (exit code {process.exitcode})"
                     ) from None
-                continue
-            if message is None:
-                return
-            kind = message[0]
-            if kind == "parsed":
-                _, index, batch, offset = message
-                yield Parsed(index, [(number, _unpack(packed)) for number, packed in batch], offset)
-            elif kind == "done":
-                yield FileDone(message[1])
-            else:
-                yield FileFailed(message[1], message[2], message[3])
+
+    def messages(self) -> Iterator[Message]:
+        """Each prepared batch, file end and file failure, in the order the files were read."""
+        count = len(self._queues)
+        for index in range(len(self._paths)):
+            slot = 0
+            while True:
+                message = self._get(slot % count)
+                if message[0] == "ready":
+                    _, at, prepared, offset = message
+                    assert at == index, (at, index)
+                    yield Ready(index, prepared, offset)
+                    slot += 1
+                    continue
+                # This file ends here in every process: a failure past it drops what the others read further.
+                ends = [message]
+                for other in range(count):
+                    if other == slot % count:
+                        continue
+                    while (found := self._get(other))[0] == "ready":
+                        pass
+                    ends.append(found)
+                failure = next((end for end in ends if end[0] == "failed"), None)
+                if failure is None:
+                    yield FileDone(index)
+                else:
+                    yield FileFailed(index, failure[2], failure[3])
+                break
 
     def close(self) -> None:
-        """Stop the parse process (at once if it is still reading) and release the queue."""
-        if self._process.is_alive():
-            self._process.terminate()
-        self._process.join()
-        self._queue.close()
-        self._queue.cancel_join_thread()
+        """Stop the parse processes (at once if they are still reading) and release the queues."""
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+        for process, channel in zip(self._processes, self._queues, strict=True):
+            process.join()
+            channel.close()
+            channel.cancel_join_thread()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from monitor.ingest.ahead import FileFailed, ParseAhead, Parsed
+from monitor.ingest.ahead import FileFailed, ParseAhead, Ready
 from monitor.ingest.parse import EventParser, Rejected, redact
 from monitor.ingest.pipeline import Ingestor
 from monitor.ingest.writer import BatchResult, Item
@@ -112,11 +112,12 @@ def ingest_files(
     progress: Callable[[int], Progress] = Progress,
     on_error: Callable[[str], None] = lambda message: None,
     parse_ahead: bool = False,
+    parse_processes: int | None = None,
 ) -> tuple[BatchResult, list[str]]:
     """Ingest every file; return the summed result and the files that could not be read.
 
-    With `parse_ahead` a second process reads and parses while this one writes (the same batches, the same
-    results)."""
+    With `parse_ahead` parse processes (`parse_processes` of them, by default one per core up to two) read,
+    parse, price and tally while this one writes: the same batches, the same results."""
     total = BatchResult()
     failed: list[str] = []
     sizes = {}
@@ -128,7 +129,7 @@ def ingest_files(
             failed.append(str(path))
     bar = progress(sum(sizes.values()))
     if parse_ahead and sizes:
-        _ingest_ahead(sizes, parser, ingestor, batch_size, bar, total, failed, on_error)
+        _ingest_ahead(sizes, parser, ingestor, batch_size, bar, total, failed, on_error, parse_processes)
         bar.finish()
         return total, failed
     done_before = 0
@@ -141,13 +142,15 @@ def ingest_files(
         try:
             with path.open("rb", buffering=READ_BUFFER_BYTES) as stream:
                 seekable = stream.seekable()  # a named pipe or /dev/stdin has no position to show progress by
+                now = parser.clock()  # read once a batch: it bounds how far ahead a timestamp may be
                 for number, text in read_lines(stream):
-                    item = text if isinstance(text, Rejected) else parser.parse_line(text)
+                    item = text if isinstance(text, Rejected) else parser.parse_line(text, now)
                     batch.append((f"{absolute}:{number}", item))
                     lines_seen += 1
                     if len(batch) >= batch_size:
                         total.add(_counted(ingestor.submit(batch, source)))
                         batch = []
+                        now = parser.clock()
                         if seekable:
                             bar.update(done_before + stream.tell(), lines_seen)
                 if batch:
@@ -177,21 +180,22 @@ def _ingest_ahead(
     total: BatchResult,
     failed: list[str],
     on_error: Callable[[str], None],
+    processes: int | None,
 ) -> None:
-    """`ingest_files`' loop with the reading and parsing in a ParseAhead process."""
+    """`ingest_files`' loop with the reading, parsing, pricing and tallying in parse processes."""
     paths = list(sizes)
     absolute = [path.resolve() for path in paths]
     done_before = 0
     lines_seen = 0
-    ahead = ParseAhead(paths, parser, batch_size)
+    ahead = ParseAhead(paths, parser, ingestor.preparer(), batch_size, processes)
     try:
         for message in ahead.messages():
             path = paths[message.path_index]
-            if isinstance(message, Parsed):
+            if isinstance(message, Ready):
                 where = absolute[message.path_index]
-                batch: list[Item] = [(f"{where}:{number}", item) for number, item in message.lines]
-                total.add(_counted(ingestor.submit(batch, f"file:{where}")))
-                lines_seen += len(batch)
+                result = ingestor.submit_prepared(message.prepared, f"file:{where}", str(where))
+                total.add(_counted(result))
+                lines_seen += result.accepted + result.duplicates + result.rejected
                 if message.offset is not None:
                     bar.update(done_before + message.offset, lines_seen)
                 continue

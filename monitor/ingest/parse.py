@@ -179,8 +179,9 @@ class EventParser:
         """What `now` is (an event more than 24 h past it is refused)."""
         return self._clock
 
-    def parse_line(self, line: str) -> Event | Rejected:
-        """Parse one JSONL line (without its newline)."""
+    def parse_line(self, line: str, now: datetime | None = None) -> Event | Rejected:
+        """Parse one JSONL line (without its newline); `now` (default: the clock's) bounds how far ahead a
+        timestamp may be, and a caller parsing many lines in a row may read the clock once for all of them."""
         raw = redact(line)
         # orjson decodes several times faster, and every value an accepted event keeps the same as json does, but
         # for an integer past 64 bits (a float to orjson). So an event it decodes is kept when valid; a line it
@@ -191,7 +192,7 @@ class EventParser:
         except orjson.JSONDecodeError:
             pass
         else:
-            parsed = self._parse_decoded(fast, raw, exact=False)
+            parsed = self._parse_decoded(fast, raw, exact=False, now=now)
             if isinstance(parsed, Event):
                 return parsed
         try:
@@ -200,13 +201,13 @@ class EventParser:
             return Rejected(f"not JSON: {exc}", raw)
         except RecursionError:
             return Rejected("not JSON this daemon accepts: nested too deeply", raw)
-        return self._parse_decoded(obj, raw, exact=True)
+        return self._parse_decoded(obj, raw, exact=True, now=now)
 
-    def _parse_decoded(self, obj: Any, raw: str, exact: bool) -> Event | Rejected:
+    def _parse_decoded(self, obj: Any, raw: str, exact: bool, now: datetime | None = None) -> Event | Rejected:
         if "\\u" in raw and _KEY_PREFIX in json.dumps(obj, ensure_ascii=False):
             # A key spelled with JSON escapes: keep the decoded text, redacted, instead of the raw line.
             raw = redact(json.dumps(obj, ensure_ascii=False))
-        return self._validate(obj, raw, exact)
+        return self._validate(obj, raw, exact, now)
 
     def parse_object(self, obj: Any, raw: str | None = None) -> Event | Rejected:
         """Validate one decoded JSON value; `raw` is the text it came from, if any."""
@@ -214,7 +215,7 @@ class EventParser:
             raw = redact(json.dumps(obj, ensure_ascii=False, default=str))
         return self._validate(obj, raw, exact=True)
 
-    def _validate(self, obj: Any, raw: str, exact: bool) -> Event | Rejected:
+    def _validate(self, obj: Any, raw: str, exact: bool, now: datetime | None = None) -> Event | Rejected:
         """`exact`: numbers were decoded exactly (json); otherwise a float past 64 bits may stand for an integer,
         and a kept value made from one rejects the event so that json decodes it."""
         if not isinstance(obj, dict):
@@ -222,15 +223,16 @@ class EventParser:
         request_id: str | None = None
         try:
             request_id = _required_str(obj, "request_id")
-            return self._build(obj, request_id, exact)
+            return self._build(obj, request_id, exact, now)
         except _Bad as bad:
             return Rejected(redact(str(bad)), raw, request_id)
 
-    def _build(self, obj: dict[str, Any], request_id: str, exact: bool) -> Event:
+    def _build(self, obj: dict[str, Any], request_id: str, exact: bool, now: datetime | None) -> Event:
         if obj.get("timestamp") is None:
             raise _Bad("timestamp: required field is missing")
         timestamp = parse_timestamp(obj["timestamp"])
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         if timestamp > now + MAX_FUTURE:
             raise _Bad(f"timestamp: {obj['timestamp']} is more than 24 h in the future (now {now.isoformat()})")
         model_id = _required_str(obj, "model")

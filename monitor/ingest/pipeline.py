@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from monitor.budgets.counters import Usage
-from monitor.ingest.writer import Batch, BatchResult, Item, Offset
+from monitor.ingest.writer import Batch, BatchResult, Item, Offset, Prepared, Preparer, Writer
 
 if TYPE_CHECKING:
     from monitor.budgets.admission import Admission
@@ -54,6 +54,22 @@ class Ingestor:
         if results:  # `touched` is the transaction's, the same in every result
             self.committed(results[0].touched, [settle for result in results for settle in result.settles])
         return results
+
+    def preparer(self) -> Preparer:
+        """What prepares batches for `submit_prepared` (in a parse process) as the writer is configured now."""
+        return self._writer().preparer()
+
+    def submit_prepared(self, prepared: Prepared, source: str, where: str) -> BatchResult:
+        """Write one prepared batch of the file `where` names and apply what follows its commit."""
+        result = self._writer().write_prepared(prepared, source, where)
+        self.committed(result.touched, result.settles)
+        return result
+
+    def _writer(self) -> Writer:
+        sink = self.sink
+        if not isinstance(sink, Writer):
+            raise TypeError(f"prepared batches are written by a Writer, and this ingestor writes through {sink!r}")
+        return sink
 
     def submit_bodies(self, bodies: Sequence[tuple[bytes, str]], max_events: int, group_events: int) -> Written:
         """Have the ingest worker (the sink) parse and write HTTP bodies ((body, remote) each), then apply what

@@ -184,7 +184,7 @@ class Tallier:
                 sums_row[7] += cost
             if memberships is None:
                 continue
-            seconds = int((event.timestamp - _EPOCH).total_seconds())
+            seconds = int(stamp)  # an aware datetime's timestamp() is its seconds since the epoch
             for budget, scope in memberships(price.model, attributes):
                 name = budget.name
                 plan = plans.get(name)

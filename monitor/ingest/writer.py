@@ -46,7 +46,7 @@ from monitor.store.rollup import (
     RollupKey,
     rollup_rows,
 )
-from monitor.store.sqlite_events import add_rows, sqlite_datetime
+from monitor.store.sqlite_events import EVENT_COLUMNS, add_rows, sqlite_datetime
 from monitor.store.sqlite_events import insert_new_events as insert_new_sqlite_events
 from monitor.wire import TOKEN_TYPES
 from monitor.wire import scope_key as labels_key
@@ -136,6 +136,103 @@ class Offset:
     file_id: str
     path: str
     offset: int
+
+
+@dataclass
+class Prepared:
+    """One batch of a file made ready to write away from the store (in a parse process): its new-looking events as
+    rows to insert (in request_id order), its rejected lines, and the tally of those rows, right as it is when
+    every row turns out new; the writer works out what it must when some were stored already."""
+
+    rows: list[Any]  # SQLite: tuples as its DBAPI takes them; otherwise dicts of column values
+    rejections: list[tuple[int, Rejected]]  # (line number, rejection)
+    repeats: int  # events whose request_id an earlier line of the batch carries
+    tally: Tally
+    dropped: dict[str, int]  # request_id -> attribute values dropped, for the few events that had some
+    settles: list[tuple[str, str | None, int]]  # for admission to settle (only when the writer settles leases)
+
+
+class Preparer:
+    """Prepares batches as a writer with the same configuration would write them; picklable, so a parse process
+    can hold one."""
+
+    def __init__(
+        self,
+        prices: PriceTable,
+        tallier: Tallier,
+        dialect: str,
+        settles: bool,
+    ) -> None:
+        self._prices = prices
+        self._tallier = tallier
+        self._sqlite = dialect == "sqlite"
+        self._settles = settles
+
+    def prepare(self, lines: Sequence[tuple[int, Event | Rejected]], source: str, received: datetime) -> Prepared:
+        """Price and shape one batch's lines (received at `received`)."""
+        rows: list[Any] = []
+        rejections: list[tuple[int, Rejected]] = []
+        fresh: list[tuple[Event, Price]] = []
+        seen: set[str] = set()
+        dropped: dict[str, int] = {}
+        settles: list[tuple[str, str | None, int]] = []
+        repeats = 0
+        price_of = self._prices.price
+        modifiers_of = self._prices.modifiers
+        stamp = sqlite_datetime(received) if self._sqlite else None
+        for number, item in lines:
+            if isinstance(item, Rejected):
+                rejections.append((number, item))
+                continue
+            if item.request_id in seen:
+                repeats += 1
+                continue
+            seen.add(item.request_id)
+            price = price_of(item)
+            fresh.append((item, price))
+            modifiers = modifiers_of(item.speed, item.inference_geo)
+            if stamp is not None:
+                rows.append(_sqlite_row(item, price, stamp, source, modifiers))
+            else:
+                rows.append(_row(item, price, received, source, modifiers))
+            if item.attributes_dropped:
+                dropped[item.request_id] = item.attributes_dropped
+            if self._settles:
+                prompt = item.input_tokens + item.cache_write_5m_tokens + item.cache_write_1h_tokens
+                settles.append((item.request_id, item.lease, prompt))
+        rows.sort(key=_request_id_of_tuple if self._sqlite else _request_id_of_dict)
+        return Prepared(rows, rejections, repeats, self._tallier.tally(fresh), dropped, settles)
+
+
+def _rebuilt(row: Any, sqlite: bool, dropped: dict[str, int]) -> tuple[Event, Price]:
+    """The event and price a prepared row was made from, as far as a tally reads them."""
+    if sqlite:
+        values = dict(zip(EVENT_COLUMNS, row, strict=True))
+        values["ts"] = datetime.fromisoformat(values["ts"]).replace(tzinfo=UTC)
+        values["attributes"] = orjson.loads(values["attributes"])
+    else:
+        values = row
+    event = Event(
+        values["request_id"],
+        values["ts"],
+        values["model_id"],
+        values["input_tokens"],
+        values["output_tokens"],
+        values["cache_read_tokens"],
+        values["cache_write_5m_tokens"],
+        values["cache_write_1h_tokens"],
+        values["web_search_requests"],
+        values["web_fetch_requests"],
+        bool(values["batch"]),
+        values["service_tier"],
+        values["speed"],
+        values["inference_geo"],
+        values["status"],
+        values["latency_ms"],
+        values["attributes"],
+        dropped.get(values["request_id"], 0),
+    )
+    return event, Price(values["model"], values["cost_pico"], values["price_version"], bool(values["long_prompt"]))
 
 
 class Writer:
@@ -284,6 +381,54 @@ class Writer:
         for result in results:
             result.touched = touched
         return results
+
+    def preparer(self) -> Preparer:
+        """What prepares batches for `write_prepared` as this writer is configured now."""
+        return Preparer(self._prices, self._tallier, self._engine.dialect.name, self.settle_leases is not None)
+
+    def write_prepared(self, prepared: Prepared, source: str, where: str) -> BatchResult:
+        """Store a prepared batch of the file `where` names (see `Prepared`); all or nothing. The result is the one
+        `write` gives for the same lines."""
+        now = self._clock()
+        result = BatchResult(duplicates=prepared.repeats)
+        letters = []
+        for number, rejected in prepared.rejections:
+            location = f"{where}:{number}"
+            letters.append(_letter(now, source, location[:1024], rejected.reason, rejected.raw, rejected.request_id))
+            result.rejections.append((location, rejected.reason))
+        result.rejected = len(letters)
+        rows = prepared.rows
+        if self._partitions is not None and rows:
+            self._partitions.ensure((row["ts"] for row in rows), now)
+        admitted: dict[str, frozenset[str]] = {}
+        with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
+            inserted: set[str] = set()
+            if rows and self._sqlite:
+                inserted = insert_new_sqlite_events(connection, rows)
+            elif rows and self._copy_events:
+                inserted = insert_new_events(connection, rows)
+            elif rows:
+                inserted = set(connection.execute(self._insert, rows).scalars())
+            if letters:
+                connection.execute(self._insert_letter, letters)
+            tally = prepared.tally
+            if len(inserted) != len(rows):  # some were stored already: tally only the new ones
+                sqlite = self._sqlite
+                key = _request_id_of_tuple if sqlite else _request_id_of_dict
+                tally = self._tallier.tally(
+                    _rebuilt(row, sqlite, prepared.dropped) for row in rows if key(row) in inserted
+                )
+            result.accepted = tally.accepted
+            result.unpriced = tally.unpriced
+            result.attributes_dropped = tally.attributes_dropped
+            result.duplicates += len(rows) - len(inserted)
+            result.settles = prepared.settles
+            if self.settle_leases is not None:
+                self.settle_leases(connection, result.settles, now)
+            admitted, result.touched = self._apply(connection, tally, result, source, now)
+        if admitted:
+            self.labels.publish(admitted)
+        return result
 
     def _sort_batch(
         self,

@@ -51,7 +51,9 @@ _ROWID_SAFE = 2**62
 
 def sqlite_datetime(moment: datetime) -> str:
     """A UTC-aware datetime as the text SQLite stores for it (what the ORM writes for a UTC column)."""
-    return moment.astimezone(UTC).isoformat(" ", "microseconds")[:26]
+    if moment.tzinfo is not UTC:  # parsed timestamps are UTC already: converting one again costs a third
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(" ", "microseconds")[:26]
 
 
 def insert_new_events(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> set[str]:
