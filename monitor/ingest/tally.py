@@ -23,7 +23,7 @@ from monitor.budgets import Budget, BudgetIndex
 from monitor.ingest.parse import Event
 from monitor.metric_names import LATENCY_BUCKETS
 from monitor.pricing import UNPRICED, Price, PriceTable
-from monitor.store.rollup import ROLLUP_FIELDS, bucket_of, service_tier
+from monitor.store.rollup import ROLLUP_FIELDS, bucket_of
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _QUARTER_HOUR_S = 900
@@ -122,14 +122,19 @@ class Tallier:
         grains: dict[str | int, dict[int, datetime]] = {}
         quarters: dict[float, datetime] = {}
         buckets = LATENCY_BUCKETS
+        model_labels: dict[str, str] = {}
+        no_values: tuple[str, ...] = ()
+        no_present: tuple[bool, ...] = ()
         accepted = unpriced_count = dropped = 0
         for event, price in new:
             accepted += 1
             dropped += event.attributes_dropped
             cost = price.cost_pico
-            model = label_of(price.model)
+            model = model_labels.get(price.model)
+            if model is None:
+                model = model_labels[price.model] = label_of(price.model)
             attributes = event.attributes or {}
-            values = tuple([attributes.get(name, "") for name in names])
+            values = tuple([attributes.get(name, "") for name in names]) if names else no_values
             row = sums.get((model, values))
             if row is None:
                 row = sums[model, values] = [0] * SUM_FIELDS
@@ -159,13 +164,14 @@ class Tallier:
             bucket = quarters.get(quarter)
             if bucket is None:
                 bucket = quarters[quarter] = bucket_of(event.timestamp)
+            tier = event.service_tier  # the tier as `rollup.service_tier` decides it, without a call per event
             key = (
                 bucket,
                 price.model,
-                service_tier(event.batch, event.service_tier),
+                "batch" if event.batch or tier == "batch" else "priority" if tier == "priority" else "standard",
                 "error" if status is not None and status >= 400 else "ok",
                 values,
-                tuple([name in attributes for name in names]),
+                tuple([name in attributes for name in names]) if names else no_present,
                 cost is None and model == UNPRICED,
             )
             sums_row = rollup.get(key)
