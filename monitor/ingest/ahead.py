@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -100,18 +101,24 @@ def _prepare_files(
                     if filled >= batch_size:
                         if batch:
                             prepared = preparer.prepare(batch, sources[index], clock())
-                            out.put(("ready", index, prepared, stream.tell() if seekable else None))
+                            out.put(_packed(("ready", index, prepared, stream.tell() if seekable else None)))
                             batch = []
                         filled = 0
                         slot += 1
                         now = clock()
                 if batch:
-                    out.put(("ready", index, preparer.prepare(batch, sources[index], clock()), None))
+                    out.put(_packed(("ready", index, preparer.prepare(batch, sources[index], clock()), None)))
         except OSError as exc:
             out.put(("failed", index, lines_seen, str(exc)))
             continue
         out.put(("done", index))
     out.put(None)
+
+
+def _packed(message: tuple[Any, ...]) -> bytes:
+    """A prepared batch's message, pickled by the thread that made it: the queue's feeder thread then only copies
+    bytes, instead of holding the interpreter lock against the parsing for as long as pickling takes."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class ParseAhead:
@@ -154,7 +161,8 @@ class ParseAhead:
     def _get(self, which: int) -> Any:
         while True:
             try:
-                return self._queues[which].get(timeout=_POLL_S)
+                message = self._queues[which].get(timeout=_POLL_S)
+                return pickle.loads(message) if isinstance(message, bytes) else message
             except queue.Empty:
                 process = self._processes[which]
                 if not process.is_alive():
