@@ -93,9 +93,10 @@ def _prepare_files(
                 seekable = stream.seekable()
                 filled = 0
                 now = clock()  # read once a batch: it bounds how far ahead a timestamp may be
-                for number, text in read_lines(stream):
+                others = [mine != 0]  # the batch being read is another process's: count its lines, no more
+                for number, text in read_lines(stream, skip=others):
                     lines_seen += 1
-                    if slot % processes == mine:
+                    if not others[0]:
                         batch.append((number, text if isinstance(text, Rejected) else parser.parse_line(text, now)))
                     filled += 1
                     if filled >= batch_size:
@@ -105,6 +106,7 @@ def _prepare_files(
                             batch = []
                         filled = 0
                         slot += 1
+                        others[0] = slot % processes != mine
                         now = clock()
                 if batch:
                     out.put(_packed(("ready", index, preparer.prepare(batch, sources[index], clock()), None)))

@@ -35,14 +35,23 @@ def settle_for_bulk() -> None:
     gc.set_threshold(BULK_GC_THRESHOLD, 20, 20)
 
 
-def read_lines(stream: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str | Rejected]]:
-    """Yield (line number, text) of each non-blank line; a line over max_bytes or not UTF-8 comes as Rejected."""
+def read_lines(
+    stream: BinaryIO, max_bytes: int = MAX_LINE_BYTES, skip: list[bool] | None = None
+) -> Iterator[tuple[int, str | Rejected]]:
+    """Yield (line number, text) of each non-blank line; a line over max_bytes or not UTF-8 comes as Rejected.
+
+    While `skip[0]` is true the lines are only counted, each (over-long or not) yielded as "" without decoding it:
+    a reader that handles every other batch reads the same lines as one that handles them all."""
     number = 0
     while True:
         chunk = stream.readline(max_bytes + 2)  # room for the line ending
         if not chunk:
             return
         number += 1
+        if skip is not None and skip[0] and len(chunk) <= max_bytes:  # shorter than the limit, ending or not
+            if chunk.strip():
+                yield number, ""
+            continue
         if len(chunk.rstrip(b"\r\n")) > max_bytes:
             head, size = chunk[:RAW_KEEP_BYTES], len(chunk.rstrip(b"\r\n"))
             while not chunk.endswith(b"\n"):  # skip the rest of the over-long line without holding it
