@@ -338,9 +338,12 @@ class EventParser:
 
     def parse_object(self, obj: Any, raw: str | None = None) -> Event | Rejected:
         """Validate one decoded JSON value; `raw` is the text it came from, if any."""
-        if raw is None:
-            raw = redact(json.dumps(obj, ensure_ascii=False, default=str))
-        return self._validate(obj, raw, exact=True)
+        if raw is not None:
+            return self._validate(obj, raw, exact=True)
+        parsed = self._validate(obj, "", exact=True)
+        if isinstance(parsed, Rejected):  # the raw text is written out only for a rejection
+            return Rejected(parsed.reason, redact(json.dumps(obj, ensure_ascii=False, default=str)), parsed.request_id)
+        return parsed
 
     def _validate(self, obj: Any, raw: str, exact: bool, now: datetime | None = None) -> Event | Rejected:
         """`exact`: numbers were decoded exactly (json); otherwise a float past 64 bits may stand for an integer,
