@@ -202,6 +202,26 @@ def test_ingest_reads_a_named_pipe(store: Store, tmp_path: Path) -> None:
     assert table_rows(store, "SELECT count(*), sum(cost_pico) FROM events") == [(7, 7 * 1_500_000_000)]
 
 
+@pytest.mark.slow
+def test_a_named_pipe_is_read_by_one_parse_process(store: Store, tmp_path: Path) -> None:
+    """A pipe can be read once: asked for parse processes, ingest still reads every line of it, once."""
+    pipe = tmp_path / "usage.pipe"
+    os.mkfifo(pipe)
+    lines = [json.dumps(event(f"p{i}", input_tokens=1000, output_tokens=100)) for i in range(25)]
+
+    def feed() -> None:
+        with pipe.open("w", encoding="utf-8") as out:
+            out.write("\n".join([*lines, "not json"]) + "\n")
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    result, failed = ingest_files([pipe], store.parser, store.ingestor, batch_size=4, parse_ahead=True)
+    feeder.join()
+    assert failed == []
+    assert (result.accepted, result.duplicates, result.rejected) == (25, 0, 1)
+    assert table_rows(store, "SELECT count(*), sum(cost_pico) FROM events") == [(25, 25 * 1_500_000_000)]
+
+
 def test_an_attribute_number_past_64_bits_keeps_its_digits(clock: FakeClock) -> None:
     line = (
         '{"request_id": "r", "timestamp": "2026-11-24T10:15:02Z", "model": "m", "usage": {}, '

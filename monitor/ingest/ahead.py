@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,14 @@ def parse_processes() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(2, cores))
+
+
+def _regular(path: Path) -> bool:
+    """True for a regular file (each parse process can read it from its start)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True  # each process reports the same failure to read it
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,8 @@ class ParseAhead:
     ) -> None:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the writer's connections
         count = processes or parse_processes()
+        if not all(_regular(path) for path in paths):
+            count = 1  # a pipe (or /dev/stdin) can be read once: one process reads it all
         self._paths = list(paths)
         self._queues: list[Any] = [context.Queue(maxsize=AHEAD_BATCHES) for _ in range(count)]
         sources = [f"file:{path.resolve()}" for path in paths]

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Dialect
 
 from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.store.models import budget_usage
+from monitor.store.sqlite_events import sqlite_datetime
 
 
 def _insert(table: Table, dialect: Dialect) -> Any:
@@ -69,6 +70,10 @@ def _scope_totals_query(bounded: bool) -> Any:
     )
 
 
+_SQLITE_SCOPE_TOTALS = (
+    f"SELECT scope, {', '.join(f'sum({name})' for name in USAGE_FIELDS)} FROM {budget_usage.name} "
+    "WHERE budget = ? AND scope IN ({scopes}) AND bucket_start >= ?{end} GROUP BY scope"
+)
 # Asked after every ingested batch: a statement built per call costs more to build and compile than to run.
 _SCOPE_TOTALS = {bounded: _scope_totals_query(bounded) for bounded in (False, True)}
 
@@ -83,6 +88,20 @@ def scope_totals(
     """Window totals of the given scopes of one budget: an indexed sum over their buckets from first_bucket on."""
     wanted = list(scopes)
     totals: dict[str, Usage] = {}
+    if connection.dialect.name == "sqlite":
+        # Asked after every batch an HTTP request or a tailed file brings: the driver's own statement, with the
+        # bucket bounds as the text SQLite stores, costs a fraction of a compiled statement's execution.
+        bounds = (
+            (sqlite_datetime(first_bucket),) if end is None else (sqlite_datetime(first_bucket), sqlite_datetime(end))
+        )
+        for chunk_start in range(0, len(wanted), 500):
+            chunk = wanted[chunk_start : chunk_start + 500]
+            sql = _SQLITE_SCOPE_TOTALS.format(
+                scopes=", ".join("?" * len(chunk)), end="" if end is None else " AND bucket_start < ?"
+            )
+            for scope, *values in connection.exec_driver_sql(sql, (budget, *chunk, *bounds)):
+                totals[scope] = _usage(values)
+        return totals
     query = _SCOPE_TOTALS[end is not None]
     for chunk_start in range(0, len(wanted), 500):
         chunk = wanted[chunk_start : chunk_start + 500]
