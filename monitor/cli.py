@@ -23,12 +23,13 @@ from monitor.budgets.windows import Calendar, calendar_window
 from monitor.clock import system_clock
 from monitor.config import ConfigError, LoadedSettings, load_settings
 from monitor.explain import explain, reconcile_explained
-from monitor.ingest.ahead import PARSE_AHEAD_MIN_BYTES, parse_processes
+from monitor.ingest.ahead import PARSE_AHEAD_MIN_BYTES, ParseAhead, parse_processes
 from monitor.ingest.files import ingest_files, settle_for_bulk
+from monitor.ingest.parse import EventParser
 from monitor.ingest.pipeline import Ingestor
 from monitor.pricing import format_usd
 from monitor.redaction import Redactor, database_url, webhook_url
-from monitor.service import Store, build_price_table, open_store
+from monitor.service import Store, build_price_table, open_store, preparer_for
 from monitor.store.db import SchemaNotCurrent
 from monitor.store.models import budget_definitions, events
 from monitor.wire import iso_z, scope_text
@@ -153,7 +154,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """One-shot backfill of JSONL files; budget state is rewritten only with --recount."""
-    store = open_store(_settings(args))
+    loaded = _settings(args)
+    paths = [Path(p) for p in args.files]
+    ahead: ParseAhead | None = None
+    if _parse_ahead(args.parse_process, paths):
+        # Started first: their interpreters start while this one opens and migrates the store.
+        readable = [path for path in paths if path.exists()]
+        parser = EventParser(loaded.settings.dimensions, system_clock)
+        ahead = ParseAhead(readable, parser, preparer_for(loaded), args.batch_size) if readable else None
+    try:
+        return _ingest(args, loaded, paths, ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+def _ingest(args: argparse.Namespace, loaded: LoadedSettings, paths: list[Path], ahead: ParseAhead | None) -> int:
+    store = open_store(loaded)
     try:
         changes = store.budgets.pending_definition_changes()
         if changes and args.recount:
@@ -167,13 +184,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             return 2
         settle_for_bulk()
         result, failed = ingest_files(
-            [Path(p) for p in args.files],
+            paths,
             store.parser,
             # A one-shot backfill: no proxy reads this process's flags; the daemon's next evaluation counts it all.
             Ingestor(store.writer),
             batch_size=args.batch_size,
             on_error=lambda message: print(f"error: {message}", file=sys.stderr),
-            parse_ahead=_parse_ahead(args.parse_process, [Path(p) for p in args.files]),
+            parse_ahead=ahead if ahead is not None else False,
         )
     finally:
         store.close()

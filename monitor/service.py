@@ -14,7 +14,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry, Gauge, Histogram
-from sqlalchemy import Engine, delete, text
+from sqlalchemy import Engine, delete, make_url, text
 
 from monitor.alerts.notifier import Notifier
 from monitor.budgets import BudgetIndex, compile_budgets
@@ -29,9 +29,10 @@ from monitor.http.api import HTTP_SOURCE, Api, ApiApp
 from monitor.http.server import BindError, HttpServer, ServerLimits
 from monitor.ingest.parse import EventParser
 from monitor.ingest.pipeline import Ingestor
+from monitor.ingest.tally import Tallier
 from monitor.ingest.watch import Watcher, follow
 from monitor.ingest.worker import IngestProcess
-from monitor.ingest.writer import Writer
+from monitor.ingest.writer import Preparer, Writer
 from monitor.leader import Leadership
 from monitor.metric_names import JOB_DURATION_BUCKETS
 from monitor.metrics import (
@@ -124,6 +125,17 @@ def open_store(
     # A usage event settles its lease wherever it is stored (serve, its ingest worker, or ingest).
     writer.settle_leases = settler_for(settings)
     return Store(settings, engine, prices, parser, writer, budgets, Ingestor(writer, budgets))
+
+
+def preparer_for(loaded: LoadedSettings) -> Preparer:
+    """What prepares batches (in parse processes) exactly as `open_store(loaded)`'s writer writes them, made from
+    the settings alone: the parse processes can start before the store is opened."""
+    settings = loaded.settings
+    prices = build_price_table(loaded)
+    index = BudgetIndex(compile_budgets(settings.budgets, prices))
+    tallier = Tallier(prices, settings.metrics.labels, index, settings.zone)
+    dialect = make_url(settings.database_url).get_backend_name()
+    return Preparer(prices, tallier, dialect, settler_for(settings) is not None)
 
 
 def http_limits(settings: Settings) -> ServerLimits:

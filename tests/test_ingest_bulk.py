@@ -20,7 +20,7 @@ from monitor.ingest.parse import Event, EventParser, Rejected
 from monitor.ingest.writer import Item
 from monitor.pricing import load_price_table, usd
 from monitor.service import Store, open_store
-from tests.conftest import FakeClock, event, write_config
+from tests.conftest import FakeClock, event, run_cli, write_config
 
 
 def items(store: Store, *request_ids: str) -> list[Item]:
@@ -360,3 +360,37 @@ def test_parse_processes_store_exactly_what_one_process_stores(tmp_path: Path, p
     assert late == {">1d": 50, "5m-1h": 6}
     other = [labels for name, labels, _ in found["counters"] if name == "requests" and "__other__" in labels]
     assert other  # four projects, two slots: the cap was applied to the tallies
+
+
+@pytest.mark.slow
+def test_the_ingest_command_stores_the_same_with_and_without_parse_processes(tmp_path: Path) -> None:
+    """`ingest --parse-process` starts its parse processes before it opens the store, with a preparer made from the
+    config alone: what it stores is what `--no-parse-process` stores (a missing file reported the same way)."""
+    usage = tmp_path / "usage.jsonl"
+    usage.write_text("\n".join(_mixed_lines()) + "\n", encoding="utf-8")
+    tables = [
+        "SELECT request_id, ts, model, cost_pico, attributes FROM events ORDER BY request_id",
+        "SELECT name, labels, value FROM counters ORDER BY name, labels",
+        "SELECT * FROM usage_rollup ORDER BY bucket_start, model, service_tier, status_class, labels",
+        "SELECT * FROM budget_usage ORDER BY budget, scope, bucket_start",
+        "SELECT location, reason FROM dead_letters ORDER BY id",
+    ]
+    outcomes = []
+    for flag in ("--parse-process", "--no-parse-process"):
+        directory = tmp_path / flag.strip("-")
+        directory.mkdir()
+        config = write_config(directory, PREPARED_CONFIG)
+        missing = tmp_path / "missing.jsonl"
+        run = run_cli(
+            "ingest", str(usage), str(missing), "--config", str(config), "--format", "json", "--batch-size", "7",
+            flag, check=False,
+        )  # fmt: skip
+        assert run.returncode == 1, run.stderr  # the missing file
+        assert f"{missing}: cannot read" in run.stderr
+        with sqlite3.connect(directory / "monitor.db") as db:
+            found = [db.execute(query).fetchall() for query in tables]
+        # Lateness is measured against the clock of the run: the two runs' counters differ only there.
+        found[1] = [row for row in found[1] if row[0] != "late_events"]
+        outcomes.append((run.json(), found))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0]["accepted"] == 56 and outcomes[0][0]["rejected"] == 2

@@ -143,11 +143,12 @@ class ParseAhead:
         batch_size: int,
         processes: int | None = None,
     ) -> None:
+        self.batch_size = batch_size
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the writer's connections
         count = processes or parse_processes()
         if not all(_regular(path) for path in paths):
             count = 1  # a pipe (or /dev/stdin) can be read once: one process reads it all
-        self._paths = list(paths)
+        self.paths = list(paths)
         self._queues: list[Any] = [context.Queue(maxsize=AHEAD_BATCHES) for _ in range(count)]
         sources = [f"file:{path.resolve()}" for path in paths]
         self._processes = [
@@ -186,7 +187,7 @@ class ParseAhead:
     def messages(self) -> Iterator[Message]:
         """Each prepared batch, file end and file failure, in the order the files were read."""
         count = len(self._queues)
-        for index in range(len(self._paths)):
+        for index in range(len(self.paths)):
             slot = 0
             while True:
                 message = self._get(slot % count)

@@ -120,13 +120,14 @@ def ingest_files(
     batch_size: int = 5000,
     progress: Callable[[int], Progress] = Progress,
     on_error: Callable[[str], None] = lambda message: None,
-    parse_ahead: bool = False,
+    parse_ahead: bool | ParseAhead = False,
     parse_processes: int | None = None,
 ) -> tuple[BatchResult, list[str]]:
     """Ingest every file; return the summed result and the files that could not be read.
 
     With `parse_ahead` parse processes (`parse_processes` of them, by default one per core up to two) read,
-    parse, price and tally while this one writes: the same batches, the same results."""
+    parse, price and tally while this one writes: the same batches, the same results. `parse_ahead` may be a
+    ParseAhead already started (before the store was opened) over `paths`; it is closed before this returns."""
     total = BatchResult()
     failed: list[str] = []
     sizes = {}
@@ -137,10 +138,17 @@ def ingest_files(
             on_error(f"{path}: cannot read: {exc.strerror}")
             failed.append(str(path))
     bar = progress(sum(sizes.values()))
+    started = parse_ahead if isinstance(parse_ahead, ParseAhead) else None
+    if started is not None and (started.paths != list(sizes) or started.batch_size != batch_size):
+        started.close()  # a file appeared or went since it started: start again over the files there are
+        started = None
     if parse_ahead and sizes:
-        _ingest_ahead(sizes, parser, ingestor, batch_size, bar, total, failed, on_error, parse_processes)
+        ahead = started or ParseAhead(list(sizes), parser, ingestor.preparer(), batch_size, parse_processes)
+        _ingest_ahead(sizes, ingestor, ahead, bar, total, failed, on_error)
         bar.finish()
         return total, failed
+    if started is not None:
+        started.close()
     done_before = 0
     lines_seen = 0
     for path in sizes:
@@ -182,21 +190,18 @@ def _counted(result: BatchResult) -> BatchResult:
 
 def _ingest_ahead(
     sizes: dict[Path, int],
-    parser: EventParser,
     ingestor: Ingestor,
-    batch_size: int,
+    ahead: ParseAhead,
     bar: Progress,
     total: BatchResult,
     failed: list[str],
     on_error: Callable[[str], None],
-    processes: int | None,
 ) -> None:
-    """`ingest_files`' loop with the reading, parsing, pricing and tallying in parse processes."""
+    """`ingest_files`' loop with the reading, parsing, pricing and tallying in `ahead`'s parse processes."""
     paths = list(sizes)
     absolute = [path.resolve() for path in paths]
     done_before = 0
     lines_seen = 0
-    ahead = ParseAhead(paths, parser, ingestor.preparer(), batch_size, processes)
     try:
         for message in ahead.messages():
             path = paths[message.path_index]
