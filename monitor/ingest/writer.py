@@ -45,6 +45,7 @@ from monitor.store.rollup import (
     ROLLUP_FIELDS,
     RollupCounts,
     RollupKey,
+    add_counts,
     rollup_rows,
 )
 from monitor.store.sqlite_events import EVENT_COLUMNS, add_rows, sqlite_datetime
@@ -341,13 +342,7 @@ class Writer:
             self._partitions.ensure((row["ts"] for row in rows), now)
         admitted: dict[str, frozenset[str]] = {}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
-            inserted: set[str] = set()
-            if rows and self._sqlite:
-                inserted = insert_new_sqlite_events(connection, rows)
-            elif rows and self._copy_events:
-                inserted = insert_new_events(connection, rows)
-            elif rows:
-                inserted = set(connection.execute(self._insert, rows).scalars())
+            inserted = self._insert_new(connection, rows)
             if letters:
                 connection.execute(self._insert_letter, letters)
             new: list[tuple[Event, Price]] = []
@@ -383,6 +378,16 @@ class Writer:
             result.touched = touched
         return results
 
+    def _insert_new(self, connection: Connection, rows: list[Any]) -> set[str]:
+        """Insert the rows whose request_id is not stored yet; the request_ids that were new."""
+        if not rows:
+            return set()
+        if self._sqlite:
+            return insert_new_sqlite_events(connection, rows)
+        if self._copy_events:
+            return insert_new_events(connection, rows)
+        return set(connection.execute(self._insert, rows).scalars())
+
     def preparer(self) -> Preparer:
         """What prepares batches for `write_prepared` as this writer is configured now."""
         return Preparer(self._prices, self._tallier, self._engine.dialect.name, self.settle_leases is not None)
@@ -403,13 +408,7 @@ class Writer:
             self._partitions.ensure((row["ts"] for row in rows), now)
         admitted: dict[str, frozenset[str]] = {}
         with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as connection, connection.begin():
-            inserted: set[str] = set()
-            if rows and self._sqlite:
-                inserted = insert_new_sqlite_events(connection, rows)
-            elif rows and self._copy_events:
-                inserted = insert_new_events(connection, rows)
-            elif rows:
-                inserted = set(connection.execute(self._insert, rows).scalars())
+            inserted = self._insert_new(connection, rows)
             if letters:
                 connection.execute(self._insert_letter, letters)
             tally = prepared.tally
@@ -485,12 +484,7 @@ class Writer:
         # Summed per capped label set first: two raw sets may become one.
         sums: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         for (model, raw), row in tally.sums.items():
-            into = sums.get((model, decided[raw]))
-            if into is None:
-                sums[model, decided[raw]] = list(row)
-            else:
-                for position, count in enumerate(row):
-                    into[position] += count
+            add_counts(sums, (model, decided[raw]), row)
         for (model, label_values), row in sums.items():
             keys = self._label_keys(model, label_values)
             values[REQUESTS, keys.base] += row[0]
@@ -576,13 +570,7 @@ class Writer:
                         for name, value, has in zip(names, label_values, present, strict=True)
                     }
                 )
-            key = (bucket, unpriced_as[model] if unknown else model, tier, status, labels)
-            into = deltas.get(key)
-            if into is None:
-                deltas[key] = list(row)
-            else:
-                for position, count in enumerate(row):
-                    into[position] += count
+            add_counts(deltas, (bucket, unpriced_as[model] if unknown else model, tier, status, labels), row)
         if self._sqlite:
             rows = [
                 (sqlite_datetime(bucket), model, tier, status, labels, *row)
