@@ -180,7 +180,6 @@ class Preparer:
         settles: list[tuple[str, str | None, int]] = []
         repeats = 0
         price_of = self._prices.price
-        modifiers_of = self._prices.modifiers
         stamp = sqlite_datetime(received) if self._sqlite else None
         for number, item in lines:
             if isinstance(item, Rejected):
@@ -192,11 +191,7 @@ class Preparer:
             seen.add(item.request_id)
             price = price_of(item)
             fresh.append((item, price))
-            modifiers = modifiers_of(item.speed, item.inference_geo)
-            if stamp is not None:
-                rows.append(_sqlite_row(item, price, stamp, source, modifiers))
-            else:
-                rows.append(_row(item, price, received, source, modifiers))
+            rows.append(_event_row(self._prices, item, price, source, received, stamp))
             if item.attributes_dropped:
                 dropped[item.request_id] = item.attributes_dropped
             if self._settles:
@@ -443,7 +438,7 @@ class Writer:
     ) -> list[dict[str, Any]]:
         """Price one batch's new events into `rows`/`fresh`, count its repeats; its dead letters."""
         letters: list[dict[str, Any]] = []
-        received = sqlite_datetime(now) if self._sqlite else None
+        stamp = sqlite_datetime(now) if self._sqlite else None
         for location, item in batch.items:
             if isinstance(item, Rejected):
                 letters.append(_letter(now, source, location[:1024], item.reason, item.raw, item.request_id))
@@ -455,11 +450,7 @@ class Writer:
             seen.add(item.request_id)
             price = self._prices.price(item)
             fresh.append((item, price, index))
-            modifiers = self._prices.modifiers(item.speed, item.inference_geo)
-            if received is not None:
-                rows.append(_sqlite_row(item, price, received, source, modifiers))
-            else:
-                rows.append(_row(item, price, now, source, modifiers))
+            rows.append(_event_row(self._prices, item, price, source, now, stamp))
         return letters
 
     def _apply(
@@ -657,6 +648,17 @@ def _capped(letters: list[dict[str, Any]], cap: LetterCap | None, source: str, n
 
 def _fingerprint(source: str, location: str, raw: str) -> str:
     return hashlib.sha256(f"{source}\x00{location}\x00{raw}".encode()).hexdigest()
+
+
+def _event_row(
+    prices: PriceTable, event: Event, price: Price, source: str, received: datetime, stamp: str | None
+) -> Any:
+    """A priced event's `events` row: a tuple as SQLite's driver takes it (`stamp`: `received` as SQLite's text),
+    or, without a stamp, a dict of column values."""
+    modifiers = prices.modifiers(event.speed, event.inference_geo)
+    if stamp is not None:
+        return _sqlite_row(event, price, stamp, source, modifiers)
+    return _row(event, price, received, source, modifiers)
 
 
 def _row(

@@ -88,27 +88,23 @@ def scope_totals(
     """Window totals of the given scopes of one budget: an indexed sum over their buckets from first_bucket on."""
     wanted = list(scopes)
     totals: dict[str, Usage] = {}
-    if connection.dialect.name == "sqlite":
-        # Asked after every batch an HTTP request or a tailed file brings: the driver's own statement, with the
-        # bucket bounds as the text SQLite stores, costs a fraction of a compiled statement's execution.
-        bounds = (
-            (sqlite_datetime(first_bucket),) if end is None else (sqlite_datetime(first_bucket), sqlite_datetime(end))
-        )
-        for chunk_start in range(0, len(wanted), 500):
-            chunk = wanted[chunk_start : chunk_start + 500]
-            sql = _SQLITE_SCOPE_TOTALS.format(
-                scopes=", ".join("?" * len(chunk)), end="" if end is None else " AND bucket_start < ?"
-            )
-            for scope, *values in connection.exec_driver_sql(sql, (budget, *chunk, *bounds)):
-                totals[scope] = _usage(values)
-        return totals
+    # Asked after every batch an HTTP request or a tailed file brings. On SQLite the driver's own statement, with the
+    # bucket bounds as the text SQLite stores, costs a fraction of a compiled statement's execution.
+    sqlite = connection.dialect.name == "sqlite"
+    bounds = tuple(sqlite_datetime(moment) for moment in (first_bucket, end) if moment is not None) if sqlite else ()
     query = _SCOPE_TOTALS[end is not None]
     for chunk_start in range(0, len(wanted), 500):
         chunk = wanted[chunk_start : chunk_start + 500]
-        parameters: dict[str, Any] = {"budget": budget, "scopes": chunk, "first": first_bucket}
-        if end is not None:
-            parameters["end"] = end
-        for scope, *values in connection.execute(query, parameters):
+        if sqlite:
+            marks = ", ".join("?" * len(chunk))
+            sql = _SQLITE_SCOPE_TOTALS.format(scopes=marks, end="" if end is None else " AND bucket_start < ?")
+            rows: Any = connection.exec_driver_sql(sql, (budget, *chunk, *bounds))
+        else:
+            parameters: dict[str, Any] = {"budget": budget, "scopes": chunk, "first": first_bucket}
+            if end is not None:
+                parameters["end"] = end
+            rows = connection.execute(query, parameters)
+        for scope, *values in rows:
             totals[scope] = _usage(values)
     return totals
 
