@@ -75,7 +75,7 @@ def measure(size: int, budgets: int, work: Path, evaluations: int) -> dict[str, 
     failed: list[int] = []
     waiter = threading.Thread(target=lambda: failed.append(generator.wait()))
     waiter.start()
-    seconds, rss, out, _ = run_measured(
+    seconds, rss, out, _, _ = run_measured(
         [sys.executable, "-m", "monitor", "ingest", str(pipe), "--format", "json", "--config", str(config)], env=env
     )
     waiter.join()
@@ -83,7 +83,7 @@ def measure(size: int, budgets: int, work: Path, evaluations: int) -> dict[str, 
         raise SystemExit(f"the generator failed with exit code {failed}")
     summary = json.loads(out)
     assert summary["accepted"] == size, summary
-    _, _, evaluated, _ = run_measured([sys.executable, "-c", EVALUATE, str(config), str(evaluations)], env=env)
+    evaluated = run_measured([sys.executable, "-c", EVALUATE, str(config), str(evaluations)], env=env).out
     result = json.loads(evaluated)
     db_bytes = sum(f.stat().st_size for f in work.glob("monitor.db*"))
     return {

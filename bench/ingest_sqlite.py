@@ -24,6 +24,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 BASELINE = r'''
 import json, sqlite3, sys
@@ -105,13 +106,20 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-PEAK_TREE_RSS = [0]  # the last run_measured's peak resident memory of its process tree, sampled every 20 ms
+class Measured(NamedTuple):
+    """One measured run: wall seconds, peak RSS in bytes (from wait4: the process or a child it waited for), its
+    stdout, the CPU seconds (user + system) it and its waited-for children used, and the peak of the RSS of the
+    whole process tree together (sampled every 20 ms)."""
+
+    seconds: float
+    rss: int
+    out: str
+    cpu: float
+    tree_rss: int
 
 
-def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str, float]:
-    """Run a process; return wall seconds, its peak RSS in bytes (from wait4: it or a child it waited for), its stdout
-    and the CPU seconds (user + system) it and its waited-for children used. The peak of the whole process tree's
-    RSS (the processes together) is left in PEAK_TREE_RSS."""
+def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured:
+    """Run a process to its end and measure it (see Measured)."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
@@ -127,13 +135,12 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[fl
     out = proc.stdout.read().decode()
     done.set()
     sampler.join()
-    PEAK_TREE_RSS[0] = peak[0]
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{argv[:4]} failed with exit code {proc.returncode}")
-    return elapsed, usage.ru_maxrss * 1024, out, usage.ru_utime + usage.ru_stime
+    return Measured(elapsed, usage.ru_maxrss * 1024, out, usage.ru_utime + usage.ru_stime, peak[0])
 
 
 def main() -> None:
@@ -170,10 +177,9 @@ def main() -> None:
         file=sys.stderr,
     )
 
-    base_s, base_rss, base_out, base_cpu = run_measured(
+    base_s, base_rss, base_out, base_cpu, base_tree = run_measured(
         [sys.executable, "-c", BASELINE, str(usage), str(work / "baseline.db"), str(args.batch_size)]
     )
-    base_tree = PEAK_TREE_RSS[0]
     assert int(base_out) == args.events
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_MONITOR_")}
@@ -182,7 +188,7 @@ def main() -> None:
         config = work / f"{name}.yaml"
         database = work / f"{name}.db"
         config.write_text(f"database_url: sqlite:///{database}\n{budget_config(args.budgets)}", encoding="utf-8")
-        seconds, rss, out, cpu = run_measured(
+        seconds, rss, out, cpu, tree = run_measured(
             [
                 sys.executable,
                 "-m",
@@ -201,7 +207,7 @@ def main() -> None:
         )
         summary = json.loads(out)
         assert summary["accepted"] == args.events, summary
-        return seconds, rss, cpu, PEAK_TREE_RSS[0]
+        return seconds, rss, cpu, tree
 
     ours_s, ours_rss, ours_cpu, ours_tree = ours("monitor")
     rows = [

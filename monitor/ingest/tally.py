@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from monitor.budgets import Budget, BudgetIndex
@@ -25,7 +25,6 @@ from monitor.metric_names import LATENCY_BUCKETS
 from monitor.pricing import UNPRICED, Price, PriceTable
 from monitor.store.rollup import ROLLUP_FIELDS, bucket_of
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _QUARTER_HOUR_S = 900
 
 # One `sums` row: requests, cost, the five token counts, priced requests, latency count and sum (µs), then one

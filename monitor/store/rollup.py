@@ -51,16 +51,6 @@ def status_class(status: int | None) -> str:
     return "error" if status is not None and status >= 400 else "ok"
 
 
-def lateness(received: datetime, timestamp: datetime) -> str | None:
-    """The lateness class of an event ingested at `received`, or None when it came within 5 minutes."""
-    late = received - timestamp
-    found = None
-    for lower, name in LATENESS:
-        if late >= lower:
-            found = name
-    return found
-
-
 @dataclass(frozen=True, order=True, slots=True)
 class RollupKey:
     """One row's key."""
