@@ -17,7 +17,7 @@ import pytest
 from monitor.config import ModelPricing, load_settings
 from monitor.ingest.files import ingest_files
 from monitor.ingest.parse import Event, EventParser, Rejected
-from monitor.ingest.writer import Item
+from monitor.ingest.writer import BatchResult, Item
 from monitor.pricing import load_price_table, usd
 from monitor.service import Store, open_store
 from tests.conftest import FakeClock, event, run_cli, write_config
@@ -184,10 +184,12 @@ def test_what_the_fast_decoder_refuses_is_decided_as_before(clock: FakeClock, li
     assert parsed.reason.startswith(reason), parsed.reason
 
 
-def test_ingest_reads_a_named_pipe(store: Store, tmp_path: Path) -> None:
+def ingest_pipe(store: Store, tmp_path: Path, events: int, **options: Any) -> BatchResult:
+    """Ingest a named pipe that a thread writes `events` haiku events (1,000 input and 100 output tokens each,
+    $0.0015) and one line that is not JSON into."""
     pipe = tmp_path / "usage.pipe"
     os.mkfifo(pipe)
-    lines = [json.dumps(event(f"p{i}", input_tokens=1000, output_tokens=100)) for i in range(7)]
+    lines = [json.dumps(event(f"p{i}", input_tokens=1000, output_tokens=100)) for i in range(events)]
 
     def feed() -> None:
         with pipe.open("w", encoding="utf-8") as out:
@@ -195,9 +197,14 @@ def test_ingest_reads_a_named_pipe(store: Store, tmp_path: Path) -> None:
 
     feeder = threading.Thread(target=feed)
     feeder.start()
-    result, failed = ingest_files([pipe], store.parser, store.ingestor, batch_size=3)
+    result, failed = ingest_files([pipe], store.parser, store.ingestor, **options)
     feeder.join()
     assert failed == []
+    return result
+
+
+def test_ingest_reads_a_named_pipe(store: Store, tmp_path: Path) -> None:
+    result = ingest_pipe(store, tmp_path, 7, batch_size=3)
     assert (result.accepted, result.rejected) == (7, 1)
     assert table_rows(store, "SELECT count(*), sum(cost_pico) FROM events") == [(7, 7 * 1_500_000_000)]
 
@@ -205,19 +212,7 @@ def test_ingest_reads_a_named_pipe(store: Store, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_named_pipe_is_read_by_one_parse_process(store: Store, tmp_path: Path) -> None:
     """A pipe can be read once: asked for parse processes, ingest still reads every line of it, once."""
-    pipe = tmp_path / "usage.pipe"
-    os.mkfifo(pipe)
-    lines = [json.dumps(event(f"p{i}", input_tokens=1000, output_tokens=100)) for i in range(25)]
-
-    def feed() -> None:
-        with pipe.open("w", encoding="utf-8") as out:
-            out.write("\n".join([*lines, "not json"]) + "\n")
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()
-    result, failed = ingest_files([pipe], store.parser, store.ingestor, batch_size=4, parse_ahead=True)
-    feeder.join()
-    assert failed == []
+    result = ingest_pipe(store, tmp_path, 25, batch_size=4, parse_ahead=True)
     assert (result.accepted, result.duplicates, result.rejected) == (25, 0, 1)
     assert table_rows(store, "SELECT count(*), sum(cost_pico) FROM events") == [(25, 25 * 1_500_000_000)]
 
