@@ -163,6 +163,16 @@ def parse_timestamp(value: Any) -> datetime:
         raise _Bad(f"timestamp: {value[:40]!r} is out of range once converted to UTC") from None
 
 
+def _cache_writes(total: int, detail: tuple[int, int] | None) -> tuple[int, int]:
+    """(5-minute, 1-hour) cache writes from usage.cache_creation_input_tokens and its (5m, 1h) detail. With no
+    detail every write is a 5-minute write; the total is the sum of the detail, and where they disagree the larger
+    is billed (the extra as 5-minute writes)."""
+    if detail is None:
+        return total, 0
+    five, one = detail
+    return max(five, total - one), one
+
+
 # The shape nearly every line has, decoded straight into typed fields (no dicts made, the types and token ranges
 # checked as it decodes). Anything it cannot take — another type, a count out of range, a float where a count goes,
 # an escape that is not valid Unicode — goes the general way below, which decides and words every rejection.
@@ -300,13 +310,11 @@ class EventParser:
             attributes, dropped = self._attributes(line.attributes, exact=True)  # msgspec keeps big integers exact
         except _Bad:
             return None
-        cache_total = usage.cache_creation_input_tokens or 0
         detail = usage.cache_creation
-        if detail is None:
-            write_5m, write_1h = cache_total, 0  # no detail: every write is a 5-minute write
-        else:
-            write_1h = detail.ephemeral_1h_input_tokens or 0
-            write_5m = max(detail.ephemeral_5m_input_tokens or 0, cache_total - write_1h)
+        write_5m, write_1h = _cache_writes(
+            usage.cache_creation_input_tokens or 0,
+            None if detail is None else (detail.ephemeral_5m_input_tokens or 0, detail.ephemeral_1h_input_tokens or 0),
+        )
         tools = usage.server_tool_use
         return Event(
             request_id,
@@ -377,12 +385,11 @@ class EventParser:
         cache_total = _count(usage, "cache_creation_input_tokens", "usage.")
         detail = usage.get("cache_creation")
         if detail is None:
-            write_5m, write_1h = cache_total, 0  # no detail: every write is a 5-minute write
+            write_5m, write_1h = _cache_writes(cache_total, None)
         elif isinstance(detail, dict):
             write_1h = _count(detail, "ephemeral_1h_input_tokens", "usage.cache_creation.")
             write_5m = _count(detail, "ephemeral_5m_input_tokens", "usage.cache_creation.")
-            # The total is the sum of the detail; where they disagree, bill the larger (extra as 5-minute writes).
-            write_5m = max(write_5m, cache_total - write_1h)
+            write_5m, write_1h = _cache_writes(cache_total, (write_5m, write_1h))
         else:
             raise _Bad(f"usage.cache_creation: must be an object or null, not {_json_type(detail)}")
         tools = usage.get("server_tool_use")
