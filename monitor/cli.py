@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
@@ -602,18 +602,25 @@ def cmd_reprice(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file (default ./claude-monitor.yaml if present, else built-in defaults)",
-    )
-    common.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    def options(default: Any) -> argparse.ArgumentParser:
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument(
+            "--config",
+            metavar="PATH",
+            default=default,
+            help="config file (default ./claude-monitor.yaml if present, else built-in defaults)",
+        )
+        common.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug detail to stderr")
+        return common
+
+    # The options go before or after the command. A command's parser leaves them out of the result unless given
+    # there: its own defaults would otherwise overwrite what was given before the command.
     parser = argparse.ArgumentParser(
         prog="claude-monitor",
-        parents=[common],
+        parents=[options(None)],
         description="Watches what Claude API traffic costs and keeps it inside budgets.",
     )
+    common = options(argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check-config", parents=[common], help="validate and explain the config")

@@ -219,6 +219,18 @@ def test_check_config_explains_what_it_loaded(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("before", [True, False], ids=["before the command", "after the command"])
+def test_config_and_verbose_are_honoured_before_or_after_the_command(tmp_path: Path, before: bool) -> None:
+    database = tmp_path / "chosen.db"
+    path = write_config(tmp_path, f"database_url: sqlite:///{database}\n")
+    options = ["--config", str(path), "-v"]
+    run = run_cli(*options, "migrate", cwd=tmp_path) if before else run_cli("migrate", *options, cwd=tmp_path)
+    assert f"schema at head: sqlite:///{database}" in run.stderr
+    assert database.exists()
+    assert "DEBUG" in run.stderr  # -v took effect
+
+
+@pytest.mark.slow
 def test_check_config_fails_with_exit_2_and_a_clear_message(tmp_path: Path) -> None:
     path = write_config(tmp_path, "budgets:\n  - name: x\n    window: fortnight\n    limit_usd: 1\n")
     run = run_cli("check-config", "--config", str(path), check=False)
