@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from monitor.config import ModelPricing, load_settings
+from monitor.ingest.ahead import _context
 from monitor.ingest.files import ingest_files
 from monitor.ingest.parse import Event, EventParser, Rejected
 from monitor.ingest.writer import BatchResult, Item
@@ -302,11 +303,37 @@ def _mixed_lines() -> list[str]:
     return lines
 
 
+def test_parse_processes_are_copies_only_while_no_other_thread_runs() -> None:
+    """A copy of a process with a second thread could inherit a lock that thread holds, never to be released."""
+    assert _context().get_start_method() == "fork"
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert _context().get_start_method() == "spawn"
+    finally:
+        release.set()
+        other.join()
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2], ids=["copied processes", "fresh interpreters"])
 @pytest.mark.parametrize("processes", [1, 2])
-def test_parse_processes_store_exactly_what_one_process_stores(tmp_path: Path, processes: int) -> None:
+def test_parse_processes_store_exactly_what_one_process_stores(tmp_path: Path, processes: int, threads: int) -> None:
     """Batches prepared in parse processes (priced, tallied ahead) against the same lines written in one process:
-    every table the write path fills is the same, rows already stored included (their batches are tallied again)."""
+    every table the write path fills is the same, rows already stored included (their batches are tallied again).
+    With a second thread running, the parse processes start as fresh interpreters instead of copies."""
+    release = threading.Event()
+    if threads == 2:
+        other = threading.Thread(target=release.wait, daemon=True)
+        other.start()
+    try:
+        _store_exactly_what_one_process_stores(tmp_path, processes)
+    finally:
+        release.set()
+
+
+def _store_exactly_what_one_process_stores(tmp_path: Path, processes: int) -> None:
     seed = [json.dumps(event(f"m{i}", input_tokens=1)) for i in (3, 12, 41)]  # stored before: duplicates later
     lines = _mixed_lines()
     usage = tmp_path / "usage.jsonl"

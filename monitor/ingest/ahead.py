@@ -15,9 +15,12 @@ import os
 import pickle
 import queue
 import stat
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from multiprocessing.context import ForkContext, SpawnContext
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,8 @@ from monitor.ingest.parse import Event, EventParser, Rejected
 from monitor.ingest.writer import Prepared, Preparer
 
 AHEAD_BATCHES = 4
-# Starting a parse process costs about half a second of a core (a fresh interpreter imports the write path): below
-# some 60,000 events (16 MiB of usage lines) one process finishes first.
+# Starting a parse process as a fresh interpreter costs about half a second of a core (it imports the write path):
+# below some 60,000 events (16 MiB of usage lines) one process finishes first.
 PARSE_AHEAD_MIN_BYTES = 16 * 2**20
 _POLL_S = 1.0  # how often a waiting writer checks that the parse processes are still alive
 
@@ -39,6 +42,16 @@ def parse_processes() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(2, cores))
+
+
+def _context() -> ForkContext | SpawnContext:
+    """How parse processes start. A copy of this process (fork) starts at once and shares the imported code; it
+    is safe while this process has a single thread (a copied lock held by another thread would never be released)
+    and copies no use of a database connection (a parse process never touches one). Otherwise a fresh interpreter,
+    which imports the write path first (about half a second of a core)."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def _regular(path: Path) -> bool:
@@ -144,7 +157,7 @@ class ParseAhead:
         processes: int | None = None,
     ) -> None:
         self.batch_size = batch_size
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the writer's connections
+        context = _context()
         count = processes or parse_processes()
         if not all(_regular(path) for path in paths):
             count = 1  # a pipe (or /dev/stdin) can be read once: one process reads it all
@@ -169,6 +182,9 @@ class ParseAhead:
             )
             for mine in range(count)
         ]
+        if context.get_start_method() == "fork":
+            sys.stdout.flush()  # a copy flushes its inherited buffers as it ends: they must be empty
+            sys.stderr.flush()
         for process in self._processes:
             process.start()
 
