@@ -8,9 +8,9 @@ outside input, and one body spread over thousands of months must not become thou
 window stay in the default partition until retention deletes them; see docs/SCALING.md.
 
 PostgreSQL only allows a unique key on a partitioned table if it contains the partition key, so exactly-once on
-request_id lives in the unpartitioned `event_ids` table: a batch goes through `INSERT INTO event_ids … ON CONFLICT
-DO NOTHING RETURNING`, and only the ids it returns are inserted into `events`, whatever month their timestamps fall
-in.
+request_id lives in the unpartitioned `event_ids` table: a batch claims its ids with `INSERT INTO event_ids … ON
+CONFLICT DO NOTHING RETURNING`, then COPYs the rows of only the ids it claimed into `events`, whatever month their
+timestamps fall in.
 
 Lock order, which every writer of these tables follows so none can deadlock another: `event_ids` first, then `events`
 (and its partitions). Retention takes `event_ids` in SHARE ROW EXCLUSIVE mode before it drops a partition; the
@@ -48,26 +48,15 @@ COLUMNS = tuple(column.name for column in events.columns if column.name != "id")
 _COLUMN_LIST = ", ".join(f'"{name}"' for name in COLUMNS)
 _VALUES = operator.itemgetter(*COLUMNS)
 _TS, _RECEIVED_AT, _ATTRIBUTES = (COLUMNS.index(name) for name in ("ts", "received_at", "attributes"))
-_STAGING = "event_staging"
-_CREATE_STAGING = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ON COMMIT DELETE ROWS "
-    f"AS SELECT {_COLUMN_LIST} FROM events WITH NO DATA"
+# The first statement of a batch claims its ids, in request_id order, the order every writer takes them in (two
+# batches with overlapping ids cannot deadlock); the second copies the rows of the ids claimed straight into
+# `events` (PostgreSQL routes each to its partition).
+_CLAIM = (
+    "INSERT INTO event_ids (request_id, ts) "
+    "SELECT * FROM unnest(%s::varchar[], %s::timestamp[]) AS claimed (request_id, ts) ORDER BY request_id "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
 )
-_COPY = f"COPY {_STAGING} ({_COLUMN_LIST}) FROM STDIN"
-# One statement after the COPY: claim the ids, then store the events of the ids claimed. Rows are claimed in
-# request_id order, the order every writer takes them in (two batches with overlapping ids cannot deadlock).
-_CLAIM_AND_INSERT = f"""
-WITH new AS (
-    INSERT INTO event_ids (request_id, ts)
-    SELECT request_id, ts FROM {_STAGING} ORDER BY request_id
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id
-), stored AS (
-    INSERT INTO events ({_COLUMN_LIST})
-    SELECT {_COLUMN_LIST} FROM {_STAGING} WHERE request_id IN (SELECT request_id FROM new)
-)
-SELECT request_id FROM new
-"""
+_COPY = f"COPY events ({_COLUMN_LIST}) FROM STDIN"
 
 
 def partition_name(month: date) -> str:
@@ -148,12 +137,14 @@ def insert_new_events(connection: Connection, rows: Sequence[dict[str, Any]]) ->
             unique[row["request_id"]] = values
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.execute(_CREATE_STAGING)
-        with cursor.copy(_COPY) as copy:
-            for values in unique.values():
-                copy.write_row(values)
-        cursor.execute(_CLAIM_AND_INSERT)
-        return {row[0] for row in cursor.fetchall()}
+        cursor.execute(_CLAIM, (list(unique), [values[_TS] for values in unique.values()]))
+        claimed = {row[0] for row in cursor.fetchall()}
+        if claimed:
+            with cursor.copy(_COPY) as copy:
+                for request_id, values in unique.items():
+                    if request_id in claimed:
+                        copy.write_row(values)
+        return claimed
     finally:
         cursor.close()
 
@@ -209,9 +200,7 @@ class MonthPartitions:
         """Create partitions missing for these UTC timestamps, within the window at `now`; return those created. A
         month dropped since it was seen is not noticed: its rows go to the default partition, and the next
         partition job moves them."""
-        wanted = {
-            (moment.year, moment.month) if moment.tzinfo is UTC else _year_month(moment) for moment in timestamps
-        }
+        wanted = {(moment.year, moment.month) if moment.tzinfo is UTC else _year_month(moment) for moment in timestamps}
         if self._known is None:
             with self._engine.connect() as connection:
                 self._known = {(month.year, month.month) for month in month_partitions(connection)}
