@@ -7,6 +7,8 @@ one run: checks alone, then checks while ingest runs (hey starts a second after 
 Printed per phase: check p50/p99/max and the rate hey achieved, the ingest events/s accepted and its answer p50/p99,
 the daemon's CPU and its peak RSS (with its children: an ingest worker process counts). With `--baseline REV` the
 daemon of that commit runs the same phases first (a temporary git worktree on PYTHONPATH, its own fresh store).
+First, when nginx is installed, the same hey at the same rate against nginx answering 204 on the same path: the
+latency this host, its kernel and hey itself add to any answer (the floor under the daemon's figures).
 
     .venv/bin/python bench/check_ingest.py [--rate 1000] [--events 2000] [--batch 10] [--duration 15]
         [--connections 8] [--baseline REV] [--workdir .bench-check-ingest]
@@ -21,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -166,6 +169,47 @@ def report(name: str, result: dict[str, Any]) -> None:
     print(f"{'':28} daemon CPU {result['cpu']:.0%} of a core; RSS {now:.0f} MB (peak {peak:.0f} MB)", flush=True)
 
 
+def floor(args: argparse.Namespace, work: Path) -> None:
+    """hey at the same rate against nginx answering 204 (skipped, saying so, where nginx is not installed)."""
+    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    if binary is None:
+        print("host floor: nginx is not installed (apt-get install -y nginx); skipped", flush=True)
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (work / "nginx.conf").write_text(
+        f"worker_processes 1;\npid {work / 'nginx.pid'};\nerror_log {work / 'error.log'};\n"
+        "events { worker_connections 1024; }\n"
+        f"http {{ access_log off; server {{ listen 127.0.0.1:{port}; location / {{ return 204; }} }} }}\n",
+        encoding="utf-8",
+    )
+    server = subprocess.Popen([binary, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit(f"nginx did not start: {(work / 'error.log').read_text()[:500]}")
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}{CHECK_PATH}"
+        hey_latencies(hey(url, args.rate, 1, args.connections), 60)  # warm-up
+        checks = hey(url, args.rate, args.duration, args.connections)
+        latencies, statuses = hey_latencies(checks, args.duration * 3 + 60)
+        p50, p99, top = (percentile(latencies, q) for q in (0.5, 0.99, 1.0))
+        print(
+            f"{'host floor (nginx 204)':28} check p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  max {top:7.1f} ms  "
+            f"{len(latencies) / args.duration:6.0f} req/s  {statuses}",
+            flush=True,
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def run(label: str, args: argparse.Namespace, work: Path, tree: Path | None) -> dict[str, dict[str, Any]]:
     print(f"== {label}", flush=True)
     started = time.perf_counter()
@@ -201,6 +245,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f} at start",
         flush=True,
     )
+    floor(args, args.workdir / "floor")
     with contextlib.ExitStack() as stack:
         if args.baseline != "none":
             commit, tree = stack.enter_context(baseline_worktree(args.baseline))
