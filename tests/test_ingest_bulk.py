@@ -3,6 +3,7 @@ the fast decoder's refusals decided by json, and ingest from a named pipe."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sqlite3
@@ -314,6 +315,39 @@ def test_parse_processes_are_copies_only_while_no_other_thread_runs() -> None:
     finally:
         release.set()
         other.join()
+
+
+class _Finalized:
+    """In a reference cycle with itself: only a collection finalizes it, and it records which process did."""
+
+    def __init__(self, record: Path) -> None:
+        self.record = record
+        self.me = self
+
+    def __del__(self) -> None:
+        with self.record.open("a", encoding="utf-8") as out:
+            out.write(f"{os.getpid()}\n")
+
+
+def test_a_copied_parse_process_never_finalizes_what_the_ingesting_process_holds(store: Store, tmp_path: Path) -> None:
+    """A database connection left in a reference cycle when the parse processes are forked must not be closed from
+    a copy (its goodbye would end the ingesting process's session too): a copy's collector (each collects as it
+    starts) never finalizes what it inherited."""
+    assert threading.active_count() == 1  # the parse processes are copies (forked)
+    record = tmp_path / "finalized"
+    usage = tmp_path / "usage.jsonl"
+    usage.write_text("".join(json.dumps(event(f"r{i}", input_tokens=1)) + "\n" for i in range(20)), encoding="utf-8")
+    gc.disable()  # the cycle stays uncollected here until the parse processes run
+    try:
+        _Finalized(record)
+        result, failed = ingest_files(
+            [usage], store.parser, store.ingestor, batch_size=5, parse_ahead=True, parse_processes=2
+        )
+    finally:
+        gc.enable()
+    gc.collect()
+    assert (result.accepted, failed) == (20, [])
+    assert record.read_text(encoding="utf-8").split() == [str(os.getpid())]
 
 
 @pytest.mark.slow

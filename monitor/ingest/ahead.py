@@ -10,6 +10,7 @@ whatever the files hold.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -182,11 +183,20 @@ class ParseAhead:
             )
             for mine in range(count)
         ]
-        if context.get_start_method() == "fork":
+        copies = context.get_start_method() == "fork"
+        if copies:
             sys.stdout.flush()  # a copy flushes its inherited buffers as it ends: they must be empty
             sys.stderr.flush()
-        for process in self._processes:
-            process.start()
+            # Everything this process holds at the fork is frozen, so a copy's garbage collector never finalizes it:
+            # a connection to the database left in a reference cycle here must not be closed from a copy (its
+            # goodbye would end this process's session too). It also leaves the shared pages unwritten.
+            gc.freeze()
+        try:
+            for process in self._processes:
+                process.start()
+        finally:
+            if copies:
+                gc.unfreeze()
 
     def _get(self, which: int) -> Any:
         while True:
