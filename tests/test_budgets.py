@@ -15,6 +15,7 @@ from sqlalchemy import delete, func, select
 from monitor.config import load_settings
 from monitor.service import Store, open_store
 from monitor.store.models import events
+from monitor.store.queries import window_totals
 from tests.conftest import FakeClock, write_config
 
 BUDGETS = """\
@@ -201,6 +202,21 @@ def test_evaluation_reads_rollups_not_the_events_table(budget_store: Store, cloc
     assert states["per-user-daily", "u-1"].usage.cost_pico == 500_000_000_000  # $0.50
     assert states["lingo-monthly", None].usage.cost_pico == 550_000_000_000  # $0.55
     assert blocked(budget_store, clock.now, project="lingo", user="u-1") == "per-user-daily"
+
+
+def test_an_evaluations_reads_share_one_snapshot(budget_store: Store, clock: FakeClock) -> None:
+    """Budgets read one after another in one evaluation see the same committed state, whatever commits between."""
+    send(budget_store, clock.now, output_tokens=100_000, project="lingo", user="u-1")
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    with budget_store.engine.connect() as reading:
+        before = dict(window_totals(reading, "lingo-monthly", since))
+        send(budget_store, clock.now, output_tokens=100_000, project="lingo", user="u-1")  # another connection
+        during = dict(window_totals(reading, "lingo-monthly", since))
+    with budget_store.engine.connect() as fresh:
+        after = dict(window_totals(fresh, "lingo-monthly", since))
+    assert [usage.output for usage in before.values()] == [100_000]
+    assert during == before
+    assert [usage.output for usage in after.values()] == [200_000]
 
 
 def test_new_budget_is_counted_from_events_already_stored(tmp_path: Path, clock: FakeClock) -> None:

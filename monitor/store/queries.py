@@ -59,6 +59,8 @@ def _usage(values: Sequence[Any]) -> Usage:
 def _driver_rows(connection: Connection, sql: str, parameters: tuple[Any, ...]) -> list[Any]:
     """All rows of a read statement run on the connection's own driver cursor, in its transaction: no result object
     (setting one up costs more than a small query; an evaluation runs one per budget)."""
+    if not connection.in_transaction():
+        connection.begin()  # as a statement through the connection would: the reads that follow share one snapshot
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         cursor.execute(sql, parameters)
