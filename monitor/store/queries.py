@@ -111,7 +111,7 @@ def scope_totals(
         if sqlite:
             marks = ", ".join("?" * len(chunk))
             sql = _SQLITE_SCOPE_TOTALS.format(scopes=marks, end="" if end is None else " AND bucket_start < ?")
-            rows: Any = _driver_rows(connection, sql, (budget, *chunk, *bounds))
+            rows: Any = connection.exec_driver_sql(sql, (budget, *chunk, *bounds))
         else:
             parameters: dict[str, Any] = {"budget": budget, "scopes": chunk, "first": first_bucket}
             if end is not None:
