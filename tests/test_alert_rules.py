@@ -1,8 +1,8 @@
 """The shipped Prometheus alert rules: promtool accepts and passes them, and they hold together with the daemon.
 
 Checks that every alert is documented (severity, summary, description, runbook_url, `for:`), that its runbook
-section exists, that every metric it reads is one the daemon exports, and that alerts_test.yaml covers it both
-firing and not firing.
+section exists, that every metric it reads is one the daemon exports, and that the unit tests (alerts_test.yaml,
+alerts_test_week.yaml) cover it both firing and not firing.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from monitor.service import Jobs
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "dashboards" / "prometheus"
 RULES = PROM_DIR / "alerts.yaml"
-RULE_TESTS = PROM_DIR / "alerts_test.yaml"
+# The unit tests: the week-long cases in a file of their own, evaluated every 5 minutes instead of every minute.
+RULE_TESTS = (PROM_DIR / "alerts_test.yaml", PROM_DIR / "alerts_test_week.yaml")
 RUNBOOK = REPO / "dashboards" / "RUNBOOK.md"
 
 # Metrics that are not the daemon's but that the rules may read: Prometheus's own per-target `up`.
@@ -66,9 +67,13 @@ def alert_names() -> list[str]:
 
 
 def rule_tests() -> list[dict[str, Any]]:
-    """Every alert_rule_test case of alerts_test.yaml."""
-    doc = yaml.safe_load(RULE_TESTS.read_text())
-    return [case for test in doc["tests"] for case in test.get("alert_rule_test") or []]
+    """Every alert_rule_test case of the unit test files."""
+    return [case for test in _unit_tests() for case in test.get("alert_rule_test") or []]
+
+
+def _unit_tests() -> list[dict[str, Any]]:
+    """Every test group of the unit test files."""
+    return [test for path in RULE_TESTS for test in yaml.safe_load(path.read_text())["tests"]]
 
 
 def metric_names(expr: str) -> set[str]:
@@ -166,7 +171,7 @@ def test_promtool_check_rules() -> None:
 
 @pytest.mark.slow
 def test_promtool_unit_tests() -> None:
-    done = promtool("test", "rules", RULE_TESTS.name)
+    done = promtool("test", "rules", *(path.name for path in RULE_TESTS))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -217,12 +222,11 @@ def test_rules_read_only_metrics_the_daemon_exports() -> None:
 
 def test_rule_tests_feed_only_metrics_the_daemon_exports() -> None:
     exported = exported_metrics() | PROMETHEUS_METRICS
-    doc = yaml.safe_load(RULE_TESTS.read_text())
-    fed = {series["series"].partition("{")[0].strip() for test in doc["tests"] for series in test["input_series"]}
-    assert fed <= exported, f"alerts_test.yaml feeds series the daemon never exports: {sorted(fed - exported)}"
+    fed = {series["series"].partition("{")[0].strip() for test in _unit_tests() for series in test["input_series"]}
+    assert fed <= exported, f"the unit tests feed series the daemon never exports: {sorted(fed - exported)}"
 
 
-# --- coverage by alerts_test.yaml ----------------------------------------------------------------------------------
+# --- coverage by the unit tests -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", alert_names())
