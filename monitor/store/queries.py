@@ -69,13 +69,14 @@ def _driver_rows(connection: Connection, sql: str, parameters: tuple[Any, ...]) 
         cursor.close()
 
 
-def _scope_totals_query(bounded: bool) -> Any:
-    """Window totals of a list of scopes, with every value a parameter: compiled once, then reused from the cache."""
+def _totals_query(scoped: bool, bounded: bool) -> Any:
+    """Window totals per scope of one budget (of a list of scopes when `scoped`), with every value a parameter:
+    compiled once, then reused from the cache."""
     return (
         select(budget_usage.c.scope, *_SUMS)
         .where(
             budget_usage.c.budget == bindparam("budget"),
-            budget_usage.c.scope.in_(bindparam("scopes", expanding=True)),
+            budget_usage.c.scope.in_(bindparam("scopes", expanding=True)) if scoped else true(),
             budget_usage.c.bucket_start >= bindparam("first"),
             budget_usage.c.bucket_start < bindparam("end") if bounded else true(),
         )
@@ -83,12 +84,12 @@ def _scope_totals_query(bounded: bool) -> Any:
     )
 
 
+_SQLITE_SUMS = f"SELECT scope, {', '.join(f'sum({name})' for name in USAGE_FIELDS)} FROM {budget_usage.name} "
 _SQLITE_SCOPE_TOTALS = (
-    f"SELECT scope, {', '.join(f'sum({name})' for name in USAGE_FIELDS)} FROM {budget_usage.name} "
-    "WHERE budget = ? AND scope IN ({scopes}) AND bucket_start >= ?{end} GROUP BY scope"
+    _SQLITE_SUMS + "WHERE budget = ? AND scope IN ({scopes}) AND bucket_start >= ?{end} GROUP BY scope"
 )
 # Asked after every ingested batch: a statement built per call costs more to build and compile than to run.
-_SCOPE_TOTALS = {bounded: _scope_totals_query(bounded) for bounded in (False, True)}
+_SCOPE_TOTALS = {bounded: _totals_query(True, bounded) for bounded in (False, True)}
 
 
 def scope_totals(
@@ -122,23 +123,10 @@ def scope_totals(
     return totals
 
 
-def _window_totals_query(bounded: bool) -> Any:
-    """Every scope's window total of one budget, with every value a parameter: compiled once, then reused."""
-    return (
-        select(budget_usage.c.scope, *_SUMS)
-        .where(
-            budget_usage.c.budget == bindparam("budget"),
-            budget_usage.c.bucket_start >= bindparam("first"),
-            budget_usage.c.bucket_start < bindparam("end") if bounded else true(),
-        )
-        .group_by(budget_usage.c.scope)
-    )
-
-
-_WINDOW_TOTALS = {bounded: _window_totals_query(bounded) for bounded in (False, True)}
+_WINDOW_TOTALS = {bounded: _totals_query(False, bounded) for bounded in (False, True)}
 _SQLITE_WINDOW_TOTALS = {
-    bounded: f"SELECT scope, {', '.join(f'sum({name})' for name in USAGE_FIELDS)} FROM {budget_usage.name} "
-    f"WHERE budget = ? AND bucket_start >= ?{' AND bucket_start < ?' if bounded else ''} GROUP BY scope"
+    bounded: _SQLITE_SUMS
+    + f"WHERE budget = ? AND bucket_start >= ?{' AND bucket_start < ?' if bounded else ''} GROUP BY scope"
     for bounded in (False, True)
 }
 
