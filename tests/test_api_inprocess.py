@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import load_settings
+from monitor.http.api import ApiApp
 from monitor.service import Daemon
 from tests.conftest import FakeClock, write_config
 from tests.serve_harness import TOKEN, Response, request, sum_metric
@@ -317,3 +318,38 @@ def test_the_client_sees_at_once_a_budget_its_own_record_crossed(api: Api) -> No
             wrong.record(event("req-d", 1))
         assert refused.value.status == 401 and "missing or wrong Bearer token" in str(refused.value)
     assert api.rows("events") == 1
+
+
+def test_a_get_check_is_answered_at_once_and_says_what_the_request_cycle_says(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET and HEAD checks are answered by the server as their headers arrive (no request cycle); a POST check
+    (ext_authz may forward the caller's body) goes through the app's request cycle. Both give the same answer."""
+    cycles: list[str] = []
+    usual = ApiApp.__call__
+
+    async def counted(self: ApiApp, scope: Any, receive: Any, send: Any) -> None:
+        cycles.append(f"{scope['method']} {scope['path']}")
+        await usual(self, scope, receive, send)
+
+    monkeypatch.setattr(ApiApp, "__call__", counted)
+    lingo = "/v1/check?project=lingo&user=u-1&model=claude-haiku-4-5"
+
+    def both() -> tuple[Response, Response]:
+        return api.get(lingo), request(api.url + lingo, "POST", b"{}", {"Content-Type": "application/json"})
+
+    def same(fast: Response, usual: Response) -> None:
+        assert (fast.status, fast.body) == (usual.status, usual.body)
+        assert {k: v for k, v in fast.headers.items() if k != "date"} == {
+            k: v for k, v in usual.headers.items() if k != "date"
+        }
+
+    same(*both())
+    assert api.usage(event("req-1", 20_000)).status == 202  # $0.10: the day's limit
+    throttled = both()
+    assert throttled[0].status == 429 and throttled[0].headers["x-monitor-budget"] == "lingo-daily"
+    same(*throttled)
+    head = request(api.url + lingo, "HEAD")
+    assert head.status == 429 and head.body == b"" and head.headers["content-length"] == str(len(throttled[0].body))
+    assert api.get("/v1/check/v1/messages", {"X-Monitor-Project": "lingo"}).status == 429  # the Envoy form
+    assert [c for c in cycles if "check" in c] == ["POST /v1/check", "POST /v1/check"]

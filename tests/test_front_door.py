@@ -95,7 +95,6 @@ def rejected_count(serve: Serve) -> int:
         database.close()
 
 
-
 def read_one_response(sock: socket.socket, timeout: float = 10) -> bytes:
     """One response with a Content-Length body (or none), leaving the connection open."""
     sock.settimeout(timeout)
@@ -326,6 +325,7 @@ def test_metrics_listen_serves_metrics_and_health_only(guarded: Serve) -> None:
         assert request(ops + path).status == 200, path
     assert request(ops + "/v1/budgets", headers={"Authorization": "Bearer read-secret"}).status == 404
     assert request(ops + "/v1/usage", "POST", b"{}", {"Authorization": f"Bearer {TOKEN}"}).status == 404
+    assert request(ops + "/v1/check?user=a", headers={"Authorization": "Bearer read-secret"}).status == 404
 
 
 def test_past_max_connections_a_new_request_gets_503_at_once(guarded: Serve) -> None:
@@ -333,6 +333,8 @@ def test_past_max_connections_a_new_request_gets_503_at_once(guarded: Serve) -> 
     try:
         wait_until(lambda: guarded.get("/healthz").status == 503, timeout=5)
         assert guarded.get("/healthz").status == 503  # answered, not queued behind the held connections
+        # A check too, though checks are answered as their headers arrive, without a request cycle.
+        assert guarded.get("/v1/check?user=a", {"Authorization": "Bearer read-secret"}).status == 503
     finally:
         for sock in held:
             sock.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -20,11 +21,13 @@ from monitor.http.server import (
     BodyTooLarge,
     HttpServer,
     Receive,
+    Response,
     Scope,
     Send,
     ServerLimits,
     _OneWrite,
     error_response,
+    headers_of,
     json_response,
     read_body,
 )
@@ -218,3 +221,187 @@ def test_keep_alive_answers_arrive_whole_through_the_coalescing_transport(
             assert json.loads(response.read()) == {"path": "/fast", "bytes": 0}
     finally:
         connection.close()
+
+
+class AnsweringApp:
+    """Answers /now (GET or HEAD, no body) at once through `answer_now`; /slow only once released; through
+    `__call__`, every request gets the very answer `answer_now` would give, so the two ways can be compared."""
+
+    def __init__(self) -> None:
+        self.called: list[str] = []  # paths served through __call__
+        self.release = threading.Event()
+        self.waiter = ThreadPoolExecutor(2)
+
+    @staticmethod
+    def respond(method: str, target: str, headers: dict[str, str]) -> Response:
+        path, _, query = target.partition("?")
+        if query == "empty":
+            return Response(204, headers={"X-Why": "nothing to say"})
+        if query == "bye":
+            return json_response(200, {"bye": True}, close=True)
+        return json_response(200, {"path": path, "method": method, "user": headers.get("x-user")}, {"Retry-After": "7"})
+
+    def answer_now(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Response | None:
+        named = {name.decode(): value.decode() for name, value in headers}
+        if not target.startswith(b"/now") or method not in (b"GET", b"HEAD") or "content-length" in named:
+            return None
+        return self.respond(method.decode(), target.decode(), named)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.called.append(scope["path"])
+        if scope["path"] == "/slow":
+            await asyncio.get_running_loop().run_in_executor(self.waiter, self.release.wait)
+        await read_body(receive, 1000)
+        target = scope["path"] + ("?" + scope["query_string"].decode() if scope["query_string"] else "")
+        await self.respond(scope["method"], target, headers_of(scope)).send(send)
+
+
+class CalledOnly:
+    """The same app without `answer_now`: every request through `__call__`."""
+
+    def __init__(self, app: AnsweringApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def _serve(app: object) -> HttpServer:
+    server = HttpServer(app, "127.0.0.1", 0, ServerLimits(header_timeout=5, keepalive_timeout=5), "test")  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+def _exchange(address: tuple[str, int], raw: bytes, answers: int = 1) -> bytes:
+    """Send raw request bytes on a new connection; what comes back until `answers` whole answers arrived or the
+    server closed the connection."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(raw)
+        got = b""
+        while True:
+            complete = _answers(got)
+            if len(complete) >= answers:
+                return got
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+
+
+def _answers(data: bytes) -> list[bytes]:
+    """The complete answers (headers and Content-Length body) at the start of `data`; HEAD answers are not told
+    apart, so callers give HEAD only as a connection's last request."""
+    out = []
+    while b"\r\n\r\n" in data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        if len(rest) < length:
+            break
+        out.append(head + b"\r\n\r\n" + rest[:length])
+        data = rest[length:]
+    return out
+
+
+def _undated(data: bytes) -> bytes:
+    return re.sub(rb"date: [^\r]*\r\n", b"", data)
+
+
+REQUESTS = {
+    "json": b"GET /now?x=1 HTTP/1.1\r\nHost: t\r\nX-User: u-1\r\n\r\n",
+    "no content": b"GET /now?empty HTTP/1.1\r\nHost: t\r\n\r\n",
+    "app closes": b"GET /now?bye HTTP/1.1\r\nHost: t\r\n\r\n",
+    "client closes": b"GET /now HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    "http/1.0": b"GET /now HTTP/1.0\r\n\r\n",
+    "head": b"HEAD /now?x=2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    "trailing slash": b"GET /now/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_an_answer_given_at_once_is_on_the_wire_what_the_request_cycle_sends(name: str) -> None:
+    app = AnsweringApp()
+    at_once, called = _serve(app), _serve(CalledOnly(app))
+    try:
+        fast = _exchange(at_once.address, REQUESTS[name])
+        assert app.called == []  # answered from the headers: no request cycle
+        usual = _exchange(called.address, REQUESTS[name])
+        assert app.called, "the app without answer_now serves it through __call__"
+        assert fast.startswith(b"HTTP/1.1 ") and _undated(fast) == _undated(usual)
+        assert b"date: " in fast and b"server: " not in fast.lower().replace(b"server: claude", b"")
+    finally:
+        at_once.stop(5)
+        called.stop(5)
+
+
+def test_answers_at_once_keep_their_order_behind_a_request_in_progress_and_keep_the_connection() -> None:
+    app = AnsweringApp()
+    server = _serve(app)
+    try:
+        with socket.create_connection(server.address, timeout=10) as sock:
+            # One write, three requests: the slow one first; the two after it must not overtake it.
+            sock.sendall(
+                b"GET /now?a HTTP/1.1\r\nHost: t\r\n\r\n"
+                b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
+                b"GET /now?b HTTP/1.1\r\nHost: t\r\nX-User: u-2\r\n\r\n"
+            )
+            got = b""
+            while len(_answers(got)) < 1:
+                got += sock.recv(65536)
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):  # /slow holds its answer, and /now?b waits behind it
+                while True:
+                    got += sock.recv(65536)
+            assert len(_answers(got)) == 1
+            app.release.set()
+            sock.settimeout(10)
+            while len(_answers(got)) < 3:
+                got += sock.recv(65536)
+            first, slow, last = (json.loads(a.partition(b"\r\n\r\n")[2]) for a in _answers(got))
+            assert (
+                first["path"] == "/now"
+                and slow["path"] == "/slow"
+                and last
+                == {
+                    "path": "/now",
+                    "method": "GET",
+                    "user": "u-2",
+                }
+            )
+            assert app.called == ["/slow", "/now"]  # the one behind /slow went the usual way, in order
+            # The connection goes on: the next request is answered at once again.
+            sock.sendall(b"GET /now?c HTTP/1.1\r\nHost: t\r\n\r\n")
+            more = b""
+            while len(_answers(more)) < 1:
+                more += sock.recv(65536)
+            assert b'"path": "/now"' in more and app.called == ["/slow", "/now"]
+    finally:
+        app.release.set()
+        server.stop(5)
+
+
+def test_a_request_the_app_does_not_answer_at_once_is_served_as_usual_on_the_same_connection() -> None:
+    app = AnsweringApp()
+    server = _serve(app)
+    try:
+        with socket.create_connection(server.address, timeout=10) as sock:
+            methods = []
+            for raw in (
+                b"GET /now HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc",  # a body: not answered at once
+                b"POST /now HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",  # a POST: neither
+                b"GET /now HTTP/1.1\r\nHost: t\r\n\r\n",  # this one is, on the same connection
+            ):
+                sock.sendall(raw)
+                got = b""
+                while not _answers(got):
+                    got += sock.recv(65536)
+                (answer,) = _answers(got)
+                assert answer.split(b" ", 2)[1] == b"200"
+                methods.append(json.loads(answer.partition(b"\r\n\r\n")[2])["method"])
+        assert methods == ["GET", "POST", "GET"]
+        assert app.called == ["/now", "/now"]
+    finally:
+        server.stop(5)

@@ -502,6 +502,21 @@ class ApiApp:
             return await off_loop(self._read_pool, api.ready)
         return error_response(404, f"no route {path}")
 
+    def answer_now(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Response | None:
+        """A GET or HEAD check without a body, answered by the server as its headers arrive (on the event loop, no
+        request cycle): the decision is in memory, and a proxy asks one before every call. Anything else (None) is
+        served through `__call__`, a check too when it has a body, a POST or an escaped path."""
+        if self.ops_only or (method != b"GET" and method != b"HEAD"):
+            return None
+        path, _, query = target.partition(b"#")[0].partition(b"?")
+        path = path.rstrip(b"/")
+        if path != b"/v1/check" and not path.startswith(b"/v1/check/"):
+            return None  # also an absolute-form target or an escaped path: the usual way decides those
+        for name, value in headers:
+            if (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding":
+                return None
+        return self._check({"headers": headers, "query_string": query}, envoy=path != b"/v1/check")
+
     def _check(self, scope: Scope, envoy: bool) -> Response:
         headers = headers_of(scope)
         # ext_authz may forward the caller's body; it is not needed. uvicorn discards an unread body after the

@@ -1,7 +1,11 @@
 """One production HTTP server for `serve` and `proxy`: uvicorn on its own event-loop thread, with the bounds it
 lacks (a header timeout), the socket bound up front, drain on stop, and the small ASGI helpers both apps share.
 
-An app is a plain ASGI 3 callable ``app(scope, receive, send)``. What the server guarantees, whatever the app does:
+An app is a plain ASGI 3 callable ``app(scope, receive, send)``. It may also have ``answer_now(method, target,
+headers)``: the server asks it as a request's headers arrive, and writes what it returns at once, on the event loop,
+without a request cycle (no task, no ASGI messages: less CPU per answer); None serves the request the
+usual way. The daemon answers its throttle checks so. Never while an earlier request on the same connection is still
+being answered, so answers keep their order. What the server guarantees, whatever the app does:
 
 - listen backlog ``limits.backlog``; TCP_NODELAY on every accepted connection;
 - a connection that has not sent a complete request line and headers within ``limits.header_timeout`` (counted
@@ -35,7 +39,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 import uvloop
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
 T = TypeVar("T")
 SWITCH_INTERVAL_S = 0.001  # longest a computing thread keeps the event loop waiting for the interpreter
@@ -50,6 +54,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
+# What an app may answer at once, on the event loop, from the request line and headers alone: (method, request
+# target, headers as lower-case name and value bytes) -> the whole answer, or None to serve the request as usual.
+AnswerNow = Callable[[bytes, bytes, list[tuple[bytes, bytes]]], "Response | None"]
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
@@ -192,6 +199,36 @@ async def send_response(send: Send, status: int, body: bytes, headers: Headers =
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def encode_response(
+    response: Response, default_headers: Iterable[tuple[bytes, bytes]], keep_alive: bool, head: bool
+) -> bytes | None:
+    """The bytes on the wire of `response`, exactly as `Response.send` through uvicorn writes them (the server's
+    default headers first; `connection: close` when the connection ends; no body to a HEAD). None when a header
+    value could not go on the wire (uvicorn refuses such a value too)."""
+    status = response.status
+    body = b"" if status in (204, 304) else response.body
+    pairs = [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (response.headers or {}).items()
+    ]
+    if response.content_type and status not in (204, 304):
+        pairs.append((b"content-type", response.content_type.encode("latin-1")))
+    if response.close:
+        pairs.append((b"connection", b"close"))
+    if status not in (204, 304) and not any(name == b"content-length" for name, _ in pairs):
+        pairs.append((b"content-length", str(len(body)).encode()))
+    out = [STATUS_LINE[status]]
+    for name, value in (*default_headers, *pairs):
+        if HEADER_VALUE_RE.search(value):
+            return None
+        out += (name, b": ", value, b"\r\n")
+    if not keep_alive and not response.close:
+        out.append(b"connection: close\r\n")
+    out.append(b"\r\n")
+    if not head:
+        out.append(body)
+    return b"".join(out)
+
+
 # --- the server --------------------------------------------------------------------------------------------------
 
 
@@ -219,6 +256,12 @@ class _OneWrite:
             self._held = data
             self._loop.call_soon(self.flush)
             return
+        self._transport.write(data)
+
+    def write_now(self, data: bytes) -> None:
+        """Write a whole response at once (after anything held)."""
+        if self._held is not None:
+            data, self._held = self._held + data, None
         self._transport.write(data)
 
     def flush(self) -> None:
@@ -251,11 +294,13 @@ class _BoundedProtocol(HttpToolsProtocol):
     """
 
     header_timeout: float = 10.0
+    answer_now: AnswerNow | None = None  # the app's, when it answers some requests from their headers at once
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._headers_pending = True
+        self._answered = False  # the request being parsed was answered at once: its body and end are not the app's
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(_OneWrite(transport, self.loop))  # type: ignore[arg-type]
@@ -283,7 +328,48 @@ class _BoundedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._headers_pending = False
         self._cancel_header_timer()
+        if self.answer_now is not None and self._answer_at_once(self.answer_now):
+            return
         super().on_headers_complete()
+
+    def _answer_at_once(self, answer_now: AnswerNow) -> bool:
+        """Answer the request whose headers just arrived without an ASGI request cycle (no task, no messages),
+        when the app can from its headers alone (a throttle check: decided in memory). Never while an earlier
+        request on the connection is still being answered (answers keep their order), for an upgrade, or past the
+        connection limit (uvicorn's 503 stands)."""
+        if (self.cycle is not None and not self.cycle.response_complete) or self.parser.should_upgrade():
+            return False
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            return False
+        method = self.parser.get_method()
+        try:
+            response = answer_now(method, self.url, self.headers)
+        except Exception:
+            log.exception("answering %r at once failed; serving it as usual", self.url[:200])
+            return False
+        if response is None:
+            return False
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive() and not response.close
+        data = encode_response(response, self.server_state.default_headers, keep_alive, method == b"HEAD")
+        if data is None:
+            return False
+        self._answered = True
+        self.transport.write_now(data)  # type: ignore[attr-defined]  # the _OneWrite wrapper
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()  # counts it; arms the keep-alive timer
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._answered:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._answered:
+            self._answered = False
+            return
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -368,7 +454,12 @@ class HttpServer:
         self._socket = _bind(host, port, limits.backlog)
         bound = self._socket.getsockname()
         self.address: tuple[str, int] = (str(bound[0]), int(bound[1]))
-        protocol = type(f"{name.title()}Protocol", (_BoundedProtocol,), {"header_timeout": limits.header_timeout})
+        answer_now = getattr(app, "answer_now", None)
+        protocol = type(
+            f"{name.title()}Protocol",
+            (_BoundedProtocol,),
+            {"header_timeout": limits.header_timeout, "answer_now": staticmethod(answer_now) if answer_now else None},
+        )
         self._config = uvicorn.Config(
             app,
             http=protocol,
