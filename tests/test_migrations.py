@@ -53,3 +53,90 @@ def test_migrate_command_is_idempotent_and_uses_wal(tmp_path: Path) -> None:
     heads = [row[0] for row in connection.execute("SELECT version_num FROM alembic_version")]
     scripts = sorted(p.name for p in (REPO / "migrations" / "versions").glob("0*.py"))
     assert len(heads) == 1 and scripts[-1].startswith(heads[0])
+
+
+PERIODS_CONFIG = """\
+timezone: UTC
+budgets:
+  - {name: daily, match: {project: lingo}, per: user, window: day, limit_usd: 1, throttle_at: 1.0}
+  - {name: hourly, match: {project: lingo}, per: user, window: 'rolling:1h', limit_usd: 1, throttle_at: 1.0}
+"""
+
+
+def test_budget_usage_stored_before_periods_is_read_added_to_and_merged_back(tmp_path: Path) -> None:
+    """Rows written before budget_usage had periods (keyed budget, scope, bucket) keep counting after the upgrade:
+    read in every window total, added to by new events under the new key, and summed back on a downgrade."""
+    from datetime import UTC, datetime
+
+    from monitor.budgets import compile_budgets
+    from monitor.config import load_settings
+    from monitor.ingest.parse import EventParser
+    from monitor.service import build_price_table, open_store
+    from monitor.store.queries import scope_buckets, scope_totals
+
+    config = write_config(tmp_path, PERIODS_CONFIG)
+    database = tmp_path / "monitor.db"
+    url = f"sqlite:///{database}"
+    assert alembic("upgrade", "0013", url=url).returncode == 0
+    loaded = load_settings(config, environ={})
+    definitions = {b.name: b.definition for b in compile_budgets(loaded.settings.budgets, build_price_table(loaded))}
+    now = datetime(2026, 11, 26, 12, 30, tzinfo=UTC)
+    with sqlite3.connect(database) as db:  # as the build before periods wrote them: $0.40 each, one request
+        for name, bucket in (("daily", "2026-11-26 00:00:00.000000"), ("hourly", "2026-11-26 12:10:00.000000")):
+            db.execute(
+                "INSERT INTO budget_usage VALUES (?, ?, ?, 1, 0, 80000, 0, 0, 0, 400000000000)",
+                (name, '{"project":"lingo","user":"u-1"}', bucket),
+            )
+            db.execute(
+                "INSERT INTO budget_definitions VALUES (?, ?, ?, ?)",
+                (name, definitions[name], "2026-11-01 00:00:00.000000", "2026-11-01 00:00:00.000000"),
+            )
+    assert alembic("upgrade", "head", url=url).returncode == 0
+
+    store = open_store(loaded, clock=lambda: now)
+    try:
+        assert store.budgets.apply_definitions() == []  # counted already: nothing recounted, nothing dropped
+        line = (
+            '{"request_id": "r-%d", "timestamp": "2026-11-26T12:20:00Z", "model": "claude-haiku-4-5", '
+            '"usage": {"input_tokens": 0, "output_tokens": 120000}, "attributes": {"project": "lingo", "user": "u-1"}}'
+        )
+        parser = EventParser(loaded.settings.dimensions, lambda: now)
+        # 120,000 output tokens at $5 per million: $0.60, on top of the $0.40 stored before: $1.00, the limit.
+        result = store.writer.write([("x:1", parser.parse_line(line % 1, now))], "test")
+        key = '{"project":"lingo","user":"u-1"}'
+        assert {name: usage.cost_pico for (name, _), usage in result.touched.items()} == {
+            "daily": 1_000_000_000_000,
+            "hourly": 1_000_000_000_000,
+        }
+        assert store.budgets.on_batch(result.touched)  # both throttle: the stored rows count
+        store.budgets.evaluate()
+        spend = {name: summary.states[key].usage.cost_pico for name, summary in store.budgets.summaries.items()}
+        assert spend == {"daily": 1_000_000_000_000, "hourly": 1_000_000_000_000}, spend
+        assert {name for name, _ in store.budgets.throttle.flags} == {"daily", "hourly"}
+        with store.engine.connect() as connection:
+            day = datetime(2026, 11, 26, tzinfo=UTC)
+            assert scope_totals(connection, "daily", [key], day, datetime(2026, 11, 27, tzinfo=UTC))[key].requests == 2
+            first = datetime(2026, 11, 26, 11, 30, tzinfo=UTC)
+            buckets = [
+                (bucket.strftime("%H:%M"), usage.requests)
+                for bucket, usage in scope_buckets(connection, "hourly", key, first)
+            ]
+            assert buckets == [("12:10", 1), ("12:20", 1)]
+    finally:
+        store.close()
+    with sqlite3.connect(database) as db:  # the new rows went in under the new key: two rows per budget now
+        periods = sorted(db.execute("SELECT budget, period, bucket_start, requests FROM budget_usage"))
+    assert periods == [
+        ("daily", "1970-01-01 00:00:00.000000", "2026-11-26 00:00:00.000000", 1),
+        ("daily", "2026-11-26 00:00:00.000000", "2026-11-26 00:00:00.000000", 1),
+        ("hourly", "1970-01-01 00:00:00.000000", "2026-11-26 12:10:00.000000", 1),
+        ("hourly", "1970-01-01 00:00:00.000000", "2026-11-26 12:20:00.000000", 1),
+    ]
+    assert alembic("downgrade", "0013", url=url).returncode == 0
+    with sqlite3.connect(database) as db:
+        merged = sorted(db.execute("SELECT budget, bucket_start, requests, output, cost_pico FROM budget_usage"))
+    assert merged == [
+        ("daily", "2026-11-26 00:00:00.000000", 2, 200000, 1_000_000_000_000),
+        ("hourly", "2026-11-26 12:10:00.000000", 1, 80000, 400_000_000_000),
+        ("hourly", "2026-11-26 12:20:00.000000", 1, 120000, 600_000_000_000),
+    ]

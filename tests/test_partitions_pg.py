@@ -236,8 +236,12 @@ def test_retention_drops_whole_old_months_and_their_ids_and_keeps_rollups_and_re
     assert {"events_p202609", "events_p202610", "events_p202611"} <= set(found) and "events_p202405" not in found
     assert found["events_default"] == 1
     rollup = "SELECT * FROM usage_rollup WHERE bucket_start >= '2026-01-01' ORDER BY bucket_start"
+    usage_rows = (
+        "SELECT budget, scope, bucket_start, requests, cost_pico FROM budget_usage "
+        "WHERE bucket_start >= '2026-10-01' ORDER BY bucket_start"
+    )
     before_rollup = rows(pg_url, rollup)
-    before_usage = rows(pg_url, "SELECT * FROM budget_usage WHERE bucket_start >= '2026-10-01' ORDER BY bucket_start")
+    before_usage = rows(pg_url, usage_rows)
     september = report(config, "2026-09-01", "2026-10-01")
     # 1,000 output tokens of claude-haiku-4-5 at $5 per million: $0.005 per event.
     assert Decimal(september["total_usd"]) == Decimal("0.005")
@@ -254,7 +258,7 @@ def test_retention_drops_whole_old_months_and_their_ids_and_keeps_rollups_and_re
     # November.
     assert [r[0].month for r in before_rollup] == [9, 10, 10, 11]
     assert rows(pg_url, rollup) == before_rollup
-    after_usage = rows(pg_url, "SELECT * FROM budget_usage WHERE bucket_start >= '2026-10-01' ORDER BY bucket_start")
+    after_usage = rows(pg_url, usage_rows)
     assert after_usage == before_usage
     # October: oct-early + oct-late = 2 x 1,000 output tokens = 2 x $0.005; November: nov = $0.005.
     assert [(r[2].month, r[3], r[-1]) for r in after_usage] == [(10, 2, 10_000_000_000), (11, 1, 5_000_000_000)]

@@ -138,7 +138,6 @@ def scope_for(
     return scope
 
 
-
 def resolved_match(match: Mapping[str, str], prices: PriceTable) -> dict[str, str]:
     """A budget's or limit's `match` with its `model` (an alias or dated id) as the price-table name events carry."""
     resolved = dict(match)

@@ -21,7 +21,7 @@ from monitor.budgets.counters import USAGE_FIELDS, Usage
 from monitor.budgets.throttle import Flag, ThrottleState, flag_from_state
 from monitor.pricing import format_usd
 from monitor.store.models import budget_definitions, budget_usage, events
-from monitor.store.queries import scope_buckets, upsert_adding, window_totals
+from monitor.store.queries import USAGE_KEY, scope_buckets, upsert_adding, usage_period, window_totals
 from monitor.wire import iso_z, scope_key
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class BudgetEngine:
                 connection.execute(delete(budget_usage).where(budget_usage.c.budget == name))
                 connection.execute(delete(budget_definitions).where(budget_definitions.c.budget == name))
                 log.info("budget %s is no longer configured: its counts are dropped", name)
-            add = upsert_adding(budget_usage, connection.dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
+            add = upsert_adding(budget_usage, connection.dialect, USAGE_KEY, USAGE_FIELDS)
             for budget in self.budgets:
                 if stored.get(budget.name) == budget.definition:
                     continue
@@ -242,6 +242,7 @@ class BudgetEngine:
                 rows = [
                     {
                         "budget": budget.name,
+                        "period": usage_period(budget.bucket is not None, bucket),
                         "scope": key,
                         "bucket_start": bucket,
                         **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),

@@ -37,9 +37,24 @@ from monitor.metric_names import (
 from monitor.pricing import Price, PriceTable
 from monitor.store.bulk_pg import BulkUpsert
 from monitor.store.labels import OTHER, LabelGate
-from monitor.store.models import budget_usage, counters, dead_letters, events, source_offsets, usage_rollup
+from monitor.store.models import (
+    USAGE_EPOCH,
+    budget_usage,
+    counters,
+    dead_letters,
+    events,
+    source_offsets,
+    usage_rollup,
+)
 from monitor.store.partitions import MonthPartitions, PartitionWindow, insert_new_events
-from monitor.store.queries import insert_ignoring_conflicts, scope_totals, upsert_adding, upsert_replacing
+from monitor.store.queries import (
+    USAGE_KEY,
+    insert_ignoring_conflicts,
+    scope_totals,
+    upsert_adding,
+    upsert_replacing,
+    usage_period,
+)
 from monitor.store.rollup import (
     LATENESS,
     ROLLUP_FIELDS,
@@ -266,11 +281,11 @@ class Writer:
         self._partitions = MonthPartitions(engine, partitions or PartitionWindow()) if self._copy_events else None
         self._insert = insert_ignoring_conflicts(events, dialect, "request_id").returning(events.c.request_id)
         self._insert_letter = insert_ignoring_conflicts(dead_letters, dialect, "fingerprint")
-        self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
+        self._add_usage = upsert_adding(budget_usage, dialect, USAGE_KEY, USAGE_FIELDS)
         self._add_counter = upsert_adding(counters, dialect, ("name", "labels"), ("value",))
         self._add_rollup = upsert_adding(usage_rollup, dialect, ROLLUP_KEYS, ROLLUP_FIELDS)
         if self._copy_events:  # one statement per upsert, the rows sent as arrays
-            self._add_usage = BulkUpsert(budget_usage, ("budget", "scope", "bucket_start"), USAGE_FIELDS, adding=True)
+            self._add_usage = BulkUpsert(budget_usage, USAGE_KEY, USAGE_FIELDS, adding=True)
             self._add_counter = BulkUpsert(counters, ("name", "labels"), ("value",), adding=True)
             self._add_rollup = BulkUpsert(usage_rollup, ROLLUP_KEYS, ROLLUP_FIELDS, adding=True)
         self._set_offset = upsert_replacing(
@@ -595,24 +610,27 @@ class Writer:
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
         # PostgreSQL) then lock them in one order and cannot deadlock each other. SQLite's rows are sorted as the
         # text they are stored as: comparing aware datetimes costs several times more.
+        rolling = {name for name in named if (budget := known.get(name)) is None or budget.bucket is not None}
         if self._sqlite:
             texts = {bucket: sqlite_datetime(bucket) for bucket in {bucket for _, _, bucket in deltas}}
-            rows = [(name, key, texts[bucket], *usage) for (name, key, bucket), usage in deltas.items()]
+            epoch = sqlite_datetime(USAGE_EPOCH)
+            rows = [
+                (name, epoch if name in rolling else texts[bucket], key, texts[bucket], *usage)
+                for (name, key, bucket), usage in deltas.items()
+            ]
             rows.sort()
-            add_rows(connection, budget_usage, ("budget", "scope", "bucket_start"), USAGE_FIELDS, rows)
+            add_rows(connection, budget_usage, USAGE_KEY, USAGE_FIELDS, rows)
         else:
-            ordered = sorted(deltas.items())
+            keyed = sorted(
+                ((name, usage_period(name in rolling, bucket), key, bucket), usage)
+                for (name, key, bucket), usage in deltas.items()
+            )
             self._upsert(
                 connection,
                 self._add_usage,
                 [
-                    {
-                        "budget": name,
-                        "scope": key,
-                        "bucket_start": bucket,
-                        **dict(zip(USAGE_FIELDS, usage, strict=True)),
-                    }
-                    for (name, key, bucket), usage in ordered
+                    {**dict(zip(USAGE_KEY, row_key, strict=True)), **dict(zip(USAGE_FIELDS, usage, strict=True))}
+                    for row_key, usage in keyed
                 ],
             )
         totals: dict[tuple[str, str], Usage] = {}

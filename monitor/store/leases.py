@@ -131,7 +131,8 @@ _COUNT = f"""
     FROM budget_usage u
     JOIN unnest(CAST(:budget_names AS text[]), CAST(:budget_scopes AS text[]), CAST(:firsts AS timestamp[]),
                 CAST(:ends AS timestamp[])) AS w(name, scope, first, last)
-        ON u.budget = w.name AND u.scope = w.scope AND u.bucket_start >= w.first
+        ON u.budget = w.name AND u.period IN (w.first, TIMESTAMP '1970-01-01') AND u.scope = w.scope
+       AND u.bucket_start >= w.first
        AND (w.last IS NULL OR u.bucket_start < w.last)
     GROUP BY u.budget, u.scope
     UNION ALL
@@ -438,6 +439,7 @@ def settle_on_store(connection: Connection, settles: Sequence[tuple[str, str | N
         },
     )
 
+
 SettleHook = Callable[[Connection, Sequence[tuple[str, str | None, int]], datetime], None]
 
 
@@ -446,7 +448,6 @@ def settler_for(settings: Settings) -> SettleHook | None:
     admission state is in the database and a lease can hold something (a limit, or a budget that throttles)."""
     holding = bool(settings.limits) or any(budget.throttle_at is not None for budget in settings.budgets)
     return settle_on_store if admission_in_database(settings) and holding else None
-
 
 
 _FOLD = text(

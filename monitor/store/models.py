@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -146,13 +147,18 @@ dead_letters = Table(
 )
 
 # Spend per budget scope per window bucket (a calendar window's start, or a rolling bucket), maintained in the
-# same transaction as the events it counts, so evaluation reads scopes, never the events table.
+# same transaction as the events it counts, so evaluation reads scopes, never the events table. Keyed (budget,
+# period, scope, bucket_start): a calendar budget's period is its window's start, so the rows of the windows in
+# force lie together and a batch's upserts land on few pages (keyed by scope first, a batch touching thousands of
+# users dirtied a page per user); a rolling budget's period is USAGE_EPOCH, its rows by scope, each scope's buckets
+# together. Rows stored before periods existed have USAGE_EPOCH too: reads of a calendar window ask for both.
+USAGE_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 budget_usage = Table(
     "budget_usage",
     metadata,
-    Column("budget", String(128), primary_key=True),
-    Column("scope", String(1024), primary_key=True, comment="canonical JSON of the scope's dimensions"),
-    Column("bucket_start", UTCDateTime(), primary_key=True),
+    Column("budget", String(128), nullable=False),
+    Column("scope", String(1024), nullable=False, comment="canonical JSON of the scope's dimensions"),
+    Column("bucket_start", UTCDateTime(), nullable=False),
     Column("requests", BigInteger, nullable=False),
     Column("input", BigInteger, nullable=False),
     Column("output", BigInteger, nullable=False),
@@ -160,6 +166,13 @@ budget_usage = Table(
     Column("cache_write_5m", BigInteger, nullable=False),
     Column("cache_write_1h", BigInteger, nullable=False),
     Column("cost_pico", BigInteger, nullable=False),
+    Column(
+        "period",
+        UTCDateTime(),
+        nullable=False,
+        comment="a calendar window's start (= bucket_start), or 1970-01-01 for a rolling window",
+    ),
+    PrimaryKeyConstraint("budget", "period", "scope", "bucket_start"),
     Index("ix_budget_usage_budget_bucket_start", "budget", "bucket_start"),
 )
 

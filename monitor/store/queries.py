@@ -11,7 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 from monitor.budgets.counters import USAGE_FIELDS, Usage
-from monitor.store.models import budget_usage
+from monitor.store.models import USAGE_EPOCH, budget_usage
 from monitor.store.sqlite_events import sqlite_datetime
 
 
@@ -50,6 +50,13 @@ def upsert_replacing(table: Table, dialect: Dialect, keys: Sequence[str], values
 
 
 _SUMS = [func.sum(budget_usage.c[name]) for name in USAGE_FIELDS]
+USAGE_KEY = ("budget", "period", "scope", "bucket_start")  # budget_usage's primary key, in its order
+
+
+def usage_period(rolling: bool, bucket: datetime) -> datetime:
+    """The period a budget's bucket is stored under: a calendar window's start (its bucket), so the rows of a
+    window lie together; USAGE_EPOCH for a rolling window, whose rows lie by scope."""
+    return USAGE_EPOCH if rolling else bucket
 
 
 def _usage(values: Sequence[Any]) -> Usage:
@@ -70,12 +77,13 @@ def _driver_rows(connection: Connection, sql: str, parameters: tuple[Any, ...]) 
 
 
 def _totals_query(scoped: bool, bounded: bool) -> Any:
-    """Window totals per scope of one budget (of a list of scopes when `scoped`), with every value a parameter:
-    compiled once, then reused from the cache."""
+    """Window totals per scope of one budget (of a list of scopes when `scoped`: looked up under the window's
+    periods, its first bucket and USAGE_EPOCH), with every value a parameter: compiled once, then reused."""
     return (
         select(budget_usage.c.scope, *_SUMS)
         .where(
             budget_usage.c.budget == bindparam("budget"),
+            budget_usage.c.period.in_([bindparam("first"), bindparam("epoch")]) if scoped else true(),
             budget_usage.c.scope.in_(bindparam("scopes", expanding=True)) if scoped else true(),
             budget_usage.c.bucket_start >= bindparam("first"),
             budget_usage.c.bucket_start < bindparam("end") if bounded else true(),
@@ -85,8 +93,10 @@ def _totals_query(scoped: bool, bounded: bool) -> Any:
 
 
 _SQLITE_SUMS = f"SELECT scope, {', '.join(f'sum({name})' for name in USAGE_FIELDS)} FROM {budget_usage.name} "
+_SQLITE_EPOCH = sqlite_datetime(USAGE_EPOCH)
 _SQLITE_SCOPE_TOTALS = (
-    _SQLITE_SUMS + "WHERE budget = ? AND scope IN ({scopes}) AND bucket_start >= ?{end} GROUP BY scope"
+    _SQLITE_SUMS + "WHERE budget = ? AND period IN (?, ?) AND scope IN ({scopes}) AND bucket_start >= ?{end} "
+    "GROUP BY scope"
 )
 # Asked after every ingested batch: a statement built per call costs more to build and compile than to run.
 _SCOPE_TOTALS = {bounded: _totals_query(True, bounded) for bounded in (False, True)}
@@ -99,7 +109,9 @@ def scope_totals(
     first_bucket: datetime,
     end: datetime | None = None,
 ) -> dict[str, Usage]:
-    """Window totals of the given scopes of one budget: an indexed sum over their buckets from first_bucket on."""
+    """Window totals of the given scopes of one budget: an indexed sum over their buckets from first_bucket on.
+    A calendar window's rows are stored under its first bucket (or USAGE_EPOCH, stored before periods were), a rolling
+    window's under USAGE_EPOCH: both are asked, by key."""
     wanted = list(scopes)
     totals: dict[str, Usage] = {}
     # Asked after every batch an HTTP request or a tailed file brings. On SQLite the driver's own statement, with the
@@ -112,9 +124,14 @@ def scope_totals(
         if sqlite:
             marks = ", ".join("?" * len(chunk))
             sql = _SQLITE_SCOPE_TOTALS.format(scopes=marks, end="" if end is None else " AND bucket_start < ?")
-            rows: Any = connection.exec_driver_sql(sql, (budget, *chunk, *bounds))
+            rows: Any = connection.exec_driver_sql(sql, (budget, bounds[0], _SQLITE_EPOCH, *chunk, *bounds))
         else:
-            parameters: dict[str, Any] = {"budget": budget, "scopes": chunk, "first": first_bucket}
+            parameters: dict[str, Any] = {
+                "budget": budget,
+                "scopes": chunk,
+                "first": first_bucket,
+                "epoch": USAGE_EPOCH,
+            }
             if end is not None:
                 parameters["end"] = end
             rows = connection.execute(query, parameters)
@@ -157,13 +174,17 @@ def scope_buckets(
     scope: str,
     first_bucket: datetime,
 ) -> list[tuple[datetime, Usage]]:
-    """The buckets of one scope from first_bucket on (for when a rolling window frees up)."""
-    columns = [budget_usage.c[name] for name in USAGE_FIELDS]
+    """The buckets of one scope from first_bucket on (for when a rolling window frees up), each once: a bucket
+    stored under two periods (before and after periods existed) is summed."""
     query = (
-        select(budget_usage.c.bucket_start, *columns)
+        select(budget_usage.c.bucket_start, *_SUMS)
         .where(
-            budget_usage.c.budget == budget, budget_usage.c.scope == scope, budget_usage.c.bucket_start >= first_bucket
+            budget_usage.c.budget == budget,
+            budget_usage.c.period.in_([first_bucket, USAGE_EPOCH]),
+            budget_usage.c.scope == scope,
+            budget_usage.c.bucket_start >= first_bucket,
         )
+        .group_by(budget_usage.c.bucket_start)
         .order_by(budget_usage.c.bucket_start)
     )
     return [(row[0], _usage(row[1:])) for row in connection.execute(query)]

@@ -37,13 +37,12 @@ from monitor.metric_names import COST_PICO, REPRICED_EVENTS, UNPRICED_LABEL
 from monitor.pricing import Price, PriceTable
 from monitor.store.labels import FREE_VALUES, OTHER
 from monitor.store.models import budget_usage, counters, events, label_values, usage_rollup
-from monitor.store.queries import upsert_adding
+from monitor.store.queries import USAGE_KEY, upsert_adding, usage_period
 from monitor.store.rollup import ROLLUP_FIELDS, add_counts, bucket_of, service_tier, status_class
 from monitor.wire import scope_key
 
 DEFAULT_BATCH = 1000
 _ROLLUP_KEY = ("bucket_start", "model", "service_tier", "status_class", "labels")
-_USAGE_KEY = ("budget", "scope", "bucket_start")
 
 
 @dataclass
@@ -86,14 +85,17 @@ class Repricer:
         dialect = engine.dialect
         self._add_counter = upsert_adding(counters, dialect, ("name", "labels"), ("value",))
         self._add_rollup = upsert_adding(usage_rollup, dialect, _ROLLUP_KEY, ROLLUP_FIELDS)
-        self._add_usage = upsert_adding(budget_usage, dialect, ("budget", "scope", "bucket_start"), USAGE_FIELDS)
+        self._add_usage = upsert_adding(budget_usage, dialect, USAGE_KEY, USAGE_FIELDS)
         # A row the pass emptied (its only requests moved away), or one it made for an event that was never counted
         # there (a budget bucket before the budget was counted, or past retention), is dropped.
         self._drop_rollup = delete(usage_rollup).where(
             *(usage_rollup.c[name] == bindparam(f"k_{name}") for name in _ROLLUP_KEY), usage_rollup.c.requests <= 0
         )
         self._drop_usage = delete(budget_usage).where(
-            *(budget_usage.c[name] == bindparam(f"k_{name}") for name in _USAGE_KEY), budget_usage.c.requests <= 0
+            # Emptied by the move: every figure back to zero. Not a row gone below zero, nor one at zero requests with
+            # tokens left: the same bucket stored under the other period (see USAGE_EPOCH) holds the rest.
+            *(budget_usage.c[name] == bindparam(f"k_{name}") for name in USAGE_KEY),
+            *(budget_usage.c[name] == 0 for name in USAGE_FIELDS),
         )
 
     def priceable(self, connection: Connection) -> list[str]:
@@ -186,7 +188,7 @@ class Repricer:
         counter_deltas: dict[tuple[str, str], int] = defaultdict(int)
         # Signed deltas: what leaves the row the event was counted in, what the row of its price-table name gains.
         rollup: dict[tuple[Any, ...], list[int]] = {}
-        usage_delta: dict[tuple[str, str, datetime], Usage] = defaultdict(Usage)
+        usage_delta: dict[tuple[str, datetime, str, datetime], Usage] = defaultdict(Usage)
         for row, price in priced:
             cost = price.cost_pico or 0
             entry = result.by_model.setdefault(price.model, [0, 0])
@@ -240,7 +242,9 @@ class Repricer:
                     by_name[budget.name] = budget
                     keys.add((budget.name, key))
             for name, key in sorted(old_keys | new_keys):
-                slot = (name, key, by_name[name].bucket_of(row.ts, self._zone))
+                budget = by_name[name]
+                bucket = budget.bucket_of(row.ts, self._zone)
+                slot = (name, usage_period(budget.bucket is not None, bucket), key, bucket)
                 if (name, key) in old_keys and (name, key) in new_keys:
                     usage_delta[slot].add(Usage(cost_pico=cost))  # counted there already: the cost only
                 elif (name, key) in old_keys:
@@ -273,7 +277,7 @@ class Repricer:
                 self._add_usage,
                 [
                     {
-                        **dict(zip(_USAGE_KEY, key, strict=True)),
+                        **dict(zip(USAGE_KEY, key, strict=True)),
                         **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),
                     }
                     for key, usage in usage_rows
@@ -281,7 +285,7 @@ class Repricer:
             )
             connection.execute(
                 self._drop_usage,
-                [{f"k_{n}": v for n, v in zip(_USAGE_KEY, key, strict=True)} for key, _ in usage_rows],
+                [{f"k_{n}": v for n, v in zip(USAGE_KEY, key, strict=True)} for key, _ in usage_rows],
             )
 
 
