@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import REPO, run_cli, write_config
 
+pytest_plugins = ["tests.pg"]
+
 # Runs the command line in processes: in the slow lane (`scripts/test -m slow`).
 pytestmark = pytest.mark.slow
 
@@ -63,10 +65,20 @@ budgets:
 """
 
 
-def test_budget_usage_stored_before_periods_is_read_added_to_and_merged_back(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'monitor.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def test_budget_usage_stored_before_periods_is_read_added_to_and_merged_back(tmp_path: Path, database_url: str) -> None:
     """Rows written before budget_usage had periods (keyed budget, scope, bucket) keep counting after the upgrade:
     read in every window total, added to by new events under the new key, and summed back on a downgrade."""
     from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, text
 
     from monitor.budgets import compile_budgets
     from monitor.config import load_settings
@@ -74,36 +86,56 @@ def test_budget_usage_stored_before_periods_is_read_added_to_and_merged_back(tmp
     from monitor.service import build_price_table, open_store
     from monitor.store.queries import scope_buckets, scope_totals
 
-    config = write_config(tmp_path, PERIODS_CONFIG)
-    database = tmp_path / "monitor.db"
-    url = f"sqlite:///{database}"
-    assert alembic("upgrade", "0013", url=url).returncode == 0
+    config = tmp_path / "claude-monitor.yaml"
+    config.write_text(f"database_url: {database_url}\n{PERIODS_CONFIG}", encoding="utf-8")
+    sqlite = database_url.startswith("sqlite")
+
+    def stamp(value: str) -> object:  # a naive UTC time as each database stores the models' datetimes
+        return f"{value}.000000" if sqlite else datetime.fromisoformat(value)
+
+    def shown(value: object) -> str:
+        return str(value)[:19]
+
+    def rows(sql: str) -> list[tuple[object, ...]]:
+        engine = create_engine(database_url)
+        try:
+            with engine.connect() as connection:
+                return sorted(tuple(row) for row in connection.execute(text(sql)))
+        finally:
+            engine.dispose()
+
+    assert alembic("upgrade", "0013", url=database_url).returncode == 0
     loaded = load_settings(config, environ={})
     definitions = {b.name: b.definition for b in compile_budgets(loaded.settings.budgets, build_price_table(loaded))}
     now = datetime(2026, 11, 26, 12, 30, tzinfo=UTC)
-    with sqlite3.connect(database) as db:  # as the build before periods wrote them: $0.40 each, one request
-        for name, bucket in (("daily", "2026-11-26 00:00:00.000000"), ("hourly", "2026-11-26 12:10:00.000000")):
-            db.execute(
-                "INSERT INTO budget_usage VALUES (?, ?, ?, 1, 0, 80000, 0, 0, 0, 400000000000)",
-                (name, '{"project":"lingo","user":"u-1"}', bucket),
-            )
-            db.execute(
-                "INSERT INTO budget_definitions VALUES (?, ?, ?, ?)",
-                (name, definitions[name], "2026-11-01 00:00:00.000000", "2026-11-01 00:00:00.000000"),
-            )
-    assert alembic("upgrade", "head", url=url).returncode == 0
+    key = '{"project":"lingo","user":"u-1"}'
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:  # as the build before periods wrote them: $0.40 each, one request
+            for name, bucket in (("daily", "2026-11-26 00:00:00"), ("hourly", "2026-11-26 12:10:00")):
+                connection.execute(
+                    text("INSERT INTO budget_usage VALUES (:name, :key, :bucket, 1, 0, 80000, 0, 0, 0, 400000000000)"),
+                    {"name": name, "key": key, "bucket": stamp(bucket)},
+                )
+                connection.execute(
+                    text("INSERT INTO budget_definitions VALUES (:name, :definition, :since, :since)"),
+                    {"name": name, "definition": definitions[name], "since": stamp("2026-11-01 00:00:00")},
+                )
+    finally:
+        engine.dispose()
+    upgraded = alembic("upgrade", "head", url=database_url)
+    assert upgraded.returncode == 0, upgraded.stderr
 
     store = open_store(loaded, clock=lambda: now)
     try:
         assert store.budgets.apply_definitions() == []  # counted already: nothing recounted, nothing dropped
         line = (
-            '{"request_id": "r-%d", "timestamp": "2026-11-26T12:20:00Z", "model": "claude-haiku-4-5", '
+            '{"request_id": "r-1", "timestamp": "2026-11-26T12:20:00Z", "model": "claude-haiku-4-5", '
             '"usage": {"input_tokens": 0, "output_tokens": 120000}, "attributes": {"project": "lingo", "user": "u-1"}}'
         )
         parser = EventParser(loaded.settings.dimensions, lambda: now)
         # 120,000 output tokens at $5 per million: $0.60, on top of the $0.40 stored before: $1.00, the limit.
-        result = store.writer.write([("x:1", parser.parse_line(line % 1, now))], "test")
-        key = '{"project":"lingo","user":"u-1"}'
+        result = store.writer.write([("x:1", parser.parse_line(line, now))], "test")
         assert {name: usage.cost_pico for (name, _), usage in result.touched.items()} == {
             "daily": 1_000_000_000_000,
             "hourly": 1_000_000_000_000,
@@ -117,26 +149,29 @@ def test_budget_usage_stored_before_periods_is_read_added_to_and_merged_back(tmp
             day = datetime(2026, 11, 26, tzinfo=UTC)
             assert scope_totals(connection, "daily", [key], day, datetime(2026, 11, 27, tzinfo=UTC))[key].requests == 2
             first = datetime(2026, 11, 26, 11, 30, tzinfo=UTC)
-            buckets = [
-                (bucket.strftime("%H:%M"), usage.requests)
-                for bucket, usage in scope_buckets(connection, "hourly", key, first)
-            ]
+            buckets = [(b.strftime("%H:%M"), u.requests) for b, u in scope_buckets(connection, "hourly", key, first)]
             assert buckets == [("12:10", 1), ("12:20", 1)]
     finally:
         store.close()
-    with sqlite3.connect(database) as db:  # the new rows went in under the new key: two rows per budget now
-        periods = sorted(db.execute("SELECT budget, period, bucket_start, requests FROM budget_usage"))
-    assert periods == [
-        ("daily", "1970-01-01 00:00:00.000000", "2026-11-26 00:00:00.000000", 1),
-        ("daily", "2026-11-26 00:00:00.000000", "2026-11-26 00:00:00.000000", 1),
-        ("hourly", "1970-01-01 00:00:00.000000", "2026-11-26 12:10:00.000000", 1),
-        ("hourly", "1970-01-01 00:00:00.000000", "2026-11-26 12:20:00.000000", 1),
+    # The new rows went in under the new key: two rows per budget now.
+    periods = [
+        (name, shown(period), shown(bucket), requests)
+        for name, period, bucket, requests in rows("SELECT budget, period, bucket_start, requests FROM budget_usage")
     ]
-    assert alembic("downgrade", "0013", url=url).returncode == 0
-    with sqlite3.connect(database) as db:
-        merged = sorted(db.execute("SELECT budget, bucket_start, requests, output, cost_pico FROM budget_usage"))
+    assert periods == [
+        ("daily", "1970-01-01 00:00:00", "2026-11-26 00:00:00", 1),
+        ("daily", "2026-11-26 00:00:00", "2026-11-26 00:00:00", 1),
+        ("hourly", "1970-01-01 00:00:00", "2026-11-26 12:10:00", 1),
+        ("hourly", "1970-01-01 00:00:00", "2026-11-26 12:20:00", 1),
+    ]
+    downgraded = alembic("downgrade", "0013", url=database_url)
+    assert downgraded.returncode == 0, downgraded.stderr
+    merged = [
+        (name, shown(bucket), *figures)
+        for name, bucket, *figures in rows("SELECT budget, bucket_start, requests, output, cost_pico FROM budget_usage")
+    ]
     assert merged == [
-        ("daily", "2026-11-26 00:00:00.000000", 2, 200000, 1_000_000_000_000),
-        ("hourly", "2026-11-26 12:10:00.000000", 1, 80000, 400_000_000_000),
-        ("hourly", "2026-11-26 12:20:00.000000", 1, 120000, 600_000_000_000),
+        ("daily", "2026-11-26 00:00:00", 2, 200000, 1_000_000_000_000),
+        ("hourly", "2026-11-26 12:10:00", 1, 80000, 400_000_000_000),
+        ("hourly", "2026-11-26 12:20:00", 1, 120000, 600_000_000_000),
     ]
