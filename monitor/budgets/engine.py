@@ -242,7 +242,7 @@ class BudgetEngine:
                 rows = [
                     {
                         "budget": budget.name,
-                        "period": usage_period(budget.bucket is not None, bucket),
+                        "period": usage_period(budget.bucket is not None, bucket, connection.dialect.name),
                         "scope": key,
                         "bucket_start": bucket,
                         **dict(zip(USAGE_FIELDS, usage.as_tuple(), strict=True)),

@@ -53,7 +53,6 @@ from monitor.store.queries import (
     scope_totals,
     upsert_adding,
     upsert_replacing,
-    usage_period,
 )
 from monitor.store.rollup import (
     LATENESS,
@@ -610,8 +609,8 @@ class Writer:
         # Shared rows are upserted in key order (counters too): concurrent batches (tailer and HTTP, replicas on
         # PostgreSQL) then lock them in one order and cannot deadlock each other. SQLite's rows are sorted as the
         # text they are stored as: comparing aware datetimes costs several times more.
-        rolling = {name for name in named if (budget := known.get(name)) is None or budget.bucket is not None}
-        if self._sqlite:
+        if self._sqlite:  # a calendar window's rows under its start, a rolling window's under the epoch: usage_period
+            rolling = {name for name in named if (budget := known.get(name)) is None or budget.bucket is not None}
             texts = {bucket: sqlite_datetime(bucket) for bucket in {bucket for _, _, bucket in deltas}}
             epoch = sqlite_datetime(USAGE_EPOCH)
             rows = [
@@ -622,7 +621,7 @@ class Writer:
             add_rows(connection, budget_usage, USAGE_KEY, USAGE_FIELDS, rows)
         else:
             keyed = sorted(
-                ((name, usage_period(name in rolling, bucket), key, bucket), usage)
+                ((name, USAGE_EPOCH, key, bucket), usage)  # see usage_period
                 for (name, key, bucket), usage in deltas.items()
             )
             self._upsert(

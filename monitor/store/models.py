@@ -148,10 +148,11 @@ dead_letters = Table(
 
 # Spend per budget scope per window bucket (a calendar window's start, or a rolling bucket), maintained in the
 # same transaction as the events it counts, so evaluation reads scopes, never the events table. Keyed (budget,
-# period, scope, bucket_start): a calendar budget's period is its window's start, so the rows of the windows in
-# force lie together and a batch's upserts land on few pages (keyed by scope first, a batch touching thousands of
-# users dirtied a page per user); a rolling budget's period is USAGE_EPOCH, its rows by scope, each scope's buckets
-# together. Rows stored before periods existed have USAGE_EPOCH too: reads of a calendar window ask for both.
+# period, scope, bucket_start). On SQLite a calendar budget's period is its window's start, so the rows of the
+# windows in force lie together and a batch's upserts land on few pages (keyed by scope first, a batch touching
+# thousands of users dirtied a page per user); a rolling budget's period is USAGE_EPOCH, its rows by scope, each
+# scope's buckets together. On PostgreSQL every row's period is USAGE_EPOCH (measured faster there; see
+# queries.usage_period), as is every row stored before periods existed: reads of a window ask for both.
 USAGE_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 budget_usage = Table(
     "budget_usage",

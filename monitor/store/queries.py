@@ -53,10 +53,13 @@ _SUMS = [func.sum(budget_usage.c[name]) for name in USAGE_FIELDS]
 USAGE_KEY = ("budget", "period", "scope", "bucket_start")  # budget_usage's primary key, in its order
 
 
-def usage_period(rolling: bool, bucket: datetime) -> datetime:
-    """The period a budget's bucket is stored under: a calendar window's start (its bucket), so the rows of a
-    window lie together; USAGE_EPOCH for a rolling window, whose rows lie by scope."""
-    return USAGE_EPOCH if rolling else bucket
+def usage_period(rolling: bool, bucket: datetime, dialect: str) -> datetime:
+    """The period a budget's bucket is stored under. On SQLite a calendar window's start (its bucket), so the rows
+    of a window lie together and a batch's upserts write few pages (1M events with 1,000 budgets: the writer wrote
+    3.8 GB instead of 5.4, 10-19% more events/s); USAGE_EPOCH for a rolling window, whose rows lie by scope. On
+    PostgreSQL always USAGE_EPOCH, every row by scope: there the window's rows together measured 13-15% slower (more
+    server CPU per upsert). Reads ask for both periods, so either way is read right."""
+    return bucket if not rolling and dialect == "sqlite" else USAGE_EPOCH
 
 
 def _usage(values: Sequence[Any]) -> Usage:

@@ -83,6 +83,7 @@ class Repricer:
         self._metric_labels = tuple(metric_labels)
         self._batch = batch_size
         dialect = engine.dialect
+        self._dialect = dialect.name  # where a bucket's row is stored (usage_period)
         self._add_counter = upsert_adding(counters, dialect, ("name", "labels"), ("value",))
         self._add_rollup = upsert_adding(usage_rollup, dialect, _ROLLUP_KEY, ROLLUP_FIELDS)
         self._add_usage = upsert_adding(budget_usage, dialect, USAGE_KEY, USAGE_FIELDS)
@@ -244,7 +245,7 @@ class Repricer:
             for name, key in sorted(old_keys | new_keys):
                 budget = by_name[name]
                 bucket = budget.bucket_of(row.ts, self._zone)
-                slot = (name, usage_period(budget.bucket is not None, bucket), key, bucket)
+                slot = (name, usage_period(budget.bucket is not None, bucket, self._dialect), key, bucket)
                 if (name, key) in old_keys and (name, key) in new_keys:
                     usage_delta[slot].add(Usage(cost_pico=cost))  # counted there already: the cost only
                 elif (name, key) in old_keys:
