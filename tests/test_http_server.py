@@ -306,6 +306,13 @@ def _answers(data: bytes) -> list[bytes]:
     return out
 
 
+def _receive_answers(sock: socket.socket, count: int, got: bytes = b"") -> bytes:
+    """Read from `sock` until `got` and what follows hold `count` whole answers."""
+    while len(_answers(got)) < count:
+        got += sock.recv(65536)
+    return got
+
+
 def _undated(data: bytes) -> bytes:
     return re.sub(rb"date: [^\r]*\r\n", b"", data)
 
@@ -348,9 +355,7 @@ def test_answers_at_once_keep_their_order_behind_a_request_in_progress_and_keep_
                 b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
                 b"GET /now?b HTTP/1.1\r\nHost: t\r\nX-User: u-2\r\n\r\n"
             )
-            got = b""
-            while len(_answers(got)) < 1:
-                got += sock.recv(65536)
+            got = _receive_answers(sock, 1)
             sock.settimeout(0.3)
             with pytest.raises(TimeoutError):  # /slow holds its answer, and /now?b waits behind it
                 while True:
@@ -358,8 +363,7 @@ def test_answers_at_once_keep_their_order_behind_a_request_in_progress_and_keep_
             assert len(_answers(got)) == 1
             app.release.set()
             sock.settimeout(10)
-            while len(_answers(got)) < 3:
-                got += sock.recv(65536)
+            got = _receive_answers(sock, 3, got)
             first, slow, last = (json.loads(a.partition(b"\r\n\r\n")[2]) for a in _answers(got))
             assert (
                 first["path"] == "/now"
@@ -374,9 +378,7 @@ def test_answers_at_once_keep_their_order_behind_a_request_in_progress_and_keep_
             assert app.called == ["/slow", "/now"]  # the one behind /slow went the usual way, in order
             # The connection goes on: the next request is answered at once again.
             sock.sendall(b"GET /now?c HTTP/1.1\r\nHost: t\r\n\r\n")
-            more = b""
-            while len(_answers(more)) < 1:
-                more += sock.recv(65536)
+            more = _receive_answers(sock, 1)
             assert b'"path": "/now"' in more and app.called == ["/slow", "/now"]
     finally:
         app.release.set()
@@ -395,10 +397,7 @@ def test_a_request_the_app_does_not_answer_at_once_is_served_as_usual_on_the_sam
                 b"GET /now HTTP/1.1\r\nHost: t\r\n\r\n",  # this one is, on the same connection
             ):
                 sock.sendall(raw)
-                got = b""
-                while not _answers(got):
-                    got += sock.recv(65536)
-                (answer,) = _answers(got)
+                (answer,) = _answers(_receive_answers(sock, 1))
                 assert answer.split(b" ", 2)[1] == b"200"
                 methods.append(json.loads(answer.partition(b"\r\n\r\n")[2])["method"])
         assert methods == ["GET", "POST", "GET"]

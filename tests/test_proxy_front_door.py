@@ -71,7 +71,6 @@ def door(tmp_path: Path) -> Iterator[Door]:
     fake.close()
 
 
-
 def post_head(door: Door, extra: str) -> socket.socket:
     sock = socket.create_connection(door.address)
     sock.sendall(

@@ -40,7 +40,7 @@ def _table(name: str, with_period: bool) -> None:
     ]
     key = ["budget", "scope", "bucket_start"]
     if with_period:
-        comment = "a calendar window's start (= bucket_start), or 1970-01-01 for a rolling window"
+        comment = "on SQLite a calendar window's start (= bucket_start); otherwise 1970-01-01"
         columns.append(sa.Column("period", sa.DateTime(), nullable=False, comment=comment))
         key = ["budget", "period", "scope", "bucket_start"]
     op.create_table(name, *columns, sa.PrimaryKeyConstraint(*key, name="pk_budget_usage"))
@@ -56,7 +56,7 @@ def upgrade() -> None:
         op.execute("ALTER TABLE budget_usage ALTER COLUMN period DROP DEFAULT")
         op.execute(
             "COMMENT ON COLUMN budget_usage.period IS "
-            "'a calendar window''s start (= bucket_start), or 1970-01-01 for a rolling window'"
+            "'on SQLite a calendar window''s start (= bucket_start); otherwise 1970-01-01'"
         )
         op.execute("ALTER TABLE budget_usage DROP CONSTRAINT pk_budget_usage")
         op.execute(

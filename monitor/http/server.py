@@ -163,14 +163,18 @@ class Response:
     headers: Mapping[str, str] | None = None
     close: bool = False
 
-    async def send(self, send: Send) -> None:
-        """Write it out."""
+    def header_list(self) -> list[tuple[str, str]]:
+        """Its headers as sent: the extra ones, the content type (none for 204 and 304), `connection: close`."""
         out = list((self.headers or {}).items())
         if self.content_type and self.status not in (204, 304):
             out.append(("content-type", self.content_type))
         if self.close:
             out.append(("connection", "close"))
-        await send_response(send, self.status, self.body, out)
+        return out
+
+    async def send(self, send: Send) -> None:
+        """Write it out."""
+        await send_response(send, self.status, self.body, self.header_list())
 
 
 def json_response(
@@ -187,14 +191,21 @@ def error_response(
     return json_response(status, {"error": message}, headers, close=close)
 
 
-async def send_response(send: Send, status: int, body: bytes, headers: Headers = ()) -> None:
-    """Send status, headers and a whole body; Content-Length is added (no body for 204 and 304)."""
+def _on_the_wire(status: int, body: bytes, headers: Headers) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The body and the header pairs a whole answer goes out with: lower-case names, Content-Length added, no body
+    for 204 and 304."""
     pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
     raw = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
     if status in (204, 304):
         body = b""
     elif not any(name == b"content-length" for name, _ in raw):
         raw.append((b"content-length", str(len(body)).encode()))
+    return body, raw
+
+
+async def send_response(send: Send, status: int, body: bytes, headers: Headers = ()) -> None:
+    """Send status, headers and a whole body; Content-Length is added (no body for 204 and 304)."""
+    body, raw = _on_the_wire(status, body, headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -205,18 +216,8 @@ def encode_response(
     """The bytes on the wire of `response`, exactly as `Response.send` through uvicorn writes them (the server's
     default headers first; `connection: close` when the connection ends; no body to a HEAD). None when a header
     value could not go on the wire (uvicorn refuses such a value too)."""
-    status = response.status
-    body = b"" if status in (204, 304) else response.body
-    pairs = [
-        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (response.headers or {}).items()
-    ]
-    if response.content_type and status not in (204, 304):
-        pairs.append((b"content-type", response.content_type.encode("latin-1")))
-    if response.close:
-        pairs.append((b"connection", b"close"))
-    if status not in (204, 304) and not any(name == b"content-length" for name, _ in pairs):
-        pairs.append((b"content-length", str(len(body)).encode()))
-    out = [STATUS_LINE[status]]
+    body, pairs = _on_the_wire(response.status, response.body, response.header_list())
+    out = [STATUS_LINE[response.status]]
     for name, value in (*default_headers, *pairs):
         if HEADER_VALUE_RE.search(value):
             return None

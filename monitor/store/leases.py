@@ -131,7 +131,7 @@ _COUNT = f"""
     FROM budget_usage u
     JOIN unnest(CAST(:budget_names AS text[]), CAST(:budget_scopes AS text[]), CAST(:firsts AS timestamp[]),
                 CAST(:ends AS timestamp[])) AS w(name, scope, first, last)
-        ON u.budget = w.name AND u.period IN (w.first, TIMESTAMP '1970-01-01') AND u.scope = w.scope
+        ON u.budget = w.name AND u.period = TIMESTAMP '1970-01-01' AND u.scope = w.scope  -- every row's, here
        AND u.bucket_start >= w.first
        AND (w.last IS NULL OR u.bucket_start < w.last)
     GROUP BY u.budget, u.scope

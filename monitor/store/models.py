@@ -152,7 +152,8 @@ dead_letters = Table(
 # windows in force lie together and a batch's upserts land on few pages (keyed by scope first, a batch touching
 # thousands of users dirtied a page per user); a rolling budget's period is USAGE_EPOCH, its rows by scope, each
 # scope's buckets together. On PostgreSQL every row's period is USAGE_EPOCH (measured faster there; see
-# queries.usage_period), as is every row stored before periods existed: reads of a window ask for both.
+# queries.usage_period), as is every row stored before periods existed: reads ask for every period a window's
+# rows may have (queries.usage_periods).
 USAGE_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 budget_usage = Table(
     "budget_usage",
@@ -171,7 +172,7 @@ budget_usage = Table(
         "period",
         UTCDateTime(),
         nullable=False,
-        comment="a calendar window's start (= bucket_start), or 1970-01-01 for a rolling window",
+        comment="on SQLite a calendar window's start (= bucket_start); otherwise 1970-01-01",
     ),
     PrimaryKeyConstraint("budget", "period", "scope", "bucket_start"),
     Index("ix_budget_usage_budget_bucket_start", "budget", "bucket_start"),

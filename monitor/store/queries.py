@@ -58,8 +58,15 @@ def usage_period(rolling: bool, bucket: datetime, dialect: str) -> datetime:
     of a window lie together and a batch's upserts write few pages (1M events with 1,000 budgets: the writer wrote
     3.8 GB instead of 5.4, 10-19% more events/s); USAGE_EPOCH for a rolling window, whose rows lie by scope. On
     PostgreSQL always USAGE_EPOCH, every row by scope: there the window's rows together measured 13-15% slower (more
-    server CPU per upsert). Reads ask for both periods, so either way is read right."""
+    server CPU per upsert). Reads ask for the periods usage_periods names."""
     return bucket if not rolling and dialect == "sqlite" else USAGE_EPOCH
+
+
+def usage_periods(first_bucket: datetime, dialect: str) -> list[datetime]:
+    """The periods a window starting at first_bucket may hold rows under (see usage_period): on SQLite its first
+    bucket (a calendar window's rows) and USAGE_EPOCH (a rolling window's, and rows stored before periods existed);
+    on PostgreSQL USAGE_EPOCH alone."""
+    return [first_bucket, USAGE_EPOCH] if dialect == "sqlite" else [USAGE_EPOCH]
 
 
 def _usage(values: Sequence[Any]) -> Usage:
@@ -80,13 +87,14 @@ def _driver_rows(connection: Connection, sql: str, parameters: tuple[Any, ...]) 
 
 
 def _totals_query(scoped: bool, bounded: bool) -> Any:
-    """Window totals per scope of one budget (of a list of scopes when `scoped`: looked up under the window's
-    periods, its first bucket and USAGE_EPOCH), with every value a parameter: compiled once, then reused."""
+    """Window totals per scope of one budget (of a list of scopes when `scoped`: looked up by key under
+    USAGE_EPOCH, where PostgreSQL, the one database this statement serves, keeps every row), with every value a
+    parameter: compiled once, then reused."""
     return (
         select(budget_usage.c.scope, *_SUMS)
         .where(
             budget_usage.c.budget == bindparam("budget"),
-            budget_usage.c.period.in_([bindparam("first"), bindparam("epoch")]) if scoped else true(),
+            budget_usage.c.period == bindparam("epoch") if scoped else true(),
             budget_usage.c.scope.in_(bindparam("scopes", expanding=True)) if scoped else true(),
             budget_usage.c.bucket_start >= bindparam("first"),
             budget_usage.c.bucket_start < bindparam("end") if bounded else true(),
@@ -112,9 +120,8 @@ def scope_totals(
     first_bucket: datetime,
     end: datetime | None = None,
 ) -> dict[str, Usage]:
-    """Window totals of the given scopes of one budget: an indexed sum over their buckets from first_bucket on.
-    A calendar window's rows are stored under its first bucket (or USAGE_EPOCH, stored before periods were), a rolling
-    window's under USAGE_EPOCH: both are asked, by key."""
+    """Window totals of the given scopes of one budget: an indexed sum over their buckets from first_bucket on,
+    asked by key under each period the window's rows may have (usage_periods)."""
     wanted = list(scopes)
     totals: dict[str, Usage] = {}
     # Asked after every batch an HTTP request or a tailed file brings. On SQLite the driver's own statement, with the
@@ -177,13 +184,13 @@ def scope_buckets(
     scope: str,
     first_bucket: datetime,
 ) -> list[tuple[datetime, Usage]]:
-    """The buckets of one scope from first_bucket on (for when a rolling window frees up), each once: a bucket
-    stored under two periods (before and after periods existed) is summed."""
+    """The buckets of one scope from first_bucket on (for when a rolling window frees up), each once: on SQLite a
+    bucket stored under two periods (before and after periods existed) is summed."""
     query = (
         select(budget_usage.c.bucket_start, *_SUMS)
         .where(
             budget_usage.c.budget == budget,
-            budget_usage.c.period.in_([first_bucket, USAGE_EPOCH]),
+            budget_usage.c.period.in_(usage_periods(first_bucket, connection.dialect.name)),
             budget_usage.c.scope == scope,
             budget_usage.c.bucket_start >= first_bucket,
         )
